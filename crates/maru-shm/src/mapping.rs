@@ -1,0 +1,316 @@
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+/// Size of a huge page on hugetlbfs (x86-64 default).
+pub const HUGE_PAGE_SIZE: u64 = 2 * 1024 * 1024;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShmError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot map {len} bytes at offset {offset} of {path}: {source}")]
+    Map {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        source: io::Error,
+    },
+    #[error("invalid mapping request: {0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// How a mapping may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapMode {
+    ReadWrite,
+    ReadOnly,
+}
+
+/// A `MAP_SHARED` mapping of part of a file. Unmapped on drop.
+///
+/// The memory is shared with other processes, which may write it at any time, so this type
+/// never hands out `&[u8]` / `&mut [u8]` over the mapping (that would promise Rust an
+/// exclusivity or immutability nobody can keep). Access goes through raw pointers or the
+/// copying helpers, whose bounds are checked.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    mode: MapMode,
+    path: PathBuf,
+    offset: u64,
+}
+
+// SAFETY: a Mapping is an address range valid until drop; it holds no thread-affine state and
+// all access is through raw pointers whose synchronisation is the caller's responsibility.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only exposes the address, length and bounds-checked copies.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `path` starting at `offset` (a multiple of the system page size;
+    /// on hugetlbfs, of 2 MiB). With `populate`, page tables are filled at once
+    /// (`MADV_POPULATE_WRITE` for writable maps, `MAP_POPULATE` as fallback), so later
+    /// accesses take no page faults; without it, mapping costs microseconds whatever `len`.
+    pub fn map(
+        path: &Path,
+        offset: u64,
+        len: u64,
+        mode: MapMode,
+        populate: bool,
+    ) -> Result<Mapping, ShmError> {
+        if len == 0 {
+            return Err(ShmError::Invalid(format!(
+                "zero-length mapping of {}",
+                path.display()
+            )));
+        }
+        let page = system_page_size();
+        if offset % page != 0 {
+            return Err(ShmError::Invalid(format!(
+                "offset {offset} is not a multiple of the page size {page}"
+            )));
+        }
+        let len_usize = usize::try_from(len)
+            .map_err(|_| ShmError::Invalid(format!("length {len} too large")))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(mode == MapMode::ReadWrite)
+            .open(path)
+            .map_err(|source| ShmError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let file_len = file
+            .metadata()
+            .map_err(|source| ShmError::Io {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        if offset.checked_add(len).is_none_or(|end| end > file_len) {
+            return Err(ShmError::Invalid(format!(
+                "range {offset}+{len} is outside {} ({file_len} bytes)",
+                path.display()
+            )));
+        }
+        let prot = match mode {
+            MapMode::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+            MapMode::ReadOnly => libc::PROT_READ,
+        };
+        // Read-only maps that want population use MAP_POPULATE; writable ones use
+        // MADV_POPULATE_WRITE below, which also pre-faults for writing (no later COW/RO faults).
+        let flags = libc::MAP_SHARED
+            | if populate && mode == MapMode::ReadOnly {
+                libc::MAP_POPULATE
+            } else {
+                0
+            };
+        // SAFETY: a fresh mapping (addr = NULL) of a file descriptor we own for the duration of
+        // the call; the range was checked against the file's length above. The kernel keeps its
+        // own reference to the file, so closing `file` afterwards is fine.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len_usize,
+                prot,
+                flags,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(ShmError::Map {
+                path: path.to_owned(),
+                offset,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| ShmError::Invalid("mmap returned NULL".into()))?;
+        let mapping = Mapping {
+            ptr,
+            len: len_usize,
+            mode,
+            path: path.to_owned(),
+            offset,
+        };
+        if populate && mode == MapMode::ReadWrite {
+            mapping.populate_write();
+        }
+        Ok(mapping)
+    }
+
+    /// Pre-faults the whole mapping for writing. Falls back to touching one byte per page on
+    /// kernels without `MADV_POPULATE_WRITE` (before 5.14).
+    fn populate_write(&self) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: the range is exactly our live mapping; madvise does not change its contents.
+        let rc = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, MADV_POPULATE_WRITE) };
+        if rc == 0 {
+            return;
+        }
+        let page = system_page_size() as usize;
+        let mut off = 0;
+        while off < self.len {
+            // SAFETY: `off < len`, so the pointer is inside our writable mapping. A volatile
+            // read-then-write of the same byte leaves a concurrent writer's data as it was
+            // only if nobody writes in between; this runs on freshly allocated regions that
+            // no other process has been told about yet.
+            unsafe {
+                let p = self.ptr.as_ptr().add(off);
+                p.write_volatile(p.read_volatile());
+            }
+            off += page;
+        }
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn mode(&self) -> MapMode {
+        self.mode
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Offset of the mapping inside its file.
+    pub fn file_offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), ShmError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(ShmError::Invalid(format!(
+                "range {offset}+{len} outside a mapping of {} bytes",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `src` into the mapping at `offset`.
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<(), ShmError> {
+        if self.mode != MapMode::ReadWrite {
+            return Err(ShmError::Invalid("write to a read-only mapping".into()));
+        }
+        self.check(offset, src.len())?;
+        // SAFETY: bounds checked above; the mapping is writable; `src` is a Rust slice and so
+        // cannot overlap the shared mapping unless the caller built it from our own pointer,
+        // which `copy` (memmove semantics) tolerates.
+        unsafe { std::ptr::copy(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes out of the mapping at `offset` into `dst`.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), ShmError> {
+        self.check(offset, dst.len())?;
+        // SAFETY: bounds checked above; `dst` is exclusively borrowed, so the only possible
+        // overlap is with memory other processes write, which a byte copy tolerates.
+        unsafe { std::ptr::copy(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range returned by mmap, unmapped once. Anyone still holding raw
+        // pointers into it must hold the Mapping (the Python views hold an Arc<Mapping>).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The system page size (4 KiB on x86-64).
+pub fn system_page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as u64
+    } else {
+        4096
+    }
+}
+
+/// Page size of the file system holding `path`: 2 MiB on hugetlbfs, the system page size
+/// elsewhere.
+pub fn fs_page_size(path: &Path) -> io::Result<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated string and `st` points to writable storage of the
+    // right type; statfs fills it completely on success.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    if st.f_type as i64 == HUGETLBFS_MAGIC {
+        Ok(HUGE_PAGE_SIZE)
+    } else {
+        Ok(system_page_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(len: u64) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn two_mappings_of_one_file_share_bytes() {
+        let f = file_of(1 << 20);
+        let w = Mapping::map(f.path(), 4096, 8192, MapMode::ReadWrite, true).unwrap();
+        let r = Mapping::map(f.path(), 4096, 8192, MapMode::ReadOnly, false).unwrap();
+        w.write_at(100, b"shared").unwrap();
+        let mut out = [0u8; 6];
+        r.read_at(100, &mut out).unwrap();
+        assert_eq!(&out, b"shared");
+        assert!(
+            r.write_at(0, b"x").is_err(),
+            "read-only mapping accepted a write"
+        );
+    }
+
+    #[test]
+    fn bad_ranges_are_errors() {
+        let f = file_of(1 << 16);
+        assert!(Mapping::map(f.path(), 0, 0, MapMode::ReadOnly, false).is_err());
+        assert!(Mapping::map(f.path(), 100, 4096, MapMode::ReadOnly, false).is_err());
+        assert!(Mapping::map(f.path(), 0, 1 << 17, MapMode::ReadOnly, false).is_err());
+        assert!(Mapping::map(
+            Path::new("/nonexistent/maru"),
+            0,
+            4096,
+            MapMode::ReadOnly,
+            false
+        )
+        .is_err());
+        let m = Mapping::map(f.path(), 0, 4096, MapMode::ReadWrite, false).unwrap();
+        assert!(m.write_at(4090, &[0; 7]).is_err());
+        assert!(m.read_at(usize::MAX, &mut [0; 2]).is_err());
+    }
+
+    #[test]
+    fn page_size_of_tmp_is_the_system_page() {
+        assert_eq!(fs_page_size(Path::new("/tmp")).unwrap(), system_page_size());
+    }
+}
