@@ -23,6 +23,7 @@ mod frame;
 mod header;
 mod message;
 mod net;
+pub mod rpc;
 pub mod stats;
 mod url;
 

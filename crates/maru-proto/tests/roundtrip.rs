@@ -280,3 +280,11 @@ fn framebuf_handles_frames_larger_than_its_buffer() {
     }
     assert_eq!(fb.read_frame(&mut src).unwrap().0.request_id, 2);
 }
+
+#[test]
+fn own_start_time_is_readable_and_missing_pid_is_none() {
+    let (_, pid, start) = maru_proto::rpc::local_identity();
+    assert!(start > 0);
+    assert_eq!(maru_proto::rpc::process_start_time(pid), Some(start));
+    assert_eq!(maru_proto::rpc::process_start_time(u32::MAX), None);
+}
