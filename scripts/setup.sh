@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine for Maru, idempotently: checks the toolchain, creates .venv with
+# the Python build and test tools, builds the release binaries (maru, maru-server,
+# maru-resource-manager) and installs the `maru` Python package into .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() {
+    command -v "$1" >/dev/null 2>&1 || { echo "setup: '$1' not found: $2" >&2; exit 1; }
+}
+need cargo "install Rust (https://rustup.rs)"
+need python3 "install CPython 3.11 or newer"
+python3 -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 required"' \
+    || { echo "setup: Python >= 3.11 is required (the buffer protocol is in its limited API)" >&2; exit 1; }
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    else
+        echo "setup: Python's venv module is missing (Debian/Ubuntu: apt-get install python3-venv)" >&2
+        exit 1
+    fi
+fi
+
+echo "setup: Python environment (.venv)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "maturin>=1.5,<2" "pytest>=7"
+
+echo "setup: building release binaries"
+cargo build --release --quiet --bins
+
+echo "setup: building and installing the maru Python package"
+VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release --quiet 2>&1 \
+    | grep -vE '^(📦|🔗|🐍|💻|✏️|🛠|📖|⚠️ +Warning: .*not found in PATH)' || true
+.venv/bin/python -c 'import maru; print("setup: maru", getattr(maru, "__version__", "?"), "installed in .venv")'
