@@ -3,5 +3,8 @@
 //! this crate.
 
 mod mapping;
+pub mod naming;
+pub mod pool;
 
 pub use mapping::{fs_page_size, system_page_size, MapMode, Mapping, ShmError, HUGE_PAGE_SIZE};
+pub use pool::{discover, parse_size, Pool, PoolError, PoolKind, PoolSpec, SpecError};

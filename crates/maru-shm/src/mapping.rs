@@ -72,7 +72,7 @@ impl Mapping {
             )));
         }
         let page = system_page_size();
-        if offset % page != 0 {
+        if !offset.is_multiple_of(page) {
             return Err(ShmError::Invalid(format!(
                 "offset {offset} is not a multiple of the page size {page}"
             )));
@@ -258,7 +258,10 @@ pub fn fs_page_size(path: &Path) -> io::Result<u64> {
     }
     // SAFETY: statfs returned 0, so it initialised `st`.
     let st = unsafe { st.assume_init() };
-    if st.f_type as i64 == HUGETLBFS_MAGIC {
+    // The field's integer type differs between targets; the cast is a no-op on x86-64.
+    #[allow(clippy::unnecessary_cast)]
+    let f_type = st.f_type as i64;
+    if f_type == HUGETLBFS_MAGIC {
         Ok(HUGE_PAGE_SIZE)
     } else {
         Ok(system_page_size())

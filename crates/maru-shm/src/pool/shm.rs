@@ -1,0 +1,176 @@
+//! A pool in one file on tmpfs (`/dev/shm`) or hugetlbfs. Regions are offsets into the file;
+//! freed regions give their memory back by punching a hole.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use maru_proto::Access;
+
+use super::{round_up, Pool, PoolError, PoolKind, DEFAULT_ALIGN};
+use crate::mapping::fs_page_size;
+
+/// Permissions of a pool file created by the daemon: owner and group may map it, so clients
+/// running as another user of the daemon's group can attach.
+const POOL_FILE_MODE: u32 = 0o660;
+
+#[derive(Debug)]
+pub struct ShmPool {
+    path: PathBuf,
+    /// Kept open for `fallocate` on release.
+    file: File,
+    size: u64,
+    page_size: u64,
+    align: u64,
+}
+
+impl ShmPool {
+    /// Opens or creates the pool file and sizes it to at least `size` rounded up to the file
+    /// system's page size. An existing larger file is left as it is (it may hold regions of
+    /// a previous configuration) and only `size` bytes of it are used.
+    pub fn open(path: &Path, size: u64) -> Result<ShmPool, PoolError> {
+        if size == 0 {
+            return Err(PoolError::invalid(path, "pool size must not be zero"));
+        }
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .ok_or_else(|| PoolError::invalid(path, "pool path has no directory"))?;
+        std::fs::create_dir_all(dir).map_err(|e| PoolError::io(dir, e))?;
+        let page_size = fs_page_size(dir).map_err(|e| PoolError::io(dir, e))?;
+        let size = round_up(size, page_size)
+            .ok_or_else(|| PoolError::invalid(path, "pool size overflows"))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(POOL_FILE_MODE)
+            .open(path)
+            .map_err(|e| PoolError::io(path, e))?;
+        let meta = file.metadata().map_err(|e| PoolError::io(path, e))?;
+        if !meta.is_file() {
+            return Err(PoolError::invalid(path, "not a regular file"));
+        }
+        if meta.len() < size {
+            file.set_len(size).map_err(|e| PoolError::io(path, e))?;
+        }
+        Ok(ShmPool {
+            path: path.to_owned(),
+            file,
+            size,
+            page_size,
+            // Regions stay mappable with huge pages even on tmpfs today, and on hugetlbfs
+            // the page size itself may be larger than 2 MiB (1 GiB pages).
+            align: DEFAULT_ALIGN.max(page_size),
+        })
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<(), PoolError> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(PoolError::invalid(&self.path, "range out of off_t"));
+        };
+        // SAFETY: fallocate on a file descriptor we own; the range is plain integers and the
+        // kernel validates it. PUNCH_HOLE|KEEP_SIZE only drops the range's pages.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc != 0 {
+            return Err(PoolError::io(&self.path, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+impl Pool for ShmPool {
+    fn kind(&self) -> PoolKind {
+        PoolKind::Shm
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn total_size(&self) -> u64 {
+        self.size
+    }
+    fn align(&self) -> u64 {
+        self.align
+    }
+    fn page_size(&self) -> u64 {
+        self.page_size
+    }
+    fn access(&self, _region_id: u64, offset: u64, len: u64) -> Access {
+        Access {
+            path: self.path.to_string_lossy().into_owned(),
+            offset,
+            len,
+            page_size: self.page_size,
+        }
+    }
+    fn prepare_region(&self, _region_id: u64, _offset: u64, _len: u64) -> Result<(), PoolError> {
+        // tmpfs and hugetlbfs back pages on first touch; clients populate at map time.
+        Ok(())
+    }
+    fn release_region(&self, _region_id: u64, offset: u64, len: u64) -> Result<(), PoolError> {
+        self.punch_hole(offset, len)
+    }
+    fn release_free_extent(&self, offset: u64, len: u64) -> Result<(), PoolError> {
+        self.punch_hole(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MapMode, Mapping};
+
+    fn dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("maru-test-")
+            .tempdir_in("/dev/shm")
+            .unwrap()
+    }
+
+    #[test]
+    fn open_creates_sizes_and_keeps_a_larger_file() {
+        let d = dir();
+        let path = d.path().join("sub/pool0");
+        let p = ShmPool::open(&path, 10_000).unwrap();
+        assert_eq!(p.total_size(), round_up(10_000, p.page_size()).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), p.total_size());
+        assert_eq!(p.align(), DEFAULT_ALIGN);
+        assert_eq!(p.kind().name(), "shm");
+        drop(p);
+        let again = ShmPool::open(&path, 4096).unwrap();
+        assert_eq!(again.total_size(), 4096);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 12_288);
+    }
+
+    #[test]
+    fn release_zeroes_the_region_for_its_next_owner() {
+        let d = dir();
+        let path = d.path().join("pool");
+        let p = ShmPool::open(&path, 8 << 20).unwrap();
+        let a = p.access(1, 2 << 20, 2 << 20);
+        assert_eq!(a.path, path.to_string_lossy());
+        let m = Mapping::map(&path, a.offset, a.len, MapMode::ReadWrite, false).unwrap();
+        m.write_at(0, b"secret").unwrap();
+        p.release_region(1, a.offset, a.len).unwrap();
+        let mut out = [1u8; 6];
+        m.read_at(0, &mut out).unwrap();
+        assert_eq!(out, [0; 6]);
+    }
+
+    #[test]
+    fn directory_path_is_refused() {
+        let d = dir();
+        assert!(ShmPool::open(d.path(), 4096).is_err());
+        assert!(ShmPool::open(&d.path().join("p"), 0).is_err());
+    }
+}
