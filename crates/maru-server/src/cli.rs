@@ -1,0 +1,151 @@
+//! The `maru-server` command line.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use maru_proto::ServerUrl;
+
+use crate::{ServerConfig, ServerHandle};
+
+/// Maru metadata server: maps keys to locations in shared memory for one application group.
+#[derive(Debug, Parser)]
+#[command(name = "maru-server", version)]
+struct Args {
+    /// Address to listen on for TCP clients.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// TCP port (0: let the OS pick; the ready file says which).
+    #[arg(long, default_value_t = 5555)]
+    port: u16,
+    /// Also listen on this Unix socket (lower latency for same-host clients).
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Resource manager to allocate regions from: host:port, tcp://host:port or unix:///path.
+    #[arg(long, default_value = "127.0.0.1:9850", value_name = "ADDR")]
+    rm_address: String,
+    /// Pool to allocate regions from; repeat in order of preference (the next pool is used
+    /// when the previous one is full). Default: the resource manager chooses.
+    #[arg(long = "pool", value_name = "PATH")]
+    pools: Vec<String>,
+    /// Log level (error, warn, info, debug, trace); MARU_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Most connections served at once; more are refused with "too many clients".
+    #[arg(long, default_value_t = 256)]
+    max_clients: usize,
+    /// Serve Prometheus metrics on this port (same host as --host) at /metrics.
+    #[arg(long)]
+    metrics_port: Option<u16>,
+    /// Name reported to clients (default: this machine's hostname).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Once every listener is bound, write their addresses as JSON to this file (atomically).
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+}
+
+/// Runs the server until SIGINT or SIGTERM; returns the process exit code.
+pub fn main(args: Vec<String>) -> i32 {
+    let args = match Args::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    maru_telemetry::init_logging(&args.log_level);
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("maru-server: {e:#}");
+            1
+        }
+    }
+}
+
+fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve --host {host}"))?
+        .next()
+        .ok_or_else(|| anyhow!("--host {host} resolves to no address"))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let tcp = resolve(&args.host, args.port)?;
+    let metrics = args
+        .metrics_port
+        .map(|p| resolve(&args.host, p))
+        .transpose()?;
+    let rm_url = ServerUrl::parse(&args.rm_address).context("--rm-address")?;
+    let cfg = ServerConfig {
+        tcp: Some(tcp),
+        unix: args.unix,
+        rm_url,
+        pools: args.pools,
+        max_clients: args.max_clients,
+        hostname: args.hostname,
+        metrics,
+    };
+    // Block the termination signals before any thread starts (threads inherit the mask), so
+    // that they are delivered to the sigwait below and nowhere else.
+    let signals = signals::block_termination()?;
+    let server = crate::start(cfg)?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &server)
+            .with_context(|| format!("cannot write ready file {}", path.display()))?;
+    }
+    let sig = signals::wait(&signals);
+    tracing::info!(signal = sig, "shutting down");
+    server.shutdown();
+    Ok(())
+}
+
+fn write_ready_file(path: &Path, server: &ServerHandle) -> std::io::Result<()> {
+    let doc = serde_json::json!({
+        "tcp": server.tcp_addr().map(|a| a.to_string()),
+        "unix": server.unix_path().map(|p| p.display().to_string()),
+        "metrics": server.metrics_addr().map(|a| a.to_string()),
+        "url": server.url().to_string(),
+        "pid": std::process::id(),
+    });
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, doc.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+mod signals {
+    use std::io;
+
+    pub struct Blocked(libc::sigset_t);
+
+    pub fn block_termination() -> io::Result<Blocked> {
+        // SAFETY: sigset_t is plain data that sigemptyset fully initialises before use; the
+        // calls only read and write that local set and this thread's signal mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            Ok(Blocked(set))
+        }
+    }
+
+    /// Waits for SIGINT or SIGTERM; returns its number.
+    pub fn wait(set: &Blocked) -> i32 {
+        let mut sig = 0;
+        // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
+        let rc = unsafe { libc::sigwait(&set.0, &mut sig) };
+        if rc != 0 {
+            tracing::warn!("sigwait failed ({rc}); shutting down");
+        }
+        sig
+    }
+}

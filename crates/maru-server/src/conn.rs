@@ -1,0 +1,91 @@
+//! The life of one connection: a blocking thread reading frames, answering them, and writing
+//! the replies back with as few system calls as the pipeline allows.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use maru_proto::{encode_error, ErrorCode, FrameBuf, FrameReadError, Stream, WireError};
+
+use crate::server::Shared;
+use crate::service::{handle_frame, ConnCtx};
+
+/// How often an idle connection thread looks at the shutdown flag.
+pub(crate) const READ_TICK: Duration = Duration::from_millis(500);
+/// How long a peer may take to finish a frame it started (slow-loris guard).
+pub(crate) const MAX_STALL: Duration = Duration::from_secs(10);
+/// A peer that does not read its replies for this long is dropped.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Replies are flushed once this much has accumulated, even if more requests are queued.
+const FLUSH_AT: usize = 256 * 1024;
+/// A reply buffer that grew past this (a huge batch) is given back afterwards.
+const KEEP_CAPACITY: usize = 1024 * 1024;
+
+/// Serves requests until the peer leaves, misbehaves, or the server shuts down.
+pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
+    let state = &shared.state;
+    state.connections.fetch_add(1, Ordering::Relaxed);
+    let mut rx = FrameBuf::new();
+    rx.max_stall = MAX_STALL;
+    let mut out = Vec::with_capacity(4096);
+    let mut ctx = ConnCtx::default();
+    loop {
+        match rx.read_frame(&mut stream) {
+            Ok((header, payload)) => handle_frame(state, &mut ctx, &header, payload, &mut out),
+            Err(FrameReadError::Idle) => {
+                if shared.is_shutting_down() {
+                    break;
+                }
+                continue;
+            }
+            Err(FrameReadError::Decode(e)) => {
+                // The header itself is bad: the stream cannot be resynchronised. Say why (with
+                // request id 0, since the header's id cannot be trusted) and close.
+                tracing::debug!("closing connection after a bad header: {e}");
+                encode_error(&mut out, 0, &WireError::new(e.code(), e.to_string()));
+                let _ = stream.write_all(&out);
+                break;
+            }
+            Err(FrameReadError::Stalled) => {
+                tracing::debug!("closing connection: peer stalled mid-frame");
+                break;
+            }
+            Err(FrameReadError::Closed | FrameReadError::Io(_)) => break,
+        }
+        // Pipelined requests that already arrived are answered first and their replies leave
+        // in one write.
+        if !rx.has_frame() || out.len() >= FLUSH_AT {
+            if stream.write_all(&out).is_err() {
+                break;
+            }
+            out.clear();
+            if out.capacity() > KEEP_CAPACITY {
+                out.shrink_to(4096);
+            }
+        }
+    }
+    state.disconnect(&mut ctx.peer);
+    state.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Answers the first request of a connection over the client limit with
+/// [`ErrorCode::TooManyClients`] and closes it.
+pub(crate) fn refuse(mut stream: Stream, max_clients: usize) {
+    let mut rx = FrameBuf::new();
+    rx.max_stall = READ_TICK * 2;
+    let mut out = Vec::new();
+    let request_id = match rx.read_frame(&mut stream) {
+        Ok((header, _)) => header.request_id,
+        Err(_) => 0,
+    };
+    encode_error(
+        &mut out,
+        request_id,
+        &WireError::new(
+            ErrorCode::TooManyClients,
+            format!("the server already has its maximum of {max_clients} clients"),
+        ),
+    );
+    let _ = stream.write_all(&out);
+    let _ = stream.shutdown();
+}

@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(maru_server::cli::main(std::env::args().collect()));
+}

@@ -1,0 +1,105 @@
+//! An in-memory resource manager for unit tests.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use maru_proto::stats::{PoolStats, RmStats};
+use maru_proto::{Access, ErrorCode, Handle, RegionInfo, WireError};
+
+use crate::rm::{RegionSource, RmCallError};
+
+#[derive(Default)]
+pub(crate) struct FakeRm {
+    next: AtomicU64,
+    pub live: Mutex<BTreeSet<u64>>,
+    pub freed: Mutex<Vec<u64>>,
+    /// Bytes left per pool; a pool not listed has unlimited room.
+    pub room: Mutex<HashMap<String, u64>>,
+    pub down: AtomicBool,
+}
+
+impl FakeRm {
+    pub fn live(&self) -> BTreeSet<u64> {
+        self.live.lock().unwrap().clone()
+    }
+    fn check_up(&self) -> Result<(), RmCallError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(RmCallError::Unreachable {
+                url: "fake".into(),
+                reason: "down".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl RegionSource for FakeRm {
+    fn alloc(&self, size: u64, pool: Option<&str>) -> Result<RegionInfo, RmCallError> {
+        self.check_up()?;
+        let pool = pool.unwrap_or("/dev/shm/default").to_owned();
+        if let Some(room) = self.room.lock().unwrap().get_mut(&pool) {
+            if *room < size {
+                return Err(RmCallError::Remote(WireError::new(
+                    ErrorCode::PoolExhausted,
+                    format!("{pool} is full"),
+                )));
+            }
+            *room -= size;
+        }
+        let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        self.live.lock().unwrap().insert(id);
+        Ok(RegionInfo {
+            handle: Handle {
+                region_id: id,
+                pool: pool.clone(),
+                offset: id << 30,
+                len: size,
+                owner: "test:1".into(),
+                token: [7; 32],
+            },
+            access: Access {
+                path: pool,
+                offset: id << 30,
+                len: size,
+                page_size: 4096,
+            },
+        })
+    }
+
+    fn free(&self, handle: &Handle) -> Result<(), RmCallError> {
+        self.check_up()?;
+        if !self.live.lock().unwrap().remove(&handle.region_id) {
+            return Err(RmCallError::Remote(WireError::new(
+                ErrorCode::DoubleFree,
+                "double free",
+            )));
+        }
+        self.freed.lock().unwrap().push(handle.region_id);
+        Ok(())
+    }
+
+    fn stats(&self) -> Result<RmStats, RmCallError> {
+        self.check_up()?;
+        Ok(RmStats {
+            pools: vec![PoolStats {
+                path: "/dev/shm/default".into(),
+                ..PoolStats::default()
+            }],
+            ..RmStats::default()
+        })
+    }
+}
+
+/// Lets a test keep a handle on the fake after giving the server a `Box<dyn RegionSource>`.
+impl RegionSource for std::sync::Arc<FakeRm> {
+    fn alloc(&self, size: u64, pool: Option<&str>) -> Result<RegionInfo, RmCallError> {
+        (**self).alloc(size, pool)
+    }
+    fn free(&self, handle: &Handle) -> Result<(), RmCallError> {
+        (**self).free(handle)
+    }
+    fn stats(&self) -> Result<RmStats, RmCallError> {
+        (**self).stats()
+    }
+}
