@@ -1,0 +1,311 @@
+//! [`MaruConfig`]: the Rust mirror of the Python `maru.MaruConfig`, with the same fields, the
+//! same defaults and the same validation rules.
+
+use std::time::Duration;
+
+use maru_proto::{ServerUrl, MAX_STRING_LEN};
+
+/// One mebibyte.
+pub const MIB: u64 = 1024 * 1024;
+
+/// Default server address (the original Maru's).
+pub const DEFAULT_SERVER_URL: &str = "tcp://localhost:5555";
+
+/// How long a call waits for its reply while still holding the caller's context (the GIL in
+/// Python) before it hands the rest of the wait to the [`crate::WaitHook`]. A loopback round
+/// trip is 10–20 µs here, so most replies arrive inside this window and the caller never
+/// gives up the GIL (which would cost a 5 ms switch interval when another thread is busy).
+pub const DEFAULT_REPLY_GRACE: Duration = Duration::from_micros(50);
+
+/// Handler configuration. `Default` gives the original Maru's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaruConfig {
+    /// `tcp://host:port` or `unix:///path` of the metadata server.
+    pub server_url: String,
+    /// Identity of this handler at the server; unique per live handler.
+    pub instance_id: String,
+    /// Bytes of the first owned region, requested at connect.
+    pub pool_size: u64,
+    /// Size of one page (one KV chunk).
+    pub chunk_size_bytes: u64,
+    /// Connect when the handler is created (the Python binding acts on it).
+    pub auto_connect: bool,
+    /// Bound on every wait for the server (connect, each reply).
+    pub timeout_ms: u64,
+    /// Accepted for compatibility; replies are always awaited with the GIL-aware wait.
+    pub use_async_rpc: bool,
+    /// Most idle connections kept in the pool (concurrent callers beyond it get a fresh
+    /// connection that is closed afterwards).
+    pub max_inflight: u32,
+    /// Map every live region at connect instead of lazily at first retrieve.
+    pub eager_map: bool,
+    /// Ask the server for another region when every owned page is taken.
+    pub auto_expand: bool,
+    /// Size of an expansion region; `None` means `pool_size`.
+    pub expand_size: Option<u64>,
+    /// See [`DEFAULT_REPLY_GRACE`].
+    pub reply_grace: Duration,
+}
+
+impl Default for MaruConfig {
+    fn default() -> Self {
+        MaruConfig {
+            server_url: DEFAULT_SERVER_URL.to_owned(),
+            instance_id: random_uuid4(),
+            pool_size: 100 * MIB,
+            chunk_size_bytes: MIB,
+            auto_connect: true,
+            timeout_ms: 2000,
+            use_async_rpc: true,
+            max_inflight: 64,
+            eager_map: true,
+            auto_expand: true,
+            expand_size: None,
+            reply_grace: DEFAULT_REPLY_GRACE,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl MaruConfig {
+    /// Checks every field; returns the parsed server URL.
+    pub fn validate(&self) -> Result<ServerUrl, ConfigError> {
+        let url =
+            ServerUrl::parse(&self.server_url).map_err(|e| invalid("server_url", e.to_string()))?;
+        if let ServerUrl::Unix(path) = &url {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    "server_url",
+                    format!("unix socket path {} is not absolute", path.display()),
+                ));
+            }
+        }
+        if self.instance_id.is_empty() {
+            return Err(invalid("instance_id", "must not be empty"));
+        }
+        if self.instance_id.len() > MAX_STRING_LEN {
+            return Err(invalid(
+                "instance_id",
+                format!("longer than {MAX_STRING_LEN} bytes"),
+            ));
+        }
+        if self.chunk_size_bytes == 0 {
+            return Err(invalid("chunk_size_bytes", "must be positive"));
+        }
+        // A page must fit a register message's u64 offset arithmetic with room to spare.
+        if self.chunk_size_bytes > (1 << 40) {
+            return Err(invalid("chunk_size_bytes", "larger than 1 TiB"));
+        }
+        if self.pool_size < self.chunk_size_bytes {
+            return Err(invalid(
+                "pool_size",
+                format!(
+                    "{} is smaller than chunk_size_bytes {}",
+                    self.pool_size, self.chunk_size_bytes
+                ),
+            ));
+        }
+        if self.timeout_ms == 0 {
+            return Err(invalid("timeout_ms", "must be positive"));
+        }
+        if self.max_inflight == 0 {
+            return Err(invalid("max_inflight", "must be at least 1"));
+        }
+        if let Some(expand) = self.expand_size {
+            if !self.auto_expand {
+                return Err(invalid(
+                    "expand_size",
+                    "is set but auto_expand is false (expansion would never happen)",
+                ));
+            }
+            if expand < self.chunk_size_bytes {
+                return Err(invalid(
+                    "expand_size",
+                    format!(
+                        "{expand} is smaller than chunk_size_bytes {}",
+                        self.chunk_size_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(url)
+    }
+
+    /// Bytes requested per expansion.
+    pub fn expand_bytes(&self) -> u64 {
+        self.expand_size.unwrap_or(self.pool_size)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Distance between two pages of a region: the chunk size rounded up to 4 KiB, because
+    /// registered offsets must be multiples of 4096 (so any page can be mapped on its own).
+    pub fn page_stride(&self) -> u64 {
+        self.chunk_size_bytes.div_ceil(4096) * 4096
+    }
+}
+
+/// A random (version 4) UUID in its canonical text form.
+pub fn random_uuid4() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy source: fall back to time and pid, still unique enough per host.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b[..8].copy_from_slice(&(t as u64).to_le_bytes());
+        b[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_original_ones_and_valid() {
+        let c = MaruConfig::default();
+        assert_eq!(c.server_url, "tcp://localhost:5555");
+        assert_eq!(c.pool_size, 100 * MIB);
+        assert_eq!(c.chunk_size_bytes, MIB);
+        assert!(c.auto_connect && c.use_async_rpc && c.eager_map && c.auto_expand);
+        assert_eq!(
+            (c.timeout_ms, c.max_inflight, c.expand_size),
+            (2000, 64, None)
+        );
+        assert_eq!(c.expand_bytes(), c.pool_size);
+        c.validate().unwrap();
+        assert_ne!(c.instance_id, MaruConfig::default().instance_id);
+    }
+
+    #[test]
+    fn uuid_is_version_4() {
+        let u = random_uuid4();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"));
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let ok = MaruConfig::default();
+        let cases: Vec<(&str, MaruConfig)> = vec![
+            (
+                "chunk_size_bytes",
+                MaruConfig {
+                    chunk_size_bytes: 0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "pool_size",
+                MaruConfig {
+                    pool_size: MIB - 1,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "expand_size",
+                MaruConfig {
+                    auto_expand: false,
+                    expand_size: Some(MIB),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "expand_size",
+                MaruConfig {
+                    expand_size: Some(1),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "timeout_ms",
+                MaruConfig {
+                    timeout_ms: 0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "max_inflight",
+                MaruConfig {
+                    max_inflight: 0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "server_url",
+                MaruConfig {
+                    server_url: "http://x".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "server_url",
+                MaruConfig {
+                    server_url: "unix://relative.sock".into(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "instance_id",
+                MaruConfig {
+                    instance_id: String::new(),
+                    ..ok.clone()
+                },
+            ),
+        ];
+        for (field, cfg) in cases {
+            match cfg.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                Ok(_) => panic!("{field}: accepted {cfg:?}"),
+            }
+        }
+        let unix = MaruConfig {
+            server_url: "unix:///run/maru.sock".into(),
+            ..ok
+        };
+        assert!(matches!(unix.validate(), Ok(ServerUrl::Unix(_))));
+    }
+
+    #[test]
+    fn stride_rounds_up_to_4k() {
+        let c = MaruConfig {
+            chunk_size_bytes: 5000,
+            ..MaruConfig::default()
+        };
+        assert_eq!(c.page_stride(), 8192);
+        let c = MaruConfig {
+            chunk_size_bytes: 4096,
+            ..MaruConfig::default()
+        };
+        assert_eq!(c.page_stride(), 4096);
+    }
+}

@@ -1,0 +1,285 @@
+//! Typed errors, one enum per operation family, each with an [`ErrorKind`] that bindings map
+//! to their own exception types (the Python package maps them to RuntimeError, ValueError,
+//! TimeoutError and `maru.MaruError`).
+
+use std::io;
+use std::time::Duration;
+
+use maru_proto::{DecodeError, EncodeError, ErrorCode, WireError, MAX_KEY_LEN};
+use maru_shm::ShmError;
+
+/// What kind of failure an error is, independent of the operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The handler is not connected, or closed.
+    State,
+    /// The caller passed something unusable (size above the chunk size, bad key, unknown page).
+    InvalidArgument,
+    /// No page is free and the handler may not (or could not) get another region.
+    Exhausted,
+    /// The server did not answer within `timeout_ms`.
+    Timeout,
+    /// The server answered with a typed error.
+    Remote(ErrorCode),
+    /// The connection failed or was lost.
+    Transport,
+    /// The server's reply made no sense (wrong type, out-of-range location).
+    Protocol,
+    /// A region could not be mapped.
+    Map,
+}
+
+/// Why a round trip to the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect { url: String, source: io::Error },
+    #[error("no reply from the server to {op} within {} ms", .after.as_millis())]
+    Timeout { op: &'static str, after: Duration },
+    #[error("connection to the server lost during {op}: {source}")]
+    Io { op: &'static str, source: io::Error },
+    #[error("the server closed the connection during {op}")]
+    Closed { op: &'static str },
+    #[error("bad reply to {op}: {source}")]
+    Decode {
+        op: &'static str,
+        source: DecodeError,
+    },
+    #[error("request not sent: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("reply to request {got} while waiting for {expected}")]
+    Mismatch { expected: u64, got: u64 },
+    #[error("server refused {op}: {source}")]
+    Remote { op: &'static str, source: WireError },
+    #[error("unexpected reply to {op}: {got}")]
+    Unexpected { op: &'static str, got: String },
+}
+
+impl RpcError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RpcError::Timeout { .. } => ErrorKind::Timeout,
+            RpcError::Connect { .. } | RpcError::Io { .. } | RpcError::Closed { .. } => {
+                ErrorKind::Transport
+            }
+            RpcError::Remote { source, .. } => ErrorKind::Remote(source.code),
+            RpcError::Encode(_) => ErrorKind::InvalidArgument,
+            RpcError::Decode { .. } | RpcError::Mismatch { .. } | RpcError::Unexpected { .. } => {
+                ErrorKind::Protocol
+            }
+        }
+    }
+
+    /// The server's error code, if it answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            RpcError::Remote { source, .. } => Some(source.code),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection it happened on can still be used (only a typed error reply
+    /// leaves the stream in a known state).
+    pub(crate) fn keeps_connection(&self) -> bool {
+        matches!(self, RpcError::Remote { .. } | RpcError::Encode(_))
+    }
+}
+
+/// The handler is in no state to run an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("MaruHandler is not connected; call connect() first{}", .last_error.as_ref().map(|e| format!(" (last connect failed: {e})")).unwrap_or_default())]
+    NotConnected { last_error: Option<String> },
+    #[error("MaruHandler is closed")]
+    Closed,
+}
+
+/// A key the protocol cannot carry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("empty key")]
+    Empty,
+    #[error("key of {len} bytes exceeds the limit of {max}")]
+    TooLong { len: usize, max: usize },
+}
+
+pub(crate) fn check_key(key: &[u8]) -> Result<(), KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// Why `connect` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("cannot map region {region_id}: {source}")]
+    Map { region_id: u64, source: ShmError },
+    #[error("unusable region from the server: {0}")]
+    BadRegion(String),
+}
+
+impl ConnectError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ConnectError::State(_) => ErrorKind::State,
+            ConnectError::Rpc(e) => e.kind(),
+            ConnectError::Map { .. } => ErrorKind::Map,
+            ConnectError::BadRegion(_) => ErrorKind::Protocol,
+        }
+    }
+}
+
+/// Why `alloc` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("requested size {size} exceeds chunk_size {chunk}")]
+    TooLarge { size: u64, chunk: u64 },
+    #[error("cannot allocate a page: pool exhausted and auto_expand is disabled")]
+    Exhausted,
+    #[error("cannot allocate a page: pool exhausted and expansion failed: {0}")]
+    Expand(RpcError),
+    #[error("cannot allocate a page: expansion region {region_id} cannot be mapped: {source}")]
+    Map { region_id: u64, source: ShmError },
+    #[error("cannot allocate a page: unusable expansion region: {0}")]
+    BadRegion(String),
+}
+
+impl AllocError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AllocError::State(_) => ErrorKind::State,
+            AllocError::TooLarge { .. } => ErrorKind::InvalidArgument,
+            AllocError::Exhausted => ErrorKind::Exhausted,
+            AllocError::Expand(e) => match e.kind() {
+                // The server had no room either: the pool is exhausted.
+                ErrorKind::Remote(ErrorCode::PoolExhausted) => ErrorKind::Exhausted,
+                k => k,
+            },
+            AllocError::Map { .. } => ErrorKind::Map,
+            AllocError::BadRegion(_) => ErrorKind::Protocol,
+        }
+    }
+}
+
+/// Why `free` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FreeError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("page {page_index} of region {region_id} is not tracked (already freed or not from alloc())")]
+    NotTracked { region_id: u64, page_index: u64 },
+    #[error("page {page_index} of region {region_id} holds a pinned key; unpin it first")]
+    Pinned { region_id: u64, page_index: u64 },
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+}
+
+impl FreeError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FreeError::State(_) => ErrorKind::State,
+            FreeError::NotTracked { .. } | FreeError::Pinned { .. } => ErrorKind::InvalidArgument,
+            FreeError::Rpc(e) => e.kind(),
+        }
+    }
+}
+
+/// Why `store` (or `batch_store`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("data of {size} bytes exceeds chunk_size {chunk}")]
+    TooLarge { size: u64, chunk: u64 },
+    #[error("page {page_index} of region {region_id} is not an allocated page of this handler")]
+    NotTracked { region_id: u64, page_index: u64 },
+    #[error("page {page_index} of region {region_id} is already stored under another key")]
+    AlreadyStored { region_id: u64, page_index: u64 },
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::State(_) => ErrorKind::State,
+            StoreError::Key(_)
+            | StoreError::TooLarge { .. }
+            | StoreError::NotTracked { .. }
+            | StoreError::AlreadyStored { .. }
+            | StoreError::Invalid(_) => ErrorKind::InvalidArgument,
+            StoreError::Alloc(e) => e.kind(),
+            StoreError::Rpc(e) => e.kind(),
+        }
+    }
+}
+
+/// Why `retrieve` (or `batch_retrieve`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrieveError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("cannot map region {region_id}: {source}")]
+    Map { region_id: u64, source: ShmError },
+    #[error("the server returned an unusable location: {0}")]
+    BadLocation(String),
+}
+
+impl RetrieveError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RetrieveError::State(_) => ErrorKind::State,
+            RetrieveError::Key(_) => ErrorKind::InvalidArgument,
+            RetrieveError::Rpc(e) => e.kind(),
+            RetrieveError::Map { .. } => ErrorKind::Map,
+            RetrieveError::BadLocation(_) => ErrorKind::Protocol,
+        }
+    }
+}
+
+/// Why a metadata operation (exists, delete, pin, unpin, stats, …) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("bad reply: {0}")]
+    BadReply(String),
+}
+
+impl OpError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            OpError::State(_) => ErrorKind::State,
+            OpError::Key(_) => ErrorKind::InvalidArgument,
+            OpError::Rpc(e) => e.kind(),
+            OpError::BadReply(_) => ErrorKind::Protocol,
+        }
+    }
+}
