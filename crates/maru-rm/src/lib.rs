@@ -1,1 +1,387 @@
-//! placeholder
+//! The Maru resource manager: the one process that owns shared-memory pools. It carves
+//! regions out of them (first fit over aligned extents), hands out handles carrying a keyed
+//! BLAKE3 auth token, logs every change to a write-ahead log before applying it, checkpoints,
+//! and takes regions back from owners that died.
+//!
+//! Run it with [`start`] (in-process: tests, embedded mode) or the `maru-resource-manager`
+//! binary ([`cli::main`]); talk to it with [`RmClient`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use maru_proto::Role;
+//! let pools = vec!["shm:/dev/shm/maru/pool0:1G".parse().unwrap()];
+//! let mut cfg = maru_rm::RmConfig::new("/tmp/maru-state".into(), pools);
+//! cfg.listen = "127.0.0.1:0".parse().unwrap();
+//! let rm = maru_rm::start(cfg).unwrap();
+//! let mut c = maru_rm::RmClient::connect(&rm.url(), Role::Server, Duration::from_secs(5)).unwrap();
+//! let h = c.alloc(64 << 20, None).unwrap();
+//! let access = c.get_access(&h).unwrap(); // mmap(access.path, access.offset, access.len)
+//! c.free(&h).unwrap();
+//! rm.shutdown();
+//! ```
+
+mod auth;
+pub mod checkpoint;
+pub mod cli;
+mod client;
+mod error;
+pub mod extent;
+mod manager;
+mod reaper;
+mod server;
+pub mod wal;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use maru_proto::stats::RmStats;
+use maru_proto::ServerUrl;
+use maru_shm::PoolSpec;
+use maru_telemetry::{MetricsServer, OpTable, PromWriter};
+
+pub use checkpoint::{decode_checkpoint, encode_checkpoint, Checkpoint, CheckpointError};
+pub use client::RmClient;
+pub use error::{RmClientError, RmError};
+pub use maru_proto::RmAllocation;
+pub use wal::{decode_wal, encode_record, Allocation, Owner, WalError, WalOp, WalRecord, WalScan};
+
+use manager::Manager;
+use server::{lock, Shared};
+
+/// Default TCP port of the resource manager.
+pub const DEFAULT_PORT: u16 = 9850;
+
+/// How a resource manager runs.
+#[derive(Debug, Clone)]
+pub struct RmConfig {
+    /// Where to accept connections (port 0: the OS picks, see [`RmHandle::addr`]).
+    pub listen: SocketAddr,
+    /// WAL, checkpoint, secret and lock live here; one resource manager per directory.
+    pub state_dir: PathBuf,
+    /// Pools to carve from. Empty: discover DEV_DAX devices and FS_DAX mounts.
+    pub pools: Vec<PoolSpec>,
+    /// How long a remote owner may stay disconnected before its regions are reclaimed.
+    pub grace_period: Duration,
+    /// Connections served at once; the next one is refused with `TooManyClients`.
+    pub max_clients: usize,
+    /// Operations between checkpoints (0: only at shutdown and after recovery).
+    pub checkpoint_every: u64,
+    /// How often the reaper looks for dead owners.
+    pub reap_interval: Duration,
+    /// This host's name as owners' Hellos give it (default: the kernel's hostname). Tests
+    /// override it to make local processes look remote.
+    pub hostname: Option<String>,
+    /// Serve Prometheus metrics on this address.
+    pub metrics: Option<SocketAddr>,
+    /// How long a peer may take to finish a frame it started (slow-loris guard).
+    pub stall_timeout: Duration,
+}
+
+impl RmConfig {
+    /// Defaults: `127.0.0.1:9850`, grace period 30 s, 256 clients, a checkpoint every 1000
+    /// operations, a reaper pass every second.
+    pub fn new(state_dir: PathBuf, pools: Vec<PoolSpec>) -> Self {
+        RmConfig {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT),
+            state_dir,
+            pools,
+            grace_period: Duration::from_secs(30),
+            max_clients: 256,
+            checkpoint_every: 1000,
+            reap_interval: Duration::from_secs(1),
+            hostname: None,
+            metrics: None,
+            stall_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running resource manager. [`RmHandle::shutdown`] (or drop) stops it.
+pub struct RmHandle {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    accept: Option<JoinHandle<()>>,
+    reaper: Option<JoinHandle<()>>,
+    metrics: Option<MetricsServer>,
+    stopped: bool,
+}
+
+/// Binds, recovers state, opens the pools and starts serving. Returns once connections are
+/// accepted.
+pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
+    let discovered = cfg.pools.is_empty();
+    let specs = if discovered {
+        maru_shm::discover()
+    } else {
+        cfg.pools.clone()
+    };
+    if specs.is_empty() {
+        return Err(RmError::NoPool);
+    }
+    let manager = Manager::open(&cfg.state_dir, &specs, cfg.checkpoint_every)?;
+    let listener = TcpListener::bind(cfg.listen).map_err(|source| RmError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(|source| RmError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let hostname = cfg
+        .hostname
+        .clone()
+        .unwrap_or_else(|| maru_proto::rpc::local_identity().0);
+    let shared = Arc::new(Shared {
+        manager: Mutex::new(manager),
+        hostname,
+        grace_period: cfg.grace_period,
+        reap_interval: cfg.reap_interval.max(Duration::from_millis(1)),
+        max_clients: cfg.max_clients,
+        stall_timeout: cfg.stall_timeout,
+        discovered,
+        ops: OpTable::new(server::OP_NAMES),
+        stop: AtomicBool::new(false),
+        started: Instant::now(),
+        presence: Mutex::new(HashMap::new()),
+        conns: Mutex::new(HashMap::new()),
+        threads: Mutex::new(Vec::new()),
+        next_conn: AtomicU64::new(1),
+        active: AtomicUsize::new(0),
+        rejecting: AtomicUsize::new(0),
+        reap_passes: AtomicU64::new(0),
+        reaper_wake: (Mutex::new(()), Condvar::new()),
+    });
+    let mut handle = RmHandle {
+        shared: shared.clone(),
+        addr,
+        accept: None,
+        reaper: None,
+        metrics: None,
+        stopped: false,
+    };
+    let s2 = shared.clone();
+    handle.accept = Some(
+        std::thread::Builder::new()
+            .name("maru-rm-accept".into())
+            .spawn(move || server::accept_loop(s2, listener))
+            .map_err(RmError::Thread)?,
+    );
+    let s3 = shared.clone();
+    handle.reaper = Some(
+        std::thread::Builder::new()
+            .name("maru-rm-reaper".into())
+            .spawn(move || reaper::run(s3))
+            .map_err(RmError::Thread)?,
+    );
+    if let Some(maddr) = cfg.metrics {
+        let s4 = shared.clone();
+        handle.metrics = Some(
+            maru_telemetry::serve_metrics(maddr, move || render_metrics(&s4)).map_err(
+                |source| RmError::Bind {
+                    addr: maddr,
+                    source,
+                },
+            )?,
+        );
+    }
+    {
+        let m = lock(&shared.manager);
+        let pools: Vec<String> = m
+            .pool_stats()
+            .iter()
+            .map(|p| format!("{} ({}, {} bytes)", p.path, p.kind, p.total_bytes))
+            .collect();
+        tracing::info!(
+            "resource manager listening on {addr}; state in {}; pools: {}",
+            cfg.state_dir.display(),
+            pools.join(", ")
+        );
+    }
+    Ok(handle)
+}
+
+impl RmHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `tcp://ADDR` of [`RmHandle::addr`].
+    pub fn url(&self) -> ServerUrl {
+        ServerUrl::Tcp(self.addr.to_string())
+    }
+
+    /// Address of the metrics endpoint, when one was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr())
+    }
+
+    pub fn stats(&self) -> RmStats {
+        self.shared.stats()
+    }
+
+    /// Every allocation, as `RmList` returns it.
+    pub fn list(&self) -> Vec<RmAllocation> {
+        self.shared.list()
+    }
+
+    /// Prometheus text exposition of pools, allocations and operations.
+    pub fn render_metrics(&self) -> String {
+        render_metrics(&self.shared)
+    }
+
+    /// Reaper passes completed so far (tests wait on it instead of sleeping).
+    pub fn reap_passes(&self) -> u64 {
+        self.shared.reap_passes.load(Ordering::SeqCst)
+    }
+
+    /// Looks for DAX pools again and opens new ones (hot-plug; `SIGHUP` in the binary).
+    /// Only when the pools came from discovery; returns how many were added.
+    pub fn rescan_pools(&self) -> usize {
+        if !self.shared.discovered {
+            return 0;
+        }
+        let found = maru_shm::discover();
+        lock(&self.shared.manager).add_pools(&found)
+    }
+
+    /// Stops accepting, closes every connection, joins the threads and writes a final
+    /// checkpoint.
+    pub fn shutdown(mut self) {
+        self.stop(true);
+    }
+
+    /// Stops like a crash would leave the state directory: no final checkpoint, so the next
+    /// start replays the log. For recovery tests.
+    #[doc(hidden)]
+    pub fn abandon(mut self) {
+        self.stop(false);
+    }
+
+    fn stop(&mut self, checkpoint: bool) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let shared = &self.shared;
+        shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop with a connection of our own.
+        let wake = match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.addr.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), self.addr.port())
+            }
+            _ => self.addr,
+        };
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        {
+            let _guard = lock(&shared.reaper_wake.0);
+            shared.reaper_wake.1.notify_all();
+        }
+        if let Some(t) = self.reaper.take() {
+            let _ = t.join();
+        }
+        for s in lock(&shared.conns).values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let threads = std::mem::take(&mut *lock(&shared.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+        self.metrics = None;
+        if checkpoint {
+            lock(&shared.manager).checkpoint();
+        }
+        tracing::info!("resource manager on {} stopped", self.addr);
+    }
+}
+
+impl Drop for RmHandle {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+fn render_metrics(shared: &Shared) -> String {
+    let stats = shared.stats();
+    let mut w = PromWriter::new();
+    w.family(
+        "maru_pool_bytes_total",
+        "gauge",
+        "Bytes a pool can hand out",
+    );
+    for p in &stats.pools {
+        w.sample(
+            "maru_pool_bytes_total",
+            &[("pool", &p.path), ("kind", &p.kind)],
+            p.total_bytes as f64,
+        );
+    }
+    w.family(
+        "maru_pool_bytes_free",
+        "gauge",
+        "Bytes of a pool not allocated",
+    );
+    for p in &stats.pools {
+        w.sample(
+            "maru_pool_bytes_free",
+            &[("pool", &p.path), ("kind", &p.kind)],
+            p.free_bytes as f64,
+        );
+    }
+    w.family("maru_pool_regions", "gauge", "Regions allocated in a pool");
+    for p in &stats.pools {
+        w.sample("maru_pool_regions", &[("pool", &p.path)], p.regions as f64);
+    }
+    w.family(
+        "maru_rm_allocations",
+        "gauge",
+        "Regions allocated in all pools",
+    );
+    w.sample("maru_rm_allocations", &[], stats.allocations as f64);
+    w.family(
+        "maru_rm_reclaimed_regions_total",
+        "counter",
+        "Regions taken back from dead owners since start",
+    );
+    w.sample(
+        "maru_rm_reclaimed_regions_total",
+        &[],
+        stats.reclaimed_regions as f64,
+    );
+    w.family("maru_rm_connected_clients", "gauge", "Open connections");
+    w.sample(
+        "maru_rm_connected_clients",
+        &[],
+        stats.connected_clients as f64,
+    );
+    w.family(
+        "maru_rm_ops_total",
+        "counter",
+        "Requests served, by operation",
+    );
+    for name in shared.ops.names() {
+        let n = shared.ops.get(name).map_or(0, |h| h.count());
+        w.sample("maru_rm_ops_total", &[("op", name)], n as f64);
+    }
+    w.family(
+        "maru_rm_op_seconds",
+        "histogram",
+        "Request latency, by operation",
+    );
+    for name in shared.ops.names() {
+        if let Some(h) = shared.ops.get(name) {
+            w.histogram("maru_rm_op_seconds", &[("op", name)], h);
+        }
+    }
+    w.finish()
+}

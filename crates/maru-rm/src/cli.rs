@@ -1,0 +1,126 @@
+//! The `maru-resource-manager` command line. `src/main.rs` and the Python package's console
+//! script both call [`main`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use maru_shm::PoolSpec;
+
+use crate::{RmConfig, DEFAULT_PORT};
+
+/// Maru resource manager: owns shared-memory pools and hands out regions.
+#[derive(Debug, Parser)]
+#[command(name = "maru-resource-manager", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// TCP port (0: any free port; see --ready-file).
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// Directory of the write-ahead log, checkpoint, secret and lock
+    /// [default: $XDG_STATE_HOME/maru or ~/.local/state/maru].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Log level (error, warn, info, debug, trace); MARU_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Seconds a remote owner may stay disconnected before its regions are reclaimed.
+    #[arg(long, default_value_t = 30.0)]
+    grace_period: f64,
+    /// Connections served at once.
+    #[arg(long, default_value_t = 256)]
+    max_clients: usize,
+    /// A pool: shm:PATH:SIZE (e.g. shm:/dev/shm/maru/pool0:8G), fs-dax:DIR or
+    /// dev-dax:/dev/daxX.Y. Repeatable. Without it DAX devices and mounts are discovered
+    /// (SIGHUP rescans).
+    #[arg(long = "pool", value_name = "SPEC")]
+    pools: Vec<PoolSpec>,
+    /// Once listening, write {"tcp":ADDR,"unix":null,"metrics":ADDR|null,"pid":N} here
+    /// (atomically).
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on this port (same host), at /metrics.
+    #[arg(long)]
+    metrics_port: Option<u16>,
+}
+
+/// Runs the daemon with `args` (`args[0]` is the program name) until SIGINT or SIGTERM.
+/// Returns the process exit code.
+pub fn main(args: Vec<String>) -> i32 {
+    let args = match Args::try_parse_from(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    maru_telemetry::init_logging(&args.log_level);
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("maru-resource-manager: {e:#}");
+            1
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if !args.grace_period.is_finite() || args.grace_period < 0.0 {
+        anyhow::bail!("--grace-period must be a non-negative number of seconds");
+    }
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| maru_shm::naming::Naming::default().default_state_dir());
+    let mut cfg = RmConfig::new(state_dir, args.pools.clone());
+    cfg.listen = SocketAddr::new(args.host, args.port);
+    cfg.grace_period = Duration::from_secs_f64(args.grace_period);
+    cfg.max_clients = args.max_clients;
+    cfg.metrics = args.metrics_port.map(|p| SocketAddr::new(args.host, p));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rescan = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, rescan.clone())
+        .context("cannot install signal handlers")?;
+
+    let rm = crate::start(cfg)?;
+    if let Some(path) = &args.ready_file {
+        let ready = serde_json::json!({
+            "tcp": rm.addr().to_string(),
+            "unix": null,
+            "metrics": rm.metrics_addr().map(|a| a.to_string()),
+            "pid": std::process::id(),
+        });
+        write_ready_file(path, &ready.to_string())
+            .with_context(|| format!("cannot write ready file {}", path.display()))?;
+    }
+    while !stop.load(Ordering::SeqCst) {
+        if rescan.swap(false, Ordering::SeqCst) {
+            let added = rm.rescan_pools();
+            tracing::info!("SIGHUP: pool rescan added {added} pools");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracing::info!("stopping");
+    rm.shutdown();
+    Ok(())
+}
+
+/// Writes `PATH.tmp` then renames it to `PATH`, so a reader never sees half a file.
+fn write_ready_file(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
