@@ -1,0 +1,193 @@
+//! The reaper: dead local owners (pid gone, pid reused) lose their regions within a few
+//! passes; live owners never; remote owners only after the grace period without a
+//! connection, and not if they reconnect in time.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use maru_proto::Role;
+use maru_rm::RmClient;
+
+const CHILD_ENV: &str = "MARU_RM_TEST_REAPER_CHILD";
+
+/// Not a test on its own: the body of the child process of
+/// `sigkilled_local_client_regions_are_reclaimed_within_3s` (this test binary re-executed
+/// with `CHILD_ENV` set to the resource manager's URL).
+#[test]
+fn child_client_mode() {
+    let Ok(url) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let url = maru_proto::ServerUrl::parse(&url).unwrap();
+    let mut c = RmClient::connect(&url, Role::Server, TIMEOUT).unwrap();
+    c.alloc(2 * MIB, None).unwrap();
+    c.alloc(4 * MIB, None).unwrap();
+    println!("CHILD-READY");
+    // Stay alive (connected) until killed; bounded so a broken parent leaves nothing behind.
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn sigkilled_local_client_regions_are_reclaimed_within_3s() {
+    let d = temp_dir();
+    // Default reaper interval (1 s) and grace period (30 s): reclaiming a local owner does
+    // not wait for any grace period.
+    let rm = start_default(d.path());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_client_mode",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, rm.url().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut ready = false;
+    for line in out.lines() {
+        if line.unwrap().contains("CHILD-READY") {
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready, "child did not allocate");
+    let list = rm.list();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].owner_pid, child.id());
+    child.kill().unwrap(); // SIGKILL: no goodbye, no cleanup
+    child.wait().unwrap();
+    let killed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3), || rm.list().is_empty()),
+        "regions of a SIGKILLed client still allocated 3 s later: {:?}",
+        rm.list()
+    );
+    let s = rm.stats();
+    assert_eq!(s.reclaimed_regions, 2);
+    assert_eq!(s.pools[0].free_bytes, 64 * MIB);
+    assert!(rm
+        .render_metrics()
+        .contains("maru_rm_reclaimed_regions_total 2"));
+    eprintln!("reclaimed {:?} after the kill", killed.elapsed());
+    rm.shutdown();
+}
+
+fn fast_reaper(dir: &std::path::Path, grace: Duration) -> maru_rm::RmHandle {
+    let mut cfg = config(dir, vec![shm_pool(dir, "p0", 64 * MIB)]);
+    cfg.reap_interval = Duration::from_millis(50);
+    cfg.grace_period = grace;
+    maru_rm::start(cfg).unwrap()
+}
+
+#[test]
+fn live_client_regions_are_never_reclaimed() {
+    let d = temp_dir();
+    let rm = fast_reaper(d.path(), Duration::from_millis(100));
+    let mut c = client(&rm);
+    let h = c.alloc(MIB, None).unwrap();
+    wait_reaper_passes(&rm, 5);
+    // Still alive but disconnected: a local owner is judged by its pid, not its connection.
+    drop(c);
+    wait_reaper_passes(&rm, 5);
+    let list = rm.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].handle, h);
+    assert!(!list[0].connected);
+    assert_eq!(rm.stats().reclaimed_regions, 0);
+    rm.shutdown();
+}
+
+#[test]
+fn changed_start_time_counts_as_dead() {
+    let d = temp_dir();
+    let rm = fast_reaper(d.path(), Duration::from_secs(30));
+    let (host, pid, start) = maru_proto::rpc::local_identity();
+    assert_ne!(start, 0);
+    // Our own pid, but recorded with another start time: the process it names is gone and
+    // the pid now belongs to someone else.
+    let mut reused =
+        RmClient::connect_as(&rm.url(), Role::Server, &host, pid, start + 1000, TIMEOUT).unwrap();
+    reused.alloc(MIB, None).unwrap();
+    let mut real = client(&rm);
+    let keep = real.alloc(MIB, None).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || rm.list().len() == 1),
+        "region of a reused pid not reclaimed: {:?}",
+        rm.list()
+    );
+    assert_eq!(rm.list()[0].handle, keep);
+    rm.shutdown();
+}
+
+#[test]
+fn remote_client_reclaimed_only_after_grace_period() {
+    let d = temp_dir();
+    let grace = Duration::from_secs(1);
+    let rm = fast_reaper(d.path(), grace);
+    let mut remote =
+        RmClient::connect_as(&rm.url(), Role::Server, "far-away-host", 4242, 17, TIMEOUT).unwrap();
+    remote.alloc(MIB, None).unwrap();
+    remote.alloc(MIB, None).unwrap();
+    // Connected: never reclaimed, however long.
+    wait_reaper_passes(&rm, 30);
+    assert!(rm.list().iter().all(|a| a.connected));
+    assert_eq!(rm.list().len(), 2);
+
+    drop(remote);
+    let lost = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || rm.list().is_empty()),
+        "remote regions never reclaimed"
+    );
+    let after = lost.elapsed();
+    assert!(
+        after >= grace,
+        "reclaimed after {after:?}, before the {grace:?} grace period"
+    );
+    assert!(
+        after < grace + Duration::from_secs(2),
+        "reclaimed only after {after:?}"
+    );
+    assert_eq!(rm.stats().reclaimed_regions, 2);
+    rm.shutdown();
+}
+
+#[test]
+fn remote_client_reconnecting_in_time_keeps_its_regions() {
+    let d = temp_dir();
+    let grace = Duration::from_secs(1);
+    let rm = fast_reaper(d.path(), grace);
+    let connect = || {
+        RmClient::connect_as(&rm.url(), Role::Server, "far-away-host", 4243, 18, TIMEOUT).unwrap()
+    };
+    let mut remote = connect();
+    let h = remote.alloc(MIB, None).unwrap();
+    drop(remote);
+    // The peer's reconnect delay (part of the scenario, not a wait for a condition).
+    std::thread::sleep(grace / 3);
+    let mut again = connect();
+    let back = Instant::now();
+    assert!(wait_until(Duration::from_secs(3), || rm
+        .list()
+        .first()
+        .is_some_and(|a| a.connected)));
+    // Well past the grace period counted from the first disconnect: still there.
+    wait_reaper_passes(&rm, 5);
+    assert!(wait_until(grace * 3, || back.elapsed() > grace * 2));
+    wait_reaper_passes(&rm, 3);
+    assert_eq!(
+        rm.list().len(),
+        1,
+        "reclaimed although the owner reconnected in time"
+    );
+    // The reconnected owner can free it: it is the same owner.
+    again.free(&h).unwrap();
+    rm.shutdown();
+}
