@@ -1,0 +1,265 @@
+//! `maru up` as a user runs it: the real binary, real sockets, a real pool file; stopped with
+//! SIGTERM.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use maru_proto::rpc::{local_identity, Conn};
+use maru_proto::{Hello, RegisterEntry, Request, Response, Role, ServerUrl};
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Up {
+    child: Child,
+    ready: serde_json::Value,
+}
+
+fn start_up(dir: &Path, extra: &[&str]) -> Up {
+    let ready_file = dir.join("ready.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_maru"));
+    cmd.args(["up", "--port", "0", "--rm-port", "0", "--pool-size", "64M"])
+        .arg("--pool-dir")
+        .arg(dir.join("pool"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("spawn maru up");
+    let ready = wait_for("maru up to be ready", Duration::from_secs(20), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("maru up exited early: {status}");
+        }
+        let text = std::fs::read_to_string(&ready_file).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()
+    });
+    Up { child, ready }
+}
+
+fn stop(mut up: Up) -> String {
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
+    let status = wait_for("maru up to exit", Duration::from_secs(20), || {
+        up.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "maru up exited with {status}");
+    let mut out = String::new();
+    up.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    out
+}
+
+fn client(url: &str, id: &str) -> Conn {
+    let (host, pid, start_time) = local_identity();
+    let hello = Hello {
+        role: Role::Client,
+        instance_id: id,
+        host: &host,
+        pid,
+        start_time,
+        session_token: None,
+    };
+    Conn::connect(
+        &ServerUrl::parse(url).unwrap(),
+        &hello,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+}
+
+fn tcp_port(url: &str) -> u16 {
+    url.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn up_serves_stats_and_metrics_then_stops_cleanly() {
+    let dir = tempfile::Builder::new()
+        .prefix("maru-test-up-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let metrics_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let up = start_up(dir.path(), &["--metrics-port", &metrics_port.to_string()]);
+    let tcp = up.ready["tcp"].as_str().unwrap().to_owned();
+    let unix = up.ready["unix"].as_str().unwrap().to_owned();
+    let rm = up.ready["rm"].as_str().unwrap().to_owned();
+    let pool = up.ready["pool"].as_str().unwrap().to_owned();
+    assert!(Path::new(&pool).exists());
+
+    // Known activity: one instance takes a region and registers 3 keys (one pinned), another
+    // instance over the Unix socket reads one.
+    let mut a = client(&tcp, "producer-a");
+    let region = match a.call(&Request::RequestRegion { size: 4 << 20 }).unwrap() {
+        Response::Region(r) => r,
+        other => panic!("unexpected {other:?}"),
+    };
+    for i in 0..3u64 {
+        let key = format!("key-{i}");
+        let entry = RegisterEntry {
+            key: key.as_bytes(),
+            region_id: region.handle.region_id,
+            offset: i * 4096,
+            len: 100,
+        };
+        assert_eq!(
+            a.call(&Request::Register(entry)).unwrap(),
+            Response::Bool(true)
+        );
+    }
+    assert_eq!(
+        a.call(&Request::Pin { key: b"key-0" }).unwrap(),
+        Response::Bool(true)
+    );
+    let mut b = client(&unix, "consumer-b");
+    assert_eq!(
+        b.call(&Request::Exists { key: b"key-1" }).unwrap(),
+        Response::Bool(true)
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_maru"))
+        .args(["stats", "--json", "--server", &tcp])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "maru stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["keys"], 3);
+    assert_eq!(stats["pinned_keys"], 1);
+    let pools = stats["pools"].as_array().unwrap();
+    assert_eq!(pools.len(), 1);
+    assert_eq!(pools[0]["path"], pool.as_str());
+    assert_eq!(pools[0]["kind"], "shm");
+    assert_eq!(pools[0]["total_bytes"], 64u64 << 20);
+    assert_eq!(pools[0]["free_bytes"], (64u64 << 20) - region.handle.len);
+    assert_eq!(pools[0]["regions"], 1);
+    let clients = stats["clients"].as_array().unwrap();
+    let producer = clients
+        .iter()
+        .find(|c| c["instance_id"] == "producer-a")
+        .expect("producer listed");
+    assert_eq!(producer["regions"], 1);
+    assert_eq!(producer["bytes"], region.handle.len);
+    assert_eq!(stats["ops"]["register"]["count"], 3);
+    assert!(stats["ops"]["register"]["p50_us"].as_f64().unwrap() > 0.0);
+    assert!(stats["ops"]["exists"]["p99_us"].as_f64().unwrap() > 0.0);
+
+    // The human form names the same things.
+    let out = Command::new(env!("CARGO_BIN_EXE_maru"))
+        .args(["stats", "--server", &unix])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("keys 3 (pinned 1)") && text.contains("producer-a"),
+        "{text}"
+    );
+
+    // Prometheus metrics over HTTP, parsed.
+    let mut s = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let samples: Vec<(String, f64)> = body
+        .lines()
+        .filter(|l| l.starts_with("maru_"))
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (
+                name.to_owned(),
+                value
+                    .parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad sample {l:?}")),
+            )
+        })
+        .collect();
+    let get = |name: &str| {
+        samples
+            .iter()
+            .find(|(n, _)| n == name || n.starts_with(&format!("{name}{{")))
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(get("maru_keys"), Some(3.0), "{body}");
+    assert_eq!(get("maru_pinned_keys"), Some(1.0));
+    assert_eq!(get("maru_pool_bytes_total"), Some((64u64 << 20) as f64));
+    assert!(
+        samples
+            .iter()
+            .any(|(n, v)| n.starts_with("maru_op_seconds_count")
+                && n.contains("register")
+                && *v == 3.0),
+        "{body}"
+    );
+
+    drop(a);
+    drop(b);
+    let out = stop(up);
+    assert!(
+        out.contains("pool file") && out.contains("removed"),
+        "{out}"
+    );
+    assert!(!Path::new(&pool).exists(), "pool file left behind");
+    assert!(
+        !Path::new(unix.trim_start_matches("unix://")).exists(),
+        "unix socket left behind"
+    );
+    // Ports are free again.
+    TcpListener::bind(("127.0.0.1", tcp_port(&tcp))).expect("server port still taken");
+    TcpListener::bind(("127.0.0.1", tcp_port(&rm))).expect("rm port still taken");
+    TcpListener::bind(("127.0.0.1", metrics_port)).expect("metrics port still taken");
+}
+
+#[test]
+fn up_keep_leaves_the_pool_file() {
+    let dir = tempfile::Builder::new()
+        .prefix("maru-test-up-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let up = start_up(dir.path(), &["--keep", "--no-unix"]);
+    assert!(up.ready["unix"].is_null());
+    let pool = up.ready["pool"].as_str().unwrap().to_owned();
+    let out = stop(up);
+    assert!(out.contains("kept"), "{out}");
+    assert!(Path::new(&pool).exists());
+}
+
+#[test]
+fn stats_against_no_server_is_a_clear_error() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_maru"))
+        .args(["stats", "--server", &format!("tcp://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no Maru server at tcp://127.0.0.1"), "{err}");
+}
