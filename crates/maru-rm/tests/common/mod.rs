@@ -73,3 +73,101 @@ pub fn wait_reaper_passes(rm: &RmHandle, n: u64) {
 pub fn state_dir(dir: &Path) -> PathBuf {
     dir.join("state")
 }
+
+/// The real `maru-resource-manager` binary, running.
+pub struct RmProcess {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub ready: serde_json::Value,
+    pub stderr: PathBuf,
+}
+
+impl RmProcess {
+    pub fn url(&self) -> maru_proto::ServerUrl {
+        maru_proto::ServerUrl::Tcp(self.addr.to_string())
+    }
+
+    /// SIGKILL: a crash, nothing flushed or checkpointed.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet waited for).
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("resource manager did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+pub fn rm_command(dir: &Path, pools: &[String]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_maru-resource-manager"));
+    cmd.arg("--port")
+        .arg("0")
+        .arg("--state-dir")
+        .arg(state_dir(dir))
+        .arg("--log-level")
+        .arg("info")
+        .env_remove("MARU_LOG");
+    for p in pools {
+        cmd.arg("--pool").arg(p);
+    }
+    cmd
+}
+
+/// Starts the binary on `dir`'s state directory and waits for its ready file.
+pub fn spawn_rm(dir: &Path, pools: &[String], extra: &[&str]) -> RmProcess {
+    let ready_path = dir.join("ready.json");
+    let _ = std::fs::remove_file(&ready_path);
+    let n = std::fs::read_dir(dir).map(|r| r.count()).unwrap_or(0);
+    let stderr = dir.join(format!("rm-stderr-{n}.log"));
+    let mut child = rm_command(dir, pools)
+        .arg("--ready-file")
+        .arg(&ready_path)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("spawn maru-resource-manager");
+    let mut ready = None;
+    let ok = wait_until(Duration::from_secs(20), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "resource manager exited with {status}: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        ready = std::fs::read_to_string(&ready_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        ready.is_some()
+    });
+    if !ok {
+        let _ = child.kill();
+        panic!("resource manager never became ready");
+    }
+    let ready = ready.unwrap();
+    let addr = ready["tcp"].as_str().expect("tcp address").parse().unwrap();
+    RmProcess {
+        child,
+        addr,
+        ready,
+        stderr,
+    }
+}

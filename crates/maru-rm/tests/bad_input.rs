@@ -1,0 +1,297 @@
+//! Every kind of bad input gets its typed error (or a clean close), changes nothing, and the
+//! daemon goes on serving a normal client.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use maru_proto::{
+    decode_response, encode_request, msg_type, read_frame, ErrorCode, FrameReadError, Header,
+    Hello, Request, Response, Role, HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL_VERSION,
+};
+use maru_rm::{RmClient, RmHandle};
+
+fn raw(rm: &RmHandle) -> TcpStream {
+    let s = TcpStream::connect(rm.addr()).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+fn hello_frame(id: u64) -> Vec<u8> {
+    let (host, pid, start) = maru_proto::rpc::local_identity();
+    let mut buf = Vec::new();
+    let hello = Hello {
+        role: Role::Server,
+        instance_id: "",
+        host: &host,
+        pid,
+        start_time: start,
+        session_token: None,
+    };
+    encode_request(&mut buf, id, &Request::Hello(hello)).unwrap();
+    buf
+}
+
+fn request(id: u64, req: &Request) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_request(&mut buf, id, req).unwrap();
+    buf
+}
+
+/// Sends `bytes`, reads one reply: its request id and error code (None: not an error).
+fn exchange(s: &mut TcpStream, bytes: &[u8]) -> (u64, Option<ErrorCode>) {
+    s.write_all(bytes).unwrap();
+    let (h, payload) = read_frame(s).expect("a reply");
+    let code = match decode_response(&h, &payload).unwrap() {
+        Response::Error(e) => Some(e.code),
+        _ => None,
+    };
+    (h.request_id, code)
+}
+
+fn expect_closed(s: &mut TcpStream) {
+    match read_frame(s) {
+        Err(FrameReadError::Closed) | Err(FrameReadError::Io(_)) => {}
+        other => panic!("connection still open after a bad header: {other:?}"),
+    }
+}
+
+/// A normal client still gets served, and the allocation table is what it was.
+fn still_serves(rm: &RmHandle, before: &[maru_rm::RmAllocation]) {
+    let mut c = client(rm);
+    assert_eq!(
+        c.list().unwrap(),
+        before,
+        "bad input changed the allocation table"
+    );
+    let h = c.alloc(MIB, None).unwrap();
+    c.free(&h).unwrap();
+}
+
+fn header_bytes(version: u16, ty: u16, id: u64, len: u32) -> Vec<u8> {
+    let mut h = Header::new(ty, 0, id, len);
+    h.version = version;
+    h.encode().to_vec()
+}
+
+#[test]
+fn malformed_frames_get_errors_and_the_stream_continues_when_it_can() {
+    let d = temp_dir();
+    let rm = start_default(d.path());
+    let mut c = client(&rm);
+    c.alloc(2 * MIB, None).unwrap();
+    let before = c.list().unwrap();
+
+    let mut s = raw(&rm);
+    // Before the handshake.
+    assert_eq!(
+        exchange(&mut s, &request(1, &Request::RmStats)),
+        (1, Some(ErrorCode::NotHandshaken))
+    );
+    assert_eq!(
+        exchange(
+            &mut s,
+            &request(
+                2,
+                &Request::RmAlloc {
+                    size: MIB,
+                    pool: None
+                }
+            )
+        ),
+        (2, Some(ErrorCode::NotHandshaken))
+    );
+    assert_eq!(exchange(&mut s, &hello_frame(3)), (3, None));
+    // A second Hello.
+    assert_eq!(
+        exchange(&mut s, &hello_frame(4)),
+        (4, Some(ErrorCode::InvalidArgument))
+    );
+    // Unknown message type, valid header.
+    assert_eq!(
+        exchange(&mut s, &header_bytes(PROTOCOL_VERSION, 0x7777, 5, 0)),
+        (5, Some(ErrorCode::UnknownMessage))
+    );
+    // A metadata-server request sent to the resource manager.
+    assert_eq!(
+        exchange(&mut s, &request(6, &Request::Exists { key: b"k" })),
+        (6, Some(ErrorCode::UnknownMessage))
+    );
+    // Payload that does not decode (an RmAlloc of 3 bytes).
+    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::RM_ALLOC, 7, 3);
+    bad.extend_from_slice(&[1, 2, 3]);
+    assert_eq!(exchange(&mut s, &bad), (7, Some(ErrorCode::BadFrame)));
+    // Trailing garbage after a valid payload.
+    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::HEARTBEAT, 8, 2);
+    bad.extend_from_slice(&[0, 0]);
+    assert_eq!(exchange(&mut s, &bad), (8, Some(ErrorCode::BadFrame)));
+    // Another protocol version.
+    assert_eq!(
+        exchange(
+            &mut s,
+            &header_bytes(PROTOCOL_VERSION + 1, msg_type::HEARTBEAT, 9, 0)
+        ),
+        (9, Some(ErrorCode::UnsupportedVersion))
+    );
+    // A response frame where a request belongs.
+    let resp = Header::new(msg_type::R_OK, maru_proto::FLAG_RESPONSE, 10, 0).encode();
+    assert_eq!(exchange(&mut s, &resp), (10, Some(ErrorCode::BadFrame)));
+    // The stream is still in sync: a normal request works.
+    assert_eq!(
+        exchange(&mut s, &request(11, &Request::Heartbeat)),
+        (11, None)
+    );
+    still_serves(&rm, &before);
+
+    // Wrong magic: answered with request id 0, then closed.
+    let mut s = raw(&rm);
+    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::HEARTBEAT, 12, 0);
+    bad[0..4].copy_from_slice(&(MAGIC ^ 1).to_le_bytes());
+    assert_eq!(exchange(&mut s, &bad), (0, Some(ErrorCode::BadFrame)));
+    expect_closed(&mut s);
+
+    // Oversized frame: refused from its header alone, then closed.
+    let mut s = raw(&rm);
+    assert_eq!(
+        exchange(
+            &mut s,
+            &header_bytes(PROTOCOL_VERSION, msg_type::RM_ALLOC, 13, MAX_FRAME + 1)
+        ),
+        (0, Some(ErrorCode::FrameTooLarge))
+    );
+    expect_closed(&mut s);
+
+    // Reserved header bits set.
+    let mut s = raw(&rm);
+    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::HEARTBEAT, 14, 0);
+    bad[10] = 1;
+    assert_eq!(exchange(&mut s, &bad), (0, Some(ErrorCode::BadFrame)));
+    expect_closed(&mut s);
+
+    // Truncated frame, then the peer hangs up: closed without fuss.
+    let mut s = raw(&rm);
+    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::RM_ALLOC, 15, 100);
+    bad.extend_from_slice(&[0; 10]);
+    s.write_all(&bad).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    expect_closed(&mut s);
+    // A frame cut after half a header.
+    let mut s = raw(&rm);
+    s.write_all(&hello_frame(16)[..HEADER_LEN / 2]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    expect_closed(&mut s);
+
+    still_serves(&rm, &before);
+    drop(c);
+    rm.shutdown();
+}
+
+#[test]
+fn peer_stalling_mid_frame_is_disconnected() {
+    let d = temp_dir();
+    let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
+    cfg.stall_timeout = Duration::from_millis(300);
+    let rm = maru_rm::start(cfg).unwrap();
+    let mut s = raw(&rm);
+    let frame = hello_frame(1);
+    s.write_all(&frame[..frame.len() - 3]).unwrap();
+    let t0 = Instant::now();
+    expect_closed(&mut s);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "slow peer held its connection for {:?}",
+        t0.elapsed()
+    );
+    still_serves(&rm, &[]);
+    rm.shutdown();
+}
+
+#[test]
+fn bad_requests_get_typed_errors_and_change_nothing() {
+    let d = temp_dir();
+    let rm = start_default(d.path());
+    let mut c = client(&rm);
+    let h = c.alloc(2 * MIB, None).unwrap();
+    let gone = c.alloc(2 * MIB, None).unwrap();
+    c.free(&gone).unwrap();
+    let before = c.list().unwrap();
+
+    let code = |r: Result<(), maru_rm::RmClientError>| r.unwrap_err().code();
+    assert_eq!(
+        c.alloc(0, None).unwrap_err().code(),
+        Some(ErrorCode::InvalidArgument)
+    );
+    assert_eq!(
+        c.alloc(1 << 40, None).unwrap_err().code(),
+        Some(ErrorCode::PoolExhausted)
+    );
+    assert_eq!(
+        c.alloc(u64::MAX, None).unwrap_err().code(),
+        Some(ErrorCode::PoolExhausted)
+    );
+    assert_eq!(
+        c.alloc(MIB, Some("/nope")).unwrap_err().code(),
+        Some(ErrorCode::NoSuchPool)
+    );
+    assert_eq!(code(c.free(&gone)), Some(ErrorCode::DoubleFree));
+    let mut forged = h.clone();
+    forged.token = [0xab; 32];
+    assert_eq!(code(c.free(&forged)), Some(ErrorCode::BadToken));
+    let mut other =
+        RmClient::connect_as(&rm.url(), Role::Server, "other-host", 99, 1, TIMEOUT).unwrap();
+    assert_eq!(code(other.free(&h)), Some(ErrorCode::NotOwner));
+    let mut admin = RmClient::connect(&rm.url(), Role::Admin, TIMEOUT).unwrap();
+    assert_eq!(
+        admin.alloc(MIB, None).unwrap_err().code(),
+        Some(ErrorCode::InvalidArgument)
+    );
+    assert!(admin.stats().is_ok());
+    // Hello without an identity.
+    let e = RmClient::connect_as(&rm.url(), Role::Server, "", 0, 0, TIMEOUT)
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidArgument));
+
+    drop((other, admin));
+    still_serves(&rm, &before);
+    let s = c.stats().unwrap();
+    assert!(s.ops["rm_free"].errors >= 3, "{:?}", s.ops);
+    rm.shutdown();
+}
+
+#[test]
+fn too_many_clients_are_refused_then_served_when_room_frees_up() {
+    let d = temp_dir();
+    let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
+    cfg.max_clients = 2;
+    let rm = maru_rm::start(cfg).unwrap();
+    let mut a = client(&rm);
+    let b = client(&rm);
+    let e = RmClient::connect(&rm.url(), Role::Server, TIMEOUT)
+        .err()
+        .expect("third client accepted");
+    assert_eq!(e.code(), Some(ErrorCode::TooManyClients), "{e}");
+    // The refusal also reaches a peer that never speaks.
+    let mut silent = raw(&rm);
+    let (h, payload) = read_frame(&mut silent).unwrap();
+    assert!(
+        matches!(decode_response(&h, &payload).unwrap(), Response::Error(e) if e.code == ErrorCode::TooManyClients)
+    );
+    // The two admitted clients are unaffected.
+    a.heartbeat().unwrap();
+    drop(b);
+    assert!(
+        wait_until(Duration::from_secs(5), || RmClient::connect(
+            &rm.url(),
+            Role::Server,
+            TIMEOUT
+        )
+        .is_ok()),
+        "a slot freed by a closed connection was never reused"
+    );
+    a.alloc(MIB, None).unwrap();
+    rm.shutdown();
+}
