@@ -1,0 +1,121 @@
+//! The `maru-resource-manager` binary: flags, ready file, metrics endpoint, signals and the
+//! messages a person sees when something is missing.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use maru_proto::{ErrorCode, Role};
+use maru_rm::RmClient;
+
+fn pool_arg(dir: &std::path::Path) -> Vec<String> {
+    vec![format!("shm:{}:64M", dir.join("pools/p0").display())]
+}
+
+#[test]
+fn help_lists_the_flags() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maru-resource-manager"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--host", "--port", "--state-dir", "--log-level", "--grace-period", "--max-clients", "--pool", "--ready-file",
+        "--metrics-port",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
+    }
+}
+
+#[test]
+fn invalid_pool_spec_is_a_usage_error() {
+    let d = temp_dir();
+    let out = rm_command(d.path(), &["shm:/dev/shm/x".into()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shm:PATH:SIZE"), "{err}");
+}
+
+#[test]
+fn without_pools_on_a_machine_without_dax_it_says_how_to_add_one() {
+    if !maru_shm::discover().is_empty() {
+        eprintln!("this machine has DAX pools; the message for none cannot be shown here");
+        return;
+    }
+    let d = temp_dir();
+    let out = rm_command(d.path(), &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--pool shm:"), "{err}");
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[test]
+fn ready_file_and_metrics_endpoint() {
+    let d = temp_dir();
+    let rm = spawn_rm(d.path(), &pool_arg(d.path()), &["--metrics-port", "0"]);
+    assert_eq!(rm.ready["pid"].as_u64(), Some(rm.child.id() as u64));
+    assert!(rm.ready["unix"].is_null());
+    let metrics = rm.ready["metrics"].as_str().expect("metrics address").to_owned();
+    let mut c = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).unwrap();
+    c.alloc(3 * MIB, None).unwrap();
+    let text = http_get(&metrics, "/metrics");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let pool = d.path().join("pools/p0").display().to_string();
+    for needle in [
+        format!("maru_pool_bytes_total{{pool=\"{pool}\",kind=\"shm\"}} {}", 64 * MIB),
+        format!("maru_pool_bytes_free{{pool=\"{pool}\",kind=\"shm\"}} {}", 60 * MIB),
+        format!("maru_pool_regions{{pool=\"{pool}\"}} 1"),
+        "maru_rm_allocations 1".to_owned(),
+        "maru_rm_reclaimed_regions_total 0".to_owned(),
+        "maru_rm_ops_total{op=\"rm_alloc\"} 1".to_owned(),
+        "maru_rm_op_seconds_count{op=\"rm_alloc\"} 1".to_owned(),
+        "# TYPE maru_rm_op_seconds histogram".to_owned(),
+    ] {
+        assert!(text.contains(&needle), "{needle} missing from:\n{text}");
+    }
+    drop(c);
+    rm.kill();
+}
+
+#[test]
+fn flags_reach_the_daemon_and_sighup_does_not_stop_it() {
+    let d = temp_dir();
+    let rm = spawn_rm(d.path(), &pool_arg(d.path()), &["--max-clients", "1", "--grace-period", "0.3", "--host", "127.0.0.1"]);
+    let mut remote = RmClient::connect_as(&rm.url(), Role::Server, "remote-host", 77, 1, TIMEOUT).unwrap();
+    let e = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).err().expect("--max-clients 1 ignored");
+    assert_eq!(e.code(), Some(ErrorCode::TooManyClients));
+    remote.alloc(MIB, None).unwrap();
+    drop(remote);
+    let gone = Instant::now();
+    // SAFETY: kill(2) on the child we spawned and still own.
+    assert_eq!(unsafe { libc::kill(rm.child.id() as i32, libc::SIGHUP) }, 0);
+    let mut list = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            match RmClient::connect(&rm.url(), Role::Admin, TIMEOUT).and_then(|mut c| c.list()) {
+                Ok(l) => {
+                    list = l;
+                    list.is_empty()
+                }
+                Err(_) => false,
+            }
+        }),
+        "remote region not reclaimed with --grace-period 0.3: {list:?}"
+    );
+    assert!(gone.elapsed() >= Duration::from_millis(300));
+    assert!(rm.stderr_text().contains("reclaimed region"), "no log line: {}", rm.stderr_text());
+    assert!(rm.terminate().success(), "SIGTERM is a clean stop");
+}
