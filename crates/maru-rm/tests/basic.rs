@@ -85,3 +85,73 @@ fn pool_preference_and_no_such_pool() {
     assert_eq!(e.code(), Some(ErrorCode::NoSuchPool));
     rm.shutdown();
 }
+
+#[test]
+fn abandoned_daemon_recovers_from_its_log_alone() {
+    let d = temp_dir();
+    let rm = start_default(d.path());
+    let mut c = client(&rm);
+    let hs: Vec<_> = (0..6)
+        .map(|i| c.alloc((i + 1) * MIB, None).unwrap())
+        .collect();
+    c.free(&hs[2]).unwrap();
+    let before = c.list().unwrap();
+    drop(c);
+    // No final checkpoint: the state is only in the write-ahead log.
+    rm.abandon();
+    assert!(!state_dir(d.path()).join("checkpoint").exists());
+    let rm = start_default(d.path());
+    let after = rm.list();
+    assert_eq!(
+        after.iter().map(|a| &a.handle).collect::<Vec<_>>(),
+        before.iter().map(|a| &a.handle).collect::<Vec<_>>()
+    );
+    // Recovery folded the log into a checkpoint.
+    assert!(state_dir(d.path()).join("checkpoint").exists());
+    assert_eq!(
+        std::fs::metadata(state_dir(d.path()).join("wal"))
+            .unwrap()
+            .len(),
+        0
+    );
+    rm.shutdown();
+}
+
+/// The FS_DAX pool kind on a plain tmpfs directory: one file per region, removed on free,
+/// and stale files (a crash between prepare and log) removed at start-up.
+#[test]
+fn fs_dax_logic_on_a_plain_directory() {
+    let d = temp_dir();
+    let pool_dir = d.path().join("fsdax");
+    std::fs::create_dir(&pool_dir).unwrap();
+    let spec = maru_shm::PoolSpec::FsDax {
+        dir: pool_dir.clone(),
+    };
+    let rm = maru_rm::start(config(d.path(), vec![spec.clone()])).unwrap();
+    let mut c = client(&rm);
+    let h = c.alloc(3 * MIB, None).unwrap();
+    let a = c.get_access(&h).unwrap();
+    assert_eq!(a.offset, 0);
+    assert!(a.path.starts_with(pool_dir.to_str().unwrap()));
+    assert_eq!(std::fs::metadata(&a.path).unwrap().len(), 4 * MIB);
+    let m = Mapping::map(a.path.as_ref(), 0, a.len, MapMode::ReadWrite, false).unwrap();
+    m.write_at(4 * MIB as usize - 1, b"z").unwrap();
+    drop(m);
+    let keep = c.alloc(MIB, None).unwrap();
+    c.free(&h).unwrap();
+    assert!(
+        !std::path::Path::new(&a.path).exists(),
+        "region file left after free"
+    );
+    drop(c);
+    rm.shutdown();
+
+    let stale = maru_shm::naming::Naming::default().region_file(&pool_dir, 999);
+    std::fs::write(&stale, b"left by a crash").unwrap();
+    let rm = maru_rm::start(config(d.path(), vec![spec])).unwrap();
+    assert!(!stale.exists(), "stale region file not removed at start-up");
+    let mut c = client(&rm);
+    let kept = c.get_access(&keep).unwrap();
+    assert!(std::path::Path::new(&kept.path).exists());
+    rm.shutdown();
+}

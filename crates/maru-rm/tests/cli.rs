@@ -24,7 +24,14 @@ fn help_lists_the_flags() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for flag in [
-        "--host", "--port", "--state-dir", "--log-level", "--grace-period", "--max-clients", "--pool", "--ready-file",
+        "--host",
+        "--port",
+        "--state-dir",
+        "--log-level",
+        "--grace-period",
+        "--max-clients",
+        "--pool",
+        "--ready-file",
         "--metrics-port",
     ] {
         assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
@@ -34,7 +41,9 @@ fn help_lists_the_flags() {
 #[test]
 fn invalid_pool_spec_is_a_usage_error() {
     let d = temp_dir();
-    let out = rm_command(d.path(), &["shm:/dev/shm/x".into()]).output().unwrap();
+    let out = rm_command(d.path(), &["shm:/dev/shm/x".into()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("shm:PATH:SIZE"), "{err}");
@@ -68,15 +77,24 @@ fn ready_file_and_metrics_endpoint() {
     let rm = spawn_rm(d.path(), &pool_arg(d.path()), &["--metrics-port", "0"]);
     assert_eq!(rm.ready["pid"].as_u64(), Some(rm.child.id() as u64));
     assert!(rm.ready["unix"].is_null());
-    let metrics = rm.ready["metrics"].as_str().expect("metrics address").to_owned();
+    let metrics = rm.ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
     let mut c = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).unwrap();
     c.alloc(3 * MIB, None).unwrap();
     let text = http_get(&metrics, "/metrics");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let pool = d.path().join("pools/p0").display().to_string();
     for needle in [
-        format!("maru_pool_bytes_total{{pool=\"{pool}\",kind=\"shm\"}} {}", 64 * MIB),
-        format!("maru_pool_bytes_free{{pool=\"{pool}\",kind=\"shm\"}} {}", 60 * MIB),
+        format!(
+            "maru_pool_bytes_total{{pool=\"{pool}\",kind=\"shm\"}} {}",
+            64 * MIB
+        ),
+        format!(
+            "maru_pool_bytes_free{{pool=\"{pool}\",kind=\"shm\"}} {}",
+            60 * MIB
+        ),
         format!("maru_pool_regions{{pool=\"{pool}\"}} 1"),
         "maru_rm_allocations 1".to_owned(),
         "maru_rm_reclaimed_regions_total 0".to_owned(),
@@ -93,9 +111,23 @@ fn ready_file_and_metrics_endpoint() {
 #[test]
 fn flags_reach_the_daemon_and_sighup_does_not_stop_it() {
     let d = temp_dir();
-    let rm = spawn_rm(d.path(), &pool_arg(d.path()), &["--max-clients", "1", "--grace-period", "0.3", "--host", "127.0.0.1"]);
-    let mut remote = RmClient::connect_as(&rm.url(), Role::Server, "remote-host", 77, 1, TIMEOUT).unwrap();
-    let e = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).err().expect("--max-clients 1 ignored");
+    let rm = spawn_rm(
+        d.path(),
+        &pool_arg(d.path()),
+        &[
+            "--max-clients",
+            "1",
+            "--grace-period",
+            "0.3",
+            "--host",
+            "127.0.0.1",
+        ],
+    );
+    let mut remote =
+        RmClient::connect_as(&rm.url(), Role::Server, "remote-host", 77, 1, TIMEOUT).unwrap();
+    let e = RmClient::connect(&rm.url(), Role::Server, TIMEOUT)
+        .err()
+        .expect("--max-clients 1 ignored");
     assert_eq!(e.code(), Some(ErrorCode::TooManyClients));
     remote.alloc(MIB, None).unwrap();
     drop(remote);
@@ -116,6 +148,10 @@ fn flags_reach_the_daemon_and_sighup_does_not_stop_it() {
         "remote region not reclaimed with --grace-period 0.3: {list:?}"
     );
     assert!(gone.elapsed() >= Duration::from_millis(300));
-    assert!(rm.stderr_text().contains("reclaimed region"), "no log line: {}", rm.stderr_text());
+    assert!(
+        rm.stderr_text().contains("reclaimed region"),
+        "no log line: {}",
+        rm.stderr_text()
+    );
     assert!(rm.terminate().success(), "SIGTERM is a clean stop");
 }
