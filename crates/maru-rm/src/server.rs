@@ -233,6 +233,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
+    set_keepalive(&stream);
     let _ = stream.set_read_timeout(Some(POLL));
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut rx = FrameBuf::new();
@@ -319,6 +320,41 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// TCP keepalive: idle time before the first probe, interval between probes, probes lost
+/// before the connection counts as dead (about 25 s in all).
+const KEEPALIVE: (libc::c_int, libc::c_int, libc::c_int) = (10, 5, 3);
+
+/// Lets the kernel notice a peer host that vanished without closing its connection (power
+/// loss, partition). Without it, a read on that connection would wait for ever, the remote
+/// owner would look connected for ever and its regions would never be reclaimed.
+fn set_keepalive(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt on a socket this thread owns, with a pointer to a live c_int and
+        // its exact size; the kernel copies the value before returning.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(
+                "setsockopt({level}, {name}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE.0);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE.1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE.2);
 }
 
 pub(crate) fn is_rm_request(t: u16) -> bool {
