@@ -1,1 +1,101 @@
-//! placeholder
+//! `maru._maru`: the native half of the Python package `maru` (the pure-Python half is in
+//! `python/maru`). It exposes `MaruHandler`, `AllocHandle`, `MemoryInfo`, the compat
+//! introspection classes, `MaruError`, the console scripts' entry (`run_cli`) and two
+//! operator helpers (`server_stats`, `rm_stats`).
+
+use std::time::Duration;
+
+use maru_client::WaitHook;
+use maru_proto::rpc::{local_identity, Conn};
+use maru_proto::{Hello, Request, Response, Role, ServerUrl};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+mod buffer;
+mod errors;
+mod handler;
+mod types;
+
+/// The wait hook of calls made with the GIL held: the slow part of a wait runs with the GIL
+/// released, so other Python threads run while this one sleeps in the kernel.
+pub(crate) struct PyHook<'py>(pub Python<'py>);
+
+impl WaitHook for PyHook<'_> {
+    fn block(&self, f: &mut (dyn FnMut() + Send)) {
+        self.0.detach(f)
+    }
+}
+
+/// Runs the `maru` command line (`args[0]` picks the program: `maru`, `maru-server` or
+/// `maru-resource-manager`) with the GIL released; returns its exit code.
+#[pyfunction]
+fn run_cli(py: Python<'_>, args: Vec<String>) -> i32 {
+    py.detach(|| maru_cli::run(args))
+}
+
+fn admin_call(
+    py: Python<'_>,
+    url: &str,
+    req: Request<'static>,
+    timeout_ms: u64,
+) -> PyResult<Response> {
+    let url = ServerUrl::parse(url).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let result = py.detach(|| {
+        let (host, pid, start_time) = local_identity();
+        let hello = Hello {
+            role: Role::Admin,
+            instance_id: "",
+            host: &host,
+            pid,
+            start_time,
+            session_token: None,
+        };
+        let mut conn = Conn::connect(&url, &hello, Duration::from_millis(timeout_ms))?;
+        conn.call(&req)
+    });
+    result.map_err(|e| handler::helper_err(py, e))
+}
+
+/// The metadata server's statistics document (JSON text).
+#[pyfunction]
+#[pyo3(signature = (url, timeout_ms=2000))]
+fn server_stats(py: Python<'_>, url: &str, timeout_ms: u64) -> PyResult<String> {
+    match admin_call(py, url, Request::Stats, timeout_ms)? {
+        Response::Stats(json) => Ok(json),
+        other => Err(handler::helper_err(
+            py,
+            format!("unexpected reply {other:?}"),
+        )),
+    }
+}
+
+/// The resource manager's statistics document (JSON text).
+#[pyfunction]
+#[pyo3(signature = (url, timeout_ms=2000))]
+fn rm_stats(py: Python<'_>, url: &str, timeout_ms: u64) -> PyResult<String> {
+    match admin_call(py, url, Request::RmStats, timeout_ms)? {
+        Response::RmStats(json) => Ok(json),
+        other => Err(handler::helper_err(
+            py,
+            format!("unexpected reply {other:?}"),
+        )),
+    }
+}
+
+#[pymodule]
+fn _maru(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DETACH_COPY_BYTES", handler::DETACH_COPY_BYTES)?;
+    m.add_class::<handler::PyMaruHandler>()?;
+    m.add_class::<types::AllocHandle>()?;
+    m.add_class::<types::MemoryInfo>()?;
+    m.add_class::<types::MaruHandle>()?;
+    m.add_class::<types::PagedMemoryAllocator>()?;
+    m.add_class::<types::OwnedRegionManager>()?;
+    m.add_class::<buffer::ShmBuffer>()?;
+    m.add("MaruError", m.py().get_type::<errors::MaruError>())?;
+    m.add_function(wrap_pyfunction!(run_cli, m)?)?;
+    m.add_function(wrap_pyfunction!(server_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(rm_stats, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,90 @@
+"""MaruConfig: every field of the original, with its default, validated on creation."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+
+__all__ = ["MaruConfig", "MIB"]
+
+MIB = 1024 * 1024
+
+_TCP = re.compile(r"^(?:tcp://)?(?P<host>\[[^\]/]+\]|[^:/\[\]]+):(?P<port>\d{1,5})$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _check_url(url: object) -> None:
+    if not isinstance(url, str):
+        raise ValueError(f"server_url must be a str, not {type(url).__name__}")
+    if url.startswith("unix://"):
+        path = url[len("unix://") :]
+        if not path.startswith("/"):
+            raise ValueError(f"invalid server_url {url!r}: unix:// needs an absolute path (unix:///path)")
+        return
+    m = _TCP.match(url)
+    if m is None or not 0 < int(m.group("port")) < 65536:
+        raise ValueError(f"invalid server_url {url!r}: expected tcp://host:port or unix:///path")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass
+class MaruConfig:
+    """Configuration of a MaruHandler.
+
+    ``MARU_EAGER_MAP`` (1/0, true/false, yes/no, on/off) overrides ``eager_map``.
+    Raises ValueError on invalid values.
+    """
+
+    server_url: str = "tcp://localhost:5555"
+    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    pool_size: int = 100 * MIB
+    chunk_size_bytes: int = 1 * MIB
+    auto_connect: bool = True
+    timeout_ms: int = 2000
+    use_async_rpc: bool = True
+    max_inflight: int = 64
+    eager_map: bool = True
+    auto_expand: bool = True
+    expand_size: int | None = None
+
+    def __post_init__(self) -> None:
+        env = os.environ.get("MARU_EAGER_MAP")
+        if env is not None:
+            v = env.strip().lower()
+            if v in _TRUE:
+                self.eager_map = True
+            elif v in _FALSE:
+                self.eager_map = False
+            else:
+                raise ValueError(f"MARU_EAGER_MAP={env!r}: expected 1/0, true/false, yes/no or on/off")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError if any field is invalid."""
+        _check_url(self.server_url)
+        if not isinstance(self.instance_id, str) or not self.instance_id:
+            raise ValueError("instance_id must be a non-empty str")
+        _check_int("chunk_size_bytes", self.chunk_size_bytes, 1)
+        _check_int("pool_size", self.pool_size, 1)
+        if self.pool_size < self.chunk_size_bytes:
+            raise ValueError(
+                f"pool_size {self.pool_size} is smaller than chunk_size_bytes {self.chunk_size_bytes}"
+            )
+        _check_int("timeout_ms", self.timeout_ms, 1)
+        _check_int("max_inflight", self.max_inflight, 1)
+        for name in ("auto_connect", "use_async_rpc", "eager_map", "auto_expand"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, not {type(getattr(self, name)).__name__}")
+        if self.expand_size is not None:
+            if not self.auto_expand:
+                raise ValueError("expand_size is set but auto_expand is False (it would never be used)")
+            _check_int("expand_size", self.expand_size, self.chunk_size_bytes)
