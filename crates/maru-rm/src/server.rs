@@ -451,7 +451,20 @@ fn handle(shared: &Arc<Shared>, conn: &mut Conn, req: Request) -> Result<Respons
         Request::RmStats => serde_json::to_string(&shared.stats())
             .map(Response::RmStats)
             .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string())),
-        Request::RmList => Ok(Response::RmAllocations(shared.list())),
+        Request::RmList => {
+            let list = shared.list();
+            if list.len() > maru_proto::MAX_BATCH {
+                return Err(WireError::new(
+                    ErrorCode::BatchTooLarge,
+                    format!(
+                        "{} allocations do not fit one reply (at most {}); use RmStats for totals",
+                        list.len(),
+                        maru_proto::MAX_BATCH
+                    ),
+                ));
+            }
+            Ok(Response::RmAllocations(list))
+        }
         other => Err(WireError::new(
             ErrorCode::UnknownMessage,
             format!("{} is not a resource-manager request", other.name()),
