@@ -74,6 +74,7 @@ class Cluster:
 
     dir: Path
     pool_size: int = 1024 * MIB
+    server_port: int = 0
     rm_addr: str = ""
     tcp_url: str = ""
     unix_url: str = ""
@@ -101,7 +102,7 @@ class Cluster:
         srv = subprocess.Popen(
             [
                 str(bins / "maru-server"),
-                "--port", "0",
+                "--port", str(self.server_port),
                 "--unix", str(sock),
                 "--rm-address", self.rm_addr,
                 "--ready-file", str(self.dir / "server.ready"),
