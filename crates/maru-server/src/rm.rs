@@ -5,11 +5,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use maru_proto::rpc::{self, CallError, Conn};
 use maru_proto::stats::RmStats;
-use maru_proto::{
-    ErrorCode, Handle, Hello, RegionInfo, Request, Response, Role, ServerUrl, WireError,
-};
+use maru_proto::{ErrorCode, Handle, RegionInfo, Role, ServerUrl, WireError};
+use maru_rm::{RmClient, RmClientError};
 
 /// Why a resource-manager call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,7 +48,7 @@ pub(crate) trait RegionSource: Send + Sync {
 }
 
 /// A resource manager reached over its wire protocol, through one lazily (re)connected
-/// connection. The server connects as [`maru_proto::Role::Server`]: it is the
+/// [`maru_rm::RmClient`]. The server connects as [`Role::Server`]: it is the
 /// resource-manager-level owner of every region it hands out, so if this server dies the
 /// resource manager's reaper takes them all back.
 pub(crate) struct RemoteRm {
@@ -59,7 +57,7 @@ pub(crate) struct RemoteRm {
     /// One connection, used by one call at a time. Region requests are rare next to key
     /// operations (a region holds many chunks) and never hold any lock a lookup needs, so a
     /// pool of connections would buy nothing measurable.
-    conn: Mutex<Option<Conn>>,
+    conn: Mutex<Option<RmClient>>,
 }
 
 impl RemoteRm {
@@ -78,78 +76,52 @@ impl RemoteRm {
         }
     }
 
-    /// Sends one request, connecting first if needed. A transport failure drops the
-    /// connection (the next call reconnects); a typed refusal keeps it.
-    fn call(&self, req: &Request) -> Result<Response, RmCallError> {
+    /// Runs `f` on a connected client, connecting first if needed. A transport failure drops
+    /// the connection (the next call reconnects); a typed refusal keeps it.
+    fn with_client<T>(
+        &self,
+        f: impl FnOnce(&mut RmClient) -> Result<T, RmClientError>,
+    ) -> Result<T, RmCallError> {
         let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let conn = match guard.as_mut() {
+        let client = match guard.as_mut() {
             Some(c) => c,
             None => {
-                let (host, pid, start_time) = rpc::local_identity();
-                let hello = Hello {
-                    role: Role::Server,
-                    instance_id: "maru-server",
-                    host: &host,
-                    pid,
-                    start_time,
-                    session_token: None,
-                };
-                let c = Conn::connect(&self.url, &hello, self.timeout)
+                let c = RmClient::connect(&self.url, Role::Server, self.timeout)
                     .map_err(|e| self.unreachable(e))?;
                 guard.insert(c)
             }
         };
-        match conn.call(req) {
-            Ok(resp) => Ok(resp),
-            Err(CallError::Remote(w)) => Err(RmCallError::Remote(w)),
-            Err(e) => {
-                *guard = None;
-                Err(self.unreachable(e))
-            }
+        match f(client) {
+            Ok(v) => Ok(v),
+            Err(e) => match e.remote() {
+                Some(w) => Err(RmCallError::Remote(w.clone())),
+                None => {
+                    *guard = None;
+                    Err(self.unreachable(e))
+                }
+            },
         }
-    }
-
-    fn unexpected(&self, what: &str, got: Response) -> RmCallError {
-        self.unreachable(format!("unexpected reply to {what}: {got:?}"))
     }
 }
 
 impl RegionSource for RemoteRm {
     fn alloc(&self, size: u64, pool: Option<&str>) -> Result<RegionInfo, RmCallError> {
-        let handle = match self.call(&Request::RmAlloc { size, pool })? {
-            Response::Handle(h) => h,
-            other => return Err(self.unexpected("alloc", other)),
-        };
-        let access = self.call(&Request::RmGetAccess {
-            handle: handle.clone(),
-        });
-        match access {
-            Ok(Response::Access(access)) => Ok(RegionInfo { handle, access }),
-            other => {
+        let handle = self.with_client(|c| c.alloc(size, pool))?;
+        match self.with_client(|c| c.get_access(&handle)) {
+            Ok(access) => Ok(RegionInfo { handle, access }),
+            Err(e) => {
                 // Do not leak a region we cannot describe.
                 let _ = self.free(&handle);
-                Err(match other {
-                    Err(e) => e,
-                    Ok(resp) => self.unexpected("get_access", resp),
-                })
+                Err(e)
             }
         }
     }
 
     fn free(&self, handle: &Handle) -> Result<(), RmCallError> {
-        match self.call(&Request::RmFree {
-            handle: handle.clone(),
-        })? {
-            Response::Ok => Ok(()),
-            other => Err(self.unexpected("free", other)),
-        }
+        self.with_client(|c| c.free(handle))
     }
 
     fn stats(&self) -> Result<RmStats, RmCallError> {
-        match self.call(&Request::RmStats)? {
-            Response::RmStats(json) => serde_json::from_str(&json)
-                .map_err(|e| self.unreachable(format!("unreadable stats: {e}"))),
-            other => Err(self.unexpected("stats", other)),
-        }
+        self.with_client(|c| c.stats())
     }
 }

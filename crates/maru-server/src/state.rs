@@ -712,12 +712,24 @@ impl State {
     }
 
     pub fn delete(&self, key: &[u8]) -> DeleteStatus {
+        let mut missing_region: Option<Entry> = None;
         loop {
             let Some(entry) = self.registry.lookup(key) else {
                 return DeleteStatus::NotFound;
             };
             let Some(region) = self.table().by_slot.get(&entry.region.0).cloned() else {
-                // Deleted and its region freed since the lookup: look again.
+                // Normally: deleted and its region freed since the lookup, so look again. The
+                // same entry twice without a region would be a broken invariant; drop the
+                // dangling key rather than loop forever.
+                if missing_region.is_some_and(|m| m.same_place(&entry)) {
+                    tracing::error!(region = ?entry.region, "key points into no region; dropping it");
+                    return match self.registry.remove_if_unpinned(key, entry.region) {
+                        Removal::Removed(_) => DeleteStatus::Deleted,
+                        Removal::Pinned => DeleteStatus::Pinned,
+                        Removal::NotFound | Removal::Elsewhere(_) => DeleteStatus::NotFound,
+                    };
+                }
+                missing_region = Some(entry);
                 continue;
             };
             let to_free = {

@@ -1,0 +1,315 @@
+//! Helpers shared by the integration tests: a resource manager and a metadata server
+//! in-process on 127.0.0.1:0 with a shm pool in a temp dir under /dev/shm, raw clients, and
+//! bounded waits.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use maru_proto::rpc::{CallError, Conn};
+use maru_proto::stats::ServerStats;
+use maru_proto::*;
+use maru_rm::{RmConfig, RmHandle};
+use maru_server::{ServerConfig, ServerHandle};
+use maru_shm::PoolSpec;
+
+pub const MIB: u64 = 1 << 20;
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("maru-test-")
+        .tempdir_in("/dev/shm")
+        .expect("temp dir in /dev/shm")
+}
+
+pub fn shm_pool(dir: &Path, name: &str, size: u64) -> PoolSpec {
+    PoolSpec::Shm {
+        path: dir.join("pools").join(name),
+        size,
+    }
+}
+
+pub fn pool_path(dir: &Path, name: &str) -> String {
+    dir.join("pools").join(name).to_string_lossy().into_owned()
+}
+
+/// Waits up to `limit` for `cond`, polling every 5 ms.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A resource manager and a metadata server, both in-process.
+pub struct Cluster {
+    pub server: Option<ServerHandle>,
+    pub rm: Option<RmHandle>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// One 64 MiB pool `p0`.
+    pub fn start() -> Cluster {
+        Self::with(|_| {}, |_, _| {})
+    }
+
+    /// Lets a test adjust both configurations (the server's gets the temp dir too).
+    pub fn with(
+        rm_cfg: impl FnOnce(&mut RmConfig),
+        server_cfg: impl FnOnce(&Path, &mut ServerConfig),
+    ) -> Cluster {
+        let dir = temp_dir();
+        let mut cfg = RmConfig::new(
+            dir.path().join("state"),
+            vec![shm_pool(dir.path(), "p0", 64 * MIB)],
+        );
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        rm_cfg(&mut cfg);
+        let rm = maru_rm::start(cfg).expect("rm starts");
+        let mut scfg = ServerConfig {
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            rm_url: rm.url(),
+            ..ServerConfig::default()
+        };
+        server_cfg(dir.path(), &mut scfg);
+        let server = maru_server::start(scfg).expect("server starts");
+        Cluster {
+            server: Some(server),
+            rm: Some(rm),
+            dir,
+        }
+    }
+
+    pub fn server(&self) -> &ServerHandle {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn rm(&self) -> &RmHandle {
+        self.rm.as_ref().unwrap()
+    }
+
+    pub fn url(&self) -> ServerUrl {
+        self.server().url()
+    }
+
+    pub fn client(&self, instance: &str) -> Client {
+        Client::connect(&self.url(), instance)
+    }
+
+    pub fn admin(&self) -> Client {
+        Client::connect_role(&self.url(), Role::Admin, "", None).unwrap()
+    }
+
+    /// Region ids the resource manager has handed out and not got back.
+    pub fn rm_region_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .rm()
+            .list()
+            .into_iter()
+            .map(|a| a.handle.region_id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        self.server().stats()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+        if let Some(rm) = self.rm.take() {
+            rm.shutdown();
+        }
+    }
+}
+
+/// A plain request/reply client (no client library: tests speak the protocol directly).
+pub struct Client {
+    pub conn: Conn,
+    pub token: [u8; SESSION_TOKEN_LEN],
+}
+
+impl Client {
+    pub fn connect(url: &ServerUrl, instance: &str) -> Client {
+        Self::connect_role(url, Role::Client, instance, None).expect("client connects")
+    }
+
+    pub fn connect_role(
+        url: &ServerUrl,
+        role: Role,
+        instance: &str,
+        token: Option<[u8; SESSION_TOKEN_LEN]>,
+    ) -> Result<Client, CallError> {
+        let hello = Hello {
+            role,
+            instance_id: instance,
+            host: "test-host",
+            pid: std::process::id(),
+            start_time: 0,
+            session_token: token,
+        };
+        let conn = Conn::connect(url, &hello, TIMEOUT)?;
+        let token = conn.peer().session_token;
+        Ok(Client { conn, token })
+    }
+
+    pub fn call(&mut self, req: &Request) -> Result<Response, CallError> {
+        self.conn.call(req)
+    }
+
+    /// The error code of a request that must fail.
+    pub fn fails(&mut self, req: &Request) -> ErrorCode {
+        match self.call(req) {
+            Err(CallError::Remote(e)) => e.code,
+            other => panic!("{req:?} should fail with a typed error, got {other:?}"),
+        }
+    }
+
+    pub fn region(&mut self, size: u64) -> RegionInfo {
+        match self.call(&Request::RequestRegion { size }).unwrap() {
+            Response::Region(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub fn register(&mut self, key: &[u8], region: u64, offset: u64, len: u64) -> bool {
+        let req = Request::Register(RegisterEntry {
+            key,
+            region_id: region,
+            offset,
+            len,
+        });
+        match self.call(&req).unwrap() {
+            Response::Bool(b) => b,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub fn lookup(&mut self, key: &[u8]) -> Option<Location> {
+        match self.call(&Request::Lookup { key }).unwrap() {
+            Response::Lookup(l) => l,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub fn bool(&mut self, req: &Request) -> bool {
+        match self.call(req).unwrap() {
+            Response::Bool(b) => b,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub fn delete(&mut self, key: &[u8]) -> DeleteStatus {
+        match self.call(&Request::Delete { key }).unwrap() {
+            Response::Delete(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub fn allocations(&mut self) -> Vec<RegionRecord> {
+        match self.call(&Request::ListAllocations).unwrap() {
+            Response::Allocations(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub fn stats(&mut self) -> ServerStats {
+        match self.call(&Request::Stats).unwrap() {
+            Response::Stats(json) => serde_json::from_str(&json).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub fn goodbye(mut self) {
+        assert_eq!(self.call(&Request::Goodbye).unwrap(), Response::Ok);
+    }
+}
+
+/// A raw TCP connection for sending hand-made bytes.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub rx: FrameBuf,
+}
+
+impl Raw {
+    pub fn connect(url: &ServerUrl) -> Raw {
+        let ServerUrl::Tcp(addr) = url else {
+            panic!("raw connections are TCP")
+        };
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        Raw {
+            stream,
+            rx: FrameBuf::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn send_request(&mut self, id: u64, req: &Request) {
+        let mut buf = Vec::new();
+        encode_request(&mut buf, id, req).unwrap();
+        self.send(&buf);
+    }
+
+    /// The next reply: its request id and body.
+    pub fn recv(&mut self) -> (u64, Response) {
+        let (h, p) = self.rx.read_frame(&mut self.stream).expect("a reply");
+        (h.request_id, decode_response(&h, p).expect("a valid reply"))
+    }
+
+    pub fn recv_error(&mut self) -> (u64, ErrorCode) {
+        match self.recv() {
+            (id, Response::Error(e)) => (id, e.code),
+            other => panic!("expected an error reply, got {other:?}"),
+        }
+    }
+
+    /// Whether the server closed the connection (EOF within the timeout).
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+
+    pub fn hello(&mut self, instance: &str) {
+        self.send_request(
+            1,
+            &Request::Hello(Hello {
+                role: Role::Client,
+                instance_id: instance,
+                host: "h",
+                pid: 1,
+                start_time: 0,
+                session_token: None,
+            }),
+        );
+        assert!(matches!(self.recv(), (1, Response::HelloOk(_))));
+    }
+}
+
+/// A frame with an arbitrary header and payload.
+pub fn raw_frame(version: u16, msg_type: u16, flags: u16, id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut h = Header::new(msg_type, flags, id, payload.len() as u32);
+    h.version = version;
+    let mut out = h.encode().to_vec();
+    out.extend_from_slice(payload);
+    out
+}

@@ -1,0 +1,420 @@
+//! The metadata server in-process, with an in-process resource manager on a shm pool: key
+//! sharing, write-once, pins, sessions, deferred freeing, connection loss, limits, metrics,
+//! shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use maru_proto::*;
+
+#[test]
+fn two_instances_share_a_key() {
+    let c = Cluster::start();
+    let mut a = c.client("writer");
+    let mut b = c.client("reader");
+    let region = a.region(4 * MIB);
+    assert_eq!(region.handle.len, 4 * MIB);
+    assert_eq!(region.access.len, 4 * MIB);
+    assert!(region
+        .access
+        .path
+        .starts_with(c.dir.path().to_str().unwrap()));
+    let id = region.handle.region_id;
+    assert!(a.register(b"chunk-1", id, 8192, 1000));
+
+    assert!(b.bool(&Request::Exists { key: b"chunk-1" }));
+    assert!(!b.bool(&Request::Exists { key: b"chunk-2" }));
+    let loc = b.lookup(b"chunk-1").expect("found");
+    assert_eq!(
+        loc.region, region,
+        "the reader gets the handle and how to map it"
+    );
+    assert_eq!((loc.offset, loc.len), (8192, 1000));
+    assert_eq!(b.lookup(b"chunk-2"), None);
+    assert_eq!(
+        b.call(&Request::GetRegion { region_id: id }).unwrap(),
+        Response::Region(region.clone())
+    );
+    assert_eq!(
+        b.call(&Request::ListRegions).unwrap(),
+        Response::Regions(vec![region.clone()])
+    );
+    // The region handed out is a real allocation of the resource manager.
+    assert_eq!(c.rm_region_ids(), vec![id]);
+}
+
+#[test]
+fn keys_are_write_once() {
+    let c = Cluster::start();
+    let mut a = c.client("a");
+    let mut b = c.client("b");
+    let ra = a.region(MIB).handle.region_id;
+    let rb = b.region(MIB).handle.region_id;
+    assert!(a.register(b"k", ra, 0, 10));
+    assert!(
+        !a.register(b"k", ra, 4096, 20),
+        "second registration is a no-op"
+    );
+    assert!(
+        !b.register(b"k", rb, 0, 30),
+        "another instance cannot overwrite it"
+    );
+    let loc = b.lookup(b"k").unwrap();
+    assert_eq!(
+        (loc.region.handle.region_id, loc.offset, loc.len),
+        (ra, 0, 10)
+    );
+    let allocs = a.allocations();
+    let refs: Vec<(u64, u64)> = allocs
+        .iter()
+        .map(|r| (r.handle.region_id, r.ref_count))
+        .collect();
+    assert!(
+        refs.contains(&(ra, 1)) && refs.contains(&(rb, 0)),
+        "{refs:?}"
+    );
+}
+
+#[test]
+fn pins_block_delete() {
+    let c = Cluster::start();
+    let mut a = c.client("a");
+    let r = a.region(MIB).handle.region_id;
+    assert!(a.register(b"k", r, 0, 10));
+    assert!(!a.bool(&Request::Pin { key: b"missing" }));
+    assert!(a.bool(&Request::Pin { key: b"k" }));
+    assert!(a.bool(&Request::Pin { key: b"k" }));
+    assert_eq!(a.delete(b"k"), DeleteStatus::Pinned);
+    assert!(a.bool(&Request::Unpin { key: b"k" }));
+    assert_eq!(a.delete(b"k"), DeleteStatus::Pinned, "still pinned once");
+    assert_eq!(a.stats().pinned_keys, 1);
+    assert!(a.bool(&Request::Unpin { key: b"k" }));
+    assert!(!a.bool(&Request::Unpin { key: b"k" }), "was not pinned");
+    assert_eq!(a.delete(b"k"), DeleteStatus::Deleted);
+    assert_eq!(a.delete(b"k"), DeleteStatus::NotFound);
+    assert!(!a.bool(&Request::Exists { key: b"k" }));
+    // Deleted keys can be registered again (write-once holds per registration).
+    assert!(a.register(b"k", r, 4096, 5));
+}
+
+#[test]
+fn goodbye_with_live_keys_defers_freeing_until_the_last_delete() {
+    let c = Cluster::start();
+    let mut a = c.client("owner");
+    let mut b = c.client("other");
+    let kept = a.region(MIB).handle.region_id;
+    a.region(MIB);
+    assert!(a.register(b"k1", kept, 0, 100));
+    assert!(a.register(b"k2", kept, 4096, 100));
+    assert_eq!(c.rm().stats().allocations, 2);
+    a.goodbye();
+
+    // The empty region went back at once; the referenced one is kept, owner gone.
+    assert_eq!(c.rm_region_ids(), vec![kept]);
+    let allocs = b.allocations();
+    assert_eq!(allocs.len(), 1);
+    assert_eq!(allocs[0].handle.region_id, kept);
+    assert_eq!(allocs[0].instance_id, "owner");
+    assert_eq!(allocs[0].ref_count, 2);
+    assert!(!allocs[0].owner_connected);
+    // Readers still find the keys.
+    assert_eq!(b.lookup(b"k1").unwrap().region.handle.region_id, kept);
+
+    assert_eq!(b.delete(b"k1"), DeleteStatus::Deleted);
+    assert_eq!(c.rm().stats().allocations, 1, "one key still references it");
+    assert_eq!(b.delete(b"k2"), DeleteStatus::Deleted);
+    assert_eq!(
+        c.rm().stats().allocations,
+        0,
+        "last key gone: freed at the RM"
+    );
+    assert!(c.rm_region_ids().is_empty());
+    assert!(b.allocations().is_empty());
+    assert_eq!(
+        b.fails(&Request::GetRegion { region_id: kept }),
+        ErrorCode::UnknownRegion
+    );
+}
+
+#[test]
+fn a_dropped_connection_releases_its_instance_regions() {
+    let c = Cluster::start();
+    let mut a = c.client("crashy");
+    let mut watcher = c.client("watcher");
+    let kept = a.region(MIB).handle.region_id;
+    let empty = a.region(MIB).handle.region_id;
+    assert!(a.register(b"k", kept, 0, 1));
+    drop(a); // no goodbye: the connection just closes
+
+    assert!(
+        wait_until(TIMEOUT, || c.rm_region_ids() == vec![kept]),
+        "the unreferenced region {empty} was not freed: {:?}",
+        c.rm_region_ids()
+    );
+    let allocs = watcher.allocations();
+    assert_eq!(allocs.len(), 1);
+    assert!(!allocs[0].owner_connected, "marked released");
+    assert_eq!(watcher.delete(b"k"), DeleteStatus::Deleted);
+    assert!(c.rm_region_ids().is_empty());
+}
+
+#[test]
+fn returned_regions_are_freed_once_unreferenced() {
+    let c = Cluster::start();
+    let mut a = c.client("a");
+    let r = a.region(MIB).handle.region_id;
+    assert!(a.register(b"k", r, 0, 1));
+    assert_eq!(
+        a.call(&Request::ReturnRegion { region_id: r }).unwrap(),
+        Response::Ok
+    );
+    assert_eq!(c.rm_region_ids(), vec![r], "a key still references it");
+    assert_eq!(
+        a.fails(&Request::Register(RegisterEntry {
+            key: b"k2",
+            region_id: r,
+            offset: 4096,
+            len: 1
+        })),
+        ErrorCode::NotOwner,
+        "no new keys into a returned region"
+    );
+    assert_eq!(a.delete(b"k"), DeleteStatus::Deleted);
+    assert!(c.rm_region_ids().is_empty());
+    assert_eq!(
+        a.fails(&Request::ReturnRegion { region_id: r }),
+        ErrorCode::UnknownRegion
+    );
+}
+
+#[test]
+fn connections_of_one_instance_share_its_session() {
+    let c = Cluster::start();
+    let mut first = c.client("inst");
+    let region = first.region(MIB).handle.region_id;
+    let url = c.url();
+    // Without the token, or with a wrong one: refused.
+    for token in [None, Some([9u8; 16])] {
+        let e = Client::connect_role(&url, Role::Client, "inst", token).err();
+        assert_eq!(
+            e.and_then(|e| e.code()),
+            Some(ErrorCode::SessionConflict),
+            "token {token:?}"
+        );
+    }
+    let mut second = Client::connect_role(&url, Role::Client, "inst", Some(first.token)).unwrap();
+    assert_eq!(second.token, first.token);
+    assert!(second.register(b"k", region, 0, 1), "same owner");
+    drop(first);
+    // The instance still has a connection: its region stays owned.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(second.allocations()[0].owner_connected);
+    assert!(second.register(b"k2", region, 4096, 1));
+    drop(second);
+    let mut w = c.client("w");
+    assert!(wait_until(TIMEOUT, || !w.allocations()[0].owner_connected));
+    // The instance id is free again for a fresh session.
+    let fresh = c.client("inst");
+    assert_ne!(fresh.token, [0; 16]);
+}
+
+#[test]
+fn pools_are_tried_in_order_fill_first() {
+    let c = Cluster::with(
+        |rm| {
+            let dir = rm.state_dir.parent().unwrap().to_owned();
+            // Regions are carved at 2 MiB alignment: "small" holds exactly two.
+            rm.pools = vec![
+                shm_pool(&dir, "small", 4 * MIB),
+                shm_pool(&dir, "big", 16 * MIB),
+            ];
+        },
+        |dir, s| s.pools = vec![pool_path(dir, "small"), pool_path(dir, "big")],
+    );
+    let mut a = c.client("a");
+    let pools: Vec<String> = (0..3).map(|_| a.region(2 * MIB).handle.pool).collect();
+    let small = pool_path(c.dir.path(), "small");
+    let big = pool_path(c.dir.path(), "big");
+    assert_eq!(pools, vec![small.clone(), small, big]);
+    assert_eq!(
+        a.fails(&Request::RequestRegion { size: 64 * MIB }),
+        ErrorCode::PoolExhausted,
+        "the RM's refusal passes through"
+    );
+}
+
+#[test]
+fn an_unreachable_rm_gives_unavailable_and_keys_keep_working() {
+    let c = Cluster::start();
+    let mut a = c.client("a");
+    let r = a.region(MIB).handle.region_id;
+    assert!(a.register(b"k", r, 0, 1));
+    let mut cluster = c;
+    cluster.rm.take().unwrap().shutdown();
+    let code = match a.call(&Request::RequestRegion { size: MIB }) {
+        Err(maru_proto::rpc::CallError::Remote(e)) => {
+            assert!(e.message.contains("unreachable"), "{}", e.message);
+            e.code
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(code, ErrorCode::Unavailable);
+    assert!(a.lookup(b"k").is_some(), "lookups need no resource manager");
+    let stats = a.stats();
+    assert!(stats.rm_error.is_some());
+    assert!(stats.pools.is_empty());
+    assert_eq!(stats.keys, 1);
+    assert!(cluster.server().render_metrics().contains("maru_rm_up 0"));
+}
+
+#[test]
+fn admins_may_only_read() {
+    let c = Cluster::start();
+    let mut a = c.client("a");
+    let r = a.region(MIB).handle.region_id;
+    assert!(a.register(b"k", r, 0, 1));
+    let mut admin = c.admin();
+    assert!(admin.lookup(b"k").is_some());
+    assert!(admin.bool(&Request::Exists { key: b"k" }));
+    assert_eq!(admin.stats().keys, 1);
+    assert_eq!(admin.allocations().len(), 1);
+    assert_eq!(admin.call(&Request::Heartbeat).unwrap(), Response::Ok);
+    for req in [
+        Request::RequestRegion { size: MIB },
+        Request::Delete { key: b"k" },
+        Request::Pin { key: b"k" },
+        Request::ReturnRegion { region_id: r },
+        Request::Register(RegisterEntry {
+            key: b"x",
+            region_id: r,
+            offset: 0,
+            len: 1,
+        }),
+    ] {
+        assert_eq!(admin.fails(&req), ErrorCode::InvalidArgument, "{req:?}");
+    }
+    assert!(a.lookup(b"k").is_some());
+    assert_eq!(c.stats().pinned_keys, 0);
+}
+
+#[test]
+fn over_the_client_limit_hello_is_refused() {
+    let c = Cluster::with(|_| {}, |_, s| s.max_clients = 2);
+    let _a = c.client("a");
+    let _b = c.client("b");
+    let e = Client::connect_role(&c.url(), Role::Client, "c", None).err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::TooManyClients));
+    drop(_a);
+    assert!(
+        wait_until(TIMEOUT, || Client::connect_role(
+            &c.url(),
+            Role::Client,
+            "c",
+            None
+        )
+        .is_ok()),
+        "a slot frees up when a client leaves"
+    );
+}
+
+#[test]
+fn unix_socket_listener_serves_and_is_removed_at_shutdown() {
+    let mut c = Cluster::with(|_| {}, |dir, s| s.unix = Some(dir.join("server.sock")));
+    let path = c.dir.path().join("server.sock");
+    assert_eq!(c.server().unix_path(), Some(path.as_path()));
+    let mut tcp = c.client("tcp-side");
+    let r = tcp.region(MIB).handle.region_id;
+    assert!(tcp.register(b"k", r, 0, 7));
+    let mut unix = Client::connect(&ServerUrl::Unix(path.clone()), "unix-side");
+    assert_eq!(unix.lookup(b"k").unwrap().len, 7);
+    drop((tcp, unix));
+    c.server.take().unwrap().shutdown();
+    assert!(!path.exists());
+}
+
+#[test]
+fn shutdown_returns_every_region_to_the_rm() {
+    let mut c = Cluster::start();
+    let mut a = c.client("a");
+    for i in 0..3u64 {
+        let r = a.region(MIB).handle.region_id;
+        assert!(a.register(format!("k{i}").as_bytes(), r, 0, 1));
+    }
+    assert_eq!(c.rm().stats().allocations, 3);
+    c.server.take().unwrap().shutdown();
+    assert_eq!(c.rm().stats().allocations, 0);
+    // The client's connection was closed.
+    assert!(a.call(&Request::Heartbeat).is_err());
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let c = Cluster::start();
+    let mut raw = Raw::connect(&c.url());
+    raw.hello("pipe");
+    let mut buf = Vec::new();
+    for id in 10..110u64 {
+        encode_request(&mut buf, id, &Request::Exists { key: b"nope" }).unwrap();
+    }
+    raw.send(&buf);
+    for id in 10..110u64 {
+        assert_eq!(raw.recv(), (id, Response::Bool(false)));
+    }
+    assert_eq!(c.stats().ops["exists"].count, 100);
+}
+
+#[test]
+fn stats_and_metrics_report_keys_regions_clients_and_ops() {
+    let c = Cluster::start();
+    let mut a = c.client("a");
+    let r = a.region(2 * MIB).handle.region_id;
+    assert!(a.register(b"k1", r, 0, 100));
+    assert!(a.register(b"k2", r, 4096, 50));
+    assert!(a.bool(&Request::Pin { key: b"k2" }));
+    let s = a.stats();
+    assert_eq!((s.keys, s.bytes, s.pinned_keys), (2, 150, 1));
+    assert_eq!((s.regions, s.region_bytes), (1, 2 * MIB));
+    assert_eq!(s.clients.len(), 1);
+    assert_eq!(s.clients[0].instance_id, "a");
+    assert_eq!(s.clients[0].regions, 1);
+    assert!(s.clients[0].connected);
+    assert_eq!(s.pools.len(), 1);
+    assert!(s.rm_error.is_none());
+    assert_eq!(s.ops["register"].count, 2);
+    assert_eq!(s.ops["request_region"].count, 1);
+
+    let m = c.server().render_metrics();
+    for line in [
+        "maru_keys 2\n",
+        "maru_pinned_keys 1\n",
+        "maru_regions 1\n",
+        "maru_region_bytes 2097152\n",
+        "maru_clients 1\n",
+        "maru_ops_total{op=\"register\"} 2\n",
+        "maru_op_seconds_count{op=\"register\"} 2\n",
+        "maru_rm_up 1\n",
+        "maru_pool_total_bytes{pool=",
+        "maru_pool_free_bytes{pool=",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
+    }
+}
+
+#[test]
+fn metrics_are_served_over_http() {
+    use std::io::{Read, Write};
+    let c = Cluster::with(
+        |_| {},
+        |_, s| s.metrics = Some("127.0.0.1:0".parse().unwrap()),
+    );
+    let addr = c.server().metrics_addr().expect("metrics address");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("\nmaru_keys 0\n"));
+}
