@@ -313,3 +313,164 @@ pub fn raw_frame(version: u16, msg_type: u16, flags: u16, id: u64, payload: &[u8
     out.extend_from_slice(payload);
     out
 }
+
+/// One valid encoded frame of every request and response type, named for the corpus.
+pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
+    let handle = Handle {
+        region_id: 7,
+        pool: "/dev/shm/maru/pool0".into(),
+        offset: 2 * MIB,
+        len: 4 * MIB,
+        owner: "host:1234".into(),
+        token: [0xab; TOKEN_LEN],
+    };
+    let access = Access {
+        path: "/dev/shm/maru/pool0".into(),
+        offset: 2 * MIB,
+        len: 4 * MIB,
+        page_size: 4096,
+    };
+    let region = RegionInfo {
+        handle: handle.clone(),
+        access: access.clone(),
+    };
+    let entry = RegisterEntry {
+        key: b"model/layer0/chunk-0001",
+        region_id: 7,
+        offset: 8192,
+        len: 65536,
+    };
+    let keys: Vec<&[u8]> = vec![b"chunk-a", b"chunk-b", b""];
+    let hello = Hello {
+        role: Role::Client,
+        instance_id: "inst-1",
+        host: "host",
+        pid: 1234,
+        start_time: 99,
+        session_token: Some([5; SESSION_TOKEN_LEN]),
+    };
+    let requests: Vec<Request> = vec![
+        Request::Hello(hello.clone()),
+        Request::Hello(Hello {
+            role: Role::Admin,
+            session_token: None,
+            ..hello
+        }),
+        Request::Heartbeat,
+        Request::Goodbye,
+        Request::RmAlloc {
+            size: MIB,
+            pool: Some("/dev/shm/p"),
+        },
+        Request::RmAlloc {
+            size: MIB,
+            pool: None,
+        },
+        Request::RmFree {
+            handle: handle.clone(),
+        },
+        Request::RmGetAccess {
+            handle: handle.clone(),
+        },
+        Request::RmStats,
+        Request::RmList,
+        Request::RequestRegion { size: 4 * MIB },
+        Request::ReturnRegion { region_id: 7 },
+        Request::Register(entry),
+        Request::BatchRegister(vec![entry, entry]),
+        Request::Lookup { key: b"chunk-a" },
+        Request::BatchLookup { keys: keys.clone() },
+        Request::Exists { key: b"chunk-a" },
+        Request::BatchExists { keys: keys.clone() },
+        Request::Delete { key: b"chunk-a" },
+        Request::BatchDelete { keys: keys.clone() },
+        Request::Pin { key: b"chunk-a" },
+        Request::BatchPin { keys: keys.clone() },
+        Request::Unpin { key: b"chunk-a" },
+        Request::BatchUnpin { keys },
+        Request::ListAllocations,
+        Request::Stats,
+        Request::GetRegion { region_id: 7 },
+        Request::ListRegions,
+    ];
+    let responses: Vec<Response> = vec![
+        Response::HelloOk(HelloOk {
+            server: "maru-server 0.1.0".into(),
+            hostname: "host".into(),
+            session_token: [3; SESSION_TOKEN_LEN],
+        }),
+        Response::Ok,
+        Response::Error(WireError::new(ErrorCode::NotOwner, "region 7 belongs to b")),
+        Response::Handle(handle.clone()),
+        Response::Access(access),
+        Response::RmStats("{\"pools\":[]}".into()),
+        Response::RmAllocations(vec![RmAllocation {
+            handle: handle.clone(),
+            owner_host: "host".into(),
+            owner_pid: 1,
+            owner_start_time: 2,
+            connected: true,
+        }]),
+        Response::Region(region.clone()),
+        Response::Bool(true),
+        Response::Bools(vec![true, false, true]),
+        Response::Lookup(Some(Location {
+            region: region.clone(),
+            offset: 4096,
+            len: 100,
+        })),
+        Response::Lookup(None),
+        Response::BatchLookup {
+            regions: vec![region.clone()],
+            entries: vec![
+                Some(Slot {
+                    region_index: 0,
+                    offset: 0,
+                    len: 5,
+                }),
+                None,
+            ],
+        },
+        Response::Delete(DeleteStatus::Pinned),
+        Response::BatchDelete(vec![
+            DeleteStatus::Deleted,
+            DeleteStatus::NotFound,
+            DeleteStatus::Pinned,
+        ]),
+        Response::Allocations(vec![RegionRecord {
+            handle,
+            instance_id: "inst-1".into(),
+            ref_count: 3,
+            owner_connected: false,
+        }]),
+        Response::Stats("{\"keys\":1}".into()),
+        Response::Regions(vec![region]),
+    ];
+    let mut out = Vec::new();
+    let mut names = std::collections::HashMap::<String, usize>::new();
+    let mut name = |base: &str| {
+        let n = names.entry(base.to_owned()).or_default();
+        *n += 1;
+        if *n == 1 {
+            base.to_owned()
+        } else {
+            format!("{base}-{n}")
+        }
+    };
+    for (i, req) in requests.iter().enumerate() {
+        let mut buf = Vec::new();
+        encode_request(&mut buf, i as u64 + 1, req).unwrap();
+        out.push((name(&format!("req-{}", req.name())), buf));
+    }
+    for (i, resp) in responses.iter().enumerate() {
+        let mut buf = Vec::new();
+        encode_response(&mut buf, i as u64 + 1, resp).unwrap();
+        let base = format!("{resp:?}")
+            .split(|c: char| !c.is_alphanumeric())
+            .next()
+            .unwrap_or("resp")
+            .to_lowercase();
+        out.push((name(&format!("resp-{base}")), buf));
+    }
+    out
+}
