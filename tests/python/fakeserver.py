@@ -87,6 +87,9 @@ class FakeServer:
         except (ConnectionError, OSError):
             pass
 
+    def connections(self) -> int:
+        return len(self.conns)
+
     def close(self) -> None:
         self._stop.set()
         self.listener.close()

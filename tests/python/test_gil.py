@@ -76,7 +76,9 @@ def test_a_call_blocked_on_a_stalled_server_lets_other_threads_run(stalled: Fake
     result, took, gap, _ = run_while_counting(lambda: h.store("k", b"v"))
     assert isinstance(result, TimeoutError), result
     assert gap < 0.25
-    assert h.allocator is not None and h.allocator.num_allocated == 0, "the timed-out store freed its page"
+    # The server may still register a timed-out store, so its page is not reused.
+    assert h.allocator is not None and h.allocator.num_allocated == 1
+    assert stalled.connections() == 1, "a timed-out connection is kept (the session lives on it)"
     # close() says goodbye to the stalled server: bounded, and also without freezing others.
     result, took, gap, _ = run_while_counting(h.close)
     assert result is None and took < 5 and gap < 0.25

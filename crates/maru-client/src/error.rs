@@ -36,6 +36,8 @@ pub enum RpcError {
     Connect { url: String, source: io::Error },
     #[error("no reply from the server to {op} within {} ms", .after.as_millis())]
     Timeout { op: &'static str, after: Duration },
+    #[error("the server did not take the {op} request within {} ms", .after.as_millis())]
+    SendTimeout { op: &'static str, after: Duration },
     #[error("connection to the server lost during {op}: {source}")]
     Io { op: &'static str, source: io::Error },
     #[error("the server closed the connection during {op}")]
@@ -58,7 +60,7 @@ pub enum RpcError {
 impl RpcError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            RpcError::Timeout { .. } => ErrorKind::Timeout,
+            RpcError::Timeout { .. } | RpcError::SendTimeout { .. } => ErrorKind::Timeout,
             RpcError::Connect { .. } | RpcError::Io { .. } | RpcError::Closed { .. } => {
                 ErrorKind::Transport
             }
@@ -78,10 +80,23 @@ impl RpcError {
         }
     }
 
-    /// Whether the connection it happened on can still be used (only a typed error reply
-    /// leaves the stream in a known state).
+    /// Whether the connection it happened on can still be used: after a typed error reply,
+    /// or a timeout waiting for one (the request went out whole; its late reply is skipped).
     pub(crate) fn keeps_connection(&self) -> bool {
-        matches!(self, RpcError::Remote { .. } | RpcError::Encode(_))
+        matches!(
+            self,
+            RpcError::Remote { .. } | RpcError::Encode(_) | RpcError::Timeout { .. }
+        )
+    }
+
+    /// Whether the request certainly had no effect at the server (it refused it, or it was
+    /// never sent). After a timeout or a lost connection the server may still have applied
+    /// it, so a page sent for registration must not be reused.
+    pub fn surely_not_applied(&self) -> bool {
+        matches!(
+            self,
+            RpcError::Remote { .. } | RpcError::Encode(_) | RpcError::Connect { .. }
+        )
     }
 }
 

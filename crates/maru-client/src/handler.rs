@@ -778,12 +778,15 @@ impl Hooked<'_> {
             });
             match s.link.call(&req, self.hook) {
                 Ok(Response::Bool(is_new)) => Ok(Session::settle(&mut owned, key, page, is_new)),
-                Ok(other) => {
-                    let _ = owned.free_page(page);
-                    Err(unexpected("register", other).into())
-                }
+                // A reply of the wrong kind: whatever the server did, do not reuse the page.
+                Ok(other) => Err(unexpected("register", other).into()),
                 Err(e) => {
-                    let _ = owned.free_page(page);
+                    // After a timeout the server may still register the key at this page, so
+                    // the page is only reused when the request surely had no effect (else it
+                    // stays taken until close).
+                    if e.surely_not_applied() {
+                        let _ = owned.free_page(page);
+                    }
                     Err(e.into())
                 }
             }
@@ -875,18 +878,21 @@ impl Hooked<'_> {
                 let reply = s.link.call(&Request::BatchRegister(entries), self.hook);
                 let flags = match reply {
                     Ok(Response::Bools(v)) if v.len() == batch.len() => Ok(v),
-                    Ok(other) => Err(StoreError::from(unexpected("batch_register", other))),
-                    Err(e) => Err(e.into()),
+                    Ok(other) => Err((false, unexpected("batch_register", other))),
+                    Err(e) => Err((e.surely_not_applied(), e)),
                 };
                 let flags = match flags {
                     Ok(v) => v,
-                    Err(e) => {
-                        for &(p, _, fresh) in &pages[batch_no * MAX_BATCH..] {
+                    Err((reusable, e)) => {
+                        // Pages of later batches were never sent; this batch's only if the
+                        // server surely did not apply it (see store_bytes).
+                        let from = (batch_no + usize::from(!reusable)) * MAX_BATCH;
+                        for &(p, _, fresh) in pages.iter().skip(from) {
                             if fresh {
                                 let _ = owned.free_page(p);
                             }
                         }
-                        return Err(e);
+                        return Err(e.into());
                     }
                 };
                 for (((key, _), &(page, _, _)), is_new) in batch.iter().zip(batch_pages).zip(flags)

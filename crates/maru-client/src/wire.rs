@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -198,7 +199,8 @@ impl Conn {
         encode_request(&mut self.tx, id, req)?;
         if let Err(source) = self.stream.write_all(&self.tx) {
             return Err(match source.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => RpcError::Timeout {
+                // Part of the frame may be out: the stream is unusable (SendTimeout drops it).
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => RpcError::SendTimeout {
                     op,
                     after: w.timeout,
                 },
@@ -208,6 +210,10 @@ impl Conn {
         loop {
             match self.rx.take_frame() {
                 Ok(Some((header, range))) => {
+                    if header.request_id < id {
+                        // The late reply to an earlier call that timed out: skip it.
+                        continue;
+                    }
                     if header.request_id != id {
                         return Err(RpcError::Mismatch {
                             expected: id,
@@ -258,6 +264,7 @@ pub(crate) struct Link {
     session: [u8; SESSION_TOKEN_LEN],
     idle: Mutex<Vec<Conn>>,
     max_idle: usize,
+    closed: AtomicBool,
     pub timeout: Duration,
     pub grace: Duration,
 }
@@ -324,6 +331,7 @@ impl Link {
             session: server.session_token,
             idle: Mutex::new(vec![conn]),
             max_idle,
+            closed: AtomicBool::new(false),
             timeout,
             grace,
         })
@@ -343,7 +351,7 @@ impl Link {
 
     fn put_back(&self, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.max_idle {
+        if !self.closed.load(Ordering::Acquire) && idle.len() < self.max_idle {
             idle.push(conn);
         }
     }
@@ -367,6 +375,9 @@ impl Link {
                 self.put_back(conn);
                 Ok(resp)
             }
+            // A typed error leaves the stream in a known state; after a timeout the late reply
+            // is skipped by the next call. Keeping the connection matters: the server ends the
+            // session (and releases our regions) when its last connection closes.
             Err(e) if e.keeps_connection() => {
                 self.put_back(conn);
                 Err(e)
@@ -382,8 +393,10 @@ impl Link {
         }
     }
 
-    /// Drops every idle connection (the server sees them close).
+    /// Drops every idle connection (the server sees them close); connections still in use
+    /// are dropped when their call ends.
     pub fn close_all(&self) {
+        self.closed.store(true, Ordering::Release);
         let conns = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
         for c in conns {
             let _ = c.stream.shutdown();

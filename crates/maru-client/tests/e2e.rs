@@ -543,7 +543,7 @@ fn a_stalled_server_times_out_through_the_hook() {
 }
 
 #[test]
-fn a_dead_server_fails_fast_and_a_restarted_pool_reconnects() {
+fn a_dead_server_fails_fast() {
     let mut c = Cluster::start();
     let h = c.handler(c.config());
     h.store_bytes(b"d", b"", b"x").unwrap();
@@ -556,4 +556,108 @@ fn a_dead_server_fails_fast_and_a_restarted_pool_reconnects() {
     );
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(!h.healthcheck());
+}
+
+/// A fake server: handshake and region at once (the region is a file in `dir`), the first
+/// `exists` only after `delay`, every later one at once; it counts its connections.
+fn late_server(dir: &std::path::Path, delay: Duration) -> (String, Arc<AtomicUsize>) {
+    use maru_proto::{msg_type, Access, Handle, RegionInfo};
+    let path = dir.join("late-region");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    let region = RegionInfo {
+        handle: Handle {
+            region_id: 1,
+            pool: path.display().to_string(),
+            offset: 0,
+            len: 2 * MIB,
+            owner: "late:1".into(),
+            token: [0; 32],
+        },
+        access: Access {
+            path: path.display().to_string(),
+            offset: 0,
+            len: 2 * MIB,
+            page_size: 4096,
+        },
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let region = region.clone();
+            std::thread::spawn(move || {
+                let mut first_exists = true;
+                loop {
+                    let mut hdr = [0u8; HEADER_LEN];
+                    if s.read_exact(&mut hdr).is_err() {
+                        return;
+                    }
+                    let h = Header::decode(&hdr).unwrap();
+                    let mut payload = vec![0; h.payload_len as usize];
+                    s.read_exact(&mut payload).unwrap();
+                    let resp = match h.msg_type {
+                        msg_type::HELLO => Response::HelloOk(HelloOk {
+                            server: "late".into(),
+                            hostname: "late".into(),
+                            session_token: [2; 16],
+                        }),
+                        msg_type::REQUEST_REGION => Response::Region(region.clone()),
+                        msg_type::EXISTS if first_exists => {
+                            first_exists = false;
+                            std::thread::sleep(delay);
+                            Response::Bool(true)
+                        }
+                        msg_type::EXISTS => Response::Bool(false),
+                        _ => Response::Ok,
+                    };
+                    let mut out = Vec::new();
+                    encode_response(&mut out, h.request_id, &resp).unwrap();
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, conns)
+}
+
+#[test]
+fn a_timed_out_connection_is_kept_and_its_late_reply_skipped() {
+    let dir = tempfile::Builder::new()
+        .prefix("maru-client-late-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let (url, conns) = late_server(dir.path(), Duration::from_millis(300));
+    let h = MaruHandler::new(MaruConfig {
+        server_url: url,
+        pool_size: 2 * MIB,
+        chunk_size_bytes: 64 * 1024,
+        timeout_ms: 100,
+        eager_map: false,
+        ..MaruConfig::default()
+    })
+    .unwrap();
+    h.connect().unwrap();
+    let e = h.exists(b"k").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    // Let the late `true` arrive; the next call must skip it and return its own `false`.
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !h.exists(b"k").unwrap(),
+        "the stale reply was taken for this call's"
+    );
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "the timed-out connection was kept: the server ends a session with its last connection"
+    );
+    h.close();
 }
