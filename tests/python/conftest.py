@@ -47,15 +47,17 @@ def bin_dir() -> Path:
 
 def wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> dict[str, Any]:
     """The JSON a daemon writes to its ready file once it listens."""
+    name = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
-            return json.loads(path.read_text())
+            doc: dict[str, Any] = json.loads(path.read_text())
+            return doc
         except (FileNotFoundError, json.JSONDecodeError):
             time.sleep(0.01)
-    raise RuntimeError(f"{proc.args[0]} not ready after {timeout}s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"{name} not ready after {timeout}s: {log.read_text()[-2000:]}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
