@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use maru_proto::rpc::CallError;
 use maru_proto::stats::RmStats;
 use maru_proto::{ErrorCode, Handle, RegionInfo, Role, ServerUrl, WireError};
 use maru_rm::{RmClient, RmClientError};
@@ -45,6 +46,10 @@ pub(crate) trait RegionSource: Send + Sync {
     fn alloc(&self, size: u64, pool: Option<&str>) -> Result<RegionInfo, RmCallError>;
     fn free(&self, handle: &Handle) -> Result<(), RmCallError>;
     fn stats(&self) -> Result<RmStats, RmCallError>;
+    /// Keeps the connection warm (and notices a lost one early).
+    fn ping(&self) -> Result<(), RmCallError> {
+        self.stats().map(|_| ())
+    }
 }
 
 /// A resource manager reached over its wire protocol, through one lazily (re)connected
@@ -78,29 +83,53 @@ impl RemoteRm {
 
     /// Runs `f` on a connected client, connecting first if needed. A transport failure drops
     /// the connection (the next call reconnects); a typed refusal keeps it.
+    ///
+    /// A connection that sat idle may have been closed by the other side (the resource
+    /// manager restarted): if a reused connection turns out closed or reset, the request
+    /// never reached a live peer, so it is sent once more on a fresh connection. A timeout
+    /// is not retried: the request may have been carried out.
     fn with_client<T>(
         &self,
-        f: impl FnOnce(&mut RmClient) -> Result<T, RmClientError>,
+        mut f: impl FnMut(&mut RmClient) -> Result<T, RmClientError>,
     ) -> Result<T, RmCallError> {
         let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let client = match guard.as_mut() {
-            Some(c) => c,
-            None => {
-                let c = RmClient::connect(&self.url, Role::Server, self.timeout)
-                    .map_err(|e| self.unreachable(e))?;
-                guard.insert(c)
-            }
-        };
-        match f(client) {
-            Ok(v) => Ok(v),
-            Err(e) => match e.remote() {
-                Some(w) => Err(RmCallError::Remote(w.clone())),
+        let mut reused = guard.is_some();
+        loop {
+            let client = match guard.as_mut() {
+                Some(c) => c,
                 None => {
-                    *guard = None;
-                    Err(self.unreachable(e))
+                    let c = RmClient::connect(&self.url, Role::Server, self.timeout)
+                        .map_err(|e| self.unreachable(e))?;
+                    guard.insert(c)
                 }
-            },
+            };
+            let e = match f(client) {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if let Some(w) = e.remote() {
+                return Err(RmCallError::Remote(w.clone()));
+            }
+            *guard = None;
+            if !(reused && peer_went_away(&e)) {
+                return Err(self.unreachable(e));
+            }
+            tracing::debug!("resource manager connection was stale ({e}); reconnecting");
+            reused = false;
         }
+    }
+}
+
+/// Whether a call failed because the peer had closed the connection before answering.
+fn peer_went_away(e: &RmClientError) -> bool {
+    use std::io::ErrorKind::*;
+    match e {
+        RmClientError::Call(CallError::Closed) => true,
+        RmClientError::Call(CallError::Io(io)) => matches!(
+            io.kind(),
+            BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+        ),
+        _ => false,
     }
 }
 
@@ -123,5 +152,9 @@ impl RegionSource for RemoteRm {
 
     fn stats(&self) -> Result<RmStats, RmCallError> {
         self.with_client(|c| c.stats())
+    }
+
+    fn ping(&self) -> Result<(), RmCallError> {
+        self.with_client(|c| c.heartbeat())
     }
 }

@@ -26,6 +26,8 @@ use crate::state::State;
 const RM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often frees that failed (resource manager down) are retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How often an idle server checks that the resource manager is still there.
+const PING_EVERY: Duration = Duration::from_secs(5);
 /// Connections over the client limit that may be waiting for their refusal at once; more are
 /// closed without a word.
 const MAX_REFUSING: usize = 8;
@@ -292,8 +294,12 @@ fn accept_loop(shared: &Arc<Shared>, mut accept: impl FnMut() -> io::Result<Stre
     }
 }
 
+/// Retries failed frees, and pings the resource manager now and then so a lost connection
+/// is noticed (and logged) before a client's request needs it.
 fn maintenance_loop(shared: &Shared) {
     let (lock, cvar) = &shared.maintenance;
+    let mut rm_up = shared.state.ping_rm(true);
+    let mut last_ping = std::time::Instant::now();
     let mut stop = lock.lock().unwrap_or_else(|e| e.into_inner());
     while !*stop {
         let (guard, _) = cvar
@@ -305,6 +311,10 @@ fn maintenance_loop(shared: &Shared) {
         }
         drop(stop);
         shared.state.retry_pending_frees();
+        if last_ping.elapsed() >= PING_EVERY {
+            rm_up = shared.state.ping_rm(rm_up);
+            last_ping = std::time::Instant::now();
+        }
         stop = lock.lock().unwrap_or_else(|e| e.into_inner());
     }
 }

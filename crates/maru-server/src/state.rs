@@ -531,6 +531,24 @@ impl State {
         lock(&self.pending_free).len()
     }
 
+    /// Checks the resource manager is there; logs when that changes.
+    pub fn ping_rm(&self, was_up: bool) -> bool {
+        match self.rm.ping() {
+            Ok(()) => {
+                if !was_up {
+                    tracing::info!("resource manager reachable");
+                }
+                true
+            }
+            Err(e) => {
+                if was_up {
+                    tracing::warn!("{e}");
+                }
+                false
+            }
+        }
+    }
+
     /// Shutdown: every region goes back to the resource manager, keys or not.
     pub fn free_everything(&self) {
         let all: Vec<Arc<Region>> = {

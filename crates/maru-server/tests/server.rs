@@ -418,3 +418,24 @@ fn metrics_are_served_over_http() {
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("\nmaru_keys 0\n"));
 }
+
+#[test]
+fn a_restarted_rm_is_reconnected_on_the_next_request() {
+    let mut c = Cluster::start();
+    let mut a = c.client("a");
+    let r1 = a.region(2 * MIB).handle.region_id;
+    let addr = c.rm().addr();
+    c.rm.take().unwrap().shutdown();
+    let mut cfg = maru_rm::RmConfig::new(
+        c.dir.path().join("state"),
+        vec![shm_pool(c.dir.path(), "p0", 64 * MIB)],
+    );
+    cfg.listen = addr;
+    c.rm = Some(maru_rm::start(cfg).expect("rm restarts on the same port"));
+    // The server's connection to the old process is dead; the first request must not fail
+    // because of it.
+    let r2 = a.region(2 * MIB).handle.region_id;
+    assert_ne!(r1, r2);
+    assert_eq!(c.rm_region_ids(), vec![r1, r2], "r1 survived the restart");
+    assert!(a.stats().rm_error.is_none());
+}
