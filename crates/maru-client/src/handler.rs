@@ -574,7 +574,7 @@ impl MaruHandler {
 impl Hooked<'_> {
     pub fn connect(&self) -> Result<(), ConnectError> {
         let h = self.h;
-        let _life = lock_hooked(&h.lifecycle, self.hook);
+        let life = lock_hooked(&h.lifecycle, self.hook);
         match &*read(&h.state) {
             State::Connected(_) => return Ok(()),
             State::Closed => return Err(StateError::Closed.into()),
@@ -583,7 +583,7 @@ impl Hooked<'_> {
         match self.open_session() {
             Ok((session, added)) => {
                 *write(&h.state) = State::Connected(session);
-                drop(_life);
+                drop(life);
                 h.fire(&added);
                 Ok(())
             }
