@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use crate::error::DecodeError;
 use crate::header::{Header, HEADER_LEN};
 
+const INITIAL_CAPACITY: usize = 64 * 1024;
+
 /// Why no frame could be read.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameReadError {
@@ -64,6 +66,11 @@ impl FrameBuf {
         }
     }
 
+    /// Bytes held by the receive buffer (for tests and memory accounting).
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Whether any byte of a next frame is buffered.
     pub fn is_empty(&self) -> bool {
         self.start == self.end
@@ -71,6 +78,12 @@ impl FrameBuf {
 
     /// Reads one frame. The returned payload borrows the buffer until the next call.
     pub fn read_frame<R: Read>(&mut self, r: &mut R) -> Result<(Header, &[u8]), FrameReadError> {
+        // A large frame grew the buffer; give the memory back once it is drained, so an idle
+        // connection does not hold up to MAX_FRAME bytes.
+        if self.is_empty() && self.buf.len() > 4 * INITIAL_CAPACITY {
+            self.buf.truncate(INITIAL_CAPACITY);
+            self.buf.shrink_to_fit();
+        }
         let mut stalled_since: Option<Instant> = None;
         let header = loop {
             match Header::decode(self.buffered()) {

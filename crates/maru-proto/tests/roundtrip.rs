@@ -267,7 +267,7 @@ fn framebuf_reads_pipelined_frames_from_one_buffer() {
 
 #[test]
 fn framebuf_handles_frames_larger_than_its_buffer() {
-    let keys: Vec<Vec<u8>> = (0..2000).map(|i| vec![i as u8; 100]).collect();
+    let keys: Vec<Vec<u8>> = (0..2000).map(|i| vec![i as u8; 200]).collect();
     let mut wire = Vec::new();
     encode_request(&mut wire, 1, &Request::BatchExists { keys: refs(&keys) }).unwrap();
     encode_request(&mut wire, 2, &Request::Heartbeat).unwrap();
@@ -278,7 +278,12 @@ fn framebuf_handles_frames_larger_than_its_buffer() {
         Request::BatchExists { keys: got } => assert_eq!(got, refs(&keys)),
         other => panic!("unexpected {other:?}"),
     }
+    assert!(fb.capacity() > 400_000, "the big frame grew the buffer");
     assert_eq!(fb.read_frame(&mut src).unwrap().0.request_id, 2);
+    assert!(
+        fb.capacity() <= 64 * 1024,
+        "the buffer shrinks once drained"
+    );
 }
 
 #[test]
