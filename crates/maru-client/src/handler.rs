@@ -638,6 +638,17 @@ impl Hooked<'_> {
             s.closing.store(true, Ordering::Release);
             // Wait for in-flight writes: they hold the write lock until their reply.
             let mut owned = lock_hooked(&s.owned, self.hook);
+            // Views of our pages may outlive the handler. Once we say goodbye our regions can
+            // be freed and carved for another owner, so cut their writes off from the pool
+            // first; reads through old views keep working.
+            for r in &owned.regions {
+                if let Err(e) = r.region.mapping.privatize() {
+                    tracing::warn!(
+                        "could not detach region {} at close: {e}",
+                        r.region.info.handle.region_id
+                    );
+                }
+            }
             let _ = s.link.call(&Request::Goodbye, self.hook);
             *owned = Owned::default();
             drop(owned);

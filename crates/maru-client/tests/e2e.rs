@@ -428,6 +428,25 @@ fn views_outlive_close() {
     );
     a.write_at(0, b"still mapped").unwrap();
     assert!(std::sync::Arc::strong_count(v.mapping()) >= 1);
+    // The region may now be freed and carved for another owner: a write through a handle
+    // kept past close() must not reach the pool.
+    let m = a.view().mapping();
+    let page = m.file_offset() as usize + a.view().offset();
+    let aligned = page - page % 4096;
+    let pool = maru_shm::Mapping::map(
+        m.path(),
+        aligned as u64,
+        4096,
+        maru_shm::MapMode::ReadOnly,
+        false,
+    )
+    .unwrap();
+    let mut seen = [0u8; 12];
+    pool.read_at(page - aligned, &mut seen).unwrap();
+    assert_ne!(
+        &seen, b"still mapped",
+        "a write after close() reached shared memory"
+    );
 }
 
 #[test]

@@ -172,6 +172,62 @@ impl Mapping {
         }
     }
 
+    /// Cuts this mapping's writes off from the shared file, in place: the same addresses are
+    /// remapped copy-on-write (`MAP_PRIVATE | MAP_FIXED`), so pointers into it stay valid and
+    /// reads still show the file's bytes, but a later write only changes a private copy.
+    ///
+    /// A client calls this on its owned regions when it closes: Python views it handed out may
+    /// outlive the handler, and once the region goes back to the pool and is carved for
+    /// another owner, a write through such a view must not land in someone else's memory.
+    /// If the file can no longer be opened, the range becomes private zero-filled memory.
+    pub fn privatize(&self) -> Result<(), ShmError> {
+        if self.mode == MapMode::ReadOnly {
+            return Ok(());
+        }
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let fixed = libc::MAP_PRIVATE | libc::MAP_FIXED;
+        let file = OpenOptions::new().read(true).open(&self.path);
+        let ptr = match &file {
+            // SAFETY: MAP_FIXED over exactly our own live range (same address and length), so
+            // no other mapping is clobbered; the kernel replaces the pages atomically and the
+            // addresses stay valid for every holder of a pointer into them.
+            Ok(f) => unsafe {
+                libc::mmap(
+                    self.ptr.as_ptr().cast(),
+                    self.len,
+                    prot,
+                    fixed,
+                    f.as_raw_fd(),
+                    self.offset as libc::off_t,
+                )
+            },
+            Err(_) => libc::MAP_FAILED,
+        };
+        if ptr != libc::MAP_FAILED {
+            return Ok(());
+        }
+        // SAFETY: as above, with anonymous memory (no file involved).
+        let ptr = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                prot,
+                fixed | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(ShmError::Map {
+                path: self.path.clone(),
+                offset: self.offset,
+                len: self.len as u64,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
@@ -290,6 +346,26 @@ mod tests {
         assert!(
             r.write_at(0, b"x").is_err(),
             "read-only mapping accepted a write"
+        );
+    }
+
+    #[test]
+    fn privatized_mapping_keeps_reading_but_stops_writing_through() {
+        let f = file_of(1 << 20);
+        let w = Mapping::map(f.path(), 0, 8192, MapMode::ReadWrite, true).unwrap();
+        let other = Mapping::map(f.path(), 0, 8192, MapMode::ReadOnly, false).unwrap();
+        w.write_at(10, b"before").unwrap();
+        let addr = w.as_ptr();
+        w.privatize().unwrap();
+        assert_eq!(w.as_ptr(), addr, "same addresses after privatize");
+        let mut out = [0u8; 6];
+        w.read_at(10, &mut out).unwrap();
+        assert_eq!(&out, b"before", "reads still see the shared bytes");
+        w.write_at(10, b"after!").unwrap();
+        other.read_at(10, &mut out).unwrap();
+        assert_eq!(
+            &out, b"before",
+            "a write after privatize reached the shared file"
         );
     }
 
