@@ -1,0 +1,492 @@
+//! Client processes: the test binary re-executed in a "child role", driving a real
+//! `MaruHandler` by commands read from stdin, one per line, answering each with a line
+//! `@@ ok ...` or `@@ err ...` on stdout (long commands also send progress lines `@@ ...`).
+//! The parent ([`ChildProc`]) therefore knows exactly what was acknowledged when it kills
+//! the child.
+//!
+//! Every test file that spawns children has
+//!
+//! ```ignore
+//! #[test]
+//! fn child_role() {
+//!     maru_faults::child::run_if_child();
+//! }
+//! ```
+//!
+//! which does nothing in a normal run and becomes the child's main loop when the
+//! [`CHILD_ENV`] variable is set.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use maru_client::{AllocHandle, ErrorKind, MaruConfig, MaruHandler, StoreItem, View};
+
+use crate::load::{self, LoadCfg, Worker};
+use crate::payload::{check, len_for, payload, Check};
+
+/// Set (to anything) in a child's environment.
+pub const CHILD_ENV: &str = "MARU_FAULTS_CHILD";
+/// Marks the child's protocol lines among libtest's own output.
+const MARK: &str = "@@ ";
+
+/// The parent's side of a child process.
+pub struct ChildProc {
+    pub name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl ChildProc {
+    /// Starts this test binary as a child running the `child_role` test.
+    pub fn spawn(name: &str) -> ChildProc {
+        let exe = std::env::current_exe().expect("current exe");
+        let mut child = Command::new(exe)
+            .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn child process");
+        let stdout = child.stdout.take().expect("child stdout");
+        let stdin = child.stdin.take();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // libtest may print "test child_role ... " before our first line.
+                if let Some(at) = line.find(MARK) {
+                    if tx.send(line[at + MARK.len()..].to_owned()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        ChildProc {
+            name: name.to_owned(),
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn send(&mut self, cmd: &str) {
+        let stdin = self.stdin.as_mut().expect("child stdin open");
+        writeln!(stdin, "{cmd}")
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{}: cannot send {cmd:?}: {e}", self.name));
+    }
+
+    /// The next protocol line, or `None` after `timeout` or when the child's output ended.
+    pub fn line(&mut self, timeout: Duration) -> Option<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => Some(l),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Sends `cmd` and returns its final answer (`ok ...` or `err ...`), skipping progress
+    /// lines. Panics when no answer comes within `timeout` (a hang is a failure).
+    pub fn call(&mut self, cmd: &str, timeout: Duration) -> String {
+        self.send(cmd);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.line(left) {
+                Some(l) if l.starts_with("ok") || l.starts_with("err") => return l,
+                Some(_) => continue,
+                None => panic!(
+                    "{}: no answer to {cmd:?} within {timeout:?} (child {})",
+                    self.name,
+                    match self.child.try_wait() {
+                        Ok(Some(s)) => format!("exited: {s}"),
+                        _ => "still running".into(),
+                    }
+                ),
+            }
+        }
+    }
+
+    /// Like [`ChildProc::call`] but the answer must be `ok`; returns what follows it.
+    pub fn ok(&mut self, cmd: &str, timeout: Duration) -> String {
+        let a = self.call(cmd, timeout);
+        match a.strip_prefix("ok") {
+            Some(rest) => rest.trim().to_owned(),
+            None => panic!("{}: {cmd:?} answered {a:?}", self.name),
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (bounded) for the child to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut st = None;
+        crate::wait_until(timeout, || {
+            st = self.child.try_wait().ok().flatten();
+            st.is_some()
+        });
+        st
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if self.wait_exit(Duration::from_millis(200)).is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// `key=value` fields of an answer.
+pub fn field<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// A numeric field of an answer (panics when absent: the protocol is ours).
+pub fn num(answer: &str, name: &str) -> u64 {
+    field(answer, name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric field {name} in {answer:?}"))
+}
+
+fn key(prefix: &str, i: u64) -> Vec<u8> {
+    format!("{prefix}-{i}").into_bytes()
+}
+
+/// The child's state between commands.
+#[derive(Default)]
+struct ChildState {
+    h: Option<MaruHandler>,
+    chunk: usize,
+    /// Pages allocated and written but never stored (kept so nothing frees them).
+    pending: Vec<AllocHandle>,
+    held: Vec<(Vec<u8>, View)>,
+    workers: Vec<Worker>,
+}
+
+fn kind_name(k: ErrorKind) -> String {
+    match k {
+        ErrorKind::Remote(c) => format!("Remote({c:?})"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn err_line(kind: ErrorKind, msg: impl std::fmt::Display, extra: &str) -> String {
+    format!(
+        "err kind={} {extra} msg={}",
+        kind_name(kind),
+        msg.to_string().replace('\n', " ")
+    )
+}
+
+fn not_connected() -> String {
+    "err not connected".to_owned()
+}
+
+fn out(line: &str) {
+    let mut so = std::io::stdout().lock();
+    let _ = writeln!(so, "{MARK}{line}");
+    let _ = so.flush();
+}
+
+impl ChildState {
+    fn exec(&mut self, line: &str) -> Result<String, String> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let n = |i: usize| -> Result<u64, String> {
+            w.get(i)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("err bad argument {i} in {line:?}"))
+        };
+        let s = |i: usize| -> Result<&str, String> {
+            w.get(i)
+                .copied()
+                .ok_or_else(|| format!("err missing argument {i} in {line:?}"))
+        };
+        match w.first().copied().unwrap_or("") {
+            // connect URL POOL_SIZE CHUNK TIMEOUT_MS
+            "connect" => {
+                self.chunk = n(3)? as usize;
+                let h = MaruHandler::new(MaruConfig {
+                    server_url: s(1)?.to_owned(),
+                    pool_size: n(2)?,
+                    chunk_size_bytes: n(3)?,
+                    timeout_ms: n(4)?,
+                    ..MaruConfig::default()
+                })
+                .map_err(|e| format!("err config: {e}"))?;
+                h.connect()
+                    .map_err(|e| err_line(e.kind(), &e, "op=connect"))?;
+                self.h = Some(h);
+                Ok("ok".into())
+            }
+            // store PREFIX FROM N: store_bytes of self-checking values
+            "store" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let (mut stored, mut dedup) = (0, 0);
+                for i in n(2)?..n(2)? + n(3)? {
+                    let k = key(s(1)?, i);
+                    match h.store_bytes(&k, b"", &payload(&k, len_for(&k, self.chunk))) {
+                        Ok(maru_client::StoreOutcome::Stored) => stored += 1,
+                        Ok(maru_client::StoreOutcome::Deduplicated) => dedup += 1,
+                        Err(e) => return Err(err_line(e.kind(), &e, &format!("at={i}"))),
+                    }
+                }
+                Ok(format!("ok stored={stored} dedup={dedup}"))
+            }
+            // alloc_write KEY: a page written with KEY's value, never stored
+            "alloc_write" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let k = s(1)?.as_bytes().to_vec();
+                let v = payload(&k, len_for(&k, self.chunk));
+                let a = h
+                    .alloc(v.len() as u64)
+                    .map_err(|e| err_line(e.kind(), &e, "op=alloc"))?;
+                a.write_at(0, &v).map_err(|e| format!("err write: {e}"))?;
+                let line = format!("ok region={} page={}", a.region_id(), a.page_index());
+                self.pending.push(a);
+                Ok(line)
+            }
+            // write_pending BYTE: overwrite every pending page with BYTE (a writer that does
+            // not know its session is gone)
+            "write_pending" => {
+                let b = n(1)? as u8;
+                for a in &self.pending {
+                    let fill = vec![b; a.size() as usize];
+                    a.write_at(0, &fill)
+                        .map_err(|e| format!("err write: {e}"))?;
+                }
+                Ok(format!("ok pages={}", self.pending.len()))
+            }
+            // batch_loop PREFIX BATCH: batch_store of BATCH keys, again and again, until an
+            // error; "batch I" before each call, "done I" after
+            "batch_loop" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let (prefix, batch) = (s(1)?, n(2)?);
+                for b in 0.. {
+                    out(&format!("batch {b}"));
+                    let keys: Vec<Vec<u8>> = (b * batch..(b + 1) * batch)
+                        .map(|i| key(prefix, i))
+                        .collect();
+                    let values: Vec<Vec<u8>> = keys
+                        .iter()
+                        .map(|k| payload(k, len_for(k, self.chunk)))
+                        .collect();
+                    let items: Vec<(&[u8], StoreItem)> = keys
+                        .iter()
+                        .zip(&values)
+                        .map(|(k, v)| {
+                            (
+                                k.as_slice(),
+                                StoreItem::Bytes {
+                                    prefix: b"",
+                                    data: v,
+                                },
+                            )
+                        })
+                        .collect();
+                    if let Err(e) = h.batch_store(&items) {
+                        return Err(err_line(e.kind(), &e, &format!("batch={b}")));
+                    }
+                    out(&format!("done {b}"));
+                }
+                Ok("ok".into())
+            }
+            // hold PREFIX FROM N: retrieve and keep the views
+            "hold" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let (mut held, mut missing, mut bad) = (0, 0, 0);
+                for i in n(2)?..n(2)? + n(3)? {
+                    let k = key(s(1)?, i);
+                    match h.retrieve(&k) {
+                        Ok(Some(v)) => {
+                            if check(&k, &v.to_vec()) != Check::Intact {
+                                bad += 1;
+                            }
+                            held += 1;
+                            self.held.push((k, v));
+                        }
+                        Ok(None) => missing += 1,
+                        Err(e) => return Err(err_line(e.kind(), &e, &format!("at={i}"))),
+                    }
+                }
+                Ok(format!("ok held={held} missing={missing} corrupt={bad}"))
+            }
+            // check_held: what the held views show now
+            "check_held" => {
+                let (mut intact, mut zeros, mut corrupt) = (0, 0, 0);
+                for (k, v) in &self.held {
+                    match check(k, &v.to_vec()) {
+                        Check::Intact => intact += 1,
+                        Check::Zeros => zeros += 1,
+                        Check::Corrupt => corrupt += 1,
+                    }
+                }
+                Ok(format!(
+                    "ok intact={intact} zeros={zeros} corrupt={corrupt}"
+                ))
+            }
+            // verify PREFIX FROM N: batch_retrieve and check every value
+            "verify" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let prefix = s(1)?;
+                let keys: Vec<Vec<u8>> = (n(2)?..n(2)? + n(3)?).map(|i| key(prefix, i)).collect();
+                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                let views = h
+                    .batch_retrieve(&refs)
+                    .map_err(|e| err_line(e.kind(), &e, "op=batch_retrieve"))?;
+                let (mut found, mut missing, mut zeros, mut corrupt) = (0, 0, 0, 0);
+                for (k, v) in keys.iter().zip(views) {
+                    match v {
+                        None => missing += 1,
+                        Some(v) => {
+                            found += 1;
+                            let right_len = v.len() == len_for(k, self.chunk);
+                            match check(k, &v.to_vec()) {
+                                Check::Intact if right_len => {}
+                                Check::Zeros => zeros += 1,
+                                _ => corrupt += 1,
+                            }
+                        }
+                    }
+                }
+                Ok(format!(
+                    "ok found={found} missing={missing} zeros={zeros} corrupt={corrupt}"
+                ))
+            }
+            // delete PREFIX FROM N (batch_delete)
+            "delete" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let prefix = s(1)?;
+                let keys: Vec<Vec<u8>> = (n(2)?..n(2)? + n(3)?).map(|i| key(prefix, i)).collect();
+                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                let st = h
+                    .batch_delete(&refs)
+                    .map_err(|e| err_line(e.kind(), &e, "op=batch_delete"))?;
+                let count = |want| st.iter().filter(|s| **s == want).count();
+                Ok(format!(
+                    "ok deleted={} notfound={} pinned={}",
+                    count(maru_client::DeleteStatus::Deleted),
+                    count(maru_client::DeleteStatus::NotFound),
+                    count(maru_client::DeleteStatus::Pinned)
+                ))
+            }
+            // regions: ids of the regions this handler owns
+            "regions" => {
+                let ids: Vec<String> = self
+                    .h
+                    .as_ref()
+                    .ok_or_else(not_connected)?
+                    .owned_regions()
+                    .iter()
+                    .map(|r| r.region_id.to_string())
+                    .collect();
+                Ok(format!("ok ids={}", ids.join(",")))
+            }
+            // once PREFIX I: one store and one retrieve, timed
+            "once" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let k = key(s(1)?, n(2)?);
+                let t = Instant::now();
+                let r = h
+                    .store_bytes(&k, b"", &payload(&k, len_for(&k, self.chunk)))
+                    .map_err(|e| (e.kind(), e.to_string()))
+                    .and_then(|_| h.retrieve(&k).map_err(|e| (e.kind(), e.to_string())));
+                let ms = t.elapsed().as_millis();
+                match r {
+                    Ok(Some(v)) if check(&k, &v.to_vec()) == Check::Intact => {
+                        Ok(format!("ok elapsed_ms={ms}"))
+                    }
+                    Ok(other) => Ok(format!("err kind=Check elapsed_ms={ms} msg={other:?}")),
+                    Err((kind, e)) => Err(err_line(kind, e, &format!("elapsed_ms={ms}"))),
+                }
+            }
+            // until_error PREFIX SECS: store + retrieve in a loop; the first error, with how
+            // long the failing call took
+            "until_error" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let deadline = Instant::now() + Duration::from_secs(n(2)?);
+                let mut i = 0u64;
+                out("looping");
+                while Instant::now() < deadline {
+                    let k = key(s(1)?, i);
+                    i += 1;
+                    let t = Instant::now();
+                    let r = h
+                        .store_bytes(&k, b"", &payload(&k, len_for(&k, self.chunk)))
+                        .map(drop)
+                        .map_err(|e| (e.kind(), e.to_string()))
+                        .and_then(|()| {
+                            h.retrieve(&k)
+                                .map(drop)
+                                .map_err(|e| (e.kind(), e.to_string()))
+                        });
+                    if let Err((kind, e)) = r {
+                        let ms = t.elapsed().as_millis();
+                        return Err(err_line(kind, e, &format!("elapsed_ms={ms} ops={i}")));
+                    }
+                }
+                Ok(format!("ok noerror ops={i}"))
+            }
+            "close" => {
+                self.held.clear();
+                self.pending.clear();
+                if let Some(h) = self.h.take() {
+                    h.close();
+                }
+                Ok("ok".into())
+            }
+            // load_start FIRST_ID THREADS CFG...
+            "load_start" => {
+                let cfg = LoadCfg::decode(&w[3..]).ok_or("err bad load config")?;
+                let first = n(1)? as usize;
+                self.workers = load::start_workers(&cfg, first..first + n(2)? as usize)
+                    .map_err(|e| format!("err {e}"))?;
+                Ok("ok".into())
+            }
+            // load_run SECS
+            "load_run" => {
+                let secs: f64 = s(1)?.parse().map_err(|_| "err bad seconds")?;
+                let r = load::run_workers(&mut self.workers, secs);
+                Ok(format!("ok {}", r.encode()))
+            }
+            "load_finish" => {
+                let errors = load::finish_workers(std::mem::take(&mut self.workers));
+                match errors.first() {
+                    None => Ok("ok".into()),
+                    Some(e) => Err(format!("err n={} msg={e}", errors.len())),
+                }
+            }
+            "exit" => std::process::exit(0),
+            other => Err(format!("err unknown command {other:?}")),
+        }
+    }
+}
+
+/// The child's main loop when [`CHILD_ENV`] is set; returns at once otherwise.
+pub fn run_if_child() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let mut st = ChildState::default();
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let answer = st.exec(&line).unwrap_or_else(|e| e);
+        out(&answer);
+    }
+    // The parent closed our stdin: leave without running the remaining tests' teardown.
+    std::process::exit(0);
+}
