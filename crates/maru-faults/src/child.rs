@@ -95,6 +95,11 @@ impl ChildProc {
     /// lines. Panics when no answer comes within `timeout` (a hang is a failure).
     pub fn call(&mut self, cmd: &str, timeout: Duration) -> String {
         self.send(cmd);
+        self.answer(cmd, timeout)
+    }
+
+    /// The final answer to a command sent earlier with [`ChildProc::send`].
+    pub fn answer(&mut self, cmd: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -439,6 +444,39 @@ impl ChildState {
                     }
                 }
                 Ok(format!("ok noerror ops={i}"))
+            }
+            // steady PREFIX SECS: store, read back and delete one key at a time (pages are
+            // reused, so no new region is ever needed); the first error ends it
+            "steady" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let deadline = Instant::now()
+                    + Duration::from_secs_f64(s(2)?.parse().map_err(|_| "err bad seconds")?);
+                let mut i = 0u64;
+                let mut worst = Duration::ZERO;
+                while Instant::now() < deadline {
+                    let k = key(s(1)?, i);
+                    i += 1;
+                    let t = Instant::now();
+                    let r = h
+                        .store_bytes(&k, b"", &payload(&k, len_for(&k, self.chunk)))
+                        .map(drop)
+                        .map_err(|e| (e.kind(), e.to_string()))
+                        .and_then(|()| h.retrieve(&k).map_err(|e| (e.kind(), e.to_string())))
+                        .and_then(|v| match v.map(|v| check(&k, &v.to_vec())) {
+                            Some(Check::Intact) => Ok(()),
+                            other => Err((ErrorKind::Protocol, format!("read back {other:?}"))),
+                        })
+                        .and_then(|()| {
+                            h.delete(&k)
+                                .map(drop)
+                                .map_err(|e| (e.kind(), e.to_string()))
+                        });
+                    worst = worst.max(t.elapsed());
+                    if let Err((kind, e)) = r {
+                        return Err(err_line(kind, e, &format!("ops={i}")));
+                    }
+                }
+                Ok(format!("ok ops={i} worst_us={}", worst.as_micros()))
             }
             "close" => {
                 self.held.clear();
