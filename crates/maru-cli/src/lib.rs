@@ -3,10 +3,12 @@
 //!
 //! - `maru up`: resource manager + metadata server in one process on a shm pool it creates;
 //! - `maru stats`: what a running server holds, as tables or JSON;
-//! - `maru top`: a live full-screen monitor.
+//! - `maru top`: a live full-screen monitor;
+//! - `maru bench`: latency and throughput against the machine's floors and Redis.
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 mod format;
 mod signals;
 pub mod stats;
@@ -32,6 +34,8 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Live monitor of a running server (q quits).
     Top(top::TopArgs),
+    /// Measure latency and throughput against raw floors and Redis, in one run.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the command line `args` (`args[0]` is the program name; a name ending in
@@ -58,6 +62,7 @@ pub fn run(args: Vec<String>) -> i32 {
         Command::Up(a) => up::run(a),
         Command::Stats(a) => stats::run(a),
         Command::Top(a) => top::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => 0,

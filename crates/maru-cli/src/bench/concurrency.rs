@@ -1,0 +1,95 @@
+//! Many clients at once: 1, 4 and 32 client threads sharing one handler (what a
+//! multi-threaded inference server does), and as many client processes (one handler each).
+//! Each client retrieves 4 KiB chunks; the rows give the aggregate ops/s and the p99 over all
+//! clients' calls.
+
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use anyhow::bail;
+
+use super::floor::Transport;
+use super::rows::{handler, prefill};
+use super::stats::{Row, Samples};
+use super::worker::{LoopResult, Spec, Worker};
+use super::{Bench, KIB};
+
+pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
+    let owner = handler(url, 4 * KIB, 8 << 20, true)?;
+    let data = vec![7u8; 4096];
+    let stored = prefill(&owner, 256, &data)?;
+    let iters = b.plan.conc_iters;
+    for &n in &b.plan.clients.clone() {
+        // Threads of one process, one shared handler.
+        let shared = Arc::new(handler(url, 4 * KIB, 2 << 20, true)?);
+        let barrier = Arc::new(Barrier::new(n as usize + 1));
+        let keys = Arc::new(stored.clone());
+        let threads: Vec<_> = (0..n as usize)
+            .map(|c| {
+                let (h, barrier, keys) = (shared.clone(), barrier.clone(), keys.clone());
+                std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
+                    let mut ns = Vec::with_capacity(iters);
+                    barrier.wait();
+                    for i in 0..iters {
+                        let key = &keys[(c * 31 + i) % keys.len()];
+                        let t0 = Instant::now();
+                        if h.retrieve(key)?.is_none() {
+                            bail!("retrieve of a stored key found nothing");
+                        }
+                        ns.push(t0.elapsed().as_nanos() as u64);
+                    }
+                    Ok(ns)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let mut s = Samples::with_capacity(iters * n as usize);
+        for th in threads {
+            match th.join() {
+                Ok(r) => s.extend(&r?),
+                Err(_) => bail!("a client thread panicked"),
+            }
+        }
+        s.set_wall(start.elapsed());
+        shared.close();
+        let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &s.summary());
+        row.clients = n;
+        b.push(t, row.note("threads sharing one handler"));
+
+        // Processes, one handler each.
+        let spec = Spec::Loop {
+            url: url.to_owned(),
+            keys: stored
+                .iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect(),
+            iters,
+        };
+        let mut workers = (0..n)
+            .map(|_| Worker::spawn(&spec))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for w in &mut workers {
+            w.expect_ready()?;
+        }
+        let start = Instant::now();
+        for w in &mut workers {
+            w.send("go")?;
+        }
+        let mut s = Samples::with_capacity(iters * n as usize);
+        for w in &mut workers {
+            let r: LoopResult = serde_json::from_str(&w.line()?)?;
+            s.extend(&r.ns);
+        }
+        s.set_wall(start.elapsed());
+        for w in workers {
+            w.finish()?;
+        }
+        let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &s.summary());
+        row.clients = n;
+        row.processes = true;
+        b.push(t, row.note("one process per client"));
+    }
+    owner.close();
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Connect time: handshake, the first owned region (carved by the resource manager, mapped
+//! and populated for writing) and the eager mapping of live regions — with 100 MiB and 1 GiB
+//! pools, on 4 KiB pages (tmpfs) and, where a hugetlbfs mount exists, on 2 MiB pages.
+
+use anyhow::Context;
+use maru_client::{MaruConfig, MaruHandler};
+
+use super::daemons::{hugetlbfs_mount, Embedded};
+use super::floor::Transport;
+use super::stats::{Row, Samples};
+use super::{Bench, GIB, MIB};
+
+fn connect_rows(b: &mut Bench, t: Transport, url: &str, page_note: &str) -> anyhow::Result<()> {
+    for &pool in &b.plan.connect_pools.clone() {
+        let n = if pool >= GIB {
+            b.plan.connect_samples.div_ceil(3).max(2)
+        } else {
+            b.plan.connect_samples
+        };
+        let mut s = Samples::with_capacity(n);
+        for _ in 0..n {
+            let h = MaruHandler::new(MaruConfig {
+                server_url: url.to_owned(),
+                pool_size: pool,
+                timeout_ms: 30_000,
+                ..MaruConfig::default()
+            })?;
+            s.time(|| h.connect())
+                .with_context(|| format!("connect with a {pool}-byte pool"))?;
+            h.close();
+        }
+        b.push(
+            t,
+            Row::new("connect", t.name(), pool, 1, &s.summary())
+                .note(format!("chunk_bytes is the pool size; {page_note}")),
+        );
+    }
+    Ok(())
+}
+
+pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
+    connect_rows(b, t, url, "4 KiB pages (tmpfs)")
+}
+
+/// The same rows on 2 MiB pages: a second embedded pair on the hugetlbfs mount, if any.
+pub fn run_huge(b: &mut Bench, transports: &[Transport]) -> anyhow::Result<()> {
+    let Some(mount) = hugetlbfs_mount() else {
+        for &t in transports {
+            for &pool in &b.plan.connect_pools.clone() {
+                b.push(
+                    t,
+                    Row::skipped(
+                        "connect",
+                        t.name(),
+                        pool,
+                        "2 MiB pages: no hugetlbfs mount on this machine (reserve pages with \
+                         sysctl vm.nr_hugepages=N and mount -t hugetlbfs as root)",
+                    ),
+                );
+            }
+        }
+        return Ok(());
+    };
+    let largest = b
+        .plan
+        .connect_pools
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(100 * MIB);
+    let e = Embedded::start(&mount, largest + 64 * MIB, "huge")
+        .with_context(|| format!("embedded daemons on {}", mount.display()))?;
+    for &t in transports {
+        let url = match t {
+            Transport::Tcp => e.tcp_url.clone(),
+            Transport::Unix => e.unix_url.clone(),
+        };
+        connect_rows(b, t, &url, "2 MiB pages (hugetlbfs)")?;
+    }
+    Ok(())
+}

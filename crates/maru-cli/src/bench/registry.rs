@@ -1,0 +1,133 @@
+//! The server's memory per key and its batched registration rate, measured with the raw
+//! protocol (no client bookkeeping in the way): one session registers N keys (1M in the
+//! quick and full runs) in batches, pointing into one small region, and the embedded
+//! process's anonymous memory is read before and after.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use maru_proto::rpc::{local_identity, Conn};
+use maru_proto::stats::ServerStats;
+use maru_proto::{Hello, RegisterEntry, Request, Response, Role, ServerUrl};
+use serde::Serialize;
+
+use super::daemons::rss_anon_bytes;
+use super::{key_of, next_key_ids, KEY_LEN};
+
+/// Keys per registration request.
+pub const BATCH: usize = 1024;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Registration {
+    pub keys: u64,
+    pub key_bytes: usize,
+    pub batch: usize,
+    /// Anonymous memory of the process running the server, before and after.
+    pub rss_before: u64,
+    pub rss_after: u64,
+    /// `(rss_after - rss_before) / keys`; includes the key bytes themselves.
+    pub bytes_per_key: Option<f64>,
+    pub register_keys_per_s: f64,
+    pub delete_keys_per_s: f64,
+    pub note: String,
+}
+
+pub fn run(url: &str, n: usize, own_process: bool) -> anyhow::Result<Registration> {
+    let url: ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (host, pid, start_time) = local_identity();
+    let id = format!("bench-registry-{pid}");
+    let hello = Hello {
+        role: Role::Client,
+        instance_id: &id,
+        host: &host,
+        pid,
+        start_time,
+        session_token: None,
+    };
+    let mut c = Conn::connect(&url, &hello, Duration::from_secs(30))?;
+    let region = match c.call(&Request::RequestRegion { size: 2 << 20 })? {
+        Response::Region(r) => r,
+        other => bail!("request_region answered {other:?}"),
+    };
+    let pages = (region.handle.len / 4096).max(1);
+    let first = next_key_ids(n as u64);
+    let rss_before = rss_anon_bytes().unwrap_or(0);
+
+    let mut buf: Vec<u8> = Vec::with_capacity(BATCH * KEY_LEN);
+    let t0 = Instant::now();
+    let mut done = 0usize;
+    while done < n {
+        let m = BATCH.min(n - done);
+        buf.clear();
+        for i in 0..m {
+            buf.extend_from_slice(&key_of(first + (done + i) as u64));
+        }
+        let entries: Vec<RegisterEntry> = buf
+            .chunks(KEY_LEN)
+            .enumerate()
+            .map(|(i, key)| RegisterEntry {
+                key,
+                region_id: region.handle.region_id,
+                // Many keys per page: the server does not care, and the memory per key is
+                // what is measured here.
+                offset: ((done + i) as u64 % pages) * 4096,
+                len: 4096,
+            })
+            .collect();
+        match c.call(&Request::BatchRegister(entries))? {
+            Response::Bools(v) if v.iter().all(|&b| b) && v.len() == m => {}
+            other => bail!("batch_register answered {other:?}"),
+        }
+        done += m;
+    }
+    let reg_time = t0.elapsed();
+    let rss_after = rss_anon_bytes().unwrap_or(0);
+
+    let stats = match c.call(&Request::Stats)? {
+        Response::Stats(json) => serde_json::from_str::<ServerStats>(&json)?,
+        other => bail!("stats answered {other:?}"),
+    };
+    if stats.keys < n as u64 {
+        bail!("the server holds {} keys after registering {n}", stats.keys);
+    }
+
+    let t1 = Instant::now();
+    let mut done = 0usize;
+    while done < n {
+        let m = BATCH.min(n - done);
+        buf.clear();
+        for i in 0..m {
+            buf.extend_from_slice(&key_of(first + (done + i) as u64));
+        }
+        let keys: Vec<&[u8]> = buf.chunks(KEY_LEN).collect();
+        match c.call(&Request::BatchDelete { keys })? {
+            Response::BatchDelete(v) if v.len() == m => {}
+            other => bail!("batch_delete answered {other:?}"),
+        }
+        done += m;
+    }
+    let del_time = t1.elapsed();
+    let _ = c.call(&Request::ReturnRegion {
+        region_id: region.handle.region_id,
+    });
+    let _ = c.call(&Request::Goodbye).context("goodbye")?;
+
+    let rate = |d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    Ok(Registration {
+        keys: n as u64,
+        key_bytes: KEY_LEN,
+        batch: BATCH,
+        rss_before,
+        rss_after,
+        bytes_per_key: own_process.then(|| rss_after.saturating_sub(rss_before) as f64 / n as f64),
+        register_keys_per_s: rate(reg_time).round(),
+        delete_keys_per_s: rate(del_time).round(),
+        note: if own_process {
+            format!("anonymous RSS of the embedded server's process, {n} keys of {KEY_LEN} bytes")
+        } else {
+            "bytes per key needs the embedded server (its process's memory); not measured \
+             against --server"
+                .into()
+        },
+    })
+}

@@ -1,0 +1,300 @@
+//! Single-client rows through the Rust client (`maru_client::MaruHandler`), per transport:
+//! store (alloc + write + store of a new key), store of an existing key, retrieve (view
+//! only), retrieve + copy out, exists (hit, miss), delete, pin, unpin, and the batch forms.
+//! Each call is preceded by one floor ping-pong of the same wire sizes (see [`Bench::probe`]).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use maru_client::{MaruConfig, MaruHandler, StoreItem, StoreOutcome};
+
+use super::floor::{copy_iters, Transport};
+use super::stats::{Row, Samples};
+use super::{keys, Bench, KIB};
+
+/// A connected handler with pages of `chunk` bytes in one owned region of `region` bytes.
+pub fn handler(url: &str, chunk: u64, region: u64, eager_map: bool) -> anyhow::Result<MaruHandler> {
+    let h = MaruHandler::new(MaruConfig {
+        server_url: url.to_owned(),
+        pool_size: region.max(chunk),
+        chunk_size_bytes: chunk,
+        eager_map,
+        // The rows recycle their pages themselves; growing would hide a leak.
+        auto_expand: false,
+        timeout_ms: 10_000,
+        ..MaruConfig::default()
+    })?;
+    h.connect()
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(h)
+}
+
+fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> {
+    v.iter().map(|k| k.as_slice()).collect()
+}
+
+/// Stores `n` fresh keys of `chunk` bytes (untimed set-up for the read rows).
+pub fn prefill(h: &MaruHandler, n: usize, data: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let ks = keys(n);
+    for part in ks.chunks(256) {
+        let items: Vec<(&[u8], StoreItem)> = part
+            .iter()
+            .map(|k| (k.as_slice(), StoreItem::Bytes { prefix: &[], data }))
+            .collect();
+        h.batch_store(&items)?;
+    }
+    Ok(ks)
+}
+
+/// Times `n` calls of `f` (which returns the duration of the part it times, so that it can
+/// do untimed set-up first), each preceded by a floor ping-pong of `op`'s wire sizes, and
+/// pushes the row.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    b: &mut Bench,
+    t: Transport,
+    op: &str,
+    chunk: u64,
+    batch: u32,
+    bytes_per_call: Option<u64>,
+    n: usize,
+    mut f: impl FnMut(usize) -> anyhow::Result<Duration>,
+) -> anyhow::Result<()> {
+    let mut probe = b.probe(t, op, batch)?;
+    let mut s = Samples::with_capacity(n);
+    // A few unrecorded calls first: the first call of a row pays for cold caches and lazily
+    // grown buffers, which is not what the row is about.
+    for i in 0..n + 3 {
+        probe.tick()?;
+        let d = f(i)?;
+        if i >= 3 {
+            s.push(d);
+        }
+    }
+    probe.samples.drop_first(3);
+    let mut row = Row::new(op, t.name(), chunk, batch, &s.summary());
+    if let Some(bytes) = bytes_per_call {
+        row = row.with_bytes(bytes);
+    }
+    b.push_probed(t, row, probe);
+    Ok(())
+}
+
+fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Duration)> {
+    let t0 = Instant::now();
+    let v = f()?;
+    Ok((v, t0.elapsed()))
+}
+
+pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
+    let region = b.plan.region;
+    for &chunk in &b.plan.sizes.clone() {
+        let h = handler(url, chunk, region, true)?;
+        let pages = (region / chunk) as usize;
+        let data = vec![0x42u8; chunk as usize];
+        let iters = copy_iters(b.plan.iters, chunk);
+
+        // store: alloc + write + store of a new key; pages are recycled (untimed) when the
+        // region is full.
+        let mut live: Vec<Vec<u8>> = Vec::with_capacity(pages);
+        let mut fresh = keys(iters + 3).into_iter();
+        measure(b, t, "store", chunk, 1, Some(chunk), iters, |_| {
+            if live.len() == pages {
+                h.batch_delete(&refs(&live))?;
+                live.clear();
+            }
+            let key = fresh.next().context("out of keys")?;
+            let (outcome, d) = timed(|| {
+                let page = h.alloc(chunk)?;
+                page.write_at(0, &data)?;
+                Ok(h.store_handle(&key, &page)?)
+            })?;
+            if outcome != StoreOutcome::Stored {
+                bail!("store of a new key was deduplicated");
+            }
+            live.push(key);
+            Ok(d)
+        })?;
+        h.batch_delete(&refs(&live))?;
+        live.clear();
+
+        // store of an existing key: the same three steps; the server says "existed" and the
+        // client frees the page again (write-once keys).
+        let existing = prefill(&h, 1, &data)?;
+        measure(b, t, "store_existing", chunk, 1, Some(chunk), iters, |_| {
+            let (outcome, d) = timed(|| {
+                let page = h.alloc(chunk)?;
+                page.write_at(0, &data)?;
+                Ok(h.store_handle(&existing[0], &page)?)
+            })?;
+            if outcome != StoreOutcome::Deduplicated {
+                bail!("store of an existing key was not deduplicated");
+            }
+            Ok(d)
+        })?;
+        h.batch_delete(&refs(&existing))?;
+
+        // retrieve (view only) and retrieve + copy out, over a set of stored keys.
+        let stored = prefill(&h, pages.saturating_sub(2).clamp(1, 256), &data)?;
+        measure(b, t, "retrieve", chunk, 1, None, b.plan.iters, |i| {
+            let (view, d) = timed(|| Ok(h.retrieve(&stored[i % stored.len()])?))?;
+            if view.is_none() {
+                bail!("retrieve of a stored key found nothing");
+            }
+            Ok(d)
+        })?;
+
+        let mut out = vec![0u8; chunk as usize];
+        measure(b, t, "retrieve_copy", chunk, 1, Some(chunk), iters, |i| {
+            let ((), d) = timed(|| {
+                let view = h
+                    .retrieve(&stored[i % stored.len()])?
+                    .context("stored key not found")?;
+                view.mapping()
+                    .read_at(view.offset(), &mut out[..view.len()])?;
+                Ok(())
+            })?;
+            Ok(d)
+        })?;
+        std::hint::black_box(&out);
+
+        if chunk == 4 * KIB {
+            key_ops(b, t, &h, &stored, &data)?;
+            batches(b, t, &h, pages, &data)?;
+        }
+        h.batch_delete(&refs(&stored))?;
+        h.close();
+    }
+    Ok(())
+}
+
+/// exists (hit and miss), delete, pin and unpin on 4 KiB chunks.
+fn key_ops(
+    b: &mut Bench,
+    t: Transport,
+    h: &MaruHandler,
+    stored: &[Vec<u8>],
+    data: &[u8],
+) -> anyhow::Result<()> {
+    let n = b.plan.iters;
+    let chunk = 4 * KIB;
+    measure(b, t, "exists", chunk, 1, None, n, |i| {
+        let (found, d) = timed(|| Ok(h.exists(&stored[i % stored.len()])?))?;
+        if !found {
+            bail!("exists of a stored key said no");
+        }
+        Ok(d)
+    })?;
+    let missing = keys(256);
+    measure(b, t, "exists_miss", chunk, 1, None, n, |i| {
+        let (found, d) = timed(|| Ok(h.exists(&missing[i % missing.len()])?))?;
+        if found {
+            bail!("exists of a missing key said yes");
+        }
+        Ok(d)
+    })?;
+
+    // pin and unpin alternate on one key; each row times its own call.
+    let key = &stored[0];
+    measure(b, t, "pin", chunk, 1, None, n, |_| {
+        let (ok, d) = timed(|| Ok(h.pin(key)?))?;
+        if !ok || !h.unpin(key)? {
+            bail!("pin/unpin of a stored key failed");
+        }
+        Ok(d)
+    })?;
+    measure(b, t, "unpin", chunk, 1, None, n, |_| {
+        if !h.pin(key)? {
+            bail!("pin of a stored key failed");
+        }
+        let (ok, d) = timed(|| Ok(h.unpin(key)?))?;
+        if !ok {
+            bail!("unpin of a pinned key failed");
+        }
+        Ok(d)
+    })?;
+
+    // delete: keys stored beforehand in rounds that fit the free pages (untimed).
+    let room = h
+        .owned_regions()
+        .iter()
+        .map(|r| r.free_pages as usize)
+        .sum::<usize>()
+        .clamp(1, 4096);
+    let mut pending: Vec<Vec<u8>> = Vec::new();
+    measure(b, t, "delete", chunk, 1, None, n, |_| {
+        if pending.is_empty() {
+            pending = prefill(h, room, data)?;
+        }
+        let key = pending.pop().context("no key to delete")?;
+        let (status, d) = timed(|| Ok(h.delete(&key)?))?;
+        if status != maru_client::DeleteStatus::Deleted {
+            bail!("delete of a stored key: {status:?}");
+        }
+        Ok(d)
+    })?;
+    h.batch_delete(&refs(&pending))?;
+    Ok(())
+}
+
+/// batch_store, batch_retrieve and batch_exists of 32 and 256 keys of 4 KiB chunks.
+fn batches(
+    b: &mut Bench,
+    t: Transport,
+    h: &MaruHandler,
+    pages: usize,
+    data: &[u8],
+) -> anyhow::Result<()> {
+    let chunk = 4 * KIB;
+    for &n in &[32usize, 256] {
+        let calls = b.plan.batch_iters;
+        // batch_store: n copies into fresh pages and one registration round trip.
+        let mut live: Vec<Vec<u8>> = Vec::new();
+        measure(
+            b,
+            t,
+            "batch_store",
+            chunk,
+            n as u32,
+            Some(chunk * n as u64),
+            calls,
+            |_| {
+                if live.len() + n > pages.saturating_sub(512) {
+                    h.batch_delete(&refs(&live))?;
+                    live.clear();
+                }
+                let ks = keys(n);
+                let items: Vec<(&[u8], StoreItem)> = ks
+                    .iter()
+                    .map(|k| (k.as_slice(), StoreItem::Bytes { prefix: &[], data }))
+                    .collect();
+                let (out, d) = timed(|| Ok(h.batch_store(&items)?))?;
+                if out.iter().any(|o| *o != StoreOutcome::Stored) {
+                    bail!("batch_store of new keys deduplicated some");
+                }
+                live.extend(ks);
+                Ok(d)
+            },
+        )?;
+        h.batch_delete(&refs(&live))?;
+
+        let stored = prefill(h, n, data)?;
+        let r = refs(&stored);
+        measure(b, t, "batch_retrieve", chunk, n as u32, None, calls, |_| {
+            let (views, d) = timed(|| Ok(h.batch_retrieve(&r)?))?;
+            if views.iter().any(|v| v.is_none()) {
+                bail!("batch_retrieve missed a stored key");
+            }
+            Ok(d)
+        })?;
+        measure(b, t, "batch_exists", chunk, n as u32, None, calls, |_| {
+            let (found, d) = timed(|| Ok(h.batch_exists(&r)?))?;
+            if found.iter().any(|f| !f) {
+                bail!("batch_exists missed a stored key");
+            }
+            Ok(d)
+        })?;
+        h.batch_delete(&r)?;
+    }
+    Ok(())
+}
