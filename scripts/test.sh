@@ -17,3 +17,4 @@ cargo test --release --workspace --exclude maru-py
 
 echo "== pytest"
 MARU_BIN_DIR="$PWD/target/release" .venv/bin/python -m pytest -q tests/python
+./scripts/fuzz.sh   # every decoder fuzzed FUZZ_SECONDS (60) each; skips without nightly + cargo-fuzz
