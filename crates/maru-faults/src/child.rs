@@ -18,7 +18,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use maru_client::{AllocHandle, ErrorKind, MaruConfig, MaruHandler, StoreItem, View};
@@ -85,10 +85,7 @@ impl ChildProc {
 
     /// The next protocol line, or `None` after `timeout` or when the child's output ended.
     pub fn line(&mut self, timeout: Duration) -> Option<String> {
-        match self.lines.recv_timeout(timeout) {
-            Ok(l) => Some(l),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.lines.recv_timeout(timeout).ok()
     }
 
     /// Sends `cmd` and returns its final answer (`ok ...` or `err ...`), skipping progress

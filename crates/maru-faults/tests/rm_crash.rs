@@ -43,7 +43,7 @@ fn churn(url: &str, id: usize, stop: &AtomicBool, restarted: &AtomicBool, seen: 
     let mut cycle = 0u64;
     while !stop.load(Ordering::SeqCst) {
         cycle += 1;
-        let keep = cycle % 7 == 0;
+        let keep = cycle.is_multiple_of(7);
         let t = Instant::now();
         let after_restart = restarted.load(Ordering::SeqCst);
         let r = (|| -> Result<(), (ErrorKind, String)> {
