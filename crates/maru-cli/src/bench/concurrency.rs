@@ -90,6 +90,8 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         row.processes = true;
         b.push(t, row.note("one process per client"));
     }
+    let ks: Vec<&[u8]> = stored.iter().map(|k| k.as_slice()).collect();
+    owner.batch_delete(&ks)?;
     owner.close();
     Ok(())
 }

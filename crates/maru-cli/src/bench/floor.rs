@@ -257,6 +257,7 @@ impl Probe {
                 let l = TcpListener::bind("127.0.0.1:0")?;
                 let addr = l.local_addr()?;
                 let echo = thread::spawn(move || {
+                    super::cpu::enter_server_side();
                     if let Ok((s, _)) = l.accept() {
                         let _ = s.set_nodelay(true);
                         echo(s, req, resp);
@@ -273,6 +274,7 @@ impl Probe {
                 let _ = std::fs::remove_file(&path);
                 let l = UnixListener::bind(&path)?;
                 let echo = thread::spawn(move || {
+                    super::cpu::enter_server_side();
                     if let Ok((s, _)) = l.accept() {
                         echo(s, req, resp);
                     }
@@ -339,6 +341,7 @@ pub fn pingpong(
             let l = TcpListener::bind("127.0.0.1:0")?;
             let addr = l.local_addr()?;
             let echo_thread = thread::spawn(move || {
+                super::cpu::enter_server_side();
                 if let Ok((s, _)) = l.accept() {
                     let _ = s.set_nodelay(true);
                     echo(s, req, resp);
@@ -355,6 +358,7 @@ pub fn pingpong(
             let _ = std::fs::remove_file(&path);
             let l = UnixListener::bind(&path)?;
             let echo_thread = thread::spawn(move || {
+                super::cpu::enter_server_side();
                 if let Ok((s, _)) = l.accept() {
                     echo(s, req, resp);
                 }

@@ -23,6 +23,7 @@ use serde::Serialize;
 
 mod concurrency;
 mod connect;
+mod cpu;
 mod cross;
 mod daemons;
 mod floor;
@@ -76,6 +77,16 @@ pub struct BenchArgs {
     /// Directory for the temporary pool, sockets and scratch files (tmpfs).
     #[arg(long, default_value = "/dev/shm")]
     pub pool_dir: PathBuf,
+    /// Let idle CPUs halt instead of filling idle time with a SCHED_IDLE spinner per CPU. On
+    /// a VM, waking a halted vCPU costs tens of microseconds per round trip, so rows become
+    /// bimodal; the spinners yield at once to any real work.
+    #[arg(long)]
+    pub let_cpus_idle: bool,
+    /// Where the client and the daemons run (see `maru bench --help`): `spread` pins the
+    /// calling threads to the first CPU and the daemons (and the floors' echo threads, and
+    /// Redis) to the second, so every round trip crosses cores the same way.
+    #[arg(long, value_enum, default_value_t = cpu::Placement::Spread)]
+    pub placement: cpu::Placement,
     /// Internal: run as a worker process of another `maru bench`.
     #[arg(long, hide = true)]
     pub worker: Option<String>,
@@ -495,15 +506,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         Box::new(std::io::stdout())
     };
+    let spinners = (!args.let_cpus_idle).then(cpu::Spinners::start);
+    let placement = cpu::place(args.placement);
     let scratch = Scratch::new(&args.pool_dir, "scratch")?;
     let floors = Floors::new(&scratch.path, plan.floor_iters, plan.map_samples);
     let mut notes = Vec::new();
 
     // The daemons: embedded unless a server was named.
-    let embedded = if args.server.is_empty() && !args.only.iter().all(|s| *s == Section::Floor) {
+    let floors_only = !args.only.is_empty() && args.only.iter().all(|s| *s == Section::Floor);
+    let embedded = if args.server.is_empty() && !floors_only {
         // Room for the largest connect pool, the 1 GiB cross-process region and the rows'
         // own regions at once; sparse, so only what is populated takes memory.
-        Some(Embedded::start(&args.pool_dir, 3 * GIB, "pool")?)
+        Some(cpu::on_server_side(|| {
+            Embedded::start(&args.pool_dir, 4 * GIB, "pool")
+        })?)
     } else {
         None
     };
@@ -537,8 +553,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let _ = writeln!(
         b.out,
-        "maru bench ({mode}): {} CPUs, load {load_start:.2}; servers: {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "maru bench ({mode}): {} CPUs{}, {placement}, load {load_start:.2}; servers: {}",
+        cpu::cpu_count(),
+        if args.let_cpus_idle {
+            ""
+        } else {
+            " kept out of halt by SCHED_IDLE spinners"
+        },
         if urls.is_empty() {
             "none".into()
         } else {
@@ -598,10 +619,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if on(Section::Concurrency) {
+        // Many clients use every CPU (the daemons stay where they are).
+        cpu::unpin_current();
         for (u, &t) in urls.iter().zip(&transports) {
             b.section(&format!("Concurrency (retrieve 4 KiB), {}", t.name()));
             concurrency::run(&mut b, t, u).with_context(|| format!("concurrency over {u}"))?;
         }
+        cpu::enter_client_side();
     }
     if on(Section::Connect) {
         for (u, &t) in urls.iter().zip(&transports) {
@@ -625,7 +649,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             notes.push(msg.into());
         } else {
             b.section("Redis side by side (same client style, persistence off)");
-            let r = redis::Redis::start(&scratch.path)?;
+            let r = cpu::on_server_side(|| redis::Redis::start(&scratch.path))?;
             redis::run(&mut b, &r, &transports)?;
             drop(r);
         }
@@ -728,6 +752,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => {}
     }
     drop(scratch);
+    drop(spinners);
     Ok(())
 }
 

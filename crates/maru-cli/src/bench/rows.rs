@@ -46,9 +46,10 @@ pub fn prefill(h: &MaruHandler, n: usize, data: &[u8]) -> anyhow::Result<Vec<Vec
     Ok(ks)
 }
 
-/// Times `n` calls of `f` (which returns the duration of the part it times, so that it can
-/// do untimed set-up first), each preceded by a floor ping-pong of `op`'s wire sizes, and
-/// pushes the row.
+/// Times `n` calls of `f` and pushes the row. `f(i, tick)` does its untimed set-up, calls
+/// `tick()` — one floor ping-pong of `op`'s wire sizes — right before the part it times, and
+/// returns that part's duration. Floor and row thus alternate call by call and see the same
+/// machine.
 #[allow(clippy::too_many_arguments)]
 fn measure(
     b: &mut Bench,
@@ -58,20 +59,20 @@ fn measure(
     batch: u32,
     bytes_per_call: Option<u64>,
     n: usize,
-    mut f: impl FnMut(usize) -> anyhow::Result<Duration>,
+    mut f: impl FnMut(usize, &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration>,
 ) -> anyhow::Result<()> {
     let mut probe = b.probe(t, op, batch)?;
     let mut s = Samples::with_capacity(n);
     // A few unrecorded calls first: the first call of a row pays for cold caches and lazily
     // grown buffers, which is not what the row is about.
-    for i in 0..n + 3 {
-        probe.tick()?;
-        let d = f(i)?;
-        if i >= 3 {
+    for i in 0..n + WARMUP {
+        let mut tick = || -> anyhow::Result<()> { Ok(probe.tick()?) };
+        let d = f(i, &mut tick)?;
+        if i >= WARMUP {
             s.push(d);
         }
     }
-    probe.samples.drop_first(3);
+    probe.samples.drop_first(WARMUP);
     let mut row = Row::new(op, t.name(), chunk, batch, &s.summary());
     if let Some(bytes) = bytes_per_call {
         row = row.with_bytes(bytes);
@@ -79,6 +80,8 @@ fn measure(
     b.push_probed(t, row, probe);
     Ok(())
 }
+
+const WARMUP: usize = 3;
 
 fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Duration)> {
     let t0 = Instant::now();
@@ -98,12 +101,13 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         // region is full.
         let mut live: Vec<Vec<u8>> = Vec::with_capacity(pages);
         let mut fresh = keys(iters + 3).into_iter();
-        measure(b, t, "store", chunk, 1, Some(chunk), iters, |_| {
+        measure(b, t, "store", chunk, 1, Some(chunk), iters, |_, tick| {
             if live.len() == pages {
                 h.batch_delete(&refs(&live))?;
                 live.clear();
             }
             let key = fresh.next().context("out of keys")?;
+            tick()?;
             let (outcome, d) = timed(|| {
                 let page = h.alloc(chunk)?;
                 page.write_at(0, &data)?;
@@ -121,22 +125,33 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         // store of an existing key: the same three steps; the server says "existed" and the
         // client frees the page again (write-once keys).
         let existing = prefill(&h, 1, &data)?;
-        measure(b, t, "store_existing", chunk, 1, Some(chunk), iters, |_| {
-            let (outcome, d) = timed(|| {
-                let page = h.alloc(chunk)?;
-                page.write_at(0, &data)?;
-                Ok(h.store_handle(&existing[0], &page)?)
-            })?;
-            if outcome != StoreOutcome::Deduplicated {
-                bail!("store of an existing key was not deduplicated");
-            }
-            Ok(d)
-        })?;
+        measure(
+            b,
+            t,
+            "store_existing",
+            chunk,
+            1,
+            Some(chunk),
+            iters,
+            |_, tick| {
+                tick()?;
+                let (outcome, d) = timed(|| {
+                    let page = h.alloc(chunk)?;
+                    page.write_at(0, &data)?;
+                    Ok(h.store_handle(&existing[0], &page)?)
+                })?;
+                if outcome != StoreOutcome::Deduplicated {
+                    bail!("store of an existing key was not deduplicated");
+                }
+                Ok(d)
+            },
+        )?;
         h.batch_delete(&refs(&existing))?;
 
         // retrieve (view only) and retrieve + copy out, over a set of stored keys.
         let stored = prefill(&h, pages.saturating_sub(2).clamp(1, 256), &data)?;
-        measure(b, t, "retrieve", chunk, 1, None, b.plan.iters, |i| {
+        measure(b, t, "retrieve", chunk, 1, None, b.plan.iters, |i, tick| {
+            tick()?;
             let (view, d) = timed(|| Ok(h.retrieve(&stored[i % stored.len()])?))?;
             if view.is_none() {
                 bail!("retrieve of a stored key found nothing");
@@ -145,17 +160,27 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         })?;
 
         let mut out = vec![0u8; chunk as usize];
-        measure(b, t, "retrieve_copy", chunk, 1, Some(chunk), iters, |i| {
-            let ((), d) = timed(|| {
-                let view = h
-                    .retrieve(&stored[i % stored.len()])?
-                    .context("stored key not found")?;
-                view.mapping()
-                    .read_at(view.offset(), &mut out[..view.len()])?;
-                Ok(())
-            })?;
-            Ok(d)
-        })?;
+        measure(
+            b,
+            t,
+            "retrieve_copy",
+            chunk,
+            1,
+            Some(chunk),
+            iters,
+            |i, tick| {
+                tick()?;
+                let ((), d) = timed(|| {
+                    let view = h
+                        .retrieve(&stored[i % stored.len()])?
+                        .context("stored key not found")?;
+                    view.mapping()
+                        .read_at(view.offset(), &mut out[..view.len()])?;
+                    Ok(())
+                })?;
+                Ok(d)
+            },
+        )?;
         std::hint::black_box(&out);
 
         if chunk == 4 * KIB {
@@ -178,7 +203,8 @@ fn key_ops(
 ) -> anyhow::Result<()> {
     let n = b.plan.iters;
     let chunk = 4 * KIB;
-    measure(b, t, "exists", chunk, 1, None, n, |i| {
+    measure(b, t, "exists", chunk, 1, None, n, |i, tick| {
+        tick()?;
         let (found, d) = timed(|| Ok(h.exists(&stored[i % stored.len()])?))?;
         if !found {
             bail!("exists of a stored key said no");
@@ -186,7 +212,8 @@ fn key_ops(
         Ok(d)
     })?;
     let missing = keys(256);
-    measure(b, t, "exists_miss", chunk, 1, None, n, |i| {
+    measure(b, t, "exists_miss", chunk, 1, None, n, |i, tick| {
+        tick()?;
         let (found, d) = timed(|| Ok(h.exists(&missing[i % missing.len()])?))?;
         if found {
             bail!("exists of a missing key said yes");
@@ -196,17 +223,19 @@ fn key_ops(
 
     // pin and unpin alternate on one key; each row times its own call.
     let key = &stored[0];
-    measure(b, t, "pin", chunk, 1, None, n, |_| {
+    measure(b, t, "pin", chunk, 1, None, n, |_, tick| {
+        tick()?;
         let (ok, d) = timed(|| Ok(h.pin(key)?))?;
         if !ok || !h.unpin(key)? {
             bail!("pin/unpin of a stored key failed");
         }
         Ok(d)
     })?;
-    measure(b, t, "unpin", chunk, 1, None, n, |_| {
+    measure(b, t, "unpin", chunk, 1, None, n, |_, tick| {
         if !h.pin(key)? {
             bail!("pin of a stored key failed");
         }
+        tick()?;
         let (ok, d) = timed(|| Ok(h.unpin(key)?))?;
         if !ok {
             bail!("unpin of a pinned key failed");
@@ -222,11 +251,12 @@ fn key_ops(
         .sum::<usize>()
         .clamp(1, 4096);
     let mut pending: Vec<Vec<u8>> = Vec::new();
-    measure(b, t, "delete", chunk, 1, None, n, |_| {
+    measure(b, t, "delete", chunk, 1, None, n, |_, tick| {
         if pending.is_empty() {
             pending = prefill(h, room, data)?;
         }
         let key = pending.pop().context("no key to delete")?;
+        tick()?;
         let (status, d) = timed(|| Ok(h.delete(&key)?))?;
         if status != maru_client::DeleteStatus::Deleted {
             bail!("delete of a stored key: {status:?}");
@@ -258,7 +288,7 @@ fn batches(
             n as u32,
             Some(chunk * n as u64),
             calls,
-            |_| {
+            |_, tick| {
                 if live.len() + n > pages.saturating_sub(512) {
                     h.batch_delete(&refs(&live))?;
                     live.clear();
@@ -268,6 +298,7 @@ fn batches(
                     .iter()
                     .map(|k| (k.as_slice(), StoreItem::Bytes { prefix: &[], data }))
                     .collect();
+                tick()?;
                 let (out, d) = timed(|| Ok(h.batch_store(&items)?))?;
                 if out.iter().any(|o| *o != StoreOutcome::Stored) {
                     bail!("batch_store of new keys deduplicated some");
@@ -280,20 +311,40 @@ fn batches(
 
         let stored = prefill(h, n, data)?;
         let r = refs(&stored);
-        measure(b, t, "batch_retrieve", chunk, n as u32, None, calls, |_| {
-            let (views, d) = timed(|| Ok(h.batch_retrieve(&r)?))?;
-            if views.iter().any(|v| v.is_none()) {
-                bail!("batch_retrieve missed a stored key");
-            }
-            Ok(d)
-        })?;
-        measure(b, t, "batch_exists", chunk, n as u32, None, calls, |_| {
-            let (found, d) = timed(|| Ok(h.batch_exists(&r)?))?;
-            if found.iter().any(|f| !f) {
-                bail!("batch_exists missed a stored key");
-            }
-            Ok(d)
-        })?;
+        measure(
+            b,
+            t,
+            "batch_retrieve",
+            chunk,
+            n as u32,
+            None,
+            calls,
+            |_, tick| {
+                tick()?;
+                let (views, d) = timed(|| Ok(h.batch_retrieve(&r)?))?;
+                if views.iter().any(|v| v.is_none()) {
+                    bail!("batch_retrieve missed a stored key");
+                }
+                Ok(d)
+            },
+        )?;
+        measure(
+            b,
+            t,
+            "batch_exists",
+            chunk,
+            n as u32,
+            None,
+            calls,
+            |_, tick| {
+                tick()?;
+                let (found, d) = timed(|| Ok(h.batch_exists(&r)?))?;
+                if found.iter().any(|f| !f) {
+                    bail!("batch_exists missed a stored key");
+                }
+                Ok(d)
+            },
+        )?;
         h.batch_delete(&r)?;
     }
     Ok(())

@@ -83,6 +83,10 @@ pub fn run(spec: &str) -> anyhow::Result<()> {
             while stdin.lock().read_line(&mut line)? > 0 {
                 line.clear();
             }
+            // Deferred freeing keeps a region while keys point into it: delete them, or the
+            // 1 GiB region would outlive this process.
+            let ks: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+            h.batch_delete(&ks)?;
             h.close();
         }
     }
