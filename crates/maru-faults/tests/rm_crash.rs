@@ -231,3 +231,43 @@ fn rm_killed_under_mixed_load_restarts_and_its_table_equals_what_was_acknowledge
         keys.len()
     );
 }
+
+/// A resource manager that hangs instead of dying (SIGSTOP: a stuck disk, a debugger):
+/// region requests fail with a timeout within the client's `timeout_ms`, key traffic goes on
+/// untouched, and once it resumes everything agrees again.
+#[test]
+fn rm_frozen_then_resumed_times_out_cleanly_and_recovers() {
+    let c = Cluster::start(ClusterOpts::default());
+    let url = c.unix_url();
+    let mut steady = ChildProc::spawn("steady");
+    steady.ok(&format!("connect {url} {} {} 2000", 4 * MIB, 4 * KIB), T);
+    let signal = |sig| {
+        // SAFETY: kill(2) on the daemon process this test started and still owns.
+        let rc = unsafe { libc::kill(c.rm.pid() as i32, sig) };
+        assert_eq!(rc, 0);
+    };
+    signal(libc::SIGSTOP);
+    steady.send("steady frozen 2.5");
+    let mut newcomer = ChildProc::spawn("newcomer");
+    let t = Instant::now();
+    let a = newcomer.call(&format!("connect {url} {} {} 1000", 2 * MIB, 64 * KIB), T);
+    let took = t.elapsed();
+    println!("connect while the resource manager is stopped: {a} ({took:?})");
+    assert!(a.starts_with("err kind=Timeout"), "{a}");
+    // Bounded, but by twice timeout_ms: after the region request times out, connect says
+    // goodbye on the same (still blocked) connection and waits for that too.
+    assert!(took < Duration::from_millis(2 * 1000 + 500), "{took:?}");
+    let a = steady.answer("steady", T);
+    println!("key traffic while the resource manager is stopped: {a}");
+    assert!(a.starts_with("ok"), "{a}");
+    signal(libc::SIGCONT);
+    match tables_agree(&c, Duration::from_secs(15)) {
+        Ok(n) => println!("after SIGCONT: tables agree on {n} regions"),
+        Err(diff) => panic!("after SIGCONT the tables differ:\n{diff}"),
+    }
+    newcomer.ok(&format!("connect {url} {} {} 1000", 2 * MIB, 64 * KIB), T);
+    newcomer.ok("close", T);
+    steady.ok("close", T);
+    let ok = wait_until(Duration::from_secs(10), || c.rm_stats().allocations == 0);
+    assert!(ok, "{:?}", c.rm_list());
+}
