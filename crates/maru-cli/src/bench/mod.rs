@@ -145,7 +145,7 @@ impl Plan {
     fn new(mode: &'static str) -> Plan {
         let (iters, batch_iters, conc_iters, connect_samples, cross_samples, registry_keys) =
             match mode {
-                "smoke" => (200, 20, 50, 1, 2, 20_000),
+                "smoke" => (100, 10, 30, 1, 2, 20_000),
                 "quick" => (2_000, 200, 500, 3, 5, 1_000_000),
                 _ => (20_000, 2_000, 5_000, 10, 20, 1_000_000),
             };
@@ -162,7 +162,11 @@ impl Plan {
             cross_samples,
             registry_keys,
             floor_iters: iters,
-            map_samples: if mode == "full" { 5 } else { 2 },
+            map_samples: match mode {
+                "full" => 5,
+                "quick" => 2,
+                _ => 1,
+            },
         }
     }
 }
@@ -373,6 +377,11 @@ struct Machine {
     load_start: f64,
     load_end: f64,
     unix_time: u64,
+    pid: u32,
+    /// Where client and daemons ran (`--placement`).
+    placement: String,
+    /// Whether idle CPUs were kept out of halt (see `--let-cpus-idle`).
+    spinners: bool,
 }
 
 fn loadavg() -> f64 {
@@ -382,7 +391,7 @@ fn loadavg() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn machine(load_start: f64) -> Machine {
+fn machine(load_start: f64, placement: String, spinners: bool) -> Machine {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -393,7 +402,7 @@ fn machine(load_start: f64) -> Machine {
         })
         .unwrap_or_default();
     Machine {
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus: cpu::cpu_count(),
         cpu_model,
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
@@ -403,6 +412,9 @@ fn machine(load_start: f64) -> Machine {
         unix_time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        pid: std::process::id(),
+        placement,
+        spinners,
     }
 }
 
@@ -723,7 +735,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         version: env!("CARGO_PKG_VERSION"),
         mode,
-        machine: machine(load_start),
+        machine: machine(load_start, placement, !args.let_cpus_idle),
         floor,
         results: std::mem::take(&mut b.rows),
         bytes_per_key: registration.as_ref().and_then(|r| r.bytes_per_key),

@@ -218,6 +218,9 @@ pub fn run(b: &mut Bench, r: &Redis, transports: &[Transport]) -> anyhow::Result
             s.time(|| c.call(&[b"EXISTS", &ks[i % ks.len()]], &mut out))?;
         }
         b.push_redis(Row::new("EXISTS", t.name(), 64, 1, &s.summary()));
+        for k in &ks {
+            c.call(&[b"SET", k, &small], &mut out)?;
+        }
         for &m in &[32usize, 256] {
             let mut args: Vec<&[u8]> = vec![b"MGET"];
             args.extend(ks.iter().take(m).map(|k| k.as_slice()));
