@@ -1,18 +1,33 @@
 //! The Rust example runs as a user would run it, against a real `maru up`.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::Up;
+
+/// The example's executable, as `cargo test` (hashed name) or `cargo build --examples` (plain
+/// name) left it in target/<profile>/examples/.
 fn example_binary(name: &str) -> PathBuf {
-    // target/<profile>/deps/<this test> → target/<profile>/examples/<name>
     let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name)
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let plain = dir.join(name);
+    if plain.exists() {
+        return plain;
+    }
+    let hashed = format!("{}-", name.replace('-', "_"));
+    std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(&hashed) && p.extension().is_none()
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| panic!("example {name} is not built in {} (run `cargo test` without --test, or `cargo build --examples`)", dir.display()))
 }
 
 #[test]
@@ -21,37 +36,12 @@ fn rust_quickstart_runs_against_maru_up() {
         .prefix("maru-test-example-")
         .tempdir_in("/dev/shm")
         .unwrap();
-    let ready = dir.path().join("ready.json");
-    let mut up = Command::new(env!("CARGO_BIN_EXE_maru"))
-        .args(["up", "--port", "0", "--rm-port", "0", "--pool-size", "64M"])
-        .arg("--pool-dir")
-        .arg(dir.path().join("pool"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let info: serde_json::Value = loop {
-        if let Some(v) = std::fs::read_to_string(&ready)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-        {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "maru up not ready");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let url = info["unix"].as_str().unwrap();
+    let up = Up::start(dir.path(), &[]);
     let out = Command::new(example_binary("rust-quickstart"))
-        .arg(url)
+        .arg(up.url("unix"))
         .output()
-        .expect("example built by cargo test");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
-    assert!(up.wait().unwrap().success());
+        .unwrap();
+    up.stop();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

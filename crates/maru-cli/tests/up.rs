@@ -1,71 +1,18 @@
 //! `maru up` as a user runs it: the real binary, real sockets, a real pool file; stopped with
 //! SIGTERM.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use common::Up;
 
 use maru_proto::rpc::{local_identity, Conn};
 use maru_proto::{Hello, RegisterEntry, Request, Response, Role, ServerUrl};
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-struct Up {
-    child: Child,
-    ready: serde_json::Value,
-}
-
-fn start_up(dir: &Path, extra: &[&str]) -> Up {
-    let ready_file = dir.join("ready.json");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_maru"));
-    cmd.args(["up", "--port", "0", "--rm-port", "0", "--pool-size", "64M"])
-        .arg("--pool-dir")
-        .arg(dir.join("pool"))
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--ready-file")
-        .arg(&ready_file)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = cmd.spawn().expect("spawn maru up");
-    let ready = wait_for("maru up to be ready", Duration::from_secs(20), || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("maru up exited early: {status}");
-        }
-        let text = std::fs::read_to_string(&ready_file).ok()?;
-        serde_json::from_str::<serde_json::Value>(&text).ok()
-    });
-    Up { child, ready }
-}
-
-fn stop(mut up: Up) -> String {
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
-    let status = wait_for("maru up to exit", Duration::from_secs(20), || {
-        up.child.try_wait().unwrap()
-    });
-    assert!(status.success(), "maru up exited with {status}");
-    let mut out = String::new();
-    up.child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    out
-}
 
 fn client(url: &str, id: &str) -> Conn {
     let (host, pid, start_time) = local_identity();
@@ -100,11 +47,8 @@ fn up_serves_stats_and_metrics_then_stops_cleanly() {
         .local_addr()
         .unwrap()
         .port();
-    let up = start_up(dir.path(), &["--metrics-port", &metrics_port.to_string()]);
-    let tcp = up.ready["tcp"].as_str().unwrap().to_owned();
-    let unix = up.ready["unix"].as_str().unwrap().to_owned();
-    let rm = up.ready["rm"].as_str().unwrap().to_owned();
-    let pool = up.ready["pool"].as_str().unwrap().to_owned();
+    let up = Up::start(dir.path(), &["--metrics-port", &metrics_port.to_string()]);
+    let (tcp, unix, rm, pool) = (up.url("tcp"), up.url("unix"), up.url("rm"), up.url("pool"));
     assert!(Path::new(&pool).exists());
 
     // Known activity: one instance takes a region and registers 3 keys (one pinned), another
@@ -218,7 +162,7 @@ fn up_serves_stats_and_metrics_then_stops_cleanly() {
 
     drop(a);
     drop(b);
-    let out = stop(up);
+    let out = up.stop();
     assert!(
         out.contains("pool file") && out.contains("removed"),
         "{out}"
@@ -240,10 +184,10 @@ fn up_keep_leaves_the_pool_file() {
         .prefix("maru-test-up-")
         .tempdir_in("/dev/shm")
         .unwrap();
-    let up = start_up(dir.path(), &["--keep", "--no-unix"]);
+    let up = Up::start(dir.path(), &["--keep", "--no-unix"]);
     assert!(up.ready["unix"].is_null());
-    let pool = up.ready["pool"].as_str().unwrap().to_owned();
-    let out = stop(up);
+    let pool = up.url("pool");
+    let out = up.stop();
     assert!(out.contains("kept"), "{out}");
     assert!(Path::new(&pool).exists());
 }

@@ -1,0 +1,93 @@
+//! Starting `maru up` from tests: the real binary on a fresh pool in a temp dir, waited for
+//! through its ready file, and killed if the test fails before stopping it.
+
+#![allow(dead_code)] // each test file uses part of this module
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `maru up`. Dropping it kills the process, so a failing assertion never leaves a
+/// daemon (and its pool file) behind.
+pub struct Up {
+    child: Option<Child>,
+    pub ready: serde_json::Value,
+}
+
+impl Up {
+    pub fn start(dir: &Path, extra: &[&str]) -> Up {
+        let ready_file = dir.join("ready.json");
+        let child = Command::new(env!("CARGO_BIN_EXE_maru"))
+            .args(["up", "--port", "0", "--rm-port", "0", "--pool-size", "64M"])
+            .arg("--pool-dir")
+            .arg(dir.join("pool"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn maru up");
+        let mut up = Up {
+            child: Some(child),
+            ready: serde_json::Value::Null,
+        };
+        up.ready = wait_for("maru up to be ready", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = up.child.as_mut()?.try_wait() {
+                panic!("maru up exited early: {status}");
+            }
+            let text = std::fs::read_to_string(&ready_file).ok()?;
+            serde_json::from_str::<serde_json::Value>(&text).ok()
+        });
+        up
+    }
+
+    pub fn url(&self, transport: &str) -> String {
+        self.ready[transport]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {transport} url"))
+            .to_owned()
+    }
+
+    /// SIGTERM, wait for a clean exit, return what it printed.
+    pub fn stop(mut self) -> String {
+        use std::io::Read;
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_for("maru up to exit", Duration::from_secs(20), || {
+            child.try_wait().unwrap()
+        });
+        assert!(status.success(), "maru up exited with {status}");
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        out
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
