@@ -136,6 +136,15 @@ class Cluster:
         self.procs.clear()
 
 
+def wait_until(what: str, cond: Any, timeout: float = 15.0) -> None:
+    """Polls `cond` until it holds; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def new_dir(tag: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"maru-pytest-{tag}-", dir=SHM))
 

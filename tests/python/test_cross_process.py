@@ -12,13 +12,11 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
-from typing import Any
 
 import pytest
 
 from maru import MaruConfig, MaruHandler
-from conftest import KIB, MIB, Cluster
+from conftest import KIB, MIB, Cluster, wait_until
 
 N = 48
 CHUNK = 128 * KIB
@@ -46,14 +44,6 @@ assert sys.stdin.readline().strip() == "close"
 h.close()
 print("closed", flush=True)
 """
-
-
-def wait_until(what: str, cond: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
