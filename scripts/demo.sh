@@ -19,7 +19,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "demo: starting maru up (embedded resource manager + metadata server)"
-target/release/maru up --port 0 --rm-port 0 --pool-size "${MARU_DEMO_POOL:-1G}" \
+target/release/maru up --port 0 --rm-port 0 --pool-size "${MARU_DEMO_POOL:-1G}" --log-level warn \
     --pool-dir "$work/pool" --state-dir "$work/state" --ready-file "$work/ready.json" &
 up_pid=$!
 for _ in $(seq 1 200); do

@@ -23,12 +23,18 @@ fi
 
 echo "setup: Python environment (.venv)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "maturin>=1.5,<2" "pytest>=7"
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "maturin>=1.5,<2" "pytest>=7" >/dev/null
 
 echo "setup: building release binaries"
 cargo build --release --quiet --bins
 
 echo "setup: building and installing the maru Python package"
-VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release --quiet 2>&1 \
-    | grep -vE '^(📦|🔗|🐍|💻|✏️|🛠|📖|⚠️ +Warning: .*not found in PATH)' || true
+log=$(mktemp)
+if ! VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup: building the Python package failed" >&2
+    exit 1
+fi
+rm -f "$log"
 .venv/bin/python -c 'import maru; print("setup: maru", getattr(maru, "__version__", "?"), "installed in .venv")'
