@@ -43,7 +43,9 @@ impl ChildProc {
     /// Starts this test binary as a child running the `child_role` test.
     pub fn spawn(name: &str) -> ChildProc {
         let exe = std::env::current_exe().expect("current exe");
-        let mut child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        crate::die_with_parent(&mut cmd);
+        let mut child = cmd
             .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, name)
             .stdin(Stdio::piped())

@@ -35,6 +35,7 @@ impl Daemon {
         let _ = std::fs::remove_file(&ready_path);
         let n = std::fs::read_dir(dir).map(|r| r.count()).unwrap_or(0);
         let stderr = dir.join(format!("{name}.{n}.stderr"));
+        crate::die_with_parent(&mut cmd);
         let mut child = cmd
             .arg("--ready-file")
             .arg(&ready_path)

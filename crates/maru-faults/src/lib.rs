@@ -82,6 +82,22 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
+/// Makes `cmd`'s process die with the thread that spawns it (`PR_SET_PDEATHSIG`), so a
+/// test runner killed outright leaves no daemon, client or namespace holder behind (a normal
+/// failure kills them in `Drop`).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(2) is async-signal-safe and only sets a flag of the child itself.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Mode bits of a path (`st_mode & 0o7777`).
 pub fn mode_of(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;

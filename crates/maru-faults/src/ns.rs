@@ -20,7 +20,9 @@ fn ns_of(pid: &str) -> Option<PathBuf> {
 
 impl MountNs {
     pub fn new() -> Result<MountNs, String> {
-        let mut holder = Command::new("unshare")
+        let mut cmd = Command::new("unshare");
+        crate::die_with_parent(&mut cmd);
+        let mut holder = cmd
             .args(["-m", "--propagation", "private", "sleep", "3600"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

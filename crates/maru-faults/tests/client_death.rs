@@ -136,6 +136,11 @@ fn client_killed_in_the_middle_of_a_batch_store() {
     });
     assert!(ok, "second batch never registered anything");
     a.kill();
+    // Once the server has seen the connection close it has applied whatever arrived before.
+    let ok = wait_until(Duration::from_secs(10), || {
+        c.server_regions().iter().all(|r| !r.owner_connected)
+    });
+    assert!(ok, "the server did not notice the writer's death");
     let keys_at_kill = maru_faults::daemon::server_stats(&mut admin).keys;
 
     // Whatever got registered is whole and intact; the rest is absent.
