@@ -425,20 +425,23 @@ def main() -> int:
     ap.add_argument("--maru", help="maru executable for `maru up` and the floors")
     ap.add_argument("--pool-dir", default="/dev/shm", help="where the temporary pool goes")
     ap.add_argument("--no-floor", action="store_true", help="do not measure floors (maru bench does)")
+    ap.add_argument("--quiet", action="store_true", help="no table, only the JSON report")
     a = ap.parse_args()
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     iters, batch_iters = PLANS[mode]
     log_to = sys.stderr if a.json == "-" else sys.stdout
 
     def log(r: dict[str, Any]) -> None:
-        print(fmt_row(r), file=log_to, flush=True)
+        if not a.quiet:
+            print(fmt_row(r), file=log_to, flush=True)
 
     def run(urls: list[str], maru: str | None) -> dict[str, Any]:
         urls = [u for u in urls if a.transport in ("both", transport_of(u))]
         floor = None if a.no_floor or maru is None else floors(maru, mode)
         results: list[dict[str, Any]] = []
         for u in urls:
-            print(f"== python, {transport_of(u)} ({u}); * = another thread burning CPU", file=log_to, flush=True)
+            if not a.quiet:
+                print(f"== python, {transport_of(u)} ({u}); * = another thread burning CPU", file=log_to, flush=True)
             results.extend(rows_for(u, iters, batch_iters, log))
         if floor:
             for r in results:

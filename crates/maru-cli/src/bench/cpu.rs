@@ -187,3 +187,19 @@ fn make_idle_class() -> bool {
     // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 }
 }
+
+/// Sets the calling thread's timer slack (how late the kernel may fire its timers, so they
+/// can share an interrupt); returns the previous value.
+pub fn set_timer_slack_ns(ns: u64) -> u64 {
+    // SAFETY: PR_GET_TIMERSLACK / PR_SET_TIMERSLACK take and return plain integers and affect
+    // only the calling thread.
+    unsafe {
+        let old = libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0);
+        libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0);
+        if old > 0 {
+            old as u64
+        } else {
+            50_000
+        }
+    }
+}

@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// Run only these sections (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Section>,
+    /// Chunk sizes of the size-dependent rows (default 4K,64K,1M,4M; the key and batch rows
+    /// run with 4K).
+    #[arg(long, value_delimiter = ',', value_parser = crate::format::parse_size)]
+    pub sizes: Vec<u64>,
     /// Directory for the temporary pool, sockets and scratch files (tmpfs).
     #[arg(long, default_value = "/dev/shm")]
     pub pool_dir: PathBuf,
@@ -204,6 +208,8 @@ pub struct Bench {
     redis: Vec<Row>,
     /// Where the live table goes (stderr when the JSON report goes to stdout).
     out: Box<dyn Write>,
+    /// Set while diagnostic rows are measured: their `api` (e.g. `raw`).
+    api: Option<&'static str>,
 }
 
 impl Bench {
@@ -225,7 +231,10 @@ impl Bench {
         self.push_with(t, row, None)
     }
 
-    fn push_with(&mut self, t: Transport, row: Row, probe: Option<Probe>) {
+    fn push_with(&mut self, t: Transport, mut row: Row, probe: Option<Probe>) {
+        if let Some(api) = self.api {
+            row.api = api.into();
+        }
         let row = match self.with_floor(t, row.clone(), probe) {
             Ok(r) => r,
             Err(e) => row.note(format!("floor not measured: {e:#}")),
@@ -510,7 +519,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         "full"
     };
-    let plan = Plan::new(mode);
+    let mut plan = Plan::new(mode);
+    if !args.sizes.is_empty() {
+        plan.sizes = args.sizes.clone();
+    }
     let on = |s: Section| args.only.is_empty() || args.only.contains(&s);
     let to_stdout = args.json.as_deref() == Some("-");
     let out: Box<dyn Write> = if to_stdout {
@@ -562,6 +574,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         rows: Vec::new(),
         redis: Vec::new(),
         out,
+        api: None,
     };
     let _ = writeln!(
         b.out,
@@ -662,7 +675,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             b.section("Redis side by side (same client style, persistence off)");
             let r = cpu::on_server_side(|| redis::Redis::start(&scratch.path))?;
-            redis::run(&mut b, &r, &transports)?;
+            redis::run(&mut b, &r, &transports, &urls)?;
             drop(r);
         }
     }
@@ -768,12 +781,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gives each Redis row the matching Maru row (Rust client, same transport): ratio =
-/// Maru p50 / Redis p50.
+/// Redis rows carry their interleaved Maru measurement (see `redis::paired`); rows without
+/// one get the matching Maru row of this run (Rust client, same transport).
 fn compare_redis(maru: &[Row], redis: Vec<Row>) -> Vec<Row> {
     redis
         .into_iter()
         .map(|mut r| {
+            if r.ratio.is_some() {
+                return r;
+            }
             let Some((op, chunk, batch)) = redis::maru_match(&r) else {
                 return r;
             };

@@ -74,7 +74,8 @@ pub fn locate(python: Option<&Path>) -> Result<(PathBuf, PathBuf), String> {
 /// Runs bench.py against `urls` and returns its rows (api `python`, floors not yet set).
 pub fn run(py: &Path, script: &Path, urls: &[String], mode: &str) -> anyhow::Result<Vec<Row>> {
     let mut cmd = Command::new(py);
-    cmd.arg(script).args(["--json", "-", "--no-floor"]);
+    cmd.arg(script)
+        .args(["--json", "-", "--no-floor", "--quiet"]);
     if mode != "full" {
         cmd.arg(format!("--{mode}"));
     }

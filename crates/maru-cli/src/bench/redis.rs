@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 
 use super::daemons::{track_child, untrack_child};
 use super::floor::Transport;
+use super::rows::{handler, prefill};
 use super::stats::{Row, Samples};
 use super::{keys, Bench};
 
@@ -188,75 +189,242 @@ impl Resp {
     }
 }
 
-/// Measures the Redis rows on both transports.
-pub fn run(b: &mut Bench, r: &Redis, transports: &[Transport]) -> anyhow::Result<()> {
+/// A Redis row measured call by call against the matching Maru call: `redis(i)` and
+/// `maru(i)` each return the duration of the part they time, and alternate, so both servers
+/// are compared under the same conditions (load on a shared machine moves within seconds).
+#[allow(clippy::too_many_arguments)]
+fn paired(
+    b: &mut Bench,
+    t: Transport,
+    op: &str,
+    chunk: u64,
+    batch: u32,
+    maru_op: &str,
+    n: usize,
+    mut redis: impl FnMut(usize) -> anyhow::Result<Duration>,
+    mut maru: impl FnMut(usize) -> anyhow::Result<Duration>,
+) -> anyhow::Result<()> {
+    let (mut rs, mut ms) = (Samples::with_capacity(n), Samples::with_capacity(n));
+    for i in 0..n + 3 {
+        let (r, m) = (redis(i)?, maru(i)?);
+        if i >= 3 {
+            rs.push(r);
+            ms.push(m);
+        }
+    }
+    let mut row = Row::new(op, t.name(), chunk, batch, &rs.summary());
+    if op != "EXISTS" {
+        row = row.with_bytes(chunk * batch as u64);
+    }
+    let m = ms.summary();
+    row.floor = format!(
+        "maru {maru_op} {} x{batch} {:.2} us (interleaved)",
+        super::size(if chunk == 64 { 4096 } else { chunk }),
+        m.p50_us
+    );
+    row.floor_us = Some(super::stats::round3(m.p50_us));
+    if row.p50_us > 0.0 {
+        row.ratio = Some(super::stats::round3(m.p50_us / row.p50_us));
+    }
+    b.push_redis(row);
+    Ok(())
+}
+
+fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Duration)> {
+    let t0 = Instant::now();
+    let v = f()?;
+    Ok((v, t0.elapsed()))
+}
+
+/// Measures the Redis rows on each transport, each against the matching Maru call on the
+/// Maru server of the same transport (`urls`, in the order of `transports`).
+pub fn run(
+    b: &mut Bench,
+    r: &Redis,
+    transports: &[Transport],
+    urls: &[String],
+) -> anyhow::Result<()> {
     let small = vec![0x61u8; 64];
-    for &t in transports {
+    let region = b.plan.region;
+    for (&t, url) in transports.iter().zip(urls) {
         let mut c = r.connect(t)?;
         let mut out = Vec::new();
         let n = b.plan.iters;
 
+        // Metadata: 64-byte values against Maru's key operations on 4 KiB chunks.
+        let h = handler(url, 4096, region, true)?;
+        let page = vec![0x63u8; 4096];
+        let pages = (region / 4096) as usize;
         let ks = keys(256);
-        let mut s = Samples::with_capacity(n);
-        for i in 0..n {
-            out.clear();
-            s.time(|| c.call(&[b"SET", &ks[i % ks.len()], &small], &mut out))?;
-        }
-        b.push_redis(Row::new("SET", t.name(), 64, 1, &s.summary()).with_bytes(64));
-        let mut s = Samples::with_capacity(n);
-        for i in 0..n {
-            out.clear();
-            s.time(|| c.call(&[b"GET", &ks[i % ks.len()]], &mut out))?;
-            if out.len() != 64 {
-                bail!("redis GET returned {} bytes", out.len());
-            }
-        }
-        b.push_redis(Row::new("GET", t.name(), 64, 1, &s.summary()).with_bytes(64));
-        let mut s = Samples::with_capacity(n);
-        for i in 0..n {
-            out.clear();
-            s.time(|| c.call(&[b"EXISTS", &ks[i % ks.len()]], &mut out))?;
-        }
-        b.push_redis(Row::new("EXISTS", t.name(), 64, 1, &s.summary()));
+        let stored = prefill(&h, 256, &page)?;
+        let mut live: Vec<Vec<u8>> = Vec::new();
+        let mut fresh = keys(n + 3).into_iter();
+        paired(
+            b,
+            t,
+            "SET",
+            64,
+            1,
+            "store",
+            n,
+            |i| {
+                out.clear();
+                Ok(timed(|| Ok(c.call(&[b"SET", &ks[i % ks.len()], &small], &mut out)?))?.1)
+            },
+            |_| {
+                if live.len() + 256 >= pages {
+                    let r: Vec<&[u8]> = live.iter().map(|k| k.as_slice()).collect();
+                    h.batch_delete(&r)?;
+                    live.clear();
+                }
+                let key = fresh.next().context("out of keys")?;
+                let d = timed(|| {
+                    let p = h.alloc(4096)?;
+                    p.write_at(0, &page)?;
+                    Ok(h.store_handle(&key, &p)?)
+                })?
+                .1;
+                live.push(key);
+                Ok(d)
+            },
+        )?;
+        let r: Vec<&[u8]> = live.iter().map(|k| k.as_slice()).collect();
+        h.batch_delete(&r)?;
         for k in &ks {
             c.call(&[b"SET", k, &small], &mut out)?;
         }
+        paired(
+            b,
+            t,
+            "GET",
+            64,
+            1,
+            "retrieve",
+            n,
+            |i| {
+                out.clear();
+                let d = timed(|| Ok(c.call(&[b"GET", &ks[i % ks.len()]], &mut out)?))?.1;
+                if out.len() != 64 {
+                    bail!("redis GET returned {} bytes", out.len());
+                }
+                Ok(d)
+            },
+            |i| Ok(timed(|| Ok(h.retrieve(&stored[i % stored.len()])?))?.1),
+        )?;
+        paired(
+            b,
+            t,
+            "EXISTS",
+            64,
+            1,
+            "exists",
+            n,
+            |i| {
+                out.clear();
+                Ok(timed(|| Ok(c.call(&[b"EXISTS", &ks[i % ks.len()]], &mut out)?))?.1)
+            },
+            |i| Ok(timed(|| Ok(h.exists(&stored[i % stored.len()])?))?.1),
+        )?;
         for &m in &[32usize, 256] {
             let mut args: Vec<&[u8]> = vec![b"MGET"];
             args.extend(ks.iter().take(m).map(|k| k.as_slice()));
-            let mut s = Samples::with_capacity(b.plan.batch_iters);
-            for _ in 0..b.plan.batch_iters {
-                out.clear();
-                s.time(|| c.call(&args, &mut out))?;
-                if out.len() != 64 * m {
-                    bail!("redis MGET returned {} bytes", out.len());
-                }
-            }
-            b.push_redis(
-                Row::new("MGET", t.name(), 64, m as u32, &s.summary()).with_bytes(64 * m as u64),
-            );
+            let mk: Vec<&[u8]> = stored.iter().take(m).map(|k| k.as_slice()).collect();
+            paired(
+                b,
+                t,
+                "MGET",
+                64,
+                m as u32,
+                "batch_retrieve",
+                b.plan.batch_iters,
+                |_| {
+                    out.clear();
+                    let d = timed(|| Ok(c.call(&args, &mut out)?))?.1;
+                    if out.len() != 64 * m {
+                        bail!("redis MGET returned {} bytes", out.len());
+                    }
+                    Ok(d)
+                },
+                |_| Ok(timed(|| Ok(h.batch_retrieve(&mk)?))?.1),
+            )?;
         }
+        let r: Vec<&[u8]> = stored.iter().map(|k| k.as_slice()).collect();
+        h.batch_delete(&r)?;
+        h.close();
 
-        // The data path: the chunk itself goes through Redis.
+        // The data path: the chunk itself goes through Redis; Maru writes it into shared
+        // memory (store) and copies it out (retrieve_copy).
         for &chunk in &b.plan.sizes.clone() {
+            let h = handler(url, chunk, region, true)?;
+            let pages = (region / chunk) as usize;
             let data = vec![0x62u8; chunk as usize];
             let iters = super::floor::copy_iters(n, chunk);
             let ks = keys(16);
-            let mut s = Samples::with_capacity(iters);
-            for i in 0..iters {
-                out.clear();
-                s.time(|| c.call(&[b"SET", &ks[i % ks.len()], &data], &mut out))?;
-            }
-            b.push_redis(Row::new("SET", t.name(), chunk, 1, &s.summary()).with_bytes(chunk));
-            let mut s = Samples::with_capacity(iters);
-            for i in 0..iters {
-                out.clear();
-                s.time(|| c.call(&[b"GET", &ks[i % ks.len()]], &mut out))?;
-                if out.len() != chunk as usize {
-                    bail!("redis GET returned {} bytes", out.len());
-                }
-            }
-            b.push_redis(Row::new("GET", t.name(), chunk, 1, &s.summary()).with_bytes(chunk));
+            let mut live: Vec<Vec<u8>> = Vec::new();
+            let mut fresh = keys(iters + 3).into_iter();
+            paired(
+                b,
+                t,
+                "SET",
+                chunk,
+                1,
+                "store",
+                iters,
+                |i| {
+                    out.clear();
+                    Ok(timed(|| Ok(c.call(&[b"SET", &ks[i % ks.len()], &data], &mut out)?))?.1)
+                },
+                |_| {
+                    if live.len() + 1 >= pages {
+                        let r: Vec<&[u8]> = live.iter().map(|k| k.as_slice()).collect();
+                        h.batch_delete(&r)?;
+                        live.clear();
+                    }
+                    let key = fresh.next().context("out of keys")?;
+                    let d = timed(|| {
+                        let p = h.alloc(chunk)?;
+                        p.write_at(0, &data)?;
+                        Ok(h.store_handle(&key, &p)?)
+                    })?
+                    .1;
+                    live.push(key);
+                    Ok(d)
+                },
+            )?;
+            let r: Vec<&[u8]> = live.iter().map(|k| k.as_slice()).collect();
+            h.batch_delete(&r)?;
+            let stored = prefill(&h, 8.min(pages - 1), &data)?;
+            let mut dst = vec![0u8; chunk as usize];
+            paired(
+                b,
+                t,
+                "GET",
+                chunk,
+                1,
+                "retrieve_copy",
+                iters,
+                |i| {
+                    out.clear();
+                    let d = timed(|| Ok(c.call(&[b"GET", &ks[i % ks.len()]], &mut out)?))?.1;
+                    if out.len() != chunk as usize {
+                        bail!("redis GET returned {} bytes", out.len());
+                    }
+                    Ok(d)
+                },
+                |i| {
+                    Ok(timed(|| {
+                        let v = h
+                            .retrieve(&stored[i % stored.len()])?
+                            .context("stored key not found")?;
+                        v.mapping().read_at(v.offset(), &mut dst[..v.len()])?;
+                        Ok(())
+                    })?
+                    .1)
+                },
+            )?;
+            let r: Vec<&[u8]> = stored.iter().map(|k| k.as_slice()).collect();
+            h.batch_delete(&r)?;
+            h.close();
             let mut args: Vec<&[u8]> = vec![b"DEL"];
             args.extend(ks.iter().map(|k| k.as_slice()));
             c.call(&args, &mut out)?;

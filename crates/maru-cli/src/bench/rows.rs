@@ -185,6 +185,7 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
 
         if chunk == 4 * KIB {
             key_ops(b, t, &h, &stored, &data)?;
+            diagnostics(b, t, url, &h, &stored)?;
             batches(b, t, &h, pages, &data)?;
         }
         h.batch_delete(&refs(&stored))?;
@@ -265,6 +266,52 @@ fn key_ops(
     })?;
     h.batch_delete(&refs(&pending))?;
     Ok(())
+}
+
+/// Where the time of a call goes, as extra rows (api `raw`, `rust-slack`; not targets):
+/// `exists` through the plain blocking RPC of maru-proto (no GIL-aware wait: the server and
+/// the socket only), and through the handler with the thread's timer slack raised to 4 ms
+/// (the short `ppoll` timeout of the GIL-aware wait then needs no timer of its own; see
+/// docs/PERFORMANCE.md).
+fn diagnostics(
+    b: &mut Bench,
+    t: Transport,
+    url: &str,
+    h: &MaruHandler,
+    stored: &[Vec<u8>],
+) -> anyhow::Result<()> {
+    let n = b.plan.iters;
+    let (host, pid, start_time) = maru_proto::rpc::local_identity();
+    let hello = maru_proto::Hello {
+        role: maru_proto::Role::Admin,
+        instance_id: "",
+        host: &host,
+        pid,
+        start_time,
+        session_token: None,
+    };
+    let parsed: maru_proto::ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut raw = maru_proto::rpc::Conn::connect(&parsed, &hello, Duration::from_secs(10))?;
+    b.api = Some("raw");
+    let r = measure(b, t, "exists", 4 * KIB, 1, None, n, |i, tick| {
+        let key = &stored[i % stored.len()];
+        tick()?;
+        let (resp, d) = timed(|| Ok(raw.call(&maru_proto::Request::Exists { key })?))?;
+        if resp != maru_proto::Response::Bool(true) {
+            bail!("raw exists answered {resp:?}");
+        }
+        Ok(d)
+    });
+    b.api = Some("rust-slack");
+    let old = super::cpu::set_timer_slack_ns(4_000_000);
+    let r2 = measure(b, t, "exists", 4 * KIB, 1, None, n, |i, tick| {
+        tick()?;
+        Ok(timed(|| Ok(h.exists(&stored[i % stored.len()])?))?.1)
+    });
+    super::cpu::set_timer_slack_ns(old);
+    b.api = None;
+    let _ = raw.call(&maru_proto::Request::Goodbye);
+    r.and(r2)
 }
 
 /// batch_store, batch_retrieve and batch_exists of 32 and 256 keys of 4 KiB chunks.
