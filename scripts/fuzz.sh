@@ -19,8 +19,13 @@ if ! cargo +nightly --version >/dev/null 2>&1; then
     exit 0
 fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    echo "== fuzz: SKIPPED: cargo-fuzz is not installed (cargo install cargo-fuzz)"
-    exit 0
+    # A fresh machine has the toolchain but not the cargo subcommand: install it (a few
+    # minutes of compiling, once per machine).
+    echo "== fuzz: installing cargo-fuzz"
+    if ! cargo install cargo-fuzz --locked --quiet >/dev/null 2>&1; then
+        echo "== fuzz: SKIPPED: cargo-fuzz could not be installed (cargo install cargo-fuzz)"
+        exit 0
+    fi
 fi
 
 cd fuzz
