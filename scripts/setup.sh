@@ -21,6 +21,15 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     fi
 fi
 
+# Redis runs side by side in `maru bench` (skipped there when absent). RUNLEVEL=1 keeps the
+# package's init script from starting a redis-server that would outlive this script.
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: redis-server (for maru bench)"
+    { RUNLEVEL=1 apt-get install -y -qq redis-server >/dev/null 2>&1 \
+        || { apt-get update -qq && RUNLEVEL=1 apt-get install -y -qq redis-server >/dev/null; }; } \
+        || echo "setup: redis-server not installed; maru bench will skip its Redis rows" >&2
+fi
+
 echo "setup: Python environment (.venv)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "maturin>=1.5,<2" "pytest>=7" >/dev/null
