@@ -363,15 +363,45 @@ def find_maru(explicit: str | None) -> str:
     sys.exit("bench.py: no maru executable (build with cargo build --release, or pass --maru PATH)")
 
 
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+
+
+def pinned(cpus: set[int]) -> Callable[[], None]:
+    """A preexec_fn that pins the child to cpus."""
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 @contextmanager
-def maru_up(maru: str, pool_dir: str) -> Iterator[dict[str, Any]]:
-    """A `maru up` on a temporary pool under pool_dir, on ports the OS picks."""
+def spinners(on: bool) -> Iterator[None]:
+    """One SCHED_IDLE busy loop per CPU, as `maru bench` runs: a halted vCPU takes tens of
+    microseconds to wake, which would land on random round trips. They yield at once to any
+    real work."""
+    procs = []
+    if on:
+        for c in ALL_CPUS:
+            def pre(c: int = c) -> None:
+                os.sched_setaffinity(0, {c})
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+            procs.append(subprocess.Popen(["sh", "-c", "while :; do :; done"], preexec_fn=pre))
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@contextmanager
+def maru_up(maru: str, pool_dir: str, cpus: set[int]) -> Iterator[dict[str, Any]]:
+    """A `maru up` on a temporary pool under pool_dir, on ports the OS picks, on cpus."""
     work = tempfile.mkdtemp(prefix="maru-bench-py-", dir=pool_dir)
     ready = os.path.join(work, "ready.json")
     proc = subprocess.Popen(
         [maru, "up", "--port", "0", "--rm-port", "0", "--pool-size", "1G", "--pool-dir", work,
          "--state-dir", os.path.join(work, "state"), "--ready-file", ready, "--log-level", "warn"],
         stdout=subprocess.DEVNULL,
+        preexec_fn=pinned(cpus),
     )
     try:
         deadline = time.monotonic() + 30
@@ -398,7 +428,11 @@ def floors(maru: str, mode: str) -> dict[str, Any] | None:
     if mode != "full":
         args.append("--quick")
     try:
-        out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=120).stdout
+        # It places itself (client and echo threads on the CPUs this script uses for itself
+        # and for `maru up`), so it starts unpinned.
+        out = subprocess.run(
+            args, check=True, capture_output=True, text=True, timeout=120, preexec_fn=pinned(set(ALL_CPUS))
+        ).stdout
         return json.loads(out)["floor"]
     except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
         print(f"bench.py: no floors ({e})", file=sys.stderr)
@@ -426,6 +460,7 @@ def main() -> int:
     ap.add_argument("--pool-dir", default="/dev/shm", help="where the temporary pool goes")
     ap.add_argument("--no-floor", action="store_true", help="do not measure floors (maru bench does)")
     ap.add_argument("--quiet", action="store_true", help="no table, only the JSON report")
+    ap.add_argument("--let-cpus-idle", action="store_true", help="standalone: no SCHED_IDLE spinners")
     a = ap.parse_args()
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     iters, batch_iters = PLANS[mode]
@@ -454,8 +489,12 @@ def main() -> int:
     if a.server:
         report = run(a.server, None if a.no_floor else find_maru(a.maru))
     else:
+        # As `maru bench --placement spread`: the daemons on the second CPU, this process (and
+        # the thread that burns CPU in the contended rows) on the first.
         maru = find_maru(a.maru)
-        with maru_up(maru, a.pool_dir) as ready:
+        client, server = {ALL_CPUS[0]}, {ALL_CPUS[min(1, len(ALL_CPUS) - 1)]}
+        with spinners(not a.let_cpus_idle), maru_up(maru, a.pool_dir, server) as ready:
+            os.sched_setaffinity(0, client)
             report = run([u for u in (ready.get("tcp"), ready.get("unix")) if u], maru)
     if a.json == "-":
         json.dump(report, sys.stdout, indent=1)
