@@ -12,9 +12,25 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 
+# Everything the test runners print also goes to a log, for the totals line at the end.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
 echo "== cargo test (release profile: shares the build above)"
-cargo test --release --workspace --exclude maru-py
+cargo test --release --workspace --exclude maru-py 2>&1 | tee -a "$log"
 
 echo "== pytest"
-MARU_BIN_DIR="$PWD/target/release" .venv/bin/python -m pytest -q tests/python
+MARU_BIN_DIR="$PWD/target/release" .venv/bin/python -m pytest -q tests/python 2>&1 | tee -a "$log"
 ./scripts/fuzz.sh   # every decoder fuzzed FUZZ_SECONDS (60) each; skips without nightly + cargo-fuzz
+
+# One line with the totals of both runners (cargo's "test result:" lines and pytest's summary).
+.venv/bin/python - "$log" <<'PY'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+passed = failed = 0
+for m in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed", text):
+    passed += int(m.group(1)); failed += int(m.group(2))
+for m in re.finditer(r"^=*\s*(?:(\d+) failed, )?(\d+) passed", text, re.M):
+    failed += int(m.group(1) or 0); passed += int(m.group(2))
+print(f"tests: {passed} passed, {failed} failed")
+PY
