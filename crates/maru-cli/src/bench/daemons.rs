@@ -81,19 +81,24 @@ impl Drop for Scratch {
     }
 }
 
-/// A resource manager and a metadata server in this process on a temporary pool.
+/// The daemons a run measures: a resource manager and a metadata server on a temporary pool,
+/// in this process (like `maru up`, the default), or in a `maru up` child process (what a
+/// deployment looks like: the client and the server are different processes).
 pub struct Embedded {
     rm: Option<maru_rm::RmHandle>,
     server: Option<maru_server::ServerHandle>,
+    child: Option<std::process::Child>,
     pub tcp_url: String,
     pub unix_url: String,
+    /// The process the server runs in (for its memory).
+    pub pid: u32,
     // Last: removed after both daemons stopped.
     _dir: Scratch,
 }
 
 impl Embedded {
-    /// Starts both daemons on a `pool_bytes` pool under `pool_dir` (sparse: only regions that
-    /// are populated take memory).
+    /// Starts both daemons in this process on a `pool_bytes` pool under `pool_dir` (sparse:
+    /// only regions that are populated take memory).
     pub fn start(pool_dir: &Path, pool_bytes: u64, tag: &str) -> anyhow::Result<Embedded> {
         let dir = Scratch::new(pool_dir, tag)?;
         let pool_bytes = pool_bytes.div_ceil(HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE;
@@ -130,6 +135,63 @@ impl Embedded {
             unix_url: format!("unix://{}", sock.display()),
             rm: Some(rm),
             server: Some(server),
+            child: None,
+            pid: std::process::id(),
+            _dir: dir,
+        })
+    }
+
+    /// Starts `maru up` (this executable) as a child process on a temporary pool; the child
+    /// inherits the calling thread's CPU placement.
+    pub fn start_process(pool_dir: &Path, pool_bytes: u64, tag: &str) -> anyhow::Result<Embedded> {
+        let dir = Scratch::new(pool_dir, tag)?;
+        let ready = dir.path.join("ready.json");
+        let exe = std::env::current_exe().context("cannot find the maru executable")?;
+        let mut child = std::process::Command::new(exe)
+            .args(["up", "--port", "0", "--rm-port", "0", "--log-level", "warn"])
+            .arg("--pool-size")
+            .arg(pool_bytes.to_string())
+            .arg("--pool-dir")
+            .arg(&dir.path)
+            .arg("--state-dir")
+            .arg(dir.path.join("state"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start maru up")?;
+        track_child(child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let text = loop {
+            if let Ok(t) = std::fs::read_to_string(&ready) {
+                break t;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                untrack_child(child.id());
+                anyhow::bail!("maru up exited at start: {status}");
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                untrack_child(child.id());
+                anyhow::bail!("maru up was not ready within 30 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let url = |k: &str| {
+            v[k].as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("maru up's ready file has no {k}"))
+        };
+        Ok(Embedded {
+            tcp_url: url("tcp")?,
+            unix_url: url("unix")?,
+            pid: child.id(),
+            rm: None,
+            server: None,
+            child: Some(child),
             _dir: dir,
         })
     }
@@ -142,6 +204,18 @@ impl Drop for Embedded {
         }
         if let Some(r) = self.rm.take() {
             r.shutdown();
+        }
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM: `maru up` says goodbye to its clients and removes its pool file.
+            // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            untrack_child(c.id());
         }
     }
 }
@@ -156,10 +230,10 @@ pub fn hugetlbfs_mount() -> Option<PathBuf> {
     })
 }
 
-/// Anonymous resident memory of this process (heap, stacks), in bytes: what the server's
+/// Anonymous resident memory of process `pid` (heap, stacks), in bytes: what the server's
 /// tables cost, without the shared-memory pages mapped by clients in the same process.
-pub fn rss_anon_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+pub fn rss_anon_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)

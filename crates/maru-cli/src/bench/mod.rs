@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// Redis) to the second, so every round trip crosses cores the same way.
     #[arg(long, value_enum, default_value_t = cpu::Placement::Spread)]
     pub placement: cpu::Placement,
+    /// Run the embedded daemons in this process (default, like `maru up`) or in a `maru up`
+    /// child process (client and server in different processes, as deployed).
+    #[arg(long, value_enum, default_value_t = DaemonsArg::InProcess)]
+    pub daemons: DaemonsArg,
     /// Internal: run as a worker process of another `maru bench`.
     #[arg(long, hide = true)]
     pub worker: Option<String>,
@@ -101,6 +105,12 @@ pub enum TransportArg {
     Tcp,
     Unix,
     Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DaemonsArg {
+    InProcess,
+    Process,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -541,8 +551,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let embedded = if args.server.is_empty() && !floors_only {
         // Room for the largest connect pool, the 1 GiB cross-process region and the rows'
         // own regions at once; sparse, so only what is populated takes memory.
-        Some(cpu::on_server_side(|| {
-            Embedded::start(&args.pool_dir, 4 * GIB, "pool")
+        Some(cpu::on_server_side(|| match args.daemons {
+            DaemonsArg::InProcess => Embedded::start(&args.pool_dir, 4 * GIB, "pool"),
+            DaemonsArg::Process => Embedded::start_process(&args.pool_dir, 4 * GIB, "pool"),
         })?)
     } else {
         None
@@ -683,8 +694,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if on(Section::Registry) && !urls.is_empty() {
         let _ = writeln!(b.out, "\n== Server memory per key and batched registration");
         let n = b.plan.registry_keys;
-        let reg =
-            registry::run(&urls[0], n, embedded.is_some()).context("registration benchmark")?;
+        let reg = registry::run(&urls[0], n, embedded.as_ref().map(|e| e.pid))
+            .context("registration benchmark")?;
         let _ = writeln!(
             b.out,
             "{} keys of {} bytes: {} bytes/key, {:.0} keys/s registered (batches of {}), {:.0} keys/s deleted",

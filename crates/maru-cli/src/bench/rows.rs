@@ -268,11 +268,14 @@ fn key_ops(
     Ok(())
 }
 
-/// Where the time of a call goes, as extra rows (api `raw`, `rust-slack`; not targets):
-/// `exists` through the plain blocking RPC of maru-proto (no GIL-aware wait: the server and
-/// the socket only), and through the handler with the thread's timer slack raised to 4 ms
-/// (the short `ppoll` timeout of the GIL-aware wait then needs no timer of its own; see
-/// docs/PERFORMANCE.md).
+/// Where the time of a call goes, as extra rows (not targets). `exists` back to back — not
+/// interleaved with floor ping-pongs, which keep the server's CPU busy in between — in blocks
+/// of 100 calls that rotate between: the raw floor (echo ping-pong of the same sizes, api
+/// `floor`), the plain blocking RPC of maru-proto (api `raw`: the server and the socket, no
+/// GIL-aware wait), the handler (api `rust-b2b`), and the handler with the thread's timer
+/// slack raised to 4 ms (api `rust-slack`: the short `ppoll` of the GIL-aware wait then needs
+/// no timer of its own; see docs/PERFORMANCE.md). Every row's ratio is against the floor
+/// blocks of the same rotation.
 fn diagnostics(
     b: &mut Bench,
     t: Transport,
@@ -280,7 +283,8 @@ fn diagnostics(
     h: &MaruHandler,
     stored: &[Vec<u8>],
 ) -> anyhow::Result<()> {
-    let n = b.plan.iters;
+    const BLOCK: usize = 100;
+    let n = b.plan.iters.max(BLOCK);
     let (host, pid, start_time) = maru_proto::rpc::local_identity();
     let hello = maru_proto::Hello {
         role: maru_proto::Role::Admin,
@@ -292,26 +296,48 @@ fn diagnostics(
     };
     let parsed: maru_proto::ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut raw = maru_proto::rpc::Conn::connect(&parsed, &hello, Duration::from_secs(10))?;
-    b.api = Some("raw");
-    let r = measure(b, t, "exists", 4 * KIB, 1, None, n, |i, tick| {
-        let key = &stored[i % stored.len()];
-        tick()?;
-        let (resp, d) = timed(|| Ok(raw.call(&maru_proto::Request::Exists { key })?))?;
-        if resp != maru_proto::Response::Bool(true) {
-            bail!("raw exists answered {resp:?}");
+    let mut probe = b.probe(t, "exists", 1)?;
+    let mut samples: [Samples; 3] = Default::default();
+    let mut k = 0usize;
+    let mut next_key = || {
+        k += 1;
+        &stored[k % stored.len()]
+    };
+    for _ in 0..n / BLOCK {
+        for _ in 0..BLOCK {
+            probe.tick()?;
         }
-        Ok(d)
-    });
-    b.api = Some("rust-slack");
-    let old = super::cpu::set_timer_slack_ns(4_000_000);
-    let r2 = measure(b, t, "exists", 4 * KIB, 1, None, n, |i, tick| {
-        tick()?;
-        Ok(timed(|| Ok(h.exists(&stored[i % stored.len()])?))?.1)
-    });
-    super::cpu::set_timer_slack_ns(old);
-    b.api = None;
+        for _ in 0..BLOCK {
+            let key = next_key();
+            let (resp, d) = timed(|| Ok(raw.call(&maru_proto::Request::Exists { key })?))?;
+            if resp != maru_proto::Response::Bool(true) {
+                bail!("raw exists answered {resp:?}");
+            }
+            samples[0].push(d);
+        }
+        for _ in 0..BLOCK {
+            let key = next_key();
+            samples[1].push(timed(|| Ok(h.exists(key)?))?.1);
+        }
+        let old = super::cpu::set_timer_slack_ns(4_000_000);
+        for _ in 0..BLOCK {
+            let key = next_key();
+            samples[2].push(timed(|| Ok(h.exists(key)?))?.1);
+        }
+        super::cpu::set_timer_slack_ns(old);
+    }
     let _ = raw.call(&maru_proto::Request::Goodbye);
-    r.and(r2)
+    let floor = probe.samples.clone();
+    for (api, s) in ["raw", "rust-b2b", "rust-slack"].iter().zip(samples) {
+        let mut p = b.probe(t, "exists", 1)?;
+        p.samples = floor.clone();
+        b.api = Some(api);
+        let row = Row::new("exists", t.name(), 4 * KIB, 1, &s.summary())
+            .note("back to back, blocks of 100 rotating with the floor");
+        b.push_probed(t, row, p);
+    }
+    b.api = None;
+    Ok(())
 }
 
 /// batch_store, batch_retrieve and batch_exists of 32 and 256 keys of 4 KiB chunks.
