@@ -41,7 +41,7 @@ pub struct RttFloor {
     pub p50_us: f64,
     pub p99_us: f64,
     pub samples: usize,
-    /// The row it was measured for (interleaved with it, or right after it).
+    /// The row it was measured for (alternating with it in blocks, or right after it).
     pub row: String,
 }
 
@@ -129,7 +129,7 @@ impl Floors {
         f
     }
 
-    /// An echo connection for a ping-pong interleaved with a row's own calls: one floor
+    /// An echo connection for ping-pongs that alternate with a row's own calls in blocks;
     /// sample before each call, so both see the same machine (other work, idle states).
     pub fn probe(&self, t: Transport, req: usize, resp: usize) -> anyhow::Result<Probe> {
         Probe::start(t, &self.dir, req, resp)

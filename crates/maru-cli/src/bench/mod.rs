@@ -223,7 +223,7 @@ pub struct Bench {
 }
 
 impl Bench {
-    /// An echo connection with the wire sizes of `op` over `batch` keys, to interleave floor
+    /// An echo connection with the wire sizes of `op` over `batch` keys, to alternate floor
     /// samples with the row's calls.
     pub fn probe(&self, t: Transport, op: &str, batch: u32) -> anyhow::Result<Probe> {
         let w = wire::wire_of(op, batch as usize, &key_of(0), &self.region)
@@ -231,7 +231,7 @@ impl Bench {
         self.floors.probe(t, w.req, w.resp)
     }
 
-    /// Attaches the floor measured by `probe` (interleaved with the row) and prints the row.
+    /// Attaches the floor measured by `probe` (alternating with the row) and prints the row.
     pub fn push_probed(&mut self, t: Transport, row: Row, probe: Probe) {
         self.push_with(t, row, Some(probe))
     }
@@ -304,7 +304,7 @@ impl Bench {
                 let (rtt, how) = match probe {
                     Some(p) if p.samples.summary().n > 0 && p.sizes() == (w.req, w.resp) => (
                         self.floors.record(t, w.req, w.resp, &p.samples, &why),
-                        "interleaved",
+                        "alternating",
                     ),
                     _ => (self.floors.rtt(t, w.req, w.resp, &why)?, "after"),
                 };
@@ -792,7 +792,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Redis rows carry their interleaved Maru measurement (see `redis::paired`); rows without
+/// Redis rows carry their alternating Maru measurement (see `redis::paired`); rows without
 /// one get the matching Maru row of this run (Rust client, same transport).
 fn compare_redis(maru: &[Row], redis: Vec<Row>) -> Vec<Row> {
     redis

@@ -1,7 +1,8 @@
 //! Single-client rows through the Rust client (`maru_client::MaruHandler`), per transport:
 //! store (alloc + write + store of a new key), store of an existing key, retrieve (view
 //! only), retrieve + copy out, exists (hit, miss), delete, pin, unpin, and the batch forms.
-//! Each call is preceded by one floor ping-pong of the same wire sizes (see [`Bench::probe`]).
+//! Blocks of calls alternate with blocks of floor ping-pongs of the same wire sizes (see
+//! [`Bench::probe`]).
 
 use std::time::{Duration, Instant};
 
@@ -46,10 +47,11 @@ pub fn prefill(h: &MaruHandler, n: usize, data: &[u8]) -> anyhow::Result<Vec<Vec
     Ok(ks)
 }
 
-/// Times `n` calls of `f` and pushes the row. `f(i, tick)` does its untimed set-up, calls
-/// `tick()` — one floor ping-pong of `op`'s wire sizes — right before the part it times, and
-/// returns that part's duration. Floor and row thus alternate call by call and see the same
-/// machine.
+/// Times `n` calls of `f` and pushes the row. `f(i)` does its untimed set-up and returns the
+/// duration of the part it times. The floor — ping-pongs of `op`'s wire sizes — is measured
+/// in blocks that alternate with blocks of the row's calls, so both see the same minutes of
+/// the machine, while each keeps its own rhythm (a strict call-by-call alternation makes
+/// every server wake-up follow another thread's, a pattern no client produces).
 #[allow(clippy::too_many_arguments)]
 fn measure(
     b: &mut Bench,
@@ -59,18 +61,25 @@ fn measure(
     batch: u32,
     bytes_per_call: Option<u64>,
     n: usize,
-    mut f: impl FnMut(usize, &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration>,
+    mut f: impl FnMut(usize) -> anyhow::Result<Duration>,
 ) -> anyhow::Result<()> {
     let mut probe = b.probe(t, op, batch)?;
     let mut s = Samples::with_capacity(n);
-    // A few unrecorded calls first: the first call of a row pays for cold caches and lazily
-    // grown buffers, which is not what the row is about.
-    for i in 0..n + WARMUP {
-        let mut tick = || -> anyhow::Result<()> { Ok(probe.tick()?) };
-        let d = f(i, &mut tick)?;
-        if i >= WARMUP {
-            s.push(d);
+    let total = n + WARMUP;
+    let mut i = 0;
+    while i < total {
+        let end = (i + BLOCK).min(total);
+        for _ in i..end {
+            probe.tick()?;
         }
+        for j in i..end {
+            let d = f(j)?;
+            // The first calls of a row pay for cold caches and lazily grown buffers.
+            if j >= WARMUP {
+                s.push(d);
+            }
+        }
+        i = end;
     }
     probe.samples.drop_first(WARMUP);
     let mut row = Row::new(op, t.name(), chunk, batch, &s.summary());
@@ -81,6 +90,8 @@ fn measure(
     Ok(())
 }
 
+/// Calls per block of the alternation between a row and its floor.
+const BLOCK: usize = 50;
 const WARMUP: usize = 3;
 
 fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Duration)> {
@@ -101,13 +112,12 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         // region is full.
         let mut live: Vec<Vec<u8>> = Vec::with_capacity(pages);
         let mut fresh = keys(iters + 3).into_iter();
-        measure(b, t, "store", chunk, 1, Some(chunk), iters, |_, tick| {
+        measure(b, t, "store", chunk, 1, Some(chunk), iters, |_| {
             if live.len() == pages {
                 h.batch_delete(&refs(&live))?;
                 live.clear();
             }
             let key = fresh.next().context("out of keys")?;
-            tick()?;
             let (outcome, d) = timed(|| {
                 let page = h.alloc(chunk)?;
                 page.write_at(0, &data)?;
@@ -125,33 +135,22 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         // store of an existing key: the same three steps; the server says "existed" and the
         // client frees the page again (write-once keys).
         let existing = prefill(&h, 1, &data)?;
-        measure(
-            b,
-            t,
-            "store_existing",
-            chunk,
-            1,
-            Some(chunk),
-            iters,
-            |_, tick| {
-                tick()?;
-                let (outcome, d) = timed(|| {
-                    let page = h.alloc(chunk)?;
-                    page.write_at(0, &data)?;
-                    Ok(h.store_handle(&existing[0], &page)?)
-                })?;
-                if outcome != StoreOutcome::Deduplicated {
-                    bail!("store of an existing key was not deduplicated");
-                }
-                Ok(d)
-            },
-        )?;
+        measure(b, t, "store_existing", chunk, 1, Some(chunk), iters, |_| {
+            let (outcome, d) = timed(|| {
+                let page = h.alloc(chunk)?;
+                page.write_at(0, &data)?;
+                Ok(h.store_handle(&existing[0], &page)?)
+            })?;
+            if outcome != StoreOutcome::Deduplicated {
+                bail!("store of an existing key was not deduplicated");
+            }
+            Ok(d)
+        })?;
         h.batch_delete(&refs(&existing))?;
 
         // retrieve (view only) and retrieve + copy out, over a set of stored keys.
         let stored = prefill(&h, pages.saturating_sub(2).clamp(1, 256), &data)?;
-        measure(b, t, "retrieve", chunk, 1, None, b.plan.iters, |i, tick| {
-            tick()?;
+        measure(b, t, "retrieve", chunk, 1, None, b.plan.iters, |i| {
             let (view, d) = timed(|| Ok(h.retrieve(&stored[i % stored.len()])?))?;
             if view.is_none() {
                 bail!("retrieve of a stored key found nothing");
@@ -160,27 +159,17 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         })?;
 
         let mut out = vec![0u8; chunk as usize];
-        measure(
-            b,
-            t,
-            "retrieve_copy",
-            chunk,
-            1,
-            Some(chunk),
-            iters,
-            |i, tick| {
-                tick()?;
-                let ((), d) = timed(|| {
-                    let view = h
-                        .retrieve(&stored[i % stored.len()])?
-                        .context("stored key not found")?;
-                    view.mapping()
-                        .read_at(view.offset(), &mut out[..view.len()])?;
-                    Ok(())
-                })?;
-                Ok(d)
-            },
-        )?;
+        measure(b, t, "retrieve_copy", chunk, 1, Some(chunk), iters, |i| {
+            let ((), d) = timed(|| {
+                let view = h
+                    .retrieve(&stored[i % stored.len()])?
+                    .context("stored key not found")?;
+                view.mapping()
+                    .read_at(view.offset(), &mut out[..view.len()])?;
+                Ok(())
+            })?;
+            Ok(d)
+        })?;
         std::hint::black_box(&out);
 
         if chunk == 4 * KIB {
@@ -204,8 +193,7 @@ fn key_ops(
 ) -> anyhow::Result<()> {
     let n = b.plan.iters;
     let chunk = 4 * KIB;
-    measure(b, t, "exists", chunk, 1, None, n, |i, tick| {
-        tick()?;
+    measure(b, t, "exists", chunk, 1, None, n, |i| {
         let (found, d) = timed(|| Ok(h.exists(&stored[i % stored.len()])?))?;
         if !found {
             bail!("exists of a stored key said no");
@@ -213,8 +201,7 @@ fn key_ops(
         Ok(d)
     })?;
     let missing = keys(256);
-    measure(b, t, "exists_miss", chunk, 1, None, n, |i, tick| {
-        tick()?;
+    measure(b, t, "exists_miss", chunk, 1, None, n, |i| {
         let (found, d) = timed(|| Ok(h.exists(&missing[i % missing.len()])?))?;
         if found {
             bail!("exists of a missing key said yes");
@@ -224,19 +211,17 @@ fn key_ops(
 
     // pin and unpin alternate on one key; each row times its own call.
     let key = &stored[0];
-    measure(b, t, "pin", chunk, 1, None, n, |_, tick| {
-        tick()?;
+    measure(b, t, "pin", chunk, 1, None, n, |_| {
         let (ok, d) = timed(|| Ok(h.pin(key)?))?;
         if !ok || !h.unpin(key)? {
             bail!("pin/unpin of a stored key failed");
         }
         Ok(d)
     })?;
-    measure(b, t, "unpin", chunk, 1, None, n, |_, tick| {
+    measure(b, t, "unpin", chunk, 1, None, n, |_| {
         if !h.pin(key)? {
             bail!("pin of a stored key failed");
         }
-        tick()?;
         let (ok, d) = timed(|| Ok(h.unpin(key)?))?;
         if !ok {
             bail!("unpin of a pinned key failed");
@@ -252,12 +237,11 @@ fn key_ops(
         .sum::<usize>()
         .clamp(1, 4096);
     let mut pending: Vec<Vec<u8>> = Vec::new();
-    measure(b, t, "delete", chunk, 1, None, n, |_, tick| {
+    measure(b, t, "delete", chunk, 1, None, n, |_| {
         if pending.is_empty() {
             pending = prefill(h, room, data)?;
         }
         let key = pending.pop().context("no key to delete")?;
-        tick()?;
         let (status, d) = timed(|| Ok(h.delete(&key)?))?;
         if status != maru_client::DeleteStatus::Deleted {
             bail!("delete of a stored key: {status:?}");
@@ -269,7 +253,7 @@ fn key_ops(
 }
 
 /// Where the time of a call goes, as extra rows (not targets). `exists` back to back — not
-/// interleaved with floor ping-pongs, which keep the server's CPU busy in between — in blocks
+/// alternating with floor ping-pongs every 50 calls — in blocks
 /// of 100 calls that rotate between: the raw floor (echo ping-pong of the same sizes, api
 /// `floor`), the plain blocking RPC of maru-proto (api `raw`: the server and the socket, no
 /// GIL-aware wait), the handler (api `rust-b2b`), and the handler with the thread's timer
@@ -361,7 +345,7 @@ fn batches(
             n as u32,
             Some(chunk * n as u64),
             calls,
-            |_, tick| {
+            |_| {
                 if live.len() + n > pages.saturating_sub(512) {
                     h.batch_delete(&refs(&live))?;
                     live.clear();
@@ -371,7 +355,6 @@ fn batches(
                     .iter()
                     .map(|k| (k.as_slice(), StoreItem::Bytes { prefix: &[], data }))
                     .collect();
-                tick()?;
                 let (out, d) = timed(|| Ok(h.batch_store(&items)?))?;
                 if out.iter().any(|o| *o != StoreOutcome::Stored) {
                     bail!("batch_store of new keys deduplicated some");
@@ -384,40 +367,20 @@ fn batches(
 
         let stored = prefill(h, n, data)?;
         let r = refs(&stored);
-        measure(
-            b,
-            t,
-            "batch_retrieve",
-            chunk,
-            n as u32,
-            None,
-            calls,
-            |_, tick| {
-                tick()?;
-                let (views, d) = timed(|| Ok(h.batch_retrieve(&r)?))?;
-                if views.iter().any(|v| v.is_none()) {
-                    bail!("batch_retrieve missed a stored key");
-                }
-                Ok(d)
-            },
-        )?;
-        measure(
-            b,
-            t,
-            "batch_exists",
-            chunk,
-            n as u32,
-            None,
-            calls,
-            |_, tick| {
-                tick()?;
-                let (found, d) = timed(|| Ok(h.batch_exists(&r)?))?;
-                if found.iter().any(|f| !f) {
-                    bail!("batch_exists missed a stored key");
-                }
-                Ok(d)
-            },
-        )?;
+        measure(b, t, "batch_retrieve", chunk, n as u32, None, calls, |_| {
+            let (views, d) = timed(|| Ok(h.batch_retrieve(&r)?))?;
+            if views.iter().any(|v| v.is_none()) {
+                bail!("batch_retrieve missed a stored key");
+            }
+            Ok(d)
+        })?;
+        measure(b, t, "batch_exists", chunk, n as u32, None, calls, |_| {
+            let (found, d) = timed(|| Ok(h.batch_exists(&r)?))?;
+            if found.iter().any(|f| !f) {
+                bail!("batch_exists missed a stored key");
+            }
+            Ok(d)
+        })?;
         h.batch_delete(&r)?;
     }
     Ok(())
