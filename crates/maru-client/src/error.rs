@@ -21,7 +21,8 @@ pub enum ErrorKind {
     Timeout,
     /// The server answered with a typed error.
     Remote(ErrorCode),
-    /// The connection failed or was lost.
+    /// The connection failed or was lost (also: the server was lost earlier, see
+    /// [`StateError::ServerLost`]).
     Transport,
     /// The server's reply made no sense (wrong type, out-of-range location).
     Protocol,
@@ -89,6 +90,24 @@ impl RpcError {
         )
     }
 
+    /// Whether the error shows the session gone: the server closed or reset the connection
+    /// (it died or shut down), or it says the session ended.
+    pub(crate) fn means_session_lost(&self) -> bool {
+        match self {
+            RpcError::Closed { .. } => true,
+            RpcError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::NotConnected
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            RpcError::Remote { source, .. } => source.code == ErrorCode::SessionConflict,
+            _ => false,
+        }
+    }
+
     /// Whether the request certainly had no effect at the server (it refused it, or it was
     /// never sent). After a timeout or a lost connection the server may still have applied
     /// it, so a page sent for registration must not be reused.
@@ -107,6 +126,24 @@ pub enum StateError {
     NotConnected { last_error: Option<String> },
     #[error("MaruHandler is closed")]
     Closed,
+    /// The metadata server died or shut down (or ended the session). The handler's owned
+    /// regions were detached from the pool: views still read, writes through them stay
+    /// private. Only a new handler can go on.
+    #[error(
+        "the metadata server connection was lost and this session with it; close() and \
+         reconnect with a new handler"
+    )]
+    ServerLost,
+}
+
+impl StateError {
+    /// [`ErrorKind::Transport`] for a lost server, else [`ErrorKind::State`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StateError::ServerLost => ErrorKind::Transport,
+            StateError::NotConnected { .. } | StateError::Closed => ErrorKind::State,
+        }
+    }
 }
 
 /// A key the protocol cannot carry.
@@ -147,7 +184,7 @@ pub enum ConnectError {
 impl ConnectError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ConnectError::State(_) => ErrorKind::State,
+            ConnectError::State(e) => e.kind(),
             ConnectError::Rpc(e) => e.kind(),
             ConnectError::Map { .. } => ErrorKind::Map,
             ConnectError::BadRegion(_) => ErrorKind::Protocol,
@@ -175,7 +212,7 @@ pub enum AllocError {
 impl AllocError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            AllocError::State(_) => ErrorKind::State,
+            AllocError::State(e) => e.kind(),
             AllocError::TooLarge { .. } => ErrorKind::InvalidArgument,
             AllocError::Exhausted => ErrorKind::Exhausted,
             AllocError::Expand(e) => match e.kind() {
@@ -205,7 +242,7 @@ pub enum FreeError {
 impl FreeError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            FreeError::State(_) => ErrorKind::State,
+            FreeError::State(e) => e.kind(),
             FreeError::NotTracked { .. } | FreeError::Pinned { .. } => ErrorKind::InvalidArgument,
             FreeError::Rpc(e) => e.kind(),
         }
@@ -236,7 +273,7 @@ pub enum StoreError {
 impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::State(_) => ErrorKind::State,
+            StoreError::State(e) => e.kind(),
             StoreError::Key(_)
             | StoreError::TooLarge { .. }
             | StoreError::NotTracked { .. }
@@ -266,7 +303,7 @@ pub enum RetrieveError {
 impl RetrieveError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            RetrieveError::State(_) => ErrorKind::State,
+            RetrieveError::State(e) => e.kind(),
             RetrieveError::Key(_) => ErrorKind::InvalidArgument,
             RetrieveError::Rpc(e) => e.kind(),
             RetrieveError::Map { .. } => ErrorKind::Map,
@@ -291,7 +328,7 @@ pub enum OpError {
 impl OpError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            OpError::State(_) => ErrorKind::State,
+            OpError::State(e) => e.kind(),
             OpError::Key(_) => ErrorKind::InvalidArgument,
             OpError::Rpc(e) => e.kind(),
             OpError::BadReply(_) => ErrorKind::Protocol,

@@ -4,8 +4,10 @@
 //! Locking, from outside in (a lock is only ever taken while holding the ones before it):
 //! `lifecycle` (connect/close) → `state` (brief) → `Session::owned` (the write lock: allocators
 //! and the key ↔ page books; held across a store's round trip, which serialises writes) →
-//! `Session::regions` (brief) → the connection pool (brief). Reads (retrieve, exists) take
-//! only the brief ones, so they run concurrently, each on its own pooled connection.
+//! `Session::regions` (brief) → the connection pool (brief) → `Session::fence` (brief). Reads
+//! (retrieve, exists) take only the brief ones, so they run concurrently, each on its own
+//! pooled connection. The session's watcher thread (see [`crate::watch`]) takes only the
+//! fence's lock, so it never waits for a caller blocked on a dead server.
 //!
 //! Any lock that may be held across a [`WaitHook`] wait is taken with [`lock_hooked`], which
 //! waits through the hook: a Python thread holding the GIL must never block on a lock whose
@@ -29,6 +31,7 @@ use crate::error::{
     StoreError,
 };
 use crate::view::{AllocHandle, PageId, View};
+use crate::watch::{Fence, Watcher};
 use crate::wire::{Identity, Link, NoHook, WaitHook};
 
 /// Called with `(region_id, page_count)` for every region this handler comes to own.
@@ -155,6 +158,11 @@ struct Session {
     regions: RwLock<HashMap<u64, Arc<Region>>>,
     /// Set by close() before it waits for in-flight writes; writers check it under the lock.
     closing: AtomicBool,
+    /// The owned mappings to detach from the pool when the session ends, and whether the
+    /// server was lost.
+    fence: Arc<Fence>,
+    /// Watches the session's own connection for the server's loss; stopped by close().
+    watcher: Mutex<Option<Watcher>>,
 }
 
 enum State {
@@ -209,7 +217,23 @@ impl Session {
         if self.closing.load(Ordering::Acquire) {
             return Err(StateError::Closed);
         }
+        if self.fence.is_lost() {
+            return Err(StateError::ServerLost);
+        }
         Ok(())
+    }
+
+    /// One round trip. When it shows the server gone (it closed or reset the connection, or
+    /// says our session ended), the owned mappings are detached at once, without waiting for
+    /// the watcher, and the session is marked lost; the error itself is returned as it is.
+    fn call(&self, req: &Request, hook: &dyn WaitHook) -> Result<Response, RpcError> {
+        let result = self.link.call(req, hook);
+        if let Err(e) = &result {
+            if e.means_session_lost() {
+                self.fence.lose(&e.to_string());
+            }
+        }
+        result
     }
 
     /// Asks the server for a region of `size` bytes and maps it read-write, populated.
@@ -219,7 +243,7 @@ impl Session {
         size: u64,
         hook: &dyn WaitHook,
     ) -> Result<OwnedRegion, ConnectError> {
-        let info = match self.link.call(&Request::RequestRegion { size }, hook)? {
+        let info = match self.call(&Request::RequestRegion { size }, hook)? {
             Response::Region(info) => info,
             other => return Err(unexpected("request_region", other).into()),
         };
@@ -257,7 +281,7 @@ impl Session {
             Ok(m) => m,
             Err(e) => {
                 // Give the region back rather than leave it to the close-time sweep.
-                let _ = self.link.call(&Request::ReturnRegion { region_id }, hook);
+                let _ = self.call(&Request::ReturnRegion { region_id }, hook);
                 return Err(e);
             }
         };
@@ -266,6 +290,7 @@ impl Session {
             mapping: Arc::new(mapping),
             owned: true,
         });
+        self.fence.add(region_id, region.mapping.clone());
         write(&self.regions).insert(region_id, region.clone());
         Ok(OwnedRegion {
             region,
@@ -384,7 +409,7 @@ impl Session {
     /// Maps every live region we do not have yet (eager_map). Best effort: a region that
     /// fails to map now is mapped lazily at retrieve.
     fn map_all(&self, hook: &dyn WaitHook) {
-        if let Ok(Response::Regions(list)) = self.link.call(&Request::ListRegions, hook) {
+        if let Ok(Response::Regions(list)) = self.call(&Request::ListRegions, hook) {
             for info in list {
                 let _ = self.region_for(&info);
             }
@@ -465,8 +490,9 @@ impl MaruHandler {
     pub fn chunk_size(&self) -> u64 {
         self.config.chunk_size_bytes
     }
+    /// Connected, not closing, and the server was not lost.
     pub fn is_connected(&self) -> bool {
-        matches!(&*read(&self.state), State::Connected(s) if !s.closing.load(Ordering::Acquire))
+        matches!(&*read(&self.state), State::Connected(s) if s.check_open().is_ok())
     }
     pub fn is_closed(&self) -> bool {
         matches!(&*read(&self.state), State::Closed)
@@ -576,7 +602,7 @@ impl Hooked<'_> {
         let h = self.h;
         let life = lock_hooked(&h.lifecycle, self.hook);
         match &*read(&h.state) {
-            State::Connected(_) => return Ok(()),
+            State::Connected(s) => return s.check_open().map_err(ConnectError::from),
             State::Closed => return Err(StateError::Closed.into()),
             State::Idle { .. } => {}
         }
@@ -613,15 +639,32 @@ impl Hooked<'_> {
             owned: Mutex::new(Owned::default()),
             regions: RwLock::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            fence: Arc::new(Fence::default()),
+            watcher: Mutex::new(None),
         });
-        let first = match session.new_owned_region(h.config.pool_size, self.hook) {
-            Ok(r) => r,
+        // The first region, then the watcher (on a connection of its own, joined to the
+        // session): a server that fails the region request is reported as such.
+        let started = session
+            .new_owned_region(h.config.pool_size, self.hook)
+            .and_then(|first| {
+                let stream = session.link.open_stream(self.hook)?;
+                let watcher = Watcher::start(stream, session.fence.clone()).map_err(|source| {
+                    RpcError::Io {
+                        op: "watch",
+                        source,
+                    }
+                })?;
+                Ok((first, watcher))
+            });
+        let (first, watcher) = match started {
+            Ok(x) => x,
             Err(e) => {
                 let _ = session.link.call(&Request::Goodbye, self.hook);
                 session.link.close_all();
                 return Err(e);
             }
         };
+        *session.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         let added = vec![(first.region.info.handle.region_id, first.alloc.page_count())];
         lock_hooked(&session.owned, self.hook).regions.push(first);
         if h.config.eager_map {
@@ -636,19 +679,18 @@ impl Hooked<'_> {
         let prev = std::mem::replace(&mut *write(&h.state), State::Closed);
         if let State::Connected(s) = prev {
             s.closing.store(true, Ordering::Release);
+            // Stop watching first: the watched connection closing now is no server loss.
+            let watcher = s.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(mut w) = watcher {
+                self.hook.block(&mut || w.stop());
+            }
             // Wait for in-flight writes: they hold the write lock until their reply.
             let mut owned = lock_hooked(&s.owned, self.hook);
             // Views of our pages may outlive the handler. Once we say goodbye our regions can
             // be freed and carved for another owner, so cut their writes off from the pool
-            // first; reads through old views keep working.
-            for r in &owned.regions {
-                if let Err(e) = r.region.mapping.privatize() {
-                    tracing::warn!(
-                        "could not detach region {} at close: {e}",
-                        r.region.info.handle.region_id
-                    );
-                }
-            }
+            // first (if the server's loss did not already); reads through old views keep
+            // working.
+            s.fence.detach("closing");
             let _ = s.link.call(&Request::Goodbye, self.hook);
             *owned = Owned::default();
             drop(owned);
@@ -691,7 +733,7 @@ impl Hooked<'_> {
         s.check_open()?;
         if let Some(key) = owned.keys.get(&page).cloned() {
             // Take the key away first, so no reader can find the page once it is reused.
-            match s.link.call(&Request::Delete { key: &key }, self.hook)? {
+            match s.call(&Request::Delete { key: &key }, self.hook)? {
                 Response::Delete(DeleteStatus::Pinned) => {
                     return Err(FreeError::Pinned {
                         region_id: page.region_id,
@@ -739,7 +781,7 @@ impl Hooked<'_> {
             offset: page.page_index * s.stride,
             len,
         });
-        match s.link.call(&req, self.hook)? {
+        match s.call(&req, self.hook)? {
             Response::Bool(is_new) => Ok(Session::settle(&mut owned, key, page, is_new)),
             other => Err(unexpected("register", other).into()),
         }
@@ -787,7 +829,7 @@ impl Hooked<'_> {
                 offset: at as u64,
                 len: total,
             });
-            match s.link.call(&req, self.hook) {
+            match s.call(&req, self.hook) {
                 Ok(Response::Bool(is_new)) => Ok(Session::settle(&mut owned, key, page, is_new)),
                 // A reply of the wrong kind: whatever the server did, do not reuse the page.
                 Ok(other) => Err(unexpected("register", other).into()),
@@ -886,7 +928,7 @@ impl Hooked<'_> {
                         len,
                     })
                     .collect();
-                let reply = s.link.call(&Request::BatchRegister(entries), self.hook);
+                let reply = s.call(&Request::BatchRegister(entries), self.hook);
                 let flags = match reply {
                     Ok(Response::Bools(v)) if v.len() == batch.len() => Ok(v),
                     Ok(other) => Err((false, unexpected("batch_register", other))),
@@ -920,7 +962,7 @@ impl Hooked<'_> {
     pub fn retrieve(&self, key: &[u8]) -> Result<Option<View>, RetrieveError> {
         check_key(key)?;
         let s = self.h.session()?;
-        match s.link.call(&Request::Lookup { key }, self.hook)? {
+        match s.call(&Request::Lookup { key }, self.hook)? {
             Response::Lookup(None) => Ok(None),
             Response::Lookup(Some(loc)) => {
                 let region = s.region_for(&loc.region)?;
@@ -940,7 +982,7 @@ impl Hooked<'_> {
             let req = Request::BatchLookup {
                 keys: batch.to_vec(),
             };
-            let (regions, entries) = match s.link.call(&req, self.hook)? {
+            let (regions, entries) = match s.call(&req, self.hook)? {
                 Response::BatchLookup { regions, entries } if entries.len() == batch.len() => {
                     (regions, entries)
                 }
@@ -975,7 +1017,7 @@ impl Hooked<'_> {
         check_key(key)?;
         let s = self.h.session()?;
         let op = req.name();
-        match s.link.call(&req, self.hook)? {
+        match s.call(&req, self.hook)? {
             Response::Bool(b) => Ok(b),
             other => Err(unexpected(op, other).into()),
         }
@@ -994,7 +1036,7 @@ impl Hooked<'_> {
         for batch in keys.chunks(MAX_BATCH) {
             let req = make(batch.to_vec());
             let op = req.name();
-            match s.link.call(&req, self.hook)? {
+            match s.call(&req, self.hook)? {
                 Response::Bools(v) if v.len() == batch.len() => out.extend(v),
                 other => return Err(unexpected(op, other).into()),
             }
@@ -1031,7 +1073,7 @@ impl Hooked<'_> {
         let s = self.h.session()?;
         let mut owned = lock_hooked(&s.owned, self.hook);
         s.check_open()?;
-        match s.link.call(&Request::Delete { key }, self.hook)? {
+        match s.call(&Request::Delete { key }, self.hook)? {
             Response::Delete(status) => {
                 if status != DeleteStatus::Pinned {
                     owned.forget_key(key);
@@ -1054,7 +1096,7 @@ impl Hooked<'_> {
             let req = Request::BatchDelete {
                 keys: batch.to_vec(),
             };
-            match s.link.call(&req, self.hook)? {
+            match s.call(&req, self.hook)? {
                 Response::BatchDelete(v) if v.len() == batch.len() => {
                     for (key, status) in batch.iter().zip(&v) {
                         if *status != DeleteStatus::Pinned {
@@ -1073,15 +1115,12 @@ impl Hooked<'_> {
         let Ok(s) = self.h.session() else {
             return false;
         };
-        matches!(
-            s.link.call(&Request::Heartbeat, self.hook),
-            Ok(Response::Ok)
-        )
+        matches!(s.call(&Request::Heartbeat, self.hook), Ok(Response::Ok))
     }
 
     pub fn stats(&self) -> Result<HandlerStats, OpError> {
         let s = self.h.session()?;
-        let server = match s.link.call(&Request::Stats, self.hook)? {
+        let server = match s.call(&Request::Stats, self.hook)? {
             Response::Stats(json) => serde_json::from_str::<ServerStats>(&json)
                 .map_err(|e| OpError::BadReply(format!("server stats: {e}")))?,
             other => return Err(unexpected("stats", other).into()),

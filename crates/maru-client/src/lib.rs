@@ -42,6 +42,7 @@ mod config;
 mod error;
 mod handler;
 mod view;
+mod watch;
 mod wire;
 
 pub use alloc::{PageAllocator, PageFreeError};

@@ -361,6 +361,13 @@ impl Link {
         Ok(conn)
     }
 
+    /// A fresh connection joined to the session, handed over whole (the session's watcher
+    /// reads it).
+    pub fn open_stream(&self, hook: &dyn WaitHook) -> Result<Stream, RpcError> {
+        let conn = self.open(&self.wait(hook))?;
+        Ok(conn.stream)
+    }
+
     /// One request, one reply. A connection that failed is dropped (the next call opens a
     /// fresh one); a typed error reply leaves it usable.
     pub fn call(&self, req: &Request, hook: &dyn WaitHook) -> Result<Response, RpcError> {

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use maru_client::{
-    DeleteStatus, ErrorKind, MaruConfig, MaruHandler, StoreItem, StoreOutcome, WaitHook, MIB,
+    AllocError, AllocHandle, ConnectError, DeleteStatus, ErrorKind, MaruConfig, MaruHandler,
+    OpError, StateError, StoreItem, StoreOutcome, WaitHook, MIB,
 };
 use maru_proto::{encode_response, Header, HelloOk, Response, HEADER_LEN};
 
@@ -495,7 +496,8 @@ fn concurrent_readers_use_their_own_connections() {
         .iter()
         .find(|cl| cl.instance_id == h.instance_id())
         .unwrap();
-    assert!(me.connections > 1, "readers ran on several connections");
+    // One of them is the session's watcher.
+    assert!(me.connections > 2, "readers ran on several connections");
 }
 
 /// A fake server that answers the handshake and then never replies.
@@ -675,8 +677,225 @@ fn a_timed_out_connection_is_kept_and_its_late_reply_skipped() {
     );
     assert_eq!(
         conns.load(Ordering::SeqCst),
-        1,
-        "the timed-out connection was kept: the server ends a session with its last connection"
+        2,
+        "the timed-out connection was kept (plus the watcher's): the server ends a session \
+         with its last connection"
     );
+    h.close();
+}
+
+/// A fresh read-only mapping of the pool file under `a`'s page: what everyone else sees.
+fn pool_view_of(a: &AllocHandle) -> (maru_shm::Mapping, usize) {
+    let m = a.view().mapping();
+    let page = m.file_offset() as usize + a.view().offset();
+    let aligned = page - page % 4096;
+    let pool = maru_shm::Mapping::map(
+        m.path(),
+        aligned as u64,
+        4096,
+        maru_shm::MapMode::ReadOnly,
+        false,
+    )
+    .unwrap();
+    (pool, page - aligned)
+}
+
+/// Writes `stamp` through `a` and tells whether the pool saw it.
+fn write_reaches_pool(a: &AllocHandle, pool: &(maru_shm::Mapping, usize), stamp: &[u8]) -> bool {
+    a.write_at(0, stamp).unwrap();
+    let mut seen = vec![0u8; stamp.len()];
+    pool.0.read_at(pool.1, &mut seen).unwrap();
+    seen == stamp
+}
+
+#[test]
+fn a_lost_server_detaches_owned_pages_and_the_next_call_says_so() {
+    let mut c = Cluster::start();
+    let h = c.handler(c.config());
+    h.store_bytes(b"kept", b"", &[9; 4096]).unwrap();
+    let kept = h.retrieve(b"kept").unwrap().unwrap();
+    let a = h.alloc(64).unwrap();
+    let pool = pool_view_of(&a);
+    assert!(
+        write_reaches_pool(&a, &pool, b"live session write"),
+        "an owned page is shared while the server lives"
+    );
+
+    c.server.take().unwrap().shutdown();
+    // No call of ours: the watcher notices on its own, within a bounded wait.
+    wait_until(
+        "the server's loss to be noticed",
+        Duration::from_secs(10),
+        || !h.is_connected(),
+    );
+    // The server gave our regions back; the resource manager may hand them to anyone now.
+    wait_until("the regions to go back", Duration::from_secs(10), || {
+        c.rm_allocations() == 0
+    });
+    for i in 0..3 {
+        let stamp = format!("stale write {i}");
+        assert!(
+            !write_reaches_pool(&a, &pool, stamp.as_bytes()),
+            "a write through a page allocated before the server's loss reached the pool"
+        );
+        // Reads through old views still work: the handle shows its own (private) bytes.
+        assert_eq!(&a.view().to_vec()[..stamp.len()], stamp.as_bytes());
+    }
+    let old = kept.to_vec();
+    assert!(
+        old == vec![9; 4096] || old == vec![0; 4096],
+        "a view of a stored key reads the value or, once its region was freed, zeros"
+    );
+
+    // The next operation says what happened, with a typed error.
+    let e = h.exists(b"kept").unwrap_err();
+    assert!(matches!(e, OpError::State(StateError::ServerLost)), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Transport);
+    assert!(
+        e.to_string()
+            .contains("metadata server connection was lost")
+            && e.to_string().contains("close()"),
+        "{e}"
+    );
+    assert!(matches!(
+        h.alloc(16).unwrap_err(),
+        AllocError::State(StateError::ServerLost)
+    ));
+    assert!(matches!(
+        h.store_bytes(b"x", b"", b"y").unwrap_err().kind(),
+        ErrorKind::Transport
+    ));
+    assert!(matches!(
+        h.connect().unwrap_err(),
+        ConnectError::State(StateError::ServerLost)
+    ));
+    assert!(!h.healthcheck());
+    h.close();
+    assert_eq!(h.exists(b"kept").unwrap_err().kind(), ErrorKind::State);
+}
+
+#[test]
+fn close_is_not_reported_as_server_loss() {
+    let c = Cluster::start();
+    let h = c.handler(c.config());
+    let other = c.handler(c.config());
+    h.store_bytes(b"mine", b"", b"v").unwrap();
+    let me = |stats: maru_client::HandlerStats| {
+        stats
+            .server
+            .clients
+            .into_iter()
+            .find(|cl| cl.instance_id == h.instance_id())
+    };
+    let before = me(other.stats().unwrap()).unwrap();
+    assert!(
+        before.connected && before.connections >= 2,
+        "a pooled connection and the watcher's: {before:?}"
+    );
+    h.close();
+    let e = h.exists(b"mine").unwrap_err();
+    assert!(matches!(e, OpError::State(StateError::Closed)), "{e}");
+    assert_eq!(e.kind(), ErrorKind::State);
+    // The session ended by goodbye, not by a lost connection: its regions went back (the
+    // key keeps its own), and nobody else noticed anything.
+    assert!(other.is_connected());
+    assert_eq!(other.retrieve(b"mine").unwrap().unwrap().to_vec(), b"v");
+    // Its session is over at the server (its region stays for the key, owner gone).
+    let after = me(other.stats().unwrap()).unwrap();
+    assert!(
+        !after.connected && after.connections == 0,
+        "the closed handler's session (or its watcher) is still at the server: {after:?}"
+    );
+    other.close();
+}
+
+/// A fake server that answers the handshake and the region request, and closes the
+/// connection on `exists` (a server going away under a pooled connection). The region is a
+/// file in `dir`.
+fn closing_server(dir: &std::path::Path) -> String {
+    use maru_proto::{msg_type, Access, Handle, RegionInfo};
+    let path = dir.join("closing-region");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    let region = RegionInfo {
+        handle: Handle {
+            region_id: 1,
+            pool: path.display().to_string(),
+            offset: 0,
+            len: 2 * MIB,
+            owner: "closing:1".into(),
+            token: [0; 32],
+        },
+        access: Access {
+            path: path.display().to_string(),
+            offset: 0,
+            len: 2 * MIB,
+            page_size: 4096,
+        },
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let region = region.clone();
+            std::thread::spawn(move || loop {
+                let mut hdr = [0u8; HEADER_LEN];
+                if s.read_exact(&mut hdr).is_err() {
+                    return;
+                }
+                let h = Header::decode(&hdr).unwrap();
+                let mut payload = vec![0; h.payload_len as usize];
+                s.read_exact(&mut payload).unwrap();
+                let resp = match h.msg_type {
+                    msg_type::HELLO => Response::HelloOk(HelloOk {
+                        server: "closing".into(),
+                        hostname: "closing".into(),
+                        session_token: [3; 16],
+                    }),
+                    msg_type::REQUEST_REGION => Response::Region(region.clone()),
+                    msg_type::EXISTS => return,
+                    _ => Response::Ok,
+                };
+                let mut out = Vec::new();
+                encode_response(&mut out, h.request_id, &resp).unwrap();
+                if s.write_all(&out).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn a_call_that_finds_the_connection_closed_detaches_at_once() {
+    let dir = tempfile::Builder::new()
+        .prefix("maru-client-closing-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let h = MaruHandler::new(MaruConfig {
+        server_url: closing_server(dir.path()),
+        pool_size: 2 * MIB,
+        chunk_size_bytes: 64 * 1024,
+        eager_map: false,
+        ..MaruConfig::default()
+    })
+    .unwrap();
+    h.connect().unwrap();
+    let a = h.alloc(64).unwrap();
+    let pool = pool_view_of(&a);
+    assert!(write_reaches_pool(&a, &pool, b"before"));
+    // The watcher's own connection stays open here: the call itself must notice.
+    let e = h.exists(b"k").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Transport, "{e}");
+    assert!(!h.is_connected());
+    assert!(!write_reaches_pool(&a, &pool, b"after!"));
+    assert!(matches!(
+        h.exists(b"k").unwrap_err(),
+        OpError::State(StateError::ServerLost)
+    ));
     h.close();
 }

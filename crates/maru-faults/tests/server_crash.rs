@@ -125,11 +125,6 @@ fn server_killed_under_load_gives_clear_errors_then_new_handlers_work() {
 /// the same extents to the next instances. A client process of the old server that still
 /// holds a writable page (allocated, not yet stored) keeps its mapping of that memory.
 #[test]
-#[ignore = "BUG: after a metadata-server crash, a surviving client's stale writable mapping \
-            aliases a region the resource manager hands to a new instance (same pool extent, \
-            first fit), so the old client's writes corrupt the new instance's stored values \
-            (and its reads see them). Nothing revokes or fences mappings of reclaimed regions \
-            (maru-rm reclaim + maru-client; see docs/RELIABILITY.md)"]
 fn stale_writer_of_a_dead_server_cannot_touch_a_new_instances_data() {
     let mut c = Cluster::start(ClusterOpts::default());
     let mut old = connect("old-writer", &c.unix_url());
