@@ -184,12 +184,13 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
         data = memoryview(b"\x42" * chunk)
         n = min(iters, max(20, (256 * MIB) // chunk))
 
-        def store_rows(contended: bool) -> None:
+        def store_rows(contended: bool, held: int) -> None:
+            """`held`: pages other keys of this handler occupy meanwhile."""
             live: list[str] = []
             fresh = iter(KEYS.take(n + WARMUP))
 
             def store(_: int) -> int:
-                if len(live) == pages:
+                if len(live) >= pages - held:
                     for k in live:
                         h.delete(k)
                     live.clear()
@@ -208,7 +209,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
                 h.delete(k)
             add(row("store", t, chunk, 1, contended, ns, chunk))
 
-        store_rows(False)
+        store_rows(False, 0)
 
         existing = prefill(h, 1, data)[0]
 
@@ -345,7 +346,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
             with burner(True):
                 add(row("retrieve", t, chunk, 1, True, measure(iters, retrieve)))
                 add(row("exists", t, chunk, 1, True, measure(iters, exists)))
-            store_rows(True)
+            store_rows(True, len(stored))
 
         for k in stored:
             h.delete(k)
