@@ -671,10 +671,6 @@ fn observe_quick(s: &mut TcpStream) -> String {
 /// Connections that never send a byte are never dropped, so `--max-clients` of them lock
 /// every real client out for as long as they stay open (see the flood test's last row).
 #[test]
-#[ignore = "BUG: maru-rm and maru-server never drop a connection that has not sent a hello \
-            (the slow-loris guard starts only once a frame has begun), so --max-clients \
-            silent TCP connections deny service to every real client indefinitely; expected: \
-            an unhandshaken connection is closed after a bound (e.g. the 10 s stall timeout)"]
 fn a_connection_that_never_says_hello_is_dropped_after_a_bound() {
     let c = Cluster::start(ClusterOpts::default());
     let addrs = [

@@ -73,12 +73,6 @@ fn proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
 }
 
 #[test]
-#[ignore = "BUG: maru-server leaks a region at the resource manager when an rm_alloc reply is \
-            lost: RemoteRm::with_client resends the request on a fresh connection when a \
-            reused one turns out closed (assuming it never reached a live peer), and an alloc \
-            whose reply is lost without a resend is never freed either; the region stays \
-            allocated, owned by the server, until the server process exits (maru-server \
-            src/rm.rs)"]
 fn a_lost_alloc_reply_leaves_no_region_behind() {
     let dir = temp_dir();
     let rm_spec = RmSpec {

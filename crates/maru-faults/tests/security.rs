@@ -350,10 +350,6 @@ fn state_files_secret_and_pool_are_not_open_to_others_even_with_umask_zero() {
 }
 
 #[test]
-#[ignore = "BUG: maru-server binds its Unix socket with whatever mode the umask leaves; under \
-            umask 0 it is srwxrwxrwx, so any local user may connect, read key locations and \
-            delete or pin any key. Expected: the server sets the socket's mode itself (e.g. \
-            0660, like the pool file) or refuses a world-writable one"]
 fn unix_socket_is_not_world_writable_even_with_umask_zero() {
     let dir = temp_dir();
     let (_rm, _server, sock) = start_with_umask_zero(dir.path());

@@ -64,11 +64,25 @@ pub fn main(args: Vec<String>) -> i32 {
     match run(args) {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("maru-resource-manager: {e:#}");
+            eprintln!("maru-resource-manager: {}", describe(&e));
             1
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: an [`crate::RmError`] already
+/// names its cause in its message, which `{:#}` would repeat ("…: Read-only file system
+/// (os error 30): Read-only file system (os error 30)").
+pub(crate) fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -123,4 +137,31 @@ fn write_ready_file(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+    use crate::RmError;
+
+    #[test]
+    fn a_start_up_error_names_its_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::EROFS);
+        let e = anyhow::Error::from(RmError::StateDir {
+            path: "/var/lib/maru".into(),
+            source: io,
+        });
+        let text = describe(&e);
+        assert_eq!(text.matches("os error 30").count(), 1, "{text}");
+        assert!(
+            text.starts_with("state directory /var/lib/maru: "),
+            "{text}"
+        );
+        // A context that does not repeat its cause still shows it.
+        let e = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            .context("cannot write ready file /x");
+        let text = describe(&e);
+        assert!(text.starts_with("cannot write ready file /x: "), "{text}");
+        assert_eq!(text.matches("os error 28").count(), 1, "{text}");
+    }
 }

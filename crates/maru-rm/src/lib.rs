@@ -62,6 +62,11 @@ use server::{lock, Shared};
 /// Default TCP port of the resource manager.
 pub const DEFAULT_PORT: u16 = 9850;
 
+/// How long a connection may take to complete its Hello before it is closed (its slot
+/// freed): without a bound, `max_clients` connections that never speak would lock every real
+/// client out. Handshaken connections may then stay idle as long as they like.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How a resource manager runs.
 #[derive(Debug, Clone)]
 pub struct RmConfig {
@@ -86,11 +91,14 @@ pub struct RmConfig {
     pub metrics: Option<SocketAddr>,
     /// How long a peer may take to finish a frame it started (slow-loris guard).
     pub stall_timeout: Duration,
+    /// How long a new connection may take to complete its Hello before it is closed
+    /// (default [`HANDSHAKE_TIMEOUT`]).
+    pub handshake_timeout: Duration,
 }
 
 impl RmConfig {
     /// Defaults: `127.0.0.1:9850`, grace period 30 s, 256 clients, a checkpoint every 1000
-    /// operations, a reaper pass every second.
+    /// operations, a reaper pass every second, a stall and a handshake bound of 10 s each.
     pub fn new(state_dir: PathBuf, pools: Vec<PoolSpec>) -> Self {
         RmConfig {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT),
@@ -103,6 +111,7 @@ impl RmConfig {
             hostname: None,
             metrics: None,
             stall_timeout: Duration::from_secs(10),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -149,6 +158,7 @@ pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
         reap_interval: cfg.reap_interval.max(Duration::from_millis(1)),
         max_clients: cfg.max_clients,
         stall_timeout: cfg.stall_timeout,
+        handshake_timeout: cfg.handshake_timeout,
         discovered,
         ops: OpTable::new(server::OP_NAMES),
         stop: AtomicBool::new(false),

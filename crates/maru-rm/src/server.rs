@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub reap_interval: Duration,
     pub max_clients: usize,
     pub stall_timeout: Duration,
+    /// How long a connection may stay without a completed Hello.
+    pub handshake_timeout: Duration,
     /// Pools came from discovery, so SIGHUP rescans.
     pub discovered: bool,
     pub ops: OpTable,
@@ -237,14 +239,28 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(POLL));
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut rx = FrameBuf::new();
-    rx.max_stall = shared.stall_timeout;
     let mut tx = Vec::with_capacity(4096);
     let mut conn = Conn {
         owner: None,
         role: Role::Admin,
     };
     let mut reader = &stream;
+    let hello_by = Instant::now() + shared.handshake_timeout;
     loop {
+        // Until its Hello, a connection has a deadline (a silent one would hold its slot
+        // for ever); a frame begun before it must be finished by it too.
+        rx.max_stall = shared.stall_timeout;
+        if conn.owner.is_none() {
+            let left = hello_by.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    "{peer}: no hello within {:?}; closing",
+                    shared.handshake_timeout
+                );
+                break;
+            }
+            rx.max_stall = rx.max_stall.min(left);
+        }
         let (header, payload) = match rx.read_frame(&mut reader) {
             Ok(f) => f,
             Err(FrameReadError::Idle) => {

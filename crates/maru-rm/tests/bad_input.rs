@@ -295,3 +295,61 @@ fn too_many_clients_are_refused_then_served_when_room_frees_up() {
     a.alloc(MIB, None).unwrap();
     rm.shutdown();
 }
+
+#[test]
+fn a_connection_without_hello_is_closed_after_the_handshake_timeout_and_its_slot_freed() {
+    assert_eq!(maru_rm::HANDSHAKE_TIMEOUT, Duration::from_secs(10));
+    let d = temp_dir();
+    let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
+    assert_eq!(cfg.handshake_timeout, maru_rm::HANDSHAKE_TIMEOUT);
+    let bound = Duration::from_millis(300);
+    cfg.handshake_timeout = bound;
+    cfg.max_clients = 3;
+    let rm = maru_rm::start(cfg).unwrap();
+    let mut idle = client(&rm);
+    let h = idle.alloc(MIB, None).unwrap();
+    // One never sends a byte; another sends requests, but never a hello.
+    let mut silent = raw(&rm);
+    let mut chatty = raw(&rm);
+    let t0 = Instant::now();
+    let mut refused = 0;
+    loop {
+        chatty
+            .write_all(&request(7, &Request::Heartbeat))
+            .unwrap_or_default();
+        match read_frame(&mut chatty) {
+            Ok((h, p)) => match decode_response(&h, &p).unwrap() {
+                Response::Error(e) if e.code == ErrorCode::NotHandshaken => refused += 1,
+                other => panic!("{other:?}"),
+            },
+            Err(_) => break,
+        }
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "a chatty unhandshaken connection stays"
+        );
+    }
+    assert!(refused > 0);
+    let mut b = [0u8; 16];
+    let r = std::io::Read::read(&mut silent, &mut b);
+    assert!(matches!(r, Ok(0)), "a silent connection stays: {r:?}");
+    // Both slots are free again: two new clients fit next to the idle one.
+    let mut more = Vec::new();
+    for _ in 0..2 {
+        let mut got = None;
+        assert!(
+            wait_until(TIMEOUT, || {
+                got = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).ok();
+                got.is_some()
+            }),
+            "slot never freed"
+        );
+        more.push(got.unwrap());
+    }
+    // The handshaken connection sat idle past the bound and is still served.
+    assert!(t0.elapsed() >= bound);
+    idle.heartbeat().unwrap();
+    idle.free(&h).unwrap();
+    drop(more);
+    rm.shutdown();
+}

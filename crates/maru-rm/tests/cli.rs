@@ -50,6 +50,18 @@ fn invalid_pool_spec_is_a_usage_error() {
 }
 
 #[test]
+fn a_start_up_error_is_printed_once_with_its_cause_once() {
+    let d = temp_dir();
+    // The state directory's path is taken by a file.
+    std::fs::write(state_dir(d.path()), b"not a directory").unwrap();
+    let out = rm_command(d.path(), &pool_arg(d.path())).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("state directory").count(), 1, "{err}");
+    assert_eq!(err.matches("(os error").count(), 1, "{err}");
+}
+
+#[test]
 fn without_pools_on_a_machine_without_dax_it_says_how_to_add_one() {
     if !maru_shm::discover().is_empty() {
         eprintln!("this machine has DAX pools; the message for none cannot be shown here");

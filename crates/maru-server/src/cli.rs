@@ -59,10 +59,24 @@ pub fn main(args: Vec<String>) -> i32 {
     match run(args) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("maru-server: {e:#}");
+            eprintln!("maru-server: {}", describe(&e));
             1
         }
     }
+}
+
+/// The error and its causes on one line, each cause once (a [`crate::ServerError`] already
+/// names its cause in its message, which `{:#}` would repeat).
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
@@ -88,6 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_clients: args.max_clients,
         hostname: args.hostname,
         metrics,
+        ..ServerConfig::default()
     };
     // Block the termination signals before any thread starts (threads inherit the mask), so
     // that they are delivered to the sigwait below and nowhere else.

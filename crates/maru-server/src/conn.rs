@@ -3,12 +3,13 @@
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use maru_proto::{encode_error, ErrorCode, FrameBuf, FrameReadError, Stream, WireError};
 
 use crate::server::Shared;
 use crate::service::{handle_frame, ConnCtx};
+use crate::state::Peer;
 
 /// How often an idle connection thread looks at the shutdown flag.
 pub(crate) const READ_TICK: Duration = Duration::from_millis(500);
@@ -26,10 +27,29 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
     let state = &shared.state;
     state.connections.fetch_add(1, Ordering::Relaxed);
     let mut rx = FrameBuf::new();
-    rx.max_stall = MAX_STALL;
     let mut out = Vec::with_capacity(4096);
     let mut ctx = ConnCtx::default();
+    // Since when the connection has had no session (from its accept, or its goodbye).
+    let mut unhandshaken_since = Some(Instant::now());
     loop {
+        // Until its Hello, a connection has a deadline (a silent one would hold its slot for
+        // ever); a frame begun before it must be finished by it too.
+        rx.max_stall = MAX_STALL;
+        if matches!(ctx.peer, Peer::New) {
+            let since = *unhandshaken_since.get_or_insert_with(Instant::now);
+            let left = shared.handshake_timeout.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                tracing::debug!(
+                    "closing connection: no hello within {:?}",
+                    shared.handshake_timeout
+                );
+                let _ = stream.write_all(&out);
+                break;
+            }
+            rx.max_stall = MAX_STALL.min(left);
+        } else {
+            unhandshaken_since = None;
+        }
         match rx.read_frame(&mut stream) {
             Ok((header, payload)) => handle_frame(state, &mut ctx, &header, payload, &mut out),
             Err(FrameReadError::Idle) => {

@@ -33,7 +33,7 @@ mod service;
 mod state;
 
 pub use rm::RmCallError;
-pub use server::{start, ServerConfig, ServerError, ServerHandle};
+pub use server::{start, ServerConfig, ServerError, ServerHandle, HANDSHAKE_TIMEOUT};
 
 #[cfg(test)]
 mod testing;

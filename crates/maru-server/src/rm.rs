@@ -46,6 +46,9 @@ pub(crate) trait RegionSource: Send + Sync {
     fn alloc(&self, size: u64, pool: Option<&str>) -> Result<RegionInfo, RmCallError>;
     fn free(&self, handle: &Handle) -> Result<(), RmCallError>;
     fn stats(&self) -> Result<RmStats, RmCallError>;
+    /// Every region the resource manager has allocated to this source's owner identity (this
+    /// process), whether or not the server knows about it.
+    fn list_owned(&self) -> Result<Vec<Handle>, RmCallError>;
     /// Keeps the connection warm (and notices a lost one early).
     fn ping(&self) -> Result<(), RmCallError> {
         self.stats().map(|_| ())
@@ -56,9 +59,14 @@ pub(crate) trait RegionSource: Send + Sync {
 /// [`maru_rm::RmClient`]. The server connects as [`Role::Server`]: it is the
 /// resource-manager-level owner of every region it hands out, so if this server dies the
 /// resource manager's reaper takes them all back.
+///
+/// The owner identity is the process (host, pid, start time): one metadata server per process
+/// and resource manager, since [`RegionSource::list_owned`] cannot tell two apart.
 pub(crate) struct RemoteRm {
     url: ServerUrl,
     timeout: Duration,
+    /// This process's identity, as every connection's Hello gives it.
+    me: (String, u32, u64),
     /// One connection, used by one call at a time. Region requests are rare next to key
     /// operations (a region holds many chunks) and never hold any lock a lookup needs, so a
     /// pool of connections would buy nothing measurable.
@@ -70,6 +78,7 @@ impl RemoteRm {
         RemoteRm {
             url,
             timeout,
+            me: maru_proto::rpc::local_identity(),
             conn: Mutex::new(None),
         }
     }
@@ -85,14 +94,23 @@ impl RemoteRm {
     /// the connection (the next call reconnects); a typed refusal keeps it.
     ///
     /// A connection that sat idle may have been closed by the other side (the resource
-    /// manager restarted): if a reused connection turns out closed or reset, the request
-    /// never reached a live peer, so it is sent once more on a fresh connection. A timeout
-    /// is not retried: the request may have been carried out.
+    /// manager restarted). Before a request that must not be repeated (`idempotent` false:
+    /// an allocation) a reused connection is checked for that, without a round trip, and
+    /// replaced if closed; the request is then sent once, whatever happens — a closed
+    /// connection afterwards does not tell whether it was carried out (the reply may be what
+    /// was lost), and the caller reconciles. An idempotent request that finds a reused
+    /// connection closed or reset is sent once more on a fresh connection. A timeout is never
+    /// retried.
     fn with_client<T>(
         &self,
+        idempotent: bool,
         mut f: impl FnMut(&mut RmClient) -> Result<T, RmClientError>,
     ) -> Result<T, RmCallError> {
         let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if !idempotent && guard.as_mut().is_some_and(|c| !quiet(c)) {
+            tracing::debug!("resource manager connection was closed by its peer; reconnecting");
+            *guard = None;
+        }
         let mut reused = guard.is_some();
         loop {
             let client = match guard.as_mut() {
@@ -111,13 +129,27 @@ impl RemoteRm {
                 return Err(RmCallError::Remote(w.clone()));
             }
             *guard = None;
-            if !(reused && peer_went_away(&e)) {
+            if !(idempotent && reused && peer_went_away(&e)) {
                 return Err(self.unreachable(e));
             }
             tracing::debug!("resource manager connection was stale ({e}); reconnecting");
             reused = false;
         }
     }
+}
+
+/// Whether an idle connection is still usable: nothing to read (a closed or reset peer makes
+/// it readable: end of file or an error), checked without blocking.
+fn quiet(c: &mut RmClient) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: c.conn_mut().stream_mut().as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd that lives across the call, with a zero timeout.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc == 0
 }
 
 /// Whether a call failed because the peer had closed the connection before answering.
@@ -135,26 +167,48 @@ fn peer_went_away(e: &RmClientError) -> bool {
 
 impl RegionSource for RemoteRm {
     fn alloc(&self, size: u64, pool: Option<&str>) -> Result<RegionInfo, RmCallError> {
-        let handle = self.with_client(|c| c.alloc(size, pool))?;
-        match self.with_client(|c| c.get_access(&handle)) {
+        let handle = self.with_client(false, |c| c.alloc(size, pool))?;
+        match self.with_client(true, |c| c.get_access(&handle)) {
             Ok(access) => Ok(RegionInfo { handle, access }),
             Err(e) => {
-                // Do not leak a region we cannot describe.
+                // Do not leak a region we cannot describe (should this free fail too, the
+                // caller's reconcile finds the region).
                 let _ = self.free(&handle);
                 Err(e)
             }
         }
     }
 
+    /// Idempotent: a free carried out twice is answered `DoubleFree` the second time.
     fn free(&self, handle: &Handle) -> Result<(), RmCallError> {
-        self.with_client(|c| c.free(handle))
+        self.with_client(true, |c| c.free(handle))
     }
 
     fn stats(&self) -> Result<RmStats, RmCallError> {
-        self.with_client(|c| c.stats())
+        self.with_client(true, |c| c.stats())
+    }
+
+    fn list_owned(&self) -> Result<Vec<Handle>, RmCallError> {
+        let (host, pid, start_time) = &self.me;
+        let owner = format!("{host}:{pid}");
+        let all = self.with_client(true, |c| c.list())?;
+        Ok(all
+            .into_iter()
+            .filter(|a| {
+                a.handle.owner == owner
+                    && a.owner_host == *host
+                    && a.owner_pid == *pid
+                    // 0: unknown (the resource manager could not read it); host and pid
+                    // decide then.
+                    && (a.owner_start_time == *start_time
+                        || a.owner_start_time == 0
+                        || *start_time == 0)
+            })
+            .map(|a| a.handle)
+            .collect())
     }
 
     fn ping(&self) -> Result<(), RmCallError> {
-        self.with_client(|c| c.heartbeat())
+        self.with_client(true, |c| c.heartbeat())
     }
 }

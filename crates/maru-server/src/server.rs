@@ -5,14 +5,16 @@
 //! processes, not thousands, and `max_clients` bounds the threads.
 
 use std::collections::HashMap;
+use std::fs::Permissions;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use maru_proto::stats::ServerStats;
 use maru_proto::{ServerUrl, Stream};
@@ -28,6 +30,17 @@ const RM_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// How often an idle server checks that the resource manager is still there.
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// How often the resource manager's list of this server's regions is compared with the
+/// region table (and regions the table does not know are freed), besides right after an
+/// allocation whose outcome is unknown.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// How long a new connection may take to complete its Hello before it is closed and its
+/// slot freed: without a bound, `max_clients` connections that never speak lock every real
+/// client out. Handshaken connections may stay idle (clients keep pooled connections).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Mode of the Unix socket whatever the umask: owner and group may connect (like the pool
+/// file), others may not.
+const UNIX_SOCKET_MODE: u32 = 0o660;
 /// Connections over the client limit that may be waiting for their refusal at once; more are
 /// closed without a word.
 const MAX_REFUSING: usize = 8;
@@ -50,6 +63,9 @@ pub struct ServerConfig {
     pub hostname: Option<String>,
     /// Prometheus endpoint (`GET /metrics`), if any.
     pub metrics: Option<SocketAddr>,
+    /// How long a new connection may take to complete its Hello before it is closed
+    /// (default [`HANDSHAKE_TIMEOUT`]).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +78,7 @@ impl Default for ServerConfig {
             max_clients: 256,
             hostname: None,
             metrics: None,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -88,6 +105,8 @@ pub(crate) struct Shared {
     pub state: State,
     shutting_down: AtomicBool,
     max_clients: usize,
+    /// How long a connection may stay without a completed Hello.
+    pub handshake_timeout: Duration,
     conns: Mutex<Conns>,
     /// Wakes the maintenance thread early at shutdown.
     maintenance: (Mutex<bool>, Condvar),
@@ -210,6 +229,7 @@ pub(crate) fn start_with(
         state: State::new(rm, cfg.pools.clone(), hostname),
         shutting_down: AtomicBool::new(false),
         max_clients: cfg.max_clients.max(1),
+        handshake_timeout: cfg.handshake_timeout,
         conns: Mutex::new(Conns::default()),
         maintenance: (Mutex::new(false), Condvar::new()),
     });
@@ -262,7 +282,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
         path: path.to_owned(),
         source,
     };
-    match UnixListener::bind(path) {
+    match listen_unix(path) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
             if UnixStream::connect(path).is_ok() {
@@ -271,10 +291,69 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
                 });
             }
             std::fs::remove_file(path).map_err(bind_err)?;
-            UnixListener::bind(path).map_err(bind_err)
+            listen_unix(path).map_err(bind_err)
         }
         Err(e) => Err(bind_err(e)),
     }
+}
+
+/// `UnixListener::bind` in three steps — socket and bind, chmod to [`UNIX_SOCKET_MODE`],
+/// listen — so the socket file has its mode before anyone can connect (a connect before
+/// `listen` is refused), whatever the umask leaves at bind time.
+fn listen_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data, for which all-zero bytes are a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a Unix socket path must be shorter than {} bytes, without NUL",
+                addr.sun_path.len()
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len =
+        (std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns; OwnedFd closes it on every path.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is an initialised sockaddr_un and `len` (path plus its NUL, checked
+    // above to fit) does not exceed its size; the kernel only reads it.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let listening = std::fs::set_permissions(path, Permissions::from_mode(UNIX_SOCKET_MODE))
+        .and_then(|()| {
+            // SAFETY: listen(2) on the bound socket this function owns.
+            match unsafe { libc::listen(fd.as_raw_fd(), libc::SOMAXCONN) } {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        });
+    if let Err(e) = listening {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from(fd))
 }
 
 fn accept_loop(shared: &Arc<Shared>, mut accept: impl FnMut() -> io::Result<Stream>) {
@@ -294,12 +373,15 @@ fn accept_loop(shared: &Arc<Shared>, mut accept: impl FnMut() -> io::Result<Stre
     }
 }
 
-/// Retries failed frees, and pings the resource manager now and then so a lost connection
-/// is noticed (and logged) before a client's request needs it.
+/// Retries failed frees, pings the resource manager now and then so a lost connection is
+/// noticed (and logged) before a client's request needs it, and reconciles the resource
+/// manager's list of this server's regions with the region table (right after an allocation
+/// whose outcome is unknown, and every [`RECONCILE_EVERY`]).
 fn maintenance_loop(shared: &Shared) {
     let (lock, cvar) = &shared.maintenance;
     let mut rm_up = shared.state.ping_rm(true);
-    let mut last_ping = std::time::Instant::now();
+    let mut last_ping = Instant::now();
+    let mut last_reconcile = Instant::now();
     let mut stop = lock.lock().unwrap_or_else(|e| e.into_inner());
     while !*stop {
         let (guard, _) = cvar
@@ -313,7 +395,13 @@ fn maintenance_loop(shared: &Shared) {
         shared.state.retry_pending_frees();
         if last_ping.elapsed() >= PING_EVERY {
             rm_up = shared.state.ping_rm(rm_up);
-            last_ping = std::time::Instant::now();
+            last_ping = Instant::now();
+        }
+        if shared.state.reconcile_due() || last_reconcile.elapsed() >= RECONCILE_EVERY {
+            last_reconcile = Instant::now();
+            if let Err(e) = shared.state.reconcile() {
+                tracing::debug!("cannot reconcile regions with the resource manager now: {e}");
+            }
         }
         stop = lock.lock().unwrap_or_else(|e| e.into_inner());
     }

@@ -15,12 +15,25 @@
 //!
 //! Order: a region mutex may be held while taking a registry shard lock or the region table
 //! lock; nothing takes a region mutex while holding either. Lookups never take a region mutex.
+//! The `freeing` set's mutex is innermost (taken under the table lock, nothing under it).
+//!
+//! # No region at the resource manager that the server does not know
+//!
+//! Every region the resource manager holds for this server is, whenever no allocation is in
+//! flight, in the region table or in `freeing` (on its way back) — except after an allocation
+//! whose outcome the server could not learn (the reply lost: the resource manager died after
+//! logging it, the connection broke, a timeout). [`State::reconcile`] restores the invariant:
+//! it waits until no allocation is in flight (`alloc_gate`: every allocation holds it shared
+//! from its request until its region is in the table; the reconcile holds it exclusively),
+//! takes the known set, lists the resource manager's regions of this server, and frees the
+//! ones not in that set. Nothing enters the known set while the gate is held exclusively, so
+//! a region listed but unknown is an orphan, never a concurrent allocation.
 //!
 //! Region slots are never reused, so a lookup that found an entry and then finds no region
 //! for its slot knows the key was deleted (and its region freed) in between: it answers "not
 //! found", which is what it would have answered a moment later.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Instant;
@@ -171,6 +184,14 @@ pub(crate) struct State {
     /// Regions whose free at the resource manager failed (it was unreachable); retried by the
     /// maintenance thread and at shutdown.
     pending_free: Mutex<Vec<Handle>>,
+    /// Ids of regions out of the table whose free has not been carried out yet (in progress
+    /// or pending). A region enters it before it leaves the table.
+    freeing: Mutex<HashSet<u64>>,
+    /// Held shared by every allocation from its request to the resource manager until its
+    /// region is in the table (or freed again); exclusively by [`State::reconcile`].
+    alloc_gate: RwLock<()>,
+    /// An allocation's outcome is unknown: reconcile soon.
+    reconcile_due: AtomicBool,
     pub ops: OpTable,
     started: Instant,
     pub hostname: String,
@@ -189,6 +210,9 @@ impl State {
             rm,
             pools,
             pending_free: Mutex::new(Vec::new()),
+            freeing: Mutex::new(HashSet::new()),
+            alloc_gate: RwLock::new(()),
+            reconcile_due: AtomicBool::new(false),
             ops: OpTable::new(
                 &OP_NAMES
                     .iter()
@@ -368,6 +392,8 @@ impl State {
                 "region size must be greater than zero",
             ));
         }
+        // In flight from here until the region is in the table (see the module docs).
+        let in_flight = self.alloc_gate.read().unwrap_or_else(|e| e.into_inner());
         let info = self.alloc_from_pools(size).map_err(|e| e.to_wire())?;
         let Some(wire) = reply::region_wire(&info) else {
             self.free_at_rm(info.handle);
@@ -409,6 +435,7 @@ impl State {
             table.by_id.insert(region.info.handle.region_id, slot);
             table.by_slot.insert(slot.0, region.clone());
         }
+        drop(in_flight);
         // The session may have ended while the resource manager was allocating; its release
         // scan then ran before this insert, so release here (freeing the unused region).
         if session.is_ended() {
@@ -426,11 +453,11 @@ impl State {
 
     fn alloc_from_pools(&self, size: u64) -> Result<RegionInfo, RmCallError> {
         if self.pools.is_empty() {
-            return self.rm.alloc(size, None);
+            return self.alloc_once(size, None);
         }
         let mut last = None;
         for pool in &self.pools {
-            match self.rm.alloc(size, Some(pool)) {
+            match self.alloc_once(size, Some(pool)) {
                 Ok(info) => return Ok(info),
                 // Fill first: the next pool only when this one has no room.
                 Err(e) if e.code() == Some(ErrorCode::PoolExhausted) => last = Some(e),
@@ -440,6 +467,19 @@ impl State {
         Err(last.unwrap_or_else(|| {
             RmCallError::Remote(err(ErrorCode::PoolExhausted, "no pool has room"))
         }))
+    }
+
+    /// One allocation at the resource manager. A failure other than "no room" may leave a
+    /// region allocated there that the server never learns of (a lost reply, a region
+    /// whose description or cleanup failed): a reconcile is then due.
+    fn alloc_once(&self, size: u64, pool: Option<&str>) -> Result<RegionInfo, RmCallError> {
+        let r = self.rm.alloc(size, pool);
+        if let Err(e) = &r {
+            if e.code() != Some(ErrorCode::PoolExhausted) {
+                self.reconcile_due.store(true, Ordering::SeqCst);
+            }
+        }
+        r
     }
 
     pub fn return_region(&self, session: &Session, region_id: u64) -> Result<(), WireError> {
@@ -495,14 +535,24 @@ impl State {
         }
         st.freed = true;
         let mut table = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        lock(&self.freeing).insert(region.info.handle.region_id);
         table.by_slot.remove(&region.slot.0);
         table.by_id.remove(&region.info.handle.region_id);
         Some(region.info.handle.clone())
     }
 
+    /// Frees a region that is not (or no longer) in the table; until that is done (or known
+    /// to be done) the region stays in `freeing`.
     fn free_at_rm(&self, handle: Handle) {
+        lock(&self.freeing).insert(handle.region_id);
+        let done = |h: &Handle| {
+            lock(&self.freeing).remove(&h.region_id);
+        };
         match self.rm.free(&handle) {
-            Ok(()) => tracing::debug!(region = handle.region_id, "region freed"),
+            Ok(()) => {
+                tracing::debug!(region = handle.region_id, "region freed");
+                done(&handle);
+            }
             // Already gone there (e.g. reclaimed): nothing left to do.
             Err(RmCallError::Remote(e))
                 if matches!(e.code, ErrorCode::DoubleFree | ErrorCode::UnknownRegion) =>
@@ -510,7 +560,8 @@ impl State {
                 tracing::warn!(
                     region = handle.region_id,
                     "region already freed at the resource manager: {e}"
-                )
+                );
+                done(&handle);
             }
             Err(e) => {
                 tracing::warn!(
@@ -549,10 +600,56 @@ impl State {
         }
     }
 
+    /// Whether an allocation's outcome was unknown since the last reconcile.
+    pub fn reconcile_due(&self) -> bool {
+        self.reconcile_due.load(Ordering::SeqCst)
+    }
+
+    /// Frees every region the resource manager holds for this server that the server does
+    /// not know (see the module docs); returns how many it found. Waits for allocations in
+    /// flight to finish (each is bounded by the resource manager's timeout) and holds new
+    /// ones back for one list request.
+    pub fn reconcile(&self) -> Result<usize, RmCallError> {
+        self.reconcile_due.store(false, Ordering::SeqCst);
+        let orphans: Vec<Handle> = {
+            let _quiet = self.alloc_gate.write().unwrap_or_else(|e| e.into_inner());
+            // The known set first: with no allocation in flight nothing enters it, so a
+            // region the list shows outside it was never known (regions leave the table only
+            // through `freeing`, and `freeing` only once their free is done).
+            let mut known: HashSet<u64> = self.table().by_id.keys().copied().collect();
+            known.extend(lock(&self.freeing).iter().copied());
+            let listed = match self.rm.list_owned() {
+                Ok(l) => l,
+                Err(e) => {
+                    if matches!(e, RmCallError::Unreachable { .. }) {
+                        // Try again on the next maintenance pass.
+                        self.reconcile_due.store(true, Ordering::SeqCst);
+                    }
+                    return Err(e);
+                }
+            };
+            listed
+                .into_iter()
+                .filter(|h| !known.contains(&h.region_id))
+                .collect()
+        };
+        for h in &orphans {
+            tracing::warn!(
+                region = h.region_id,
+                len = h.len,
+                "the resource manager holds a region of this server the server does not know \
+                 (an allocation whose reply was lost); freeing it"
+            );
+            self.free_at_rm(h.clone());
+        }
+        Ok(orphans.len())
+    }
+
     /// Shutdown: every region goes back to the resource manager, keys or not.
     pub fn free_everything(&self) {
         let all: Vec<Arc<Region>> = {
             let mut table = self.regions.write().unwrap_or_else(|e| e.into_inner());
+            lock(&self.freeing).extend(table.by_id.keys().copied());
             table.by_id.clear();
             table.by_slot.drain().map(|(_, r)| r).collect()
         };
@@ -889,6 +986,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::testing::FakeRm;
+    use std::collections::BTreeSet;
 
     const MIB: u64 = 1 << 20;
 
@@ -1127,6 +1225,109 @@ mod tests {
             (true, 1, 1)
         );
         assert_eq!(s.pools.len(), 1);
+    }
+
+    #[test]
+    fn a_region_whose_alloc_reply_was_lost_is_found_and_freed_by_the_reconcile() {
+        let (st, rm) = state(&[]);
+        let (mut p, a, _) = client(&st, "a");
+        let kept = st.request_region(&a, MIB).unwrap().info.handle.region_id;
+        assert!(!st.reconcile_due());
+        assert_eq!(st.reconcile().unwrap(), 0, "nothing unknown yet");
+        rm.lose_next_reply.store(true, Ordering::SeqCst);
+        let e = st.request_region(&a, MIB).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert_eq!(rm.live().len(), 2, "allocated there, unknown here");
+        assert!(
+            st.reconcile_due(),
+            "an unknown outcome makes a reconcile due"
+        );
+        assert_eq!(st.reconcile().unwrap(), 1);
+        assert!(!st.reconcile_due());
+        assert_eq!(rm.live().into_iter().collect::<Vec<_>>(), vec![kept]);
+        // "No room" is a certain answer: nothing to reconcile.
+        rm.room.lock().unwrap().insert("/dev/shm/default".into(), 0);
+        assert_eq!(
+            st.request_region(&a, MIB).unwrap_err().code,
+            ErrorCode::PoolExhausted
+        );
+        assert!(!st.reconcile_due());
+        rm.room.lock().unwrap().clear();
+
+        // A region whose free is pending is known: the reconcile leaves it to the retry.
+        let r = st.request_region(&a, MIB).unwrap().info.handle.region_id;
+        rm.down.store(true, Ordering::SeqCst);
+        st.return_region(&a, r).unwrap();
+        assert!(st.reconcile().is_err(), "unreachable");
+        assert!(st.reconcile_due(), "tried again later");
+        rm.down.store(false, Ordering::SeqCst);
+        assert_eq!(st.reconcile().unwrap(), 0);
+        assert!(rm.live().contains(&r));
+        assert_eq!(st.retry_pending_frees(), 0);
+        assert!(!rm.live().contains(&r));
+        assert_eq!(
+            rm.freed
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|id| **id == r)
+                .count(),
+            1
+        );
+        st.goodbye(&mut p);
+        assert!(rm.live().is_empty());
+    }
+
+    /// Allocations, frees and reconciles race; a reconcile must never free a region that is
+    /// being allocated or is in the table (it would find nothing unknown at all here).
+    #[test]
+    fn reconciles_never_free_a_region_allocated_concurrently() {
+        let (st, rm) = state(&[]);
+        let st = Arc::new(st);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reconciler = {
+            let (st, stop) = (st.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut runs, mut found) = (0u64, 0usize);
+                while !stop.load(Ordering::SeqCst) {
+                    found += st.reconcile().unwrap();
+                    runs += 1;
+                }
+                (runs, found)
+            })
+        };
+        let workers: Vec<_> = (0..3)
+            .map(|t| {
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    for round in 0..300 {
+                        let (mut peer, s, _) = client(&st, &format!("i{t}-{round}"));
+                        let r = st.request_region(&s, MIB).unwrap();
+                        let key = format!("k{t}-{round}");
+                        assert!(st.register(&s, &reg(key.as_bytes(), &r, 0, 1)).unwrap());
+                        st.request_region(&s, MIB).unwrap();
+                        st.goodbye(&mut peer);
+                        if round % 2 == 0 {
+                            assert_eq!(st.delete(key.as_bytes()), DeleteStatus::Deleted);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        let (runs, found) = reconciler.join().unwrap();
+        assert!(runs > 0);
+        assert_eq!(found, 0, "a reconcile freed a region the server knew");
+        let known: BTreeSet<u64> = st
+            .allocations()
+            .iter()
+            .map(|r| r.handle.region_id)
+            .collect();
+        assert_eq!(known.len(), 3 * 150, "the kept keys' regions");
+        assert_eq!(rm.live(), known);
     }
 
     /// Writers register, delete and release concurrently; at every moment a region that has

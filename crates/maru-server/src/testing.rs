@@ -13,10 +13,15 @@ use crate::rm::{RegionSource, RmCallError};
 pub(crate) struct FakeRm {
     next: AtomicU64,
     pub live: Mutex<BTreeSet<u64>>,
+    /// The handles of `live` regions, for `list_owned`.
+    handles: Mutex<HashMap<u64, Handle>>,
     pub freed: Mutex<Vec<u64>>,
     /// Bytes left per pool; a pool not listed has unlimited room.
     pub room: Mutex<HashMap<String, u64>>,
     pub down: AtomicBool,
+    /// The next allocation happens, but its caller is told the resource manager is
+    /// unreachable (the reply was lost).
+    pub lose_next_reply: AtomicBool,
 }
 
 impl FakeRm {
@@ -48,16 +53,27 @@ impl RegionSource for FakeRm {
             *room -= size;
         }
         let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
-        self.live.lock().unwrap().insert(id);
+        let handle = Handle {
+            region_id: id,
+            pool: pool.clone(),
+            offset: id << 30,
+            len: size,
+            owner: "test:1".into(),
+            token: [7; 32],
+        };
+        // Both maps change together (always locked in this order).
+        let mut live = self.live.lock().unwrap();
+        live.insert(id);
+        self.handles.lock().unwrap().insert(id, handle.clone());
+        drop(live);
+        if self.lose_next_reply.swap(false, Ordering::SeqCst) {
+            return Err(RmCallError::Unreachable {
+                url: "fake".into(),
+                reason: "connection closed before the reply".into(),
+            });
+        }
         Ok(RegionInfo {
-            handle: Handle {
-                region_id: id,
-                pool: pool.clone(),
-                offset: id << 30,
-                len: size,
-                owner: "test:1".into(),
-                token: [7; 32],
-            },
+            handle,
             access: Access {
                 path: pool,
                 offset: id << 30,
@@ -69,7 +85,9 @@ impl RegionSource for FakeRm {
 
     fn free(&self, handle: &Handle) -> Result<(), RmCallError> {
         self.check_up()?;
-        if !self.live.lock().unwrap().remove(&handle.region_id) {
+        let mut live = self.live.lock().unwrap();
+        self.handles.lock().unwrap().remove(&handle.region_id);
+        if !live.remove(&handle.region_id) {
             return Err(RmCallError::Remote(WireError::new(
                 ErrorCode::DoubleFree,
                 "double free",
@@ -89,6 +107,13 @@ impl RegionSource for FakeRm {
             ..RmStats::default()
         })
     }
+
+    fn list_owned(&self) -> Result<Vec<Handle>, RmCallError> {
+        self.check_up()?;
+        let live = self.live.lock().unwrap();
+        let handles = self.handles.lock().unwrap();
+        Ok(live.iter().map(|id| handles[id].clone()).collect())
+    }
 }
 
 /// Lets a test keep a handle on the fake after giving the server a `Box<dyn RegionSource>`.
@@ -101,5 +126,8 @@ impl RegionSource for std::sync::Arc<FakeRm> {
     }
     fn stats(&self) -> Result<RmStats, RmCallError> {
         (**self).stats()
+    }
+    fn list_owned(&self) -> Result<Vec<Handle>, RmCallError> {
+        (**self).list_owned()
     }
 }

@@ -439,3 +439,133 @@ fn a_restarted_rm_is_reconnected_on_the_next_request() {
     assert_eq!(c.rm_region_ids(), vec![r1, r2], "r1 survived the restart");
     assert!(a.stats().rm_error.is_none());
 }
+
+/// Reads until the server closes the connection (true) or `TIMEOUT` passes (false); replies
+/// that arrive meanwhile are skipped.
+fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn a_connection_without_hello_is_closed_after_the_handshake_timeout_and_its_slot_freed() {
+    let bound = Duration::from_millis(300);
+    let c = Cluster::with(
+        |_| {},
+        |_, s| {
+            s.max_clients = 3;
+            s.handshake_timeout = bound;
+        },
+    );
+    assert_eq!(maru_server::HANDSHAKE_TIMEOUT, Duration::from_secs(10));
+    assert_eq!(
+        maru_server::ServerConfig::default().handshake_timeout,
+        maru_server::HANDSHAKE_TIMEOUT
+    );
+    let mut idle = c.client("idle");
+    let r = idle.region(MIB).handle.region_id;
+    let addr = c.server().tcp_addr().unwrap();
+    // One never sends a byte; another sends requests, but never a hello.
+    let mut silent = std::net::TcpStream::connect(addr).unwrap();
+    let mut chatty = Raw::connect(&c.url());
+    let t0 = std::time::Instant::now();
+    let mut refused = 0;
+    loop {
+        chatty.send_request(7, &Request::Heartbeat);
+        match chatty.rx.read_frame(&mut chatty.stream) {
+            Ok((h, p)) => match decode_response(&h, p).unwrap() {
+                Response::Error(e) if e.code == ErrorCode::NotHandshaken => refused += 1,
+                other => panic!("{other:?}"),
+            },
+            Err(_) => break,
+        }
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "a chatty unhandshaken connection stays"
+        );
+    }
+    assert!(refused > 0);
+    assert!(closed_by_server(&mut silent), "a silent connection stays");
+    // Both slots are free again: two new clients fit next to the idle one.
+    let mut more = Vec::new();
+    for name in ["b", "c"] {
+        let mut got = None;
+        assert!(
+            wait_until(TIMEOUT, || {
+                got = Client::connect_role(&c.url(), Role::Client, name, None).ok();
+                got.is_some()
+            }),
+            "slot never freed"
+        );
+        more.push(got.unwrap());
+    }
+    // The handshaken connection sat idle past the bound and is still served.
+    assert!(t0.elapsed() >= bound);
+    assert_eq!(idle.call(&Request::Heartbeat).unwrap(), Response::Ok);
+    assert!(idle.register(b"k", r, 0, 1));
+    drop(more);
+}
+
+#[test]
+fn the_unix_socket_is_for_owner_and_group_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // A fresh socket, and one replacing a stale socket file (a dead server's, made under
+    // this process's umask).
+    for stale in [false, true] {
+        let c = Cluster::with(
+            |_| {},
+            |dir, s| {
+                let path = dir.join("server.sock");
+                if stale {
+                    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+                }
+                s.unix = Some(path);
+            },
+        );
+        let path = c.dir.path().join("server.sock");
+        assert_eq!(mode(&path), 0o660, "stale file before: {stale}");
+        let mut unix = Client::connect(&ServerUrl::Unix(path.clone()), "unix-side");
+        assert_eq!(unix.call(&Request::Heartbeat).unwrap(), Response::Ok);
+    }
+}
+
+/// A region the resource manager holds for this server (this process) that the server does
+/// not know — what a lost allocation reply leaves — is freed by the reconcile that follows an
+/// allocation failure, and the regions the server knows stay.
+#[test]
+fn a_region_of_the_server_unknown_to_it_is_freed_after_a_failed_allocation() {
+    let c = Cluster::with(
+        |_| {},
+        |dir, s| s.pools = vec![pool_path(dir, "p0"), "/no-such-pool".into()],
+    );
+    let mut a = c.client("a");
+    let known = a.region(2 * MIB).handle.region_id;
+    assert!(a.register(b"k", known, 0, 1));
+    // The in-process server's owner identity is this process's.
+    let mut direct = maru_rm::RmClient::connect(&c.rm().url(), Role::Server, TIMEOUT).unwrap();
+    let orphan = direct.alloc(2 * MIB, None).unwrap().region_id;
+    assert_eq!(c.rm_region_ids(), vec![known, orphan]);
+    // Too big for p0, then a pool the resource manager does not have: an allocation that
+    // failed otherwise than "no room".
+    assert_eq!(
+        a.fails(&Request::RequestRegion { size: 256 * MIB }),
+        ErrorCode::NoSuchPool
+    );
+    assert!(
+        wait_until(TIMEOUT, || c.rm_region_ids() == vec![known]),
+        "resource manager still holds {:?}",
+        c.rm_region_ids()
+    );
+    assert!(a.lookup(b"k").is_some());
+    assert_eq!(c.stats().regions, 1);
+}
