@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 
+use super::cpu;
 use super::floor::Transport;
 use super::rows::{handler, prefill};
 use super::stats::{Row, Samples};
@@ -55,7 +56,10 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         shared.close();
         let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &s.summary());
         row.clients = n;
+        // The floor is one client's ping-pong, measured from the client side as everywhere.
+        cpu::enter_client_side();
         b.push(t, row.note("threads sharing one handler"));
+        cpu::unpin_current();
 
         // Processes, one handler each.
         let spec = Spec::Loop {
@@ -88,7 +92,9 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &s.summary());
         row.clients = n;
         row.processes = true;
+        cpu::enter_client_side();
         b.push(t, row.note("one process per client"));
+        cpu::unpin_current();
     }
     let ks: Vec<&[u8]> = stored.iter().map(|k| k.as_slice()).collect();
     owner.batch_delete(&ks)?;

@@ -28,6 +28,9 @@ fn connect_rows(b: &mut Bench, t: Transport, url: &str, page_note: &str) -> anyh
             s.time(|| h.connect())
                 .with_context(|| format!("connect with a {pool}-byte pool"))?;
             h.close();
+            // The previous handler's region is given back (and its pages dropped) after close
+            // returns; let that finish so the next connect does not share the CPU with it.
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
         b.push(
             t,
