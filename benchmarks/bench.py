@@ -112,13 +112,42 @@ def row(
     return r
 
 
-def measure(n: int, fn: Callable[[int], int]) -> list[int]:
-    """Runs fn(i) n + WARMUP times; fn returns the nanoseconds of the part it times."""
+BLOCK = 50
+
+
+class FloorLink:
+    """Floor blocks from a parent `maru bench --floor-pipe`: before each block of BLOCK calls
+    this script asks the parent for as many ping-pongs of the row's wire sizes (on stdout) and
+    waits until they are done (on stdin). Floor and row thus alternate in blocks and see the
+    same minutes of the machine, as the Rust rows do."""
+
+    on = False
+
+    def block(self, ident: tuple[str, str, int, int, bool], n: int) -> None:
+        if not self.on:
+            return
+        t, op, chunk, batch, contended = ident
+        sys.stdout.write(f"FLOOR {t} {op} {chunk} {batch} {int(contended)} {n}\n")
+        sys.stdout.flush()
+        if sys.stdin.readline().strip() != "OK":
+            raise RuntimeError("the parent maru bench did not run the floor block")
+
+
+FLOOR = FloorLink()
+
+
+def measure(n: int, fn: Callable[[int], int], ident: tuple[str, str, int, int, bool]) -> list[int]:
+    """Runs fn(i) n + WARMUP times in blocks alternating with floor blocks; fn returns the
+    nanoseconds of the part it times."""
     out = []
-    for i in range(n + WARMUP):
-        d = fn(i)
-        if i >= WARMUP:
-            out.append(d)
+    total = n + WARMUP
+    for start in range(0, total, BLOCK):
+        end = min(total, start + BLOCK)
+        FLOOR.block(ident, end - start)
+        for i in range(start, end):
+            d = fn(i)
+            if i >= WARMUP:
+                out.append(d)
     return out
 
 
@@ -178,6 +207,11 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
         out.append(r)
         log(r)
 
+    def m(
+        op: str, chunk: int, batch: int, contended: bool, n: int, fn: Callable[[int], int], moved: int | None = None
+    ) -> dict[str, Any]:
+        return row(op, t, chunk, batch, contended, measure(n, fn, (t, op, chunk, batch, contended)), moved)
+
     for chunk in SIZES:
         h = handler(url, chunk)
         pages = REGION // chunk
@@ -204,10 +238,10 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
                 return d
 
             with burner(contended):
-                ns = measure(n, store)
+                r = m("store", chunk, 1, contended, n, store, chunk)
             for k in live:
                 h.delete(k)
-            add(row("store", t, chunk, 1, contended, ns, chunk))
+            add(r)
 
         store_rows(False, 0)
 
@@ -220,7 +254,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
             h.store(existing, handle=a)
             return perf() - t0
 
-        add(row("store_existing", t, chunk, 1, False, measure(n, store_existing), chunk))
+        add(m("store_existing", chunk, 1, False, n, store_existing, chunk))
         h.delete(existing)
 
         stored = prefill(h, max(1, min(pages - 2, 256)), data)
@@ -233,7 +267,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
             assert mi is not None
             return d
 
-        add(row("retrieve", t, chunk, 1, False, measure(iters, retrieve)))
+        add(m("retrieve", chunk, 1, False, iters, retrieve))
         dst = bytearray(chunk)
 
         def retrieve_copy(i: int) -> int:
@@ -243,7 +277,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
             dst[:] = mi.view  # type: ignore[union-attr]
             return perf() - t0
 
-        add(row("retrieve_copy", t, chunk, 1, False, measure(n, retrieve_copy), chunk))
+        add(m("retrieve_copy", chunk, 1, False, n, retrieve_copy, chunk))
 
         if chunk == 4 * KIB:
             missing = KEYS.take(256)
@@ -277,10 +311,10 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
                 assert ok
                 return d
 
-            add(row("exists", t, chunk, 1, False, measure(iters, exists)))
-            add(row("exists_miss", t, chunk, 1, False, measure(iters, exists_miss)))
-            add(row("pin", t, chunk, 1, False, measure(iters, pin)))
-            add(row("unpin", t, chunk, 1, False, measure(iters, unpin)))
+            add(m("exists", chunk, 1, False, iters, exists))
+            add(m("exists_miss", chunk, 1, False, iters, exists_miss))
+            add(m("pin", chunk, 1, False, iters, pin))
+            add(m("unpin", chunk, 1, False, iters, unpin))
 
             pending: list[str] = []
 
@@ -294,7 +328,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
                 assert ok
                 return d
 
-            add(row("delete", t, chunk, 1, False, measure(iters, delete)))
+            add(m("delete", chunk, 1, False, iters, delete))
             for k in pending:
                 h.delete(k)
 
@@ -314,7 +348,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
                     live.extend(ks)
                     return d
 
-                add(row("batch_store", t, chunk, b, False, measure(batch_iters, batch_store), chunk * b))
+                add(m("batch_store", chunk, b, False, batch_iters, batch_store, chunk * b))
                 for k in live:
                     h.delete(k)
                 ks = prefill(h, b, data)
@@ -333,19 +367,19 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
                     assert r[-1]
                     return d
 
-                add(row("batch_retrieve", t, chunk, b, False, measure(batch_iters, batch_retrieve)))
-                add(row("batch_exists", t, chunk, b, False, measure(batch_iters, batch_exists)))
+                add(m("batch_retrieve", chunk, b, False, batch_iters, batch_retrieve))
+                add(m("batch_exists", chunk, b, False, batch_iters, batch_exists))
                 if b == 256:
                     # The same metadata rows with another Python thread burning CPU.
                     with burner(True):
-                        add(row("batch_retrieve", t, chunk, b, True, measure(batch_iters, batch_retrieve)))
-                        add(row("batch_exists", t, chunk, b, True, measure(batch_iters, batch_exists)))
+                        add(m("batch_retrieve", chunk, b, True, batch_iters, batch_retrieve))
+                        add(m("batch_exists", chunk, b, True, batch_iters, batch_exists))
                 for k in ks:
                     h.delete(k)
 
             with burner(True):
-                add(row("retrieve", t, chunk, 1, True, measure(iters, retrieve)))
-                add(row("exists", t, chunk, 1, True, measure(iters, exists)))
+                add(m("retrieve", chunk, 1, True, iters, retrieve))
+                add(m("exists", chunk, 1, True, iters, exists))
             store_rows(True, len(stored))
 
         for k in stored:
@@ -461,9 +495,11 @@ def main() -> int:
     ap.add_argument("--pool-dir", default="/dev/shm", help="where the temporary pool goes")
     ap.add_argument("--no-floor", action="store_true", help="do not measure floors (maru bench does)")
     ap.add_argument("--quiet", action="store_true", help="no table, only the JSON report")
+    ap.add_argument("--floor-pipe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--let-cpus-idle", action="store_true", help="standalone: no SCHED_IDLE spinners")
     a = ap.parse_args()
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    FLOOR.on = a.floor_pipe
     iters, batch_iters = PLANS[mode]
     log_to = sys.stderr if a.json == "-" else sys.stdout
 
@@ -497,7 +533,10 @@ def main() -> int:
         with spinners(not a.let_cpus_idle), maru_up(maru, a.pool_dir, server) as ready:
             os.sched_setaffinity(0, client)
             report = run([u for u in (ready.get("tcp"), ready.get("unix")) if u], maru)
-    if a.json == "-":
+    if a.floor_pipe:
+        # One line, after the FLOOR requests on the same stream.
+        print("REPORT " + json.dumps(report), flush=True)
+    elif a.json == "-":
         json.dump(report, sys.stdout, indent=1)
         print()
     elif a.json:

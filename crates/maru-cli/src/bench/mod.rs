@@ -629,19 +629,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             python::locate(args.python.as_deref())
         };
         match located {
-            Ok((py, script)) => match python::run(&py, &script, &urls, mode) {
-                Ok(rows) => {
-                    for row in rows {
-                        let t = if row.transport == "unix" {
-                            Transport::Unix
-                        } else {
-                            Transport::Tcp
-                        };
-                        b.push(t, row);
-                    }
+            Ok((py, script)) => {
+                if let Err(e) = python::run(&mut b, &py, &script, &urls, mode) {
+                    let _ = writeln!(b.out, "python rows failed: {e:#}");
+                    notes.push(format!("python rows failed: {e:#}"));
                 }
-                Err(e) => notes.push(format!("python rows failed: {e:#}")),
-            },
+            }
             Err(why) => {
                 let _ = writeln!(b.out, "python rows skipped: {why}");
                 notes.push(format!("python rows skipped: {why}"));

@@ -4,6 +4,8 @@
 //! project's `.venv` (made by scripts/setup.sh) is there, and gives its rows floors from this
 //! run.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -11,7 +13,9 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use super::daemons::{track_child, untrack_child};
+use super::floor::{Probe, Transport};
 use super::stats::Row;
+use super::Bench;
 
 /// A row as bench.py prints it (the shape).
 #[derive(Debug, Deserialize)]
@@ -71,42 +75,62 @@ pub fn locate(python: Option<&Path>) -> Result<(PathBuf, PathBuf), String> {
     Ok((py, script))
 }
 
-/// Runs bench.py against `urls` and returns its rows (api `python`, floors not yet set).
-pub fn run(py: &Path, script: &Path, urls: &[String], mode: &str) -> anyhow::Result<Vec<Row>> {
+/// The floor probes of the Python rows, one per row: `(transport, op, chunk, batch,
+/// contended)`.
+type RowKey = (String, String, u64, u32, bool);
+
+/// Runs bench.py against `urls` with `--floor-pipe`: before each block of its calls it asks
+/// for a block of floor ping-pongs of the row's wire sizes, which this process runs (so
+/// Python rows alternate with their floors like the Rust rows do). Then pushes its rows.
+pub fn run(
+    b: &mut Bench,
+    py: &Path,
+    script: &Path,
+    urls: &[String],
+    mode: &str,
+) -> anyhow::Result<()> {
     let mut cmd = Command::new(py);
     cmd.arg(script)
-        .args(["--json", "-", "--no-floor", "--quiet"]);
+        .args(["--no-floor", "--quiet", "--floor-pipe"]);
     if mode != "full" {
         cmd.arg(format!("--{mode}"));
     }
     for u in urls {
         cmd.arg("--server").arg(u);
     }
-    let child = cmd
-        .stdin(Stdio::null())
+    let mut child = cmd
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("cannot run {}", py.display()))?;
     track_child(child.id());
     let pid = child.id();
-    let out = child.wait_with_output();
-    untrack_child(pid);
-    let out = out?;
-    if !out.status.success() {
-        bail!(
-            "{} {} failed: {}",
-            py.display(),
-            script.display(),
-            out.status
-        );
+    let result = converse(b, &mut child);
+    if result.is_err() {
+        let _ = child.kill();
     }
-    let report: PyReport =
-        serde_json::from_slice(&out.stdout).context("bench.py printed no JSON report")?;
-    Ok(report
-        .results
-        .into_iter()
-        .map(|p| Row {
+    let status = child.wait();
+    untrack_child(pid);
+    let (report, mut probes) = result?;
+    let status = status?;
+    if !status.success() {
+        bail!("{} {} failed: {status}", py.display(), script.display());
+    }
+    for p in report.results {
+        let key: RowKey = (
+            p.transport.clone(),
+            p.op.clone(),
+            p.chunk_bytes,
+            p.batch,
+            p.contended,
+        );
+        let t = if p.transport == "unix" {
+            Transport::Unix
+        } else {
+            Transport::Tcp
+        };
+        let row = Row {
             op: p.op,
             transport: p.transport,
             chunk_bytes: p.chunk_bytes,
@@ -125,6 +149,59 @@ pub fn run(py: &Path, script: &Path, urls: &[String], mode: &str) -> anyhow::Res
             processes: false,
             samples: p.samples,
             note: p.note,
-        })
-        .collect())
+        };
+        match probes.remove(&key) {
+            Some(probe) => b.push_probed(t, row, probe),
+            None => b.push(t, row),
+        }
+    }
+    Ok(())
+}
+
+/// Serves bench.py's floor requests until it prints its report.
+fn converse(
+    b: &Bench,
+    child: &mut std::process::Child,
+) -> anyhow::Result<(PyReport, HashMap<RowKey, Probe>)> {
+    let mut stdin = child.stdin.take().context("bench.py stdin")?;
+    let stdout = BufReader::new(child.stdout.take().context("bench.py stdout")?);
+    let mut probes: HashMap<RowKey, Probe> = HashMap::new();
+    for line in stdout.lines() {
+        let line = line?;
+        if let Some(json) = line.strip_prefix("REPORT ") {
+            let report: PyReport =
+                serde_json::from_str(json).context("bench.py printed a bad report")?;
+            return Ok((report, probes));
+        }
+        let Some(req) = line.strip_prefix("FLOOR ") else {
+            continue;
+        };
+        let f: Vec<&str> = req.split_whitespace().collect();
+        let [t, op, chunk, batch, contended, n] = f[..] else {
+            bail!("bench.py sent a bad floor request: {line}");
+        };
+        let key: RowKey = (
+            t.to_owned(),
+            op.to_owned(),
+            chunk.parse()?,
+            batch.parse()?,
+            contended == "1",
+        );
+        let transport = if t == "unix" {
+            Transport::Unix
+        } else {
+            Transport::Tcp
+        };
+        if !probes.contains_key(&key) {
+            probes.insert(key.clone(), b.probe(transport, op, key.3)?);
+        }
+        if let Some(p) = probes.get_mut(&key) {
+            for _ in 0..n.parse::<usize>()? {
+                p.tick()?;
+            }
+        }
+        writeln!(stdin, "OK")?;
+        stdin.flush()?;
+    }
+    bail!("bench.py ended without a report")
 }
