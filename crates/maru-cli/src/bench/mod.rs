@@ -927,16 +927,19 @@ fn check_targets(
     }
     if let Some(reg) = reg {
         if let Some(bpk) = reg.bytes_per_key {
+            // The target is the server's overhead beyond the key's own bytes (issue 3's
+            // definition); the measurement includes them, so they are taken off here.
+            let overhead = bpk - reg.key_bytes as f64;
             out.push(Target {
-                target: "server bytes per key <= 100".into(),
+                target: "server overhead per key (beyond the key bytes) <= 100".into(),
                 api: "server".into(),
                 transport: "-".into(),
-                value: round3(bpk),
+                value: round3(overhead),
                 limit: 100.0,
-                met: bpk <= 100.0,
+                met: overhead <= 100.0,
                 detail: format!(
-                    "{} keys of {} bytes (key bytes included)",
-                    reg.keys, reg.key_bytes
+                    "{} keys of {} bytes: {:.1} bytes per key in all",
+                    reg.keys, reg.key_bytes, bpk
                 ),
             });
         }
