@@ -5,6 +5,7 @@
 use std::ffi::c_int;
 use std::mem::MaybeUninit;
 use std::os::raw::{c_char, c_void};
+use std::sync::Arc;
 
 use maru_client::View;
 use pyo3::exceptions::PyBufferError;
@@ -18,6 +19,21 @@ use pyo3::types::PyMemoryView;
 #[pyclass(module = "maru._maru", frozen)]
 pub struct ShmBuffer {
     view: View,
+    /// Exports the whole mapping `view` points into instead of `view`'s own bytes (the
+    /// region-wide exporter that `batch_retrieve`'s views are slices of).
+    whole: bool,
+}
+
+impl ShmBuffer {
+    /// Address, length and offset (in the region) of the exported bytes.
+    fn range(&self) -> (*const u8, usize, usize) {
+        if self.whole {
+            let m = self.view.mapping();
+            (m.as_ptr() as *const u8, m.len(), 0)
+        } else {
+            (self.view.as_ptr(), self.view.len(), self.view.offset())
+        }
+    }
 }
 
 #[pymethods]
@@ -39,8 +55,7 @@ impl ShmBuffer {
                 "this view is read-only: it points into another instance's region",
             ));
         }
-        let ptr = me.view.as_ptr();
-        let len = me.view.len();
+        let (ptr, len, _) = me.range();
         // SAFETY: `view` is non-null and CPython hands us a Py_buffer to fill. `obj` takes a
         // new reference to the exporter, which keeps `me.view` (and its mapping) alive until
         // PyBuffer_Release. `buf`/`len` describe memory inside that mapping (the client
@@ -80,15 +95,16 @@ impl ShmBuffer {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 
     fn __len__(&self) -> usize {
-        self.view.len()
+        self.range().1
     }
 
     fn __repr__(&self) -> String {
+        let (_, len, offset) = self.range();
         format!(
             "<maru._maru.ShmBuffer region={} offset={} len={} {}>",
             self.view.region_id(),
-            self.view.offset(),
-            self.view.len(),
+            offset,
+            len,
             if self.view.is_writable() { "rw" } else { "ro" }
         )
     }
@@ -96,8 +112,67 @@ impl ShmBuffer {
 
 /// A `memoryview` over `view`, sized exactly to it (no Python-level slicing).
 pub fn memoryview(py: Python<'_>, view: View) -> PyResult<Bound<'_, PyMemoryView>> {
-    let exporter = Bound::new(py, ShmBuffer { view })?;
+    let exporter = Bound::new(py, ShmBuffer { view, whole: false })?;
     PyMemoryView::from(exporter.as_any())
+}
+
+/// Memoryviews for many views at once (`batch_retrieve`): one exporter and one region-wide
+/// `memoryview` per distinct mapping, and for each view a slice of it made in C. A slice
+/// shares its parent's managed buffer, so it keeps the exporter (hence the mapping) alive, and
+/// has the same read-only flag, format 'B', one dimension and contiguity as a view of its own.
+pub struct RegionViews<'py> {
+    py: Python<'py>,
+    /// (mapping address, writable) -> region-wide memoryview. Few entries (one per instance
+    /// whose region a call touches), so a scan with the last hit first is enough.
+    regions: Vec<(*const (), bool, Bound<'py, PyMemoryView>)>,
+    last: usize,
+}
+
+impl<'py> RegionViews<'py> {
+    pub fn new(py: Python<'py>) -> Self {
+        RegionViews {
+            py,
+            regions: Vec::new(),
+            last: 0,
+        }
+    }
+
+    /// A memoryview of exactly `view`'s bytes.
+    pub fn view(&mut self, view: View) -> PyResult<Bound<'py, PyAny>> {
+        let key = (Arc::as_ptr(view.mapping()).cast::<()>(), view.is_writable());
+        let hit = |r: &(*const (), bool, Bound<'py, PyMemoryView>)| (r.0, r.1) == key;
+        let i = if self.regions.get(self.last).is_some_and(hit) {
+            self.last
+        } else if let Some(i) = self.regions.iter().position(hit) {
+            i
+        } else {
+            let (start, len) = (view.offset(), view.len());
+            let exporter = Bound::new(self.py, ShmBuffer { view, whole: true })?;
+            let mv = PyMemoryView::from(exporter.as_any())?;
+            self.regions.push((key.0, key.1, mv));
+            self.last = self.regions.len() - 1;
+            return self.slice(self.last, start, len);
+        };
+        self.last = i;
+        self.slice(i, view.offset(), view.len())
+    }
+
+    fn slice(&self, i: usize, start: usize, len: usize) -> PyResult<Bound<'py, PyAny>> {
+        let mv = &self.regions[i].2;
+        // The client checked offset + len against the mapping, which the parent covers.
+        let (lo, hi) = (
+            ffi::Py_ssize_t::try_from(start),
+            ffi::Py_ssize_t::try_from(start + len),
+        );
+        let (Ok(lo), Ok(hi)) = (lo, hi) else {
+            return Err(PyBufferError::new_err("view out of range"));
+        };
+        // SAFETY: `mv` is a live memoryview (we hold the GIL through the Bound);
+        // PySequence_GetSlice returns a new reference or NULL with an exception set.
+        unsafe {
+            Bound::from_owned_ptr_or_err(self.py, ffi::PySequence_GetSlice(mv.as_ptr(), lo, hi))
+        }
+    }
 }
 
 /// The bytes of a Python buffer, borrowed (`PyBUF_SIMPLE`: C-contiguous, any item format) for

@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString};
 
-use crate::buffer::{memoryview, RawBuf};
+use crate::buffer::{memoryview, RawBuf, RegionViews};
 use crate::errors::{py_err, to_py};
 use crate::types::{
     region_stats_dict, store_regions_dict, AllocHandle, MaruHandle, MemoryInfo, OwnedRegionManager,
@@ -386,14 +386,24 @@ impl PyMaruHandler {
         let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
         let h = &self.h;
         let views = py.detach(|| h.batch_retrieve(&refs)).map_err(py_err(py))?;
-        let out = PyList::empty(py);
+        // One exporter and memoryview per region touched; each key's view is a slice of it.
+        let mut regions = RegionViews::new(py);
+        let mut out = Vec::with_capacity(views.len());
         for v in views {
-            match v {
-                Some(view) => out.append(memory_info(py, view)?)?,
-                None => out.append(py.None())?,
-            }
+            out.push(match v {
+                Some(view) => {
+                    let (region_id, page_index) = (view.region_id(), view.page_index());
+                    let info = MemoryInfo {
+                        view: regions.view(view)?.unbind(),
+                        region_id: Some(region_id),
+                        page_index: Some(page_index),
+                    };
+                    Bound::new(py, info)?.into_any()
+                }
+                None => py.None().into_bound(py),
+            });
         }
-        Ok(out)
+        PyList::new(py, out)
     }
 
     /// Stores many entries with one round trip (per 4096). Items are MemoryInfo, any buffer
