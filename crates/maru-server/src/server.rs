@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::fs::Permissions;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -182,6 +183,10 @@ pub struct ServerHandle {
     tcp_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
     threads: Vec<JoinHandle<()>>,
+    /// Duplicates of the listening sockets, to wake the accept loops at shutdown: shutdown(2)
+    /// of a listening socket makes a blocked accept return, whatever happened to its address
+    /// (a Unix socket file deleted under us cannot be connected to any more).
+    listener_wakers: Vec<OwnedFd>,
     metrics: Option<MetricsServer>,
     stopped: bool,
 }
@@ -238,11 +243,15 @@ pub(crate) fn start_with(
         tcp_addr,
         unix_path: cfg.unix.clone(),
         threads: Vec::new(),
+        listener_wakers: Vec::new(),
         metrics: None,
         stopped: false,
     };
     // From here on, an error drops `handle`, which stops whatever already started.
     if let Some(listener) = tcp {
+        handle
+            .listener_wakers
+            .push(listener.try_clone().map_err(ServerError::Spawn)?.into());
         let s = shared.clone();
         handle.spawn("maru-accept-tcp", move || {
             accept_loop(&s, || {
@@ -253,6 +262,9 @@ pub(crate) fn start_with(
         })?;
     }
     if let Some(listener) = unix {
+        handle
+            .listener_wakers
+            .push(listener.try_clone().map_err(ServerError::Spawn)?.into());
         let s = shared.clone();
         handle.spawn("maru-accept-unix", move || {
             accept_loop(&s, || Ok(Stream::Unix(listener.accept()?.0)))
@@ -462,12 +474,12 @@ impl ServerHandle {
         }
         let shared = &self.shared;
         shared.shutting_down.store(true, Ordering::SeqCst);
-        // Wake the accept loops: each sees the flag after its next accept.
-        if let Some(addr) = self.tcp_addr {
-            let _ = TcpStream::connect_timeout(&connectable(addr), Duration::from_secs(1));
-        }
-        if let Some(path) = &self.unix_path {
-            let _ = UnixStream::connect(path);
+        // Wake the accept loops: each sees the flag when its accept returns.
+        for fd in self.listener_wakers.drain(..) {
+            // SAFETY: `fd` is our own duplicate of a listening socket, open until it is
+            // dropped at the end of this iteration; shutdown(2) changes the socket's state
+            // only (its blocked accept fails with EINVAL), never memory.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
         }
         {
             let (lock, cvar) = &shared.maintenance;

@@ -335,6 +335,30 @@ fn unix_socket_listener_serves_and_is_removed_at_shutdown() {
 }
 
 #[test]
+fn shutdown_completes_when_the_unix_socket_file_was_deleted_under_the_server() {
+    // Something cleaned the directory (tmpfiles, a test's temp dir) while the server ran: the
+    // socket file is gone, so nobody can connect to it any more, yet shutdown must not hang.
+    let mut c = Cluster::with(
+        |_| {},
+        |dir, s| {
+            s.tcp = None;
+            s.unix = Some(dir.join("server.sock"));
+        },
+    );
+    std::fs::remove_file(c.dir.path().join("server.sock")).unwrap();
+    let server = c.server.take().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        server.shutdown();
+        let _ = done_tx.send(());
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "shutdown hung with its Unix socket file deleted"
+    );
+}
+
+#[test]
 fn shutdown_returns_every_region_to_the_rm() {
     let mut c = Cluster::start();
     let mut a = c.client("a");
