@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 mod format;
-mod signals;
 pub mod stats;
 pub mod top;
 pub mod up;

@@ -12,7 +12,7 @@ use maru_shm::naming::Naming;
 use maru_shm::{fs_page_size, HUGE_PAGE_SIZE};
 
 use crate::format::{bytes, parse_size};
-use crate::signals::StopSignals;
+use maru_telemetry::process::{write_ready_file, StopSignals};
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
@@ -91,13 +91,6 @@ struct Ready {
     pool_bytes: u64,
     huge_pages: bool,
     pid: u32,
-}
-
-fn write_ready(path: &Path, ready: &Ready) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(ready)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -221,7 +214,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("  state       {}", state_dir.display());
     println!("Ready. Ctrl-C or SIGTERM stops it.");
     if let Some(path) = &args.ready_file {
-        write_ready(path, &ready)?;
+        write_ready_file(path, &serde_json::to_value(&ready)?)?;
     }
 
     let sig = signals.wait();

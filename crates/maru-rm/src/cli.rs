@@ -2,7 +2,7 @@
 //! script both call [`main`].
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use maru_shm::PoolSpec;
+use maru_telemetry::process::write_ready_file;
 
 use crate::{RmConfig, DEFAULT_PORT};
 
@@ -115,7 +116,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             "metrics": rm.metrics_addr().map(|a| a.to_string()),
             "pid": std::process::id(),
         });
-        write_ready_file(path, &ready.to_string())
+        write_ready_file(path, &ready)
             .with_context(|| format!("cannot write ready file {}", path.display()))?;
     }
     while !stop.load(Ordering::SeqCst) {
@@ -128,15 +129,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("stopping");
     rm.shutdown();
     Ok(())
-}
-
-/// Writes `PATH.tmp` then renames it to `PATH`, so a reader never sees half a file.
-fn write_ready_file(path: &Path, text: &str) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

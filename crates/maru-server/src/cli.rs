@@ -1,11 +1,12 @@
 //! The `maru-server` command line.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use maru_proto::ServerUrl;
+use maru_telemetry::process::{write_ready_file, StopSignals};
 
 use crate::{ServerConfig, ServerHandle};
 
@@ -106,61 +107,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     // Block the termination signals before any thread starts (threads inherit the mask), so
     // that they are delivered to the sigwait below and nowhere else.
-    let signals = signals::block_termination()?;
+    let signals = StopSignals::block()?;
     let server = crate::start(cfg)?;
     if let Some(path) = &args.ready_file {
-        write_ready_file(path, &server)
+        write_ready_file(path, &ready_doc(&server))
             .with_context(|| format!("cannot write ready file {}", path.display()))?;
     }
-    let sig = signals::wait(&signals);
+    let sig = signals.wait();
     tracing::info!(signal = sig, "shutting down");
     server.shutdown();
     Ok(())
 }
 
-fn write_ready_file(path: &Path, server: &ServerHandle) -> std::io::Result<()> {
-    let doc = serde_json::json!({
+fn ready_doc(server: &ServerHandle) -> serde_json::Value {
+    serde_json::json!({
         "tcp": server.tcp_addr().map(|a| a.to_string()),
         "unix": server.unix_path().map(|p| p.display().to_string()),
         "metrics": server.metrics_addr().map(|a| a.to_string()),
         "url": server.url().to_string(),
         "pid": std::process::id(),
-    });
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, doc.to_string())?;
-    std::fs::rename(&tmp, path)
-}
-
-mod signals {
-    use std::io;
-
-    pub struct Blocked(libc::sigset_t);
-
-    pub fn block_termination() -> io::Result<Blocked> {
-        // SAFETY: sigset_t is plain data that sigemptyset fully initialises before use; the
-        // calls only read and write that local set and this thread's signal mask.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            if rc != 0 {
-                return Err(io::Error::from_raw_os_error(rc));
-            }
-            Ok(Blocked(set))
-        }
-    }
-
-    /// Waits for SIGINT or SIGTERM; returns its number.
-    pub fn wait(set: &Blocked) -> i32 {
-        let mut sig = 0;
-        // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
-        let rc = unsafe { libc::sigwait(&set.0, &mut sig) };
-        if rc != 0 {
-            tracing::warn!("sigwait failed ({rc}); shutting down");
-        }
-        sig
-    }
+    })
 }

@@ -5,8 +5,6 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use maru_proto::Access;
-
 use super::{Pool, PoolError, PoolKind, PoolSpec, DEFAULT_ALIGN};
 
 /// Where the kernel lists device-DAX instances.
@@ -121,17 +119,6 @@ impl Pool for DevDaxPool {
     fn page_size(&self) -> u64 {
         // A device-DAX mapping is faulted in units of its alignment.
         self.align
-    }
-    fn access(&self, _region_id: u64, offset: u64, len: u64) -> Access {
-        Access {
-            path: self.path.to_string_lossy().into_owned(),
-            offset,
-            len,
-            page_size: self.align,
-        }
-    }
-    fn prepare_region(&self, _region_id: u64, _offset: u64, _len: u64) -> Result<(), PoolError> {
-        Ok(())
     }
     fn release_region(&self, _region_id: u64, _offset: u64, _len: u64) -> Result<(), PoolError> {
         // Device memory cannot be punched; the next owner zeroes what it needs.

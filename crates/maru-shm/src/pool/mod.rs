@@ -92,11 +92,22 @@ pub trait Pool: Send + Sync + fmt::Debug {
     fn align(&self) -> u64;
     /// Page size of the backing memory (4 KiB on tmpfs, 2 MiB on hugetlbfs).
     fn page_size(&self) -> u64;
-    /// How a client maps region `region_id` placed at `offset` with `len` bytes.
-    fn access(&self, region_id: u64, offset: u64, len: u64) -> Access;
+    /// How a client maps region `region_id` placed at `offset` with `len` bytes. By default
+    /// a region is that range of the pool's own file or device (shm, DEV_DAX).
+    fn access(&self, _region_id: u64, offset: u64, len: u64) -> Access {
+        Access {
+            path: self.path().to_string_lossy().into_owned(),
+            offset,
+            len,
+            page_size: self.page_size(),
+        }
+    }
     /// Makes a region's memory available before its handle is given out (FS_DAX creates its
-    /// file). Must tolerate leftovers of an earlier crash under the same id.
-    fn prepare_region(&self, region_id: u64, offset: u64, len: u64) -> Result<(), PoolError>;
+    /// file). Must tolerate leftovers of an earlier crash under the same id. By default there
+    /// is nothing to do: tmpfs and hugetlbfs back pages on first touch, devices always are.
+    fn prepare_region(&self, _region_id: u64, _offset: u64, _len: u64) -> Result<(), PoolError> {
+        Ok(())
+    }
     /// Gives a freed region's memory back (shm punches a hole, FS_DAX removes the file). The
     /// next owner of the range sees zeroes, never the previous owner's bytes.
     fn release_region(&self, region_id: u64, offset: u64, len: u64) -> Result<(), PoolError>;

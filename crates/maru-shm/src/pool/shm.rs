@@ -7,8 +7,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use maru_proto::Access;
-
 use super::{round_up, Pool, PoolError, PoolKind, DEFAULT_ALIGN};
 use crate::mapping::fs_page_size;
 
@@ -104,18 +102,6 @@ impl Pool for ShmPool {
     }
     fn page_size(&self) -> u64 {
         self.page_size
-    }
-    fn access(&self, _region_id: u64, offset: u64, len: u64) -> Access {
-        Access {
-            path: self.path.to_string_lossy().into_owned(),
-            offset,
-            len,
-            page_size: self.page_size,
-        }
-    }
-    fn prepare_region(&self, _region_id: u64, _offset: u64, _len: u64) -> Result<(), PoolError> {
-        // tmpfs and hugetlbfs back pages on first touch; clients populate at map time.
-        Ok(())
     }
     fn release_region(&self, _region_id: u64, offset: u64, len: u64) -> Result<(), PoolError> {
         self.punch_hole(offset, len)
