@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -579,40 +579,52 @@ fn a_dead_server_fails_fast() {
     assert!(!h.healthcheck());
 }
 
-/// A fake server: handshake and region at once (the region is a file in `dir`), the first
-/// `exists` only after `delay`, every later one at once; it counts its connections.
-fn late_server(dir: &std::path::Path, delay: Duration) -> (String, Arc<AtomicUsize>) {
-    use maru_proto::{msg_type, Access, Handle, RegionInfo};
-    let path = dir.join("late-region");
+/// The 2 MiB region a fake server grants: a file `<name>-region` in `dir`.
+fn fake_region(dir: &std::path::Path, name: &str) -> maru_proto::RegionInfo {
+    use maru_proto::{Access, Handle, RegionInfo};
+    let path = dir.join(format!("{name}-region"));
     std::fs::File::create(&path)
         .unwrap()
         .set_len(2 * MIB)
         .unwrap();
-    let region = RegionInfo {
+    let path = path.display().to_string();
+    RegionInfo {
         handle: Handle {
             region_id: 1,
-            pool: path.display().to_string(),
+            pool: path.clone(),
             offset: 0,
             len: 2 * MIB,
-            owner: "late:1".into(),
+            owner: format!("{name}:1"),
             token: [0; 32],
         },
         access: Access {
-            path: path.display().to_string(),
+            path,
             offset: 0,
             len: 2 * MIB,
             page_size: 4096,
         },
-    };
+    }
+}
+
+/// A fake server: handshake and region at once (the region is a file in `dir`), the first
+/// `exists` only after `delay`, every later one at once; it counts its connections and says
+/// when the late reply has been sent.
+fn late_server(
+    dir: &std::path::Path,
+    delay: Duration,
+) -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
+    use maru_proto::msg_type;
+    let region = fake_region(dir, "late");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("tcp://{}", listener.local_addr().unwrap());
     let conns = Arc::new(AtomicUsize::new(0));
-    let counter = conns.clone();
+    let late_sent = Arc::new(AtomicBool::new(false));
+    let (counter, sent) = (conns.clone(), late_sent.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { return };
             counter.fetch_add(1, Ordering::SeqCst);
-            let region = region.clone();
+            let (region, sent) = (region.clone(), sent.clone());
             std::thread::spawn(move || {
                 let mut first_exists = true;
                 loop {
@@ -643,11 +655,14 @@ fn late_server(dir: &std::path::Path, delay: Duration) -> (String, Arc<AtomicUsi
                     if s.write_all(&out).is_err() {
                         return;
                     }
+                    if h.msg_type == msg_type::EXISTS {
+                        sent.store(true, Ordering::SeqCst);
+                    }
                 }
             });
         }
     });
-    (url, conns)
+    (url, conns, late_sent)
 }
 
 #[test]
@@ -656,7 +671,7 @@ fn a_timed_out_connection_is_kept_and_its_late_reply_skipped() {
         .prefix("maru-client-late-")
         .tempdir_in("/dev/shm")
         .unwrap();
-    let (url, conns) = late_server(dir.path(), Duration::from_millis(300));
+    let (url, conns, late_sent) = late_server(dir.path(), Duration::from_millis(300));
     let h = MaruHandler::new(MaruConfig {
         server_url: url,
         pool_size: 2 * MIB,
@@ -669,8 +684,11 @@ fn a_timed_out_connection_is_kept_and_its_late_reply_skipped() {
     h.connect().unwrap();
     let e = h.exists(b"k").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
-    // Let the late `true` arrive; the next call must skip it and return its own `false`.
-    std::thread::sleep(Duration::from_millis(400));
+    // Once the late `true` is on the wire, the next call must skip it and return its own
+    // `false`.
+    wait_until("the late reply", Duration::from_secs(5), || {
+        late_sent.load(Ordering::SeqCst)
+    });
     assert!(
         !h.exists(b"k").unwrap(),
         "the stale reply was taken for this call's"
@@ -813,28 +831,8 @@ fn close_is_not_reported_as_server_loss() {
 /// connection on `exists` (a server going away under a pooled connection). The region is a
 /// file in `dir`.
 fn closing_server(dir: &std::path::Path) -> String {
-    use maru_proto::{msg_type, Access, Handle, RegionInfo};
-    let path = dir.join("closing-region");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(2 * MIB)
-        .unwrap();
-    let region = RegionInfo {
-        handle: Handle {
-            region_id: 1,
-            pool: path.display().to_string(),
-            offset: 0,
-            len: 2 * MIB,
-            owner: "closing:1".into(),
-            token: [0; 32],
-        },
-        access: Access {
-            path: path.display().to_string(),
-            offset: 0,
-            len: 2 * MIB,
-            page_size: 4096,
-        },
-    };
+    use maru_proto::msg_type;
+    let region = fake_region(dir, "closing");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("tcp://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {

@@ -31,49 +31,14 @@ impl Daemon {
     /// `--ready-file` and waits for the file. `Err` carries the daemon's stderr when it exits
     /// before being ready.
     pub fn spawn(mut cmd: Command, dir: &Path, name: &str) -> Result<Daemon, String> {
-        let ready_path = dir.join(format!("{name}.ready"));
-        let _ = std::fs::remove_file(&ready_path);
-        let n = std::fs::read_dir(dir).map(|r| r.count()).unwrap_or(0);
-        let stderr = dir.join(format!("{name}.{n}.stderr"));
         crate::die_with_parent(&mut cmd);
-        let mut child = cmd
-            .arg("--ready-file")
-            .arg(&ready_path)
-            .env_remove("MARU_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).map_err(|e| e.to_string())?)
-            .spawn()
-            .map_err(|e| format!("spawn {name}: {e}"))?;
-        let mut ready = None;
-        let mut exited = None;
-        let ok = wait_until(READY_WITHIN, || {
-            if let Ok(Some(status)) = child.try_wait() {
-                exited = Some(status);
-                return true;
-            }
-            ready = std::fs::read_to_string(&ready_path)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-            ready.is_some()
-        });
-        let text = || std::fs::read_to_string(&stderr).unwrap_or_default();
-        if let Some(status) = exited {
-            return Err(format!("{name} exited with {status}: {}", text()));
-        }
-        if !ok {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{name} not ready within {READY_WITHIN:?}: {}",
-                text()
-            ));
-        }
+        cmd.stdout(Stdio::null());
+        let started = maru_testkit::spawn_ready(cmd, dir, name, READY_WITHIN)?;
         Ok(Daemon {
             name: name.to_owned(),
-            child,
-            ready: ready.unwrap_or_default(),
-            stderr,
+            child: started.child,
+            ready: started.ready,
+            stderr: started.stderr,
         })
     }
 

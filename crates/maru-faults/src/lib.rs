@@ -14,7 +14,8 @@ pub mod ns;
 pub mod payload;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+
+pub use maru_testkit::{temp_dir, wait_until};
 
 pub const MIB: u64 = 1 << 20;
 pub const KIB: u64 = 1 << 10;
@@ -22,28 +23,6 @@ pub const KIB: u64 = 1 << 10;
 /// Whether the long variants were asked for (`MARU_LONG_TESTS=1`).
 pub fn long_tests() -> bool {
     std::env::var("MARU_LONG_TESTS").is_ok_and(|v| v == "1")
-}
-
-/// A fresh directory under /dev/shm with the prefix every Maru test uses, removed on drop.
-pub fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("maru-test-")
-        .tempdir_in("/dev/shm")
-        .expect("temp dir in /dev/shm")
-}
-
-/// Polls `cond` every 5 ms for at most `limit`. Returns whether it became true.
-pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A TCP port that was free a moment ago. Daemons that must come back on the same address

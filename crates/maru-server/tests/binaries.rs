@@ -38,37 +38,13 @@ struct Proc {
 
 impl Proc {
     fn spawn(mut cmd: Command, dir: &Path, name: &str) -> Proc {
-        let ready_path = dir.join(format!("{name}.ready"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let mut child = cmd
-            .arg("--ready-file")
-            .arg(&ready_path)
-            .env_remove("MARU_LOG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let mut ready = None;
-        let ok = wait_until(Duration::from_secs(20), || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "{name} exited with {status}: {}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                );
-            }
-            ready = std::fs::read_to_string(&ready_path)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-            ready.is_some()
-        });
-        if !ok {
-            let _ = child.kill();
-            panic!("{name} never became ready");
-        }
+        cmd.stdout(Stdio::null());
+        let s = maru_testkit::spawn_ready(cmd, dir, name, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}"));
         Proc {
-            child,
-            ready: ready.unwrap_or_default(),
-            stderr,
+            child: s.child,
+            ready: s.ready,
+            stderr: s.stderr,
         }
     }
 

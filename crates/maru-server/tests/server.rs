@@ -208,8 +208,16 @@ fn connections_of_one_instance_share_its_session() {
     assert_eq!(second.token, first.token);
     assert!(second.register(b"k", region, 0, 1), "same owner");
     drop(first);
-    // The instance still has a connection: its region stays owned.
-    std::thread::sleep(Duration::from_millis(50));
+    // Once the server has seen the first connection go, the instance still has the second:
+    // its region stays owned.
+    let inst_connections = |c: &Cluster| {
+        c.stats()
+            .clients
+            .iter()
+            .find(|cl| cl.instance_id == "inst")
+            .map(|cl| cl.connections)
+    };
+    assert!(wait_until(TIMEOUT, || inst_connections(&c) == Some(1)));
     assert!(second.allocations()[0].owner_connected);
     assert!(second.register(b"k2", region, 4096, 1));
     drop(second);

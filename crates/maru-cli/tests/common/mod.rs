@@ -27,32 +27,20 @@ pub struct Up {
 
 impl Up {
     pub fn start(dir: &Path, extra: &[&str]) -> Up {
-        let ready_file = dir.join("ready.json");
-        let child = Command::new(env!("CARGO_BIN_EXE_maru"))
-            .args(["up", "--port", "0", "--rm-port", "0", "--pool-size", "64M"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_maru"));
+        cmd.args(["up", "--port", "0", "--rm-port", "0", "--pool-size", "64M"])
             .arg("--pool-dir")
             .arg(dir.join("pool"))
             .arg("--state-dir")
             .arg(dir.join("state"))
-            .arg("--ready-file")
-            .arg(&ready_file)
             .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn maru up");
-        let mut up = Up {
-            child: Some(child),
-            ready: serde_json::Value::Null,
-        };
-        up.ready = wait_for("maru up to be ready", Duration::from_secs(20), || {
-            if let Ok(Some(status)) = up.child.as_mut()?.try_wait() {
-                panic!("maru up exited early: {status}");
-            }
-            let text = std::fs::read_to_string(&ready_file).ok()?;
-            serde_json::from_str::<serde_json::Value>(&text).ok()
-        });
-        up
+            .stdout(Stdio::piped());
+        let started = maru_testkit::spawn_ready(cmd, dir, "maru-up", Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Up {
+            child: Some(started.child),
+            ready: started.ready,
+        }
     }
 
     pub fn url(&self, transport: &str) -> String {

@@ -10,27 +10,12 @@ use maru_proto::Role;
 use maru_rm::{RmClient, RmConfig, RmHandle};
 use maru_shm::PoolSpec;
 
+// Not every test file uses every helper.
+#[allow(unused_imports)]
+pub use maru_testkit::{pool_path, shm_pool, temp_dir, wait_until};
+
 pub const MIB: u64 = 1 << 20;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
-
-pub fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("maru-test-")
-        .tempdir_in("/dev/shm")
-        .expect("temp dir in /dev/shm")
-}
-
-/// A pool spec for `name` inside `dir`.
-pub fn shm_pool(dir: &Path, name: &str, size: u64) -> PoolSpec {
-    PoolSpec::Shm {
-        path: dir.join("pools").join(name),
-        size,
-    }
-}
-
-pub fn pool_path(dir: &Path, name: &str) -> String {
-    dir.join("pools").join(name).to_string_lossy().into_owned()
-}
 
 pub fn config(dir: &Path, pools: Vec<PoolSpec>) -> RmConfig {
     let mut cfg = RmConfig::new(dir.join("state"), pools);
@@ -45,20 +30,6 @@ pub fn start_default(dir: &Path) -> RmHandle {
 
 pub fn client(rm: &RmHandle) -> RmClient {
     RmClient::connect(&rm.url(), Role::Server, TIMEOUT).expect("client connects")
-}
-
-/// Waits up to `limit` for `cond`, polling every 5 ms.
-pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Waits until the reaper has completed `n` more passes.
@@ -133,36 +104,14 @@ pub fn rm_command(dir: &Path, pools: &[String]) -> std::process::Command {
 
 /// Starts the binary on `dir`'s state directory and waits for its ready file.
 pub fn spawn_rm(dir: &Path, pools: &[String], extra: &[&str]) -> RmProcess {
-    let ready_path = dir.join("ready.json");
-    let _ = std::fs::remove_file(&ready_path);
-    let n = std::fs::read_dir(dir).map(|r| r.count()).unwrap_or(0);
-    let stderr = dir.join(format!("rm-stderr-{n}.log"));
-    let mut child = rm_command(dir, pools)
-        .arg("--ready-file")
-        .arg(&ready_path)
-        .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("spawn maru-resource-manager");
-    let mut ready = None;
-    let ok = wait_until(Duration::from_secs(20), || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "resource manager exited with {status}: {}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-        }
-        ready = std::fs::read_to_string(&ready_path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-        ready.is_some()
-    });
-    if !ok {
-        let _ = child.kill();
-        panic!("resource manager never became ready");
-    }
-    let ready = ready.unwrap();
+    let mut cmd = rm_command(dir, pools);
+    cmd.args(extra).stdout(std::process::Stdio::null());
+    let maru_testkit::Started {
+        child,
+        ready,
+        stderr,
+    } = maru_testkit::spawn_ready(cmd, dir, "rm", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
     let addr = ready["tcp"].as_str().expect("tcp address").parse().unwrap();
     RmProcess {
         child,

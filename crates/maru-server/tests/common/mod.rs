@@ -7,49 +7,20 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use maru_proto::rpc::{CallError, Conn};
 use maru_proto::stats::ServerStats;
 use maru_proto::*;
 use maru_rm::{RmConfig, RmHandle};
 use maru_server::{ServerConfig, ServerHandle};
-use maru_shm::PoolSpec;
+
+// Not every test file uses every helper.
+#[allow(unused_imports)]
+pub use maru_testkit::{pool_path, shm_pool, temp_dir, wait_until};
 
 pub const MIB: u64 = 1 << 20;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
-
-pub fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("maru-test-")
-        .tempdir_in("/dev/shm")
-        .expect("temp dir in /dev/shm")
-}
-
-pub fn shm_pool(dir: &Path, name: &str, size: u64) -> PoolSpec {
-    PoolSpec::Shm {
-        path: dir.join("pools").join(name),
-        size,
-    }
-}
-
-pub fn pool_path(dir: &Path, name: &str) -> String {
-    dir.join("pools").join(name).to_string_lossy().into_owned()
-}
-
-/// Waits up to `limit` for `cond`, polling every 5 ms.
-pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// A resource manager and a metadata server, both in-process.
 pub struct Cluster {
