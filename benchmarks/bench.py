@@ -136,14 +136,15 @@ class FloorLink:
 FLOOR = FloorLink()
 
 
-def measure(n: int, fn: Callable[[int], int], ident: tuple[str, str, int, int, bool]) -> list[int]:
-    """Runs fn(i) n + WARMUP times in blocks alternating with floor blocks; fn returns the
-    nanoseconds of the part it times."""
+def measure(n: int, fn: Callable[[int], int], ident: tuple[str, str, int, int, bool] | None) -> list[int]:
+    """Runs fn(i) n + WARMUP times in blocks alternating with floor blocks (none if `ident` is
+    None); fn returns the nanoseconds of the part it times."""
     out = []
     total = n + WARMUP
     for start in range(0, total, BLOCK):
         end = min(total, start + BLOCK)
-        FLOOR.block(ident, end - start)
+        if ident is not None:
+            FLOOR.block(ident, end - start)
         for i in range(start, end):
             d = fn(i)
             if i >= WARMUP:
@@ -175,7 +176,7 @@ def burner(on: bool) -> Iterator[None]:
         t.join()
 
 
-def handler(url: str, chunk: int) -> MaruHandler:
+def handler(url: str, chunk: int, write_behind: bool = False) -> MaruHandler:
     return MaruHandler(
         MaruConfig(
             server_url=url,
@@ -183,6 +184,7 @@ def handler(url: str, chunk: int) -> MaruHandler:
             chunk_size_bytes=chunk,
             auto_expand=False,
             timeout_ms=10000,
+            write_behind=write_behind,
         )
     )
 
@@ -208,9 +210,19 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
         log(r)
 
     def m(
-        op: str, chunk: int, batch: int, contended: bool, n: int, fn: Callable[[int], int], moved: int | None = None
+        op: str,
+        chunk: int,
+        batch: int,
+        contended: bool,
+        n: int,
+        fn: Callable[[int], int],
+        moved: int | None = None,
+        note: str | None = None,
     ) -> dict[str, Any]:
-        return row(op, t, chunk, batch, contended, measure(n, fn, (t, op, chunk, batch, contended)), moved)
+        # A row with a note is a variant of the plain row of the same op: it is compared with
+        # the floors measured for that one (its own floor blocks would mix with them).
+        ident = None if note else (t, op, chunk, batch, contended)
+        return row(op, t, chunk, batch, contended, measure(n, fn, ident), moved, note)
 
     for chunk in SIZES:
         h = handler(url, chunk)
@@ -218,7 +230,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
         data = memoryview(b"\x42" * chunk)
         n = min(iters, max(20, (256 * MIB) // chunk))
 
-        def store_rows(contended: bool, held: int) -> None:
+        def store_rows(contended: bool, held: int, hh: MaruHandler = h, note: str | None = None) -> None:
             """`held`: pages other keys of this handler occupy meanwhile."""
             live: list[str] = []
             fresh = iter(KEYS.take(n + WARMUP))
@@ -226,24 +238,28 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
             def store(_: int) -> int:
                 if len(live) >= pages - held:
                     for k in live:
-                        h.delete(k)
+                        hh.delete(k)
                     live.clear()
                 key = next(fresh)
                 t0 = perf()
-                a = h.alloc(chunk)
+                a = hh.alloc(chunk)
                 a.buf[:chunk] = data
-                h.store(key, handle=a)
+                hh.store(key, handle=a)
                 d = perf() - t0
                 live.append(key)
                 return d
 
             with burner(contended):
-                r = m("store", chunk, 1, contended, n, store, chunk)
+                r = m("store", chunk, 1, contended, n, store, chunk, note)
             for k in live:
-                h.delete(k)
+                hh.delete(k)
             add(r)
 
         store_rows(False, 0)
+        # The same stream of stores with write-behind registration (MaruConfig.write_behind):
+        # each store returns once its registration is sent; the reply is collected later.
+        with handler(url, chunk, write_behind=True) as wb:
+            store_rows(False, 0, wb, "write_behind")
 
         existing = prefill(h, 1, data)[0]
 

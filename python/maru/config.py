@@ -55,6 +55,13 @@ class MaruConfig:
     eager_map: bool = True
     auto_expand: bool = True
     expand_size: int | None = None
+    #: Maru's own: wait for a reply's first 50 µs by polling the socket instead of sleeping
+    #: (faster calls; at most 50 µs of CPU per call; off while other calls of the process wait).
+    busy_poll: bool = True
+    #: Maru's own: store() sends the registration and returns without waiting for the reply,
+    #: so a stream of stores costs the copies, not a round trip each. This handler's later
+    #: calls see its stores; other instances see them after flush(). Off by default.
+    write_behind: bool = False
 
     def __post_init__(self) -> None:
         env = os.environ.get("MARU_EAGER_MAP")
@@ -81,7 +88,7 @@ class MaruConfig:
             )
         _check_int("timeout_ms", self.timeout_ms, 1)
         _check_int("max_inflight", self.max_inflight, 1)
-        for name in ("auto_connect", "use_async_rpc", "eager_map", "auto_expand"):
+        for name in ("auto_connect", "use_async_rpc", "eager_map", "auto_expand", "busy_poll", "write_behind"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, not {type(getattr(self, name)).__name__}")
         if self.expand_size is not None:

@@ -28,6 +28,7 @@ def test_every_field_has_the_original_default(monkeypatch: pytest.MonkeyPatch) -
     assert c.eager_map is True
     assert c.auto_expand is True
     assert c.expand_size is None
+    assert c.busy_poll is True
 
 
 @pytest.mark.parametrize(
@@ -50,6 +51,7 @@ def test_every_field_has_the_original_default(monkeypatch: pytest.MonkeyPatch) -
         {"pool_size": "100"},
         {"chunk_size_bytes": True},
         {"eager_map": "yes"},
+        {"busy_poll": 1},
     ],
 )
 def test_invalid_values_raise_value_error(kw: dict[str, Any]) -> None:

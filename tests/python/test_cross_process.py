@@ -25,8 +25,8 @@ WRITER = r"""
 import hashlib, json, os, sys
 from maru import MaruConfig, MaruHandler
 
-url, n, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-h = MaruHandler(MaruConfig(server_url=url, pool_size=n * chunk, chunk_size_bytes=chunk))
+url, n, chunk, behind = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+h = MaruHandler(MaruConfig(server_url=url, pool_size=n * chunk, chunk_size_bytes=chunk, write_behind=behind))
 assert h.connected
 hashes = {}
 for i in range(n):
@@ -39,6 +39,9 @@ for i in range(n):
     else:
         assert h.store(key, data=data)    # copy in
     hashes[key] = hashlib.sha256(data).hexdigest()
+    if behind and i == 0:
+        assert h.exists(key), "a handler sees its own write-behind store at once"
+h.flush()  # write-behind: every key is registered before B is told about it
 print(json.dumps({"hashes": hashes, "regions": h.get_owned_region_ids()}), flush=True)
 assert sys.stdin.readline().strip() == "close"
 h.close()
@@ -46,11 +49,12 @@ print("closed", flush=True)
 """
 
 
+@pytest.mark.parametrize("write_behind", [False, True], ids=["sync", "write_behind"])
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
-def test_process_b_reads_what_process_a_wrote(fresh_cluster: Cluster, transport: str) -> None:
+def test_process_b_reads_what_process_a_wrote(fresh_cluster: Cluster, transport: str, write_behind: bool) -> None:
     url = fresh_cluster.url(transport)
     a = subprocess.Popen(
-        [sys.executable, "-c", WRITER, url, str(N), str(CHUNK)],
+        [sys.executable, "-c", WRITER, url, str(N), str(CHUNK), "1" if write_behind else "0"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import maru
-from maru import AllocHandle, MaruError, MaruHandler, MemoryInfo
+from maru import AllocHandle, MaruConfig, MaruError, MaruHandler, MemoryInfo
 from conftest import KIB, MIB, Cluster, ConfigFactory, free_port
 from fakeserver import FakeServer
 
@@ -360,3 +360,85 @@ def test_cluster_transport_variants(cluster: Cluster, make_config: ConfigFactory
         assert got.view.readonly, "another instance's page is read-only"
         with pytest.raises(TypeError):
             got.view[0:1] = b"X"
+
+
+@pytest.mark.parametrize("busy_poll", [True, False])
+def test_both_reply_waits_work_on_both_transports(
+    cluster: Cluster, make_config: ConfigFactory, key: Key, busy_poll: bool
+) -> None:
+    for url in (cluster.unix_url, cluster.tcp_url):
+        with MaruHandler(make_config(server_url=url, busy_poll=busy_poll)) as h:
+            k = key(f"wait-{url[:3]}")
+            assert h.store(k, b"w" * 100)
+            for _ in range(200):
+                got = h.retrieve(k)
+                assert got is not None and bytes(got.view) == b"w" * 100
+                assert h.exists(k)
+                assert not h.exists(k + "-missing")
+
+
+def test_a_config_object_without_maru_extensions_is_accepted(make_config: ConfigFactory, key: Key) -> None:
+    class OriginalConfig:
+        """Only the original Maru's fields, as another package's config object would have."""
+
+        def __init__(self, c: Any) -> None:
+            for name in (
+                "server_url",
+                "instance_id",
+                "pool_size",
+                "chunk_size_bytes",
+                "auto_connect",
+                "timeout_ms",
+                "use_async_rpc",
+                "max_inflight",
+                "eager_map",
+                "auto_expand",
+                "expand_size",
+            ):
+                setattr(self, name, getattr(c, name))
+
+    with MaruHandler(OriginalConfig(make_config())) as h:  # type: ignore[arg-type]
+        assert h.store(key("orig"), b"x")
+        assert h.exists(key("orig"))
+
+
+def test_write_behind_store_flush_and_dedup(make_config: ConfigFactory, handlers: list[MaruHandler], key: Key) -> None:
+    w = MaruHandler(make_config(write_behind=True))
+    handlers.append(w)
+    r = MaruHandler(make_config())
+    handlers.append(r)
+    keys = [key(f"wb{i}") for i in range(50)]
+    for _ in range(2):  # 100 stores: more than the 64 registrations in flight
+        for i, k in enumerate(keys):
+            assert w.store(k, data=bytes([i]) * 1000) is True
+    # Its own reads wait for its registrations; others see them after flush().
+    got = w.retrieve(keys[-1])
+    assert got is not None and bytes(got.view) == bytes([49]) * 1000
+    w.flush()
+    assert all(r.batch_exists(keys))
+    # Every key was stored twice: the second pages went back, the first values stayed.
+    assert w.get_stats()["store_regions"]["total_allocated_pages"] == len(keys)
+    first = r.retrieve(keys[0])
+    assert first is not None and bytes(first.view) == bytes([0]) * 1000
+    # Without write-behind flush() has nothing to do.
+    r.flush()
+
+
+def test_write_behind_failure_is_reported_not_lost(fresh_cluster: Cluster, key: Key) -> None:
+    w = MaruHandler(
+        MaruConfig(server_url=fresh_cluster.tcp_url, pool_size=4 * MIB, chunk_size_bytes=64 * KIB, write_behind=True)
+    )
+    assert w.store(key("before"), data=b"x") and w.flush() is None
+    fresh_cluster.stop()
+    # With the server gone a store fails at once, or its failure comes from flush().
+    failures = 0
+    try:
+        w.store(key("after"), data=b"y")
+    except (MaruError, RuntimeError, TimeoutError):
+        failures += 1
+    try:
+        w.flush()
+    except (MaruError, RuntimeError, TimeoutError):
+        failures += 1
+    assert failures >= 1, "a store the server never saw was reported as stored"
+    w.close()

@@ -268,6 +268,14 @@ pub enum StoreError {
     Rpc(#[from] RpcError),
     #[error("{0}")]
     Invalid(String),
+    /// Write-behind registrations that failed after their `store` had returned (reported by
+    /// `flush`): `failed` of them, the first one's error in `first`.
+    #[error("{failed} write-behind store(s) failed; the first: {first}")]
+    Deferred {
+        failed: u64,
+        first: String,
+        first_kind: ErrorKind,
+    },
 }
 
 impl StoreError {
@@ -281,6 +289,7 @@ impl StoreError {
             | StoreError::Invalid(_) => ErrorKind::InvalidArgument,
             StoreError::Alloc(e) => e.kind(),
             StoreError::Rpc(e) => e.kind(),
+            StoreError::Deferred { first_kind, .. } => *first_kind,
         }
     }
 }

@@ -13,9 +13,10 @@
 //! waits through the hook: a Python thread holding the GIL must never block on a lock whose
 //! holder needs the GIL back to finish.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
+use std::time::Instant;
 
 use maru_proto::rpc::local_identity;
 use maru_proto::stats::ServerStats;
@@ -26,13 +27,14 @@ use maru_shm::{MapMode, Mapping, ShmError};
 
 use crate::alloc::PageAllocator;
 use crate::config::{ConfigError, MaruConfig};
+use crate::error::ErrorKind;
 use crate::error::{
     check_key, AllocError, ConnectError, FreeError, OpError, RetrieveError, RpcError, StateError,
     StoreError,
 };
 use crate::view::{AllocHandle, PageId, View};
 use crate::watch::{Fence, Watcher};
-use crate::wire::{Identity, Link, NoHook, WaitHook};
+use crate::wire::{Conn, Identity, Link, NoHook, WaitHook};
 
 /// Called with `(region_id, page_count)` for every region this handler comes to own.
 pub type RegionCallback = Arc<dyn Fn(u64, u64) + Send + Sync>;
@@ -48,6 +50,9 @@ pub enum StoreOutcome {
     Stored,
     /// The key already existed (keys are write-once): the new page was freed.
     Deduplicated,
+    /// Write-behind ([`MaruConfig::write_behind`]): the registration is on its way; a later
+    /// call books its outcome (and frees the page if the key already existed).
+    Sent,
 }
 
 /// One entry of a batch store.
@@ -102,6 +107,51 @@ struct Owned {
     /// delete can free the page and free can take the key away.
     stored: HashMap<Vec<u8>, PageId>,
     keys: HashMap<PageId, Vec<u8>>,
+    behind: WriteBehind,
+}
+
+/// Write-behind registrations: sent on a connection of their own, their replies collected
+/// later, in order. Lives under the write lock, like every other page book.
+#[derive(Default)]
+struct WriteBehind {
+    conn: Option<Conn>,
+    inflight: VecDeque<Unsettled>,
+    /// Registrations that failed after their store returned, for `flush` to report.
+    failed: u64,
+    first_error: Option<(ErrorKind, String)>,
+}
+
+struct Unsettled {
+    request_id: u64,
+    key: Vec<u8>,
+    page: PageId,
+}
+
+impl WriteBehind {
+    /// Most registrations in flight; one more waits for the oldest reply.
+    const WINDOW: usize = 64;
+
+    fn holds(&self, page: PageId) -> bool {
+        self.inflight.iter().any(|u| u.page == page)
+    }
+
+    fn fail(&mut self, key: &[u8], kind: ErrorKind, why: String) {
+        let msg = format!("store of {:?}: {why}", String::from_utf8_lossy(key));
+        tracing::warn!("write-behind {msg}");
+        self.failed += 1;
+        self.first_error.get_or_insert((kind, msg));
+    }
+}
+
+/// How far [`Session::settle_behind`] goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// Only replies that are already there.
+    Ready,
+    /// Until there is room for one more registration.
+    Room,
+    /// Every outstanding registration.
+    All,
 }
 
 impl Owned {
@@ -163,6 +213,9 @@ struct Session {
     fence: Arc<Fence>,
     /// Watches the session's own connection for the server's loss; stopped by close().
     watcher: Mutex<Option<Watcher>>,
+    /// Write-behind registrations in flight (`Owned::behind.inflight.len()`, readable without
+    /// the write lock, so that reads wait for them only when there are any).
+    unsettled: AtomicUsize,
 }
 
 enum State {
@@ -427,7 +480,7 @@ impl Session {
                 page_index: page.page_index,
             });
         }
-        if owned.keys.contains_key(&page) {
+        if owned.keys.contains_key(&page) || owned.behind.holds(page) {
             return Err(StoreError::AlreadyStored {
                 region_id: page.region_id,
                 page_index: page.page_index,
@@ -445,6 +498,143 @@ impl Session {
         } else {
             let _ = owned.free_page(page);
             StoreOutcome::Deduplicated
+        }
+    }
+
+    /// Collects write-behind replies (as far as `how` says) and books them as a synchronous
+    /// store would have. Failures are kept for `flush`, not returned: the stores they belong
+    /// to have already returned.
+    fn settle_behind(&self, owned: &mut Owned, hook: &dyn WaitHook, how: Settle) {
+        let w = self.link.wait(hook);
+        if self.fence.is_lost() && !owned.behind.inflight.is_empty() {
+            // The server is gone: nothing in flight will be answered, and the session's pages
+            // are moot.
+            let behind = &mut owned.behind;
+            for u in std::mem::take(&mut behind.inflight) {
+                self.unsettled.fetch_sub(1, Ordering::AcqRel);
+                behind.fail(&u.key, ErrorKind::Transport, "the server was lost".into());
+            }
+            behind.conn = None;
+            return;
+        }
+        loop {
+            let behind = &mut owned.behind;
+            let enough = match how {
+                Settle::Room => behind.inflight.len() < WriteBehind::WINDOW,
+                Settle::Ready | Settle::All => behind.inflight.is_empty(),
+            };
+            if enough {
+                return;
+            }
+            let Some(conn) = behind.conn.as_mut() else {
+                return;
+            };
+            if how == Settle::Ready && !conn.reply_ready() {
+                return;
+            }
+            let Some(u) = behind.inflight.pop_front() else {
+                return;
+            };
+            self.unsettled.fetch_sub(1, Ordering::AcqRel);
+            let deadline = Instant::now() + w.timeout;
+            match conn.recv(u.request_id, "register", deadline, &w) {
+                Ok(Response::Bool(is_new)) => {
+                    Session::settle(owned, &u.key, u.page, is_new);
+                }
+                Ok(other) => {
+                    // Whatever the server did, the page is not reused.
+                    let e = unexpected("register", other);
+                    behind.fail(&u.key, e.kind(), e.to_string());
+                }
+                Err(e) if e.surely_not_applied() => {
+                    behind.fail(&u.key, e.kind(), e.to_string());
+                    let _ = owned.free_page(u.page);
+                }
+                Err(e) => {
+                    // The connection is unusable and the outcome of everything still in
+                    // flight on it unknown: those pages stay taken (a timed-out registration
+                    // may still be applied), and each store counts as failed.
+                    behind.fail(&u.key, e.kind(), e.to_string());
+                    for rest in std::mem::take(&mut behind.inflight) {
+                        self.unsettled.fetch_sub(1, Ordering::AcqRel);
+                        behind.fail(&rest.key, e.kind(), "its connection failed".into());
+                    }
+                    behind.conn = None;
+                    if e.means_session_lost() {
+                        self.fence.lose(&e.to_string());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Before a call that must see this handler's own stores: waits for every write-behind
+    /// registration still in flight. Free (one atomic load) when there are none.
+    fn settle_for_read(&self, hook: &dyn WaitHook) {
+        if self.unsettled.load(Ordering::Acquire) > 0 {
+            let mut owned = lock_hooked(&self.owned, hook);
+            self.settle_behind(&mut owned, hook, Settle::All);
+        }
+    }
+
+    /// Sends the registration of `key` at `page` without waiting for its reply.
+    fn register_behind(
+        &self,
+        owned: &mut Owned,
+        hook: &dyn WaitHook,
+        req: &Request,
+        key: &[u8],
+        page: PageId,
+    ) -> Result<StoreOutcome, StoreError> {
+        // Replies are collected in bulk once half the window is out (one read for many), not
+        // one system call per store.
+        if owned.behind.inflight.len() >= WriteBehind::WINDOW / 2 {
+            self.settle_behind(owned, hook, Settle::Ready);
+            self.settle_behind(owned, hook, Settle::Room);
+        }
+        if owned.behind.conn.is_none() {
+            match self.link.open_conn(hook) {
+                Ok(c) => owned.behind.conn = Some(c),
+                Err(e) => {
+                    if e.surely_not_applied() {
+                        let _ = owned.free_page(page);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        let behind = &mut owned.behind;
+        let Some(conn) = behind.conn.as_mut() else {
+            // Opened just above; kept as an error rather than a panic.
+            return Err(StoreError::Invalid("no write-behind connection".into()));
+        };
+        match conn.send(req, &self.link.wait(hook)) {
+            Ok(request_id) => {
+                behind.inflight.push_back(Unsettled {
+                    request_id,
+                    key: key.to_vec(),
+                    page,
+                });
+                self.unsettled.fetch_add(1, Ordering::AcqRel);
+                Ok(StoreOutcome::Sent)
+            }
+            Err(e) => {
+                // The connection may hold part of a frame: never reuse it. What is still in
+                // flight on it has an unknown outcome: failed, pages kept.
+                for rest in std::mem::take(&mut behind.inflight) {
+                    self.unsettled.fetch_sub(1, Ordering::AcqRel);
+                    behind.fail(&rest.key, e.kind(), "its connection failed".into());
+                }
+                behind.conn = None;
+                if e.means_session_lost() {
+                    self.fence.lose(&e.to_string());
+                }
+                if e.surely_not_applied() {
+                    let _ = owned.free_page(page);
+                }
+                Err(e.into())
+            }
         }
     }
 }
@@ -553,6 +743,8 @@ forward! {
     fn free(&self, page: PageId) -> Result<(), FreeError>;
     /// Registers an alloc'ed, written page under `key` (one round trip, no copy).
     fn store_handle(&self, key: &[u8], handle: &AllocHandle) -> Result<StoreOutcome, StoreError>;
+    /// See [`Hooked::flush`].
+    fn flush(&self) -> Result<(), StoreError>;
     /// Registers `len` bytes of an alloc'ed page under `key`.
     fn store_page(&self, key: &[u8], page: PageId, len: u64) -> Result<StoreOutcome, StoreError>;
     /// Copies `prefix` then `data` into a fresh page and registers it under `key`.
@@ -630,6 +822,7 @@ impl Hooked<'_> {
             h.config.max_inflight as usize,
             h.config.timeout(),
             h.config.reply_grace,
+            h.config.busy_poll,
             self.hook,
         )?;
         let session = Arc::new(Session {
@@ -641,6 +834,7 @@ impl Hooked<'_> {
             closing: AtomicBool::new(false),
             fence: Arc::new(Fence::default()),
             watcher: Mutex::new(None),
+            unsettled: AtomicUsize::new(0),
         });
         // The first region, then the watcher (on a connection of its own, joined to the
         // session): a server that fails the region request is reported as such.
@@ -686,6 +880,7 @@ impl Hooked<'_> {
             }
             // Wait for in-flight writes: they hold the write lock until their reply.
             let mut owned = lock_hooked(&s.owned, self.hook);
+            s.settle_behind(&mut owned, self.hook, Settle::All);
             // Views of our pages may outlive the handler. Once we say goodbye our regions can
             // be freed and carved for another owner, so cut their writes off from the pool
             // first (if the server's loss did not already); reads through old views keep
@@ -711,6 +906,10 @@ impl Hooked<'_> {
         let result = {
             let mut owned = lock_hooked(&s.owned, self.hook);
             s.check_open()?;
+            // Replies already here may free pages (keys that existed); collected in bulk.
+            if owned.behind.inflight.len() >= WriteBehind::WINDOW / 2 {
+                s.settle_behind(&mut owned, self.hook, Settle::Ready);
+            }
             s.alloc_page(&mut owned, self.hook, &mut added)
         };
         self.h.fire(&added);
@@ -730,6 +929,7 @@ impl Hooked<'_> {
     pub fn free(&self, page: PageId) -> Result<(), FreeError> {
         let s = self.h.session()?;
         let mut owned = lock_hooked(&s.owned, self.hook);
+        s.settle_behind(&mut owned, self.hook, Settle::All);
         s.check_open()?;
         if let Some(key) = owned.keys.get(&page).cloned() {
             // Take the key away first, so no reader can find the page once it is reused.
@@ -748,6 +948,26 @@ impl Hooked<'_> {
             }
         }
         owned.free_page(page)
+    }
+
+    /// Waits until every write-behind registration ([`MaruConfig::write_behind`]) has been
+    /// answered, so the keys stored so far are visible to every instance. Returns
+    /// [`StoreError::Deferred`] if any registration failed since the last `flush` (each is
+    /// also logged); those keys are not stored. Without write-behind there is nothing to wait
+    /// for.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let s = self.h.session()?;
+        let mut owned = lock_hooked(&s.owned, self.hook);
+        s.settle_behind(&mut owned, self.hook, Settle::All);
+        let behind = &mut owned.behind;
+        match behind.first_error.take() {
+            None => Ok(()),
+            Some((first_kind, first)) => Err(StoreError::Deferred {
+                failed: std::mem::take(&mut behind.failed),
+                first,
+                first_kind,
+            }),
+        }
     }
 
     pub fn store_handle(
@@ -781,6 +1001,9 @@ impl Hooked<'_> {
             offset: page.page_index * s.stride,
             len,
         });
+        if s.config.write_behind {
+            return s.register_behind(&mut owned, self.hook, &req, key, page);
+        }
         match s.call(&req, self.hook)? {
             Response::Bool(is_new) => Ok(Session::settle(&mut owned, key, page, is_new)),
             other => Err(unexpected("register", other).into()),
@@ -829,6 +1052,9 @@ impl Hooked<'_> {
                 offset: at as u64,
                 len: total,
             });
+            if s.config.write_behind {
+                return s.register_behind(&mut owned, self.hook, &req, key, page);
+            }
             match s.call(&req, self.hook) {
                 Ok(Response::Bool(is_new)) => Ok(Session::settle(&mut owned, key, page, is_new)),
                 // A reply of the wrong kind: whatever the server did, do not reuse the page.
@@ -877,6 +1103,7 @@ impl Hooked<'_> {
         let mut added = Vec::new();
         let result = (|| {
             let mut owned = lock_hooked(&s.owned, self.hook);
+            s.settle_behind(&mut owned, self.hook, Settle::All);
             s.check_open()?;
             for (_, item) in items {
                 if let StoreItem::Page { page, .. } = item {
@@ -962,6 +1189,7 @@ impl Hooked<'_> {
     pub fn retrieve(&self, key: &[u8]) -> Result<Option<View>, RetrieveError> {
         check_key(key)?;
         let s = self.h.session()?;
+        s.settle_for_read(self.hook);
         match s.call(&Request::Lookup { key }, self.hook)? {
             Response::Lookup(None) => Ok(None),
             Response::Lookup(Some(loc)) => {
@@ -977,6 +1205,7 @@ impl Hooked<'_> {
             check_key(k)?;
         }
         let s = self.h.session()?;
+        s.settle_for_read(self.hook);
         let mut out = Vec::with_capacity(keys.len());
         for batch in keys.chunks(MAX_BATCH) {
             let req = Request::BatchLookup {
@@ -1016,6 +1245,7 @@ impl Hooked<'_> {
     fn bool_op(&self, key: &[u8], req: Request) -> Result<bool, OpError> {
         check_key(key)?;
         let s = self.h.session()?;
+        s.settle_for_read(self.hook);
         let op = req.name();
         match s.call(&req, self.hook)? {
             Response::Bool(b) => Ok(b),
@@ -1032,6 +1262,7 @@ impl Hooked<'_> {
             check_key(k)?;
         }
         let s = self.h.session()?;
+        s.settle_for_read(self.hook);
         let mut out = Vec::with_capacity(keys.len());
         for batch in keys.chunks(MAX_BATCH) {
             let req = make(batch.to_vec());
@@ -1072,6 +1303,7 @@ impl Hooked<'_> {
         check_key(key)?;
         let s = self.h.session()?;
         let mut owned = lock_hooked(&s.owned, self.hook);
+        s.settle_behind(&mut owned, self.hook, Settle::All);
         s.check_open()?;
         match s.call(&Request::Delete { key }, self.hook)? {
             Response::Delete(status) => {
@@ -1090,6 +1322,7 @@ impl Hooked<'_> {
         }
         let s = self.h.session()?;
         let mut owned = lock_hooked(&s.owned, self.hook);
+        s.settle_behind(&mut owned, self.hook, Settle::All);
         s.check_open()?;
         let mut out = Vec::with_capacity(keys.len());
         for batch in keys.chunks(MAX_BATCH) {
@@ -1120,6 +1353,7 @@ impl Hooked<'_> {
 
     pub fn stats(&self) -> Result<HandlerStats, OpError> {
         let s = self.h.session()?;
+        s.settle_for_read(self.hook);
         let server = match s.call(&Request::Stats, self.hook)? {
             Response::Stats(json) => serde_json::from_str::<ServerStats>(&json)
                 .map_err(|e| OpError::BadReply(format!("server stats: {e}")))?,

@@ -33,9 +33,9 @@
 //! ```
 //!
 //! Waiting for replies is GIL-aware: a call first waits a short bounded time
-//! ([`MaruConfig::reply_grace`]) with `ppoll` in its own context, and only then hands the
-//! rest of the wait to a [`WaitHook`] — which a Python binding implements by releasing the
-//! GIL. Use [`MaruHandler::with_hook`] to run any operation with a hook.
+//! ([`MaruConfig::reply_grace`]) in its own context — polling the socket without sleeping
+//! ([`MaruConfig::busy_poll`]) or in `ppoll` — and only then hands the rest of the wait to a
+//! [`WaitHook`], which a Python binding implements by releasing the GIL. Use [`MaruHandler::with_hook`] to run any operation with a hook.
 
 mod alloc;
 mod config;

@@ -108,6 +108,13 @@ fn read_config(obj: &Bound<'_, PyAny>) -> PyResult<MaruConfig> {
         expand_size: attr(obj, "expand_size")?,
         ..MaruConfig::default()
     };
+    // Maru's own field: a configuration object of the original Maru does not have it.
+    if obj.hasattr("busy_poll")? {
+        c.busy_poll = attr(obj, "busy_poll")?;
+    }
+    if obj.hasattr("write_behind")? {
+        c.write_behind = attr(obj, "write_behind")?;
+    }
     if let Ok(us) = std::env::var("MARU_REPLY_GRACE_US") {
         let us: u64 = us.trim().parse().map_err(|_| {
             PyValueError::new_err(format!("MARU_REPLY_GRACE_US={us:?} is not a number"))
@@ -242,6 +249,7 @@ impl PyMaruHandler {
     /// Stores `key`. With `handle` (zero copy) only the key is registered; otherwise the
     /// bytes of `data` / `info` (MemoryInfo or any buffer), after `prefix`, are copied into a
     /// fresh page and registered. An existing key is left as it is (True: deduplicated).
+    /// With `write_behind` the registration is sent and not waited for (True: sent).
     #[pyo3(signature = (key, info=None, prefix=None, *, data=None, handle=None))]
     fn store(
         &self,
@@ -337,6 +345,17 @@ impl PyMaruHandler {
         self.h
             .with_hook(&Self::hook(py))
             .unpin(&key)
+            .map_err(py_err(py))
+    }
+
+    /// Waits until every write-behind store (`MaruConfig(write_behind=True)`) has been
+    /// registered, so other instances can see the keys. Raises the error of the first one
+    /// that failed since the last flush (those keys are not stored). Without write-behind
+    /// there is nothing to wait for.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        self.h
+            .with_hook(&Self::hook(py))
+            .flush()
             .map_err(py_err(py))
     }
 

@@ -28,9 +28,10 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         let threads: Vec<_> = (0..n as usize)
             .map(|c| {
                 let (h, barrier, keys) = (shared.clone(), barrier.clone(), keys.clone());
-                std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
+                std::thread::spawn(move || -> anyhow::Result<(Instant, Instant, Vec<u64>)> {
                     let mut ns = Vec::with_capacity(iters);
                     barrier.wait();
+                    let began = Instant::now();
                     for i in 0..iters {
                         let key = &keys[(c * 31 + i) % keys.len()];
                         let t0 = Instant::now();
@@ -39,20 +40,31 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
                         }
                         ns.push(t0.elapsed().as_nanos() as u64);
                     }
-                    Ok(ns)
+                    Ok((began, Instant::now(), ns))
                 })
             })
             .collect();
         barrier.wait();
-        let start = Instant::now();
+        // The wall time spans the clients' own first start to last end: this thread may be
+        // scheduled out past the barrier while the clients already run (it was, once).
+        let mut span: Option<(Instant, Instant)> = None;
         let mut s = Samples::with_capacity(iters * n as usize);
         for th in threads {
             match th.join() {
-                Ok(r) => s.extend(&r?),
+                Ok(r) => {
+                    let (began, ended, ns) = r?;
+                    s.extend(&ns);
+                    span = Some(match span {
+                        None => (began, ended),
+                        Some((b0, e0)) => (b0.min(began), e0.max(ended)),
+                    });
+                }
                 Err(_) => bail!("a client thread panicked"),
             }
         }
-        s.set_wall(start.elapsed());
+        if let Some((began, ended)) = span {
+            s.set_wall(ended - began);
+        }
         shared.close();
         let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &s.summary());
         row.clients = n;

@@ -236,8 +236,8 @@ fn client<S: Read + Write>(mut s: S, req: usize, resp: usize, iters: usize) -> i
     Ok(samples)
 }
 
-trait Duplex: Read + Write + Send {}
-impl<T: Read + Write + Send> Duplex for T {}
+trait Duplex: Read + Write + Send + std::os::fd::AsRawFd {}
+impl<T: Read + Write + Send + std::os::fd::AsRawFd> Duplex for T {}
 
 /// A connection to an echo thread, for floor samples taken between a row's calls.
 pub struct Probe {
@@ -309,6 +309,35 @@ impl Probe {
         self.round_trip()?;
         self.samples.push(t.elapsed());
         Ok(())
+    }
+
+    /// One ping-pong whose reply is awaited by polling the socket without sleeping (what the
+    /// client's busy-poll grace does), timed and returned rather than recorded: the floor of a
+    /// spinning caller, for the diagnostic rows.
+    pub fn busy_round_trip(&mut self) -> io::Result<std::time::Duration> {
+        let t = Instant::now();
+        let c = self.conn.as_mut().ok_or(io::ErrorKind::NotConnected)?;
+        c.write_all(&self.wb)?;
+        let fd = c.as_raw_fd();
+        let mut got = 0;
+        while got < self.rb.len() {
+            let want = &mut self.rb[got..];
+            // SAFETY: `want` is a valid writable buffer of `want.len()` bytes for the call.
+            let n =
+                unsafe { libc::recv(fd, want.as_mut_ptr().cast(), want.len(), libc::MSG_DONTWAIT) };
+            if n > 0 {
+                got += n as usize;
+            } else if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            } else {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+                std::hint::spin_loop();
+            }
+        }
+        Ok(t.elapsed())
     }
 
     pub fn sizes(&self) -> (usize, usize) {

@@ -256,10 +256,13 @@ fn key_ops(
 /// alternating with floor ping-pongs every 50 calls — in blocks
 /// of 100 calls that rotate between: the raw floor (echo ping-pong of the same sizes, api
 /// `floor`), the plain blocking RPC of maru-proto (api `raw`: the server and the socket, no
-/// GIL-aware wait), the handler (api `rust-b2b`), and the handler with the thread's timer
-/// slack raised to 4 ms (api `rust-slack`: the short `ppoll` of the GIL-aware wait then needs
-/// no timer of its own; see docs/PERFORMANCE.md). Every row's ratio is against the floor
-/// blocks of the same rotation.
+/// GIL-aware wait), the handler as configured by default (api `rust-b2b`: its grace is a busy
+/// poll), a handler whose grace sleeps in `ppoll` (api `rust-sleep`, `busy_poll: false`), and
+/// that one with the thread's timer slack raised to 4 ms (api `rust-slack`: its `ppoll` then
+/// needs no timer of its own; see docs/PERFORMANCE.md, finding 1), and the echo ping-pong
+/// awaited by spinning on a non-blocking `recv` (api `floor-busy`: the floor of a caller that
+/// never sleeps, which the busy-polling handler should be compared with). Every row's ratio is
+/// against the (blocking) floor blocks of the same rotation.
 fn diagnostics(
     b: &mut Bench,
     t: Transport,
@@ -280,8 +283,17 @@ fn diagnostics(
     };
     let parsed: maru_proto::ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut raw = maru_proto::rpc::Conn::connect(&parsed, &hello, Duration::from_secs(10))?;
+    let sleeping = MaruHandler::new(MaruConfig {
+        server_url: url.to_owned(),
+        pool_size: 4 * KIB,
+        chunk_size_bytes: 4 * KIB,
+        timeout_ms: 10_000,
+        busy_poll: false,
+        ..MaruConfig::default()
+    })?;
+    sleeping.connect()?;
     let mut probe = b.probe(t, "exists", 1)?;
-    let mut samples: [Samples; 3] = Default::default();
+    let mut samples: [Samples; 5] = Default::default();
     let mut k = 0usize;
     let mut next_key = || {
         k += 1;
@@ -303,16 +315,27 @@ fn diagnostics(
             let key = next_key();
             samples[1].push(timed(|| Ok(h.exists(key)?))?.1);
         }
+        for _ in 0..BLOCK {
+            let key = next_key();
+            samples[2].push(timed(|| Ok(sleeping.exists(key)?))?.1);
+        }
         let old = super::cpu::set_timer_slack_ns(4_000_000);
         for _ in 0..BLOCK {
             let key = next_key();
-            samples[2].push(timed(|| Ok(h.exists(key)?))?.1);
+            samples[3].push(timed(|| Ok(sleeping.exists(key)?))?.1);
         }
         super::cpu::set_timer_slack_ns(old);
+        for _ in 0..BLOCK {
+            samples[4].push(probe.busy_round_trip()?);
+        }
     }
+    sleeping.close();
     let _ = raw.call(&maru_proto::Request::Goodbye);
     let floor = probe.samples.clone();
-    for (api, s) in ["raw", "rust-b2b", "rust-slack"].iter().zip(samples) {
+    for (api, s) in ["raw", "rust-b2b", "rust-sleep", "rust-slack", "floor-busy"]
+        .iter()
+        .zip(samples)
+    {
         let mut p = b.probe(t, "exists", 1)?;
         p.samples = floor.clone();
         b.api = Some(api);
