@@ -94,7 +94,7 @@ impl Redis {
         };
         let w = s.try_clone_box()?;
         Ok(Resp {
-            r: BufReader::with_capacity(64 * 1024, s),
+            r: BufReader::with_capacity(64 * 1024, BusyPoll(s)),
             w,
             cmd: Vec::new(),
             line: Vec::new(),
@@ -110,7 +110,34 @@ impl Drop for Redis {
     }
 }
 
-pub trait RW: Read + Write + Send {
+/// Reads the way Maru's client waits for a reply ([`maru_client::MaruConfig::busy_poll`]):
+/// polling the socket without sleeping for up to 50 µs, then a blocking read. Without it the
+/// Redis rows would pay a sleeping wake-up per reply that Maru's rows do not, and the
+/// comparison would be of the clients' waits, not of the servers.
+struct BusyPoll(Box<dyn RW>);
+
+impl Read for BusyPoll {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = self.0.as_raw_fd();
+        let end = Instant::now() + maru_client::DEFAULT_REPLY_GRACE;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, zero timeout.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 0) } > 0;
+            if ready || Instant::now() >= end {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.0.read(buf)
+    }
+}
+
+pub trait RW: Read + Write + Send + std::os::fd::AsRawFd {
     fn try_clone_box(&self) -> io::Result<Box<dyn RW>>;
 }
 impl RW for TcpStream {
@@ -126,7 +153,7 @@ impl RW for UnixStream {
 
 /// A minimal RESP2 client: one command, one reply.
 pub struct Resp {
-    r: BufReader<Box<dyn RW>>,
+    r: BufReader<BusyPoll>,
     w: Box<dyn RW>,
     cmd: Vec<u8>,
     line: Vec<u8>,
