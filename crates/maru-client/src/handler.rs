@@ -36,6 +36,10 @@ use crate::view::{AllocHandle, PageId, View};
 use crate::watch::{Fence, Watcher};
 use crate::wire::{Conn, Identity, Link, NoHook, WaitHook};
 
+/// Hasher of the handler's page books: they hold only this handler's own keys, so no
+/// hash-flooding defence is needed beyond foldhash's per-process seed.
+type FastHash = foldhash::fast::RandomState;
+
 /// Called with `(region_id, page_count)` for every region this handler comes to own.
 pub type RegionCallback = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
@@ -105,8 +109,11 @@ struct Owned {
     active: usize,
     /// Keys this handler registered, and the pages they point at (both directions), so that
     /// delete can free the page and free can take the key away.
-    stored: HashMap<Vec<u8>, PageId>,
-    keys: HashMap<PageId, Vec<u8>>,
+    /// (One shared allocation per key; a fast hasher, since these books are updated for every
+    /// key of every store and a batch of 256 spent a third of its client time in SipHash and
+    /// key copies — docs/PERFORMANCE.md, finding 5.)
+    stored: HashMap<Arc<[u8]>, PageId, FastHash>,
+    keys: HashMap<PageId, Arc<[u8]>, FastHash>,
     behind: WriteBehind,
 }
 
@@ -492,8 +499,9 @@ impl Session {
     /// Books the outcome of registering `key` at `page`.
     fn settle(owned: &mut Owned, key: &[u8], page: PageId, is_new: bool) -> StoreOutcome {
         if is_new {
-            owned.stored.insert(key.to_vec(), page);
-            owned.keys.insert(page, key.to_vec());
+            let key: Arc<[u8]> = Arc::from(key);
+            owned.stored.insert(key.clone(), page);
+            owned.keys.insert(page, key);
             StoreOutcome::Stored
         } else {
             let _ = owned.free_page(page);
@@ -933,7 +941,7 @@ impl Hooked<'_> {
         s.check_open()?;
         if let Some(key) = owned.keys.get(&page).cloned() {
             // Take the key away first, so no reader can find the page once it is reused.
-            match s.call(&Request::Delete { key: &key }, self.hook)? {
+            match s.call(&Request::Delete { key: &key[..] }, self.hook)? {
                 Response::Delete(DeleteStatus::Pinned) => {
                     return Err(FreeError::Pinned {
                         region_id: page.region_id,
@@ -941,7 +949,7 @@ impl Hooked<'_> {
                     })
                 }
                 Response::Delete(_) => {
-                    owned.stored.remove(&key);
+                    owned.stored.remove(&key[..]);
                     owned.keys.remove(&page);
                 }
                 other => return Err(unexpected("delete", other).into()),
