@@ -55,7 +55,7 @@ def main() -> int:
         f"memcpy into {fl['memcpy_gbps']:.1f} GB/s, out {fl['memcpy_out_gbps']:.1f} GB/s.\n"
     )
     cols = [
-        ("op", "op"),
+        ("op", lambda r: f"{r['op']} ({r['note']})" if r.get("note") == "write_behind" else r["op"]),
         ("api", "api"),
         ("transport", "transport"),
         ("chunk", lambda r: size(r["chunk_bytes"])),
@@ -69,7 +69,8 @@ def main() -> int:
     ]
     res = rep["results"]
     single = [r for r in res if r["clients"] == 1 and not r["processes"] and r["api"] in ("rust", "python")
-              and r["op"] not in ("connect", "first_retrieve_1gib", "retrieve_1gib") and not r.get("note")]
+              and r["op"] not in ("connect", "first_retrieve_1gib", "retrieve_1gib")
+              and r.get("note") in (None, "write_behind")]
     for api in ("rust", "python"):
         for t in ("tcp", "unix"):
             rows = [r for r in single if r["api"] == api and r["transport"] == t and not r["contended"]]
@@ -80,7 +81,7 @@ def main() -> int:
     if cont:
         print("\n**python, another Python thread burning CPU (`contended`)**\n")
         print(table(cont, cols))
-    diag = [r for r in res if r["api"] in ("raw", "rust-b2b", "rust-slack")]
+    diag = [r for r in res if r["api"] in ("raw", "rust-b2b", "rust-sleep", "rust-slack", "floor-busy")]
     if diag:
         print("\n**Where a call's time goes: `exists` back to back, blocks of 100 rotating with the floor**\n")
         print(table(diag, cols))
