@@ -1,5 +1,5 @@
-//! The key registry: insert-if-absent and lookup, the work behind every store, retrieve and
-//! exists. `cargo bench -p maru-server --bench registry`.
+//! The key registry: insert-if-absent, lookup and delete, the work behind every store,
+//! retrieve, exists and delete. `cargo bench -p maru-server --bench registry`.
 
 use std::hint::black_box;
 
@@ -31,6 +31,31 @@ fn registry(c: &mut Criterion) {
             black_box(full.lookup(&keys[i]))
         })
     });
+    // The same hits in two other orders, because where keys sit in memory matters once the
+    // registry outgrows the caches: a random permutation (no locality at all), and registration
+    // order (what a batch of one prefix's chunk keys does; keys registered together are stored
+    // together).
+    let mut shuffled: Vec<usize> = (0..keys.len()).collect();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for j in (1..shuffled.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        shuffled.swap(j, (x % (j as u64 + 1)) as usize);
+    }
+    g.bench_function("lookup_hit_1m_random", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(full.lookup(&keys[shuffled[i]]))
+        })
+    });
+    g.bench_function("lookup_hit_1m_in_order", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(full.lookup(&keys[i]))
+        })
+    });
+    drop(shuffled);
     g.bench_function("lookup_miss_1m", |b| {
         b.iter(|| {
             i = (i + 1) % missing.len();
@@ -43,6 +68,25 @@ fn registry(c: &mut Criterion) {
             black_box(full.insert_if_absent(&keys[i], entry(0)))
         })
     });
+    // Churn at 1M keys: register one new key and delete the oldest (a sliding window over a
+    // ring of 2M keys), so deletes leave garbage in the shards' key arenas and the cost of
+    // compacting them is in the figure.
+    let ring: Vec<Vec<u8>> = (0..2 * N).map(|i| key(3 * N + i)).collect();
+    let window = ShardedRegistry::new();
+    for k in &ring[..N as usize] {
+        window.insert_if_absent(k, entry(0));
+    }
+    let mut next = N as usize;
+    g.bench_function("churn_1m", |b| {
+        b.iter(|| {
+            let new = &ring[next % ring.len()];
+            let old = &ring[(next + ring.len() - N as usize) % ring.len()];
+            next += 1;
+            window.insert_if_absent(new, entry(0));
+            black_box(window.remove_if_unpinned(old, RegionSlot(1)))
+        })
+    });
+    drop(window);
     // Fresh inserts: 64k keys into an empty registry per iteration (includes table growth).
     let fresh: Vec<Vec<u8>> = (0..65_536).map(|i| key(N * 2 + i)).collect();
     g.throughput(Throughput::Elements(fresh.len() as u64));

@@ -4,9 +4,10 @@
 //! interface (insert-if-absent, lookup, remove-if-unpinned, pin/unpin, iterate and count). Its
 //! next home is a versioned index inside a shared-memory segment that clients read without a
 //! round trip (docs/ARCHITECTURE.md §8), so nothing above this module may assume the registry
-//! is a private in-process map: it stores only compact, pointer-free [`Entry`] values and
-//! never hands out references into itself.
+//! is a private in-process map: it stores only compact, pointer-free values (16-byte [`Entry`]s,
+//! and keys in byte arenas addressed by offset) and never hands out references into itself.
 
+mod arena;
 mod sharded;
 
 pub use sharded::ShardedRegistry;
@@ -109,6 +110,9 @@ pub struct RegistryCounts {
 /// The registry interface. Every method is atomic with respect to the others for one key.
 pub trait KeyRegistry: Send + Sync {
     /// Stores `entry` under `key` unless the key exists (write-once). True when stored.
+    ///
+    /// Keys are at most [`maru_proto::MAX_KEY_LEN`] bytes (the decoder refuses longer ones);
+    /// an implementation may panic on a key it cannot hold.
     fn insert_if_absent(&self, key: &[u8], entry: Entry) -> bool;
 
     fn lookup(&self, key: &[u8]) -> Option<Entry>;
