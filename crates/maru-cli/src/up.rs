@@ -53,6 +53,11 @@ pub struct UpArgs {
     /// Log level (overridden by MARU_LOG).
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// After answering, a connection thread polls for the next request this many µs before
+    /// it sleeps, so back-to-back calls do not pay for waking it (0: never; see
+    /// docs/ARCHITECTURE.md §6).
+    #[arg(long, default_value_t = 50, value_name = "US")]
+    pub busy_poll_us: u64,
 }
 
 /// Names this embedded instance's files: by port, or by pid when the port is chosen by the OS
@@ -148,6 +153,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         tcp: Some(SocketAddr::new(ip, args.port)),
         unix: unix.clone(),
         rm_url: rm.url(),
+        busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
         ..Default::default()
     };
     let server = match maru_server::start(server_cfg) {

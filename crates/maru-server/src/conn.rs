@@ -2,6 +2,7 @@
 //! the replies back with as few system calls as the pipeline allows.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use maru_proto::{encode_error, ErrorCode, FrameBuf, FrameReadError, Stream, Wire
 
 use crate::server::Shared;
 use crate::service::{handle_frame, ConnCtx};
+use crate::spin::{count_request, SpinBudget};
 use crate::state::Peer;
 
 /// How often an idle connection thread looks at the shutdown flag.
@@ -29,6 +31,9 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
     let mut rx = FrameBuf::new();
     let mut out = Vec::with_capacity(4096);
     let mut ctx = ConnCtx::default();
+    let mut spin = SpinBudget::default();
+    // This connection's latest request, as numbered by `count_request`.
+    let mut last_request: u64;
     // Since when the connection has had no session (from its accept, or its goodbye).
     let mut unhandshaken_since = Some(Instant::now());
     loop {
@@ -51,7 +56,10 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
             unhandshaken_since = None;
         }
         match rx.read_frame(&mut stream) {
-            Ok((header, payload)) => handle_frame(state, &mut ctx, &header, payload, &mut out),
+            Ok((header, payload)) => {
+                last_request = count_request();
+                handle_frame(state, &mut ctx, &header, payload, &mut out)
+            }
             Err(FrameReadError::Idle) => {
                 if shared.is_shutting_down() {
                     break;
@@ -81,6 +89,11 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
             out.clear();
             if out.capacity() > KEEP_CAPACITY {
                 out.shrink_to(4096);
+            }
+            // Nothing buffered: wait for the next request awake for a moment, so a client
+            // sending it soon does not pay for waking this thread.
+            if !rx.has_frame() {
+                spin.wait_for_next(stream.as_raw_fd(), shared.busy_poll, last_request);
             }
         }
     }

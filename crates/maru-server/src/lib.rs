@@ -30,10 +30,11 @@ mod reply;
 mod rm;
 mod server;
 mod service;
+mod spin;
 mod state;
 
 pub use rm::RmCallError;
-pub use server::{start, ServerConfig, ServerError, ServerHandle, HANDSHAKE_TIMEOUT};
+pub use server::{start, ServerConfig, ServerError, ServerHandle, BUSY_POLL, HANDSHAKE_TIMEOUT};
 
 #[cfg(test)]
 mod testing;

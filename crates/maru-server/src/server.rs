@@ -67,7 +67,13 @@ pub struct ServerConfig {
     /// How long a new connection may take to complete its Hello before it is closed
     /// (default [`HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
+    /// After answering, how long a connection thread polls for the next request before it
+    /// sleeps (see `spin.rs`; default [`BUSY_POLL`]). Zero: never spin.
+    pub busy_poll: Duration,
 }
+
+/// Default of [`ServerConfig::busy_poll`]: a 1 MiB copy plus a store call fits in it.
+pub const BUSY_POLL: Duration = Duration::from_micros(50);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -80,6 +86,7 @@ impl Default for ServerConfig {
             hostname: None,
             metrics: None,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            busy_poll: BUSY_POLL,
         }
     }
 }
@@ -108,6 +115,8 @@ pub(crate) struct Shared {
     max_clients: usize,
     /// How long a connection may stay without a completed Hello.
     pub handshake_timeout: Duration,
+    /// See [`ServerConfig::busy_poll`].
+    pub busy_poll: Duration,
     conns: Mutex<Conns>,
     /// Wakes the maintenance thread early at shutdown.
     maintenance: (Mutex<bool>, Condvar),
@@ -235,6 +244,7 @@ pub(crate) fn start_with(
         shutting_down: AtomicBool::new(false),
         max_clients: cfg.max_clients.max(1),
         handshake_timeout: cfg.handshake_timeout,
+        busy_poll: cfg.busy_poll,
         conns: Mutex::new(Conns::default()),
         maintenance: (Mutex::new(false), Condvar::new()),
     });

@@ -132,7 +132,14 @@ impl Floors {
     /// An echo connection for ping-pongs that alternate with a row's own calls in blocks;
     /// sample before each call, so both see the same machine (other work, idle states).
     pub fn probe(&self, t: Transport, req: usize, resp: usize) -> anyhow::Result<Probe> {
-        Probe::start(t, &self.dir, req, resp)
+        Probe::start(t, &self.dir, req, resp, false)
+    }
+
+    /// A probe whose echo thread polls its socket without sleeping: with
+    /// [`Probe::busy_round_trip`], the floor of two peers that both busy-poll (as Maru's client
+    /// and server do, see docs/ARCHITECTURE.md §6).
+    pub fn spinning_probe(&self, t: Transport, req: usize, resp: usize) -> anyhow::Result<Probe> {
+        Probe::start(t, &self.dir, req, resp, true)
     }
 
     /// memcpy of `chunk` bytes into (`into`) or out of (`out`) a populated shared mapping of
@@ -219,6 +226,32 @@ fn echo<S: Read + Write>(mut s: S, req: usize, resp: usize) {
     }
 }
 
+/// [`echo`] that polls its socket without sleeping for up to 50 µs before each blocking read,
+/// as Maru's server does between requests (`maru-server/src/spin.rs`).
+fn echo_spinning<S: Read + Write + std::os::fd::AsRawFd>(mut s: S, req: usize, resp: usize) {
+    let mut rb = vec![0u8; req];
+    let wb = vec![0x5a_u8; resp];
+    let fd = s.as_raw_fd();
+    loop {
+        let end = Instant::now() + std::time::Duration::from_micros(50);
+        loop {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call, zero timeout.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 || Instant::now() >= end {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if s.read_exact(&mut rb).is_err() || s.write_all(&wb).is_err() {
+            return;
+        }
+    }
+}
+
 fn client<S: Read + Write>(mut s: S, req: usize, resp: usize, iters: usize) -> io::Result<Samples> {
     let wb = vec![0xa5_u8; req];
     let mut rb = vec![0u8; resp];
@@ -251,7 +284,13 @@ pub struct Probe {
 }
 
 impl Probe {
-    fn start(t: Transport, dir: &Path, req: usize, resp: usize) -> anyhow::Result<Probe> {
+    fn start(
+        t: Transport,
+        dir: &Path,
+        req: usize,
+        resp: usize,
+        spin: bool,
+    ) -> anyhow::Result<Probe> {
         let (conn, echo, path): (Box<dyn Duplex>, _, _) = match t {
             Transport::Tcp => {
                 let l = TcpListener::bind("127.0.0.1:0")?;
@@ -260,7 +299,11 @@ impl Probe {
                     super::cpu::enter_server_side();
                     if let Ok((s, _)) = l.accept() {
                         let _ = s.set_nodelay(true);
-                        echo(s, req, resp);
+                        if spin {
+                            echo_spinning(s, req, resp);
+                        } else {
+                            echo(s, req, resp);
+                        }
                     }
                 });
                 let c = TcpStream::connect(addr)?;
@@ -276,7 +319,11 @@ impl Probe {
                 let echo = thread::spawn(move || {
                     super::cpu::enter_server_side();
                     if let Ok((s, _)) = l.accept() {
-                        echo(s, req, resp);
+                        if spin {
+                            echo_spinning(s, req, resp);
+                        } else {
+                            echo(s, req, resp);
+                        }
                     }
                 });
                 (Box::new(UnixStream::connect(&path)?), echo, Some(path))

@@ -261,8 +261,10 @@ fn key_ops(
 /// that one with the thread's timer slack raised to 4 ms (api `rust-slack`: its `ppoll` then
 /// needs no timer of its own; see docs/PERFORMANCE.md, finding 1), and the echo ping-pong
 /// awaited by spinning on a non-blocking `recv` (api `floor-busy`: the floor of a caller that
-/// never sleeps, which the busy-polling handler should be compared with). Every row's ratio is
-/// against the (blocking) floor blocks of the same rotation.
+/// never sleeps), and the same against an echo thread that spins too (api `floor-spin`: two
+/// peers that both busy-poll, as Maru's client and server do — the floor the default handler
+/// should be compared with). Every row's ratio is against the (blocking) floor blocks of the
+/// same rotation.
 fn diagnostics(
     b: &mut Bench,
     t: Transport,
@@ -293,7 +295,9 @@ fn diagnostics(
     })?;
     sleeping.connect()?;
     let mut probe = b.probe(t, "exists", 1)?;
-    let mut samples: [Samples; 5] = Default::default();
+    let (req, resp) = probe.sizes();
+    let mut spinning = b.floors.spinning_probe(t, req, resp)?;
+    let mut samples: [Samples; 6] = Default::default();
     let mut k = 0usize;
     let mut next_key = || {
         k += 1;
@@ -328,13 +332,23 @@ fn diagnostics(
         for _ in 0..BLOCK {
             samples[4].push(probe.busy_round_trip()?);
         }
+        for _ in 0..BLOCK {
+            samples[5].push(spinning.busy_round_trip()?);
+        }
     }
     sleeping.close();
     let _ = raw.call(&maru_proto::Request::Goodbye);
     let floor = probe.samples.clone();
-    for (api, s) in ["raw", "rust-b2b", "rust-sleep", "rust-slack", "floor-busy"]
-        .iter()
-        .zip(samples)
+    for (api, s) in [
+        "raw",
+        "rust-b2b",
+        "rust-sleep",
+        "rust-slack",
+        "floor-busy",
+        "floor-spin",
+    ]
+    .iter()
+    .zip(samples)
     {
         let mut p = b.probe(t, "exists", 1)?;
         p.samples = floor.clone();
