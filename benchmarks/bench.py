@@ -123,11 +123,11 @@ class FloorLink:
 
     on = False
 
-    def block(self, ident: tuple[str, str, int, int, bool], n: int) -> None:
+    def block(self, ident: tuple[str, str, int, int, bool, str], n: int) -> None:
         if not self.on:
             return
-        t, op, chunk, batch, contended = ident
-        sys.stdout.write(f"FLOOR {t} {op} {chunk} {batch} {int(contended)} {n}\n")
+        t, op, chunk, batch, contended, note = ident
+        sys.stdout.write(f"FLOOR {t} {op} {chunk} {batch} {int(contended)} {n} {note}".rstrip() + "\n")
         sys.stdout.flush()
         if sys.stdin.readline().strip() != "OK":
             raise RuntimeError("the parent maru bench did not run the floor block")
@@ -136,15 +136,14 @@ class FloorLink:
 FLOOR = FloorLink()
 
 
-def measure(n: int, fn: Callable[[int], int], ident: tuple[str, str, int, int, bool] | None) -> list[int]:
-    """Runs fn(i) n + WARMUP times in blocks alternating with floor blocks (none if `ident` is
-    None); fn returns the nanoseconds of the part it times."""
+def measure(n: int, fn: Callable[[int], int], ident: tuple[str, str, int, int, bool, str]) -> list[int]:
+    """Runs fn(i) n + WARMUP times in blocks alternating with floor blocks; fn returns the
+    nanoseconds of the part it times."""
     out = []
     total = n + WARMUP
     for start in range(0, total, BLOCK):
         end = min(total, start + BLOCK)
-        if ident is not None:
-            FLOOR.block(ident, end - start)
+        FLOOR.block(ident, end - start)
         for i in range(start, end):
             d = fn(i)
             if i >= WARMUP:
@@ -219,9 +218,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
         moved: int | None = None,
         note: str | None = None,
     ) -> dict[str, Any]:
-        # A row with a note is a variant of the plain row of the same op: it is compared with
-        # the floors measured for that one (its own floor blocks would mix with them).
-        ident = None if note else (t, op, chunk, batch, contended)
+        ident = (t, op, chunk, batch, contended, note or "")
         return row(op, t, chunk, batch, contended, measure(n, fn, ident), moved, note)
 
     for chunk in SIZES:

@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
@@ -79,6 +79,8 @@ pub struct Floors {
     copies: Mutex<HashMap<(&'static str, u64, u64), CopyFloor>>,
     maps: Mutex<HashMap<(&'static str, u64), MapFloor>>,
     map_samples: usize,
+    /// The populated mapping copy probes rotate over (one for the whole run).
+    copy_region: Mutex<Option<Arc<Mapping>>>,
 }
 
 impl Floors {
@@ -91,6 +93,7 @@ impl Floors {
             copies: Mutex::default(),
             maps: Mutex::default(),
             map_samples,
+            copy_region: Mutex::default(),
         }
     }
 
@@ -140,6 +143,46 @@ impl Floors {
     /// and server do, see docs/ARCHITECTURE.md §6).
     pub fn spinning_probe(&self, t: Transport, req: usize, resp: usize) -> anyhow::Result<Probe> {
         Probe::start(t, &self.dir, req, resp, true)
+    }
+
+    /// Copies of `chunk` bytes into or out of a populated shared mapping of `region` bytes,
+    /// sampled one at a time between a row's calls (see [`Probe::attach_copy`]), so the copy
+    /// floor sees the same minutes of the machine as the row — a copy floor measured once
+    /// moved by 1.5× between runs on this VM.
+    pub fn copy_probe(
+        &self,
+        direction: &'static str,
+        chunk: u64,
+        region: u64,
+    ) -> anyhow::Result<CopyProbe> {
+        let region = region.max(chunk);
+        let mapping = {
+            let mut slot = lock(&self.copy_region);
+            match slot.as_ref() {
+                Some(m) if m.len() as u64 >= region => m.clone(),
+                _ => {
+                    let path = self.dir.join("floor-copy-probe.shm");
+                    let file = std::fs::File::create(&path)?;
+                    file.set_len(region)?;
+                    drop(file);
+                    let m = Mapping::map(&path, 0, region, MapMode::ReadWrite, true);
+                    // The mapping outlives the file's name.
+                    let _ = std::fs::remove_file(&path);
+                    let m = Arc::new(m?);
+                    *slot = Some(m.clone());
+                    m
+                }
+            }
+        };
+        Ok(CopyProbe {
+            pages: (region / chunk) as usize,
+            mapping,
+            buf: vec![0xc3; chunk as usize],
+            next: 0,
+            into: direction == "into",
+            direction,
+            samples: Samples::default(),
+        })
     }
 
     /// memcpy of `chunk` bytes into (`into`) or out of (`out`) a populated shared mapping of
@@ -269,6 +312,34 @@ fn client<S: Read + Write>(mut s: S, req: usize, resp: usize, iters: usize) -> i
     Ok(samples)
 }
 
+/// Copy samples taken between a row's calls (see [`Floors::copy_probe`]).
+pub struct CopyProbe {
+    mapping: Arc<Mapping>,
+    buf: Vec<u8>,
+    pages: usize,
+    next: usize,
+    into: bool,
+    pub direction: &'static str,
+    pub samples: Samples,
+}
+
+impl CopyProbe {
+    /// One timed copy of a chunk, into or out of the next page of the mapping.
+    pub fn tick(&mut self) -> anyhow::Result<()> {
+        let at = self.next * self.buf.len();
+        self.next = (self.next + 1) % self.pages;
+        let t = Instant::now();
+        if self.into {
+            self.mapping.write_at(at, &self.buf)?;
+        } else {
+            self.mapping.read_at(at, &mut self.buf)?;
+        }
+        self.samples.push(t.elapsed());
+        std::hint::black_box(&self.buf);
+        Ok(())
+    }
+}
+
 trait Duplex: Read + Write + Send + std::os::fd::AsRawFd {}
 impl<T: Read + Write + Send + std::os::fd::AsRawFd> Duplex for T {}
 
@@ -280,6 +351,8 @@ pub struct Probe {
     rb: Vec<u8>,
     pub transport: Transport,
     pub samples: Samples,
+    /// Copy floor samples taken with every round trip, for rows that move data.
+    pub copy: Option<CopyProbe>,
     path: Option<PathBuf>,
 }
 
@@ -336,6 +409,7 @@ impl Probe {
             rb: vec![0; resp],
             transport: t,
             samples: Samples::default(),
+            copy: None,
             path,
         };
         for _ in 0..10 {
@@ -350,12 +424,20 @@ impl Probe {
         c.read_exact(&mut self.rb)
     }
 
-    /// One timed ping-pong.
-    pub fn tick(&mut self) -> io::Result<()> {
+    /// One timed ping-pong (and one timed copy, with [`Probe::attach_copy`]).
+    pub fn tick(&mut self) -> anyhow::Result<()> {
         let t = Instant::now();
         self.round_trip()?;
         self.samples.push(t.elapsed());
+        if let Some(c) = &mut self.copy {
+            c.tick()?;
+        }
         Ok(())
+    }
+
+    /// Takes a copy sample with every round trip from now on.
+    pub fn attach_copy(&mut self, copy: CopyProbe) {
+        self.copy = Some(copy);
     }
 
     /// One ping-pong whose reply is awaited by polling the socket without sleeping (what the

@@ -231,6 +231,22 @@ impl Bench {
         self.floors.probe(t, w.req, w.resp)
     }
 
+    /// [`Bench::probe`] for a row of `chunk`-byte chunks: a row that copies data also samples
+    /// a copy of one chunk with every round trip.
+    pub fn probe_row(
+        &self,
+        t: Transport,
+        op: &str,
+        chunk: u64,
+        batch: u32,
+    ) -> anyhow::Result<Probe> {
+        let mut p = self.probe(t, op, batch)?;
+        if let Some(dir) = copy_direction(op) {
+            p.attach_copy(self.floors.copy_probe(dir, chunk, self.plan.region)?);
+        }
+        Ok(p)
+    }
+
     /// Attaches the floor measured by `probe` (alternating with the row) and prints the row.
     pub fn push_probed(&mut self, t: Transport, row: Row, probe: Probe) {
         self.push_with(t, row, Some(probe))
@@ -301,27 +317,44 @@ impl Bench {
                     row.batch,
                     t.name()
                 );
+                let mut copy_samples = None;
                 let (rtt, how) = match probe {
-                    Some(p) if p.samples.summary().n > 0 && p.sizes() == (w.req, w.resp) => (
-                        self.floors.record(t, w.req, w.resp, &p.samples, &why),
-                        "alternating",
-                    ),
+                    Some(p) if p.samples.summary().n > 0 && p.sizes() == (w.req, w.resp) => {
+                        copy_samples = p.copy.as_ref().map(|c| c.samples.clone());
+                        (
+                            self.floors.record(t, w.req, w.resp, &p.samples, &why),
+                            "alternating",
+                        )
+                    }
                     _ => (self.floors.rtt(t, w.req, w.resp, &why)?, "after"),
                 };
                 let mut us = rtt.p50_us * w.trips as f64;
                 let mut what = format!("rtt {}B/{}B ({how})", w.req, w.resp);
                 let mut gbps = None;
-                let copy = match op {
-                    "store" | "store_existing" | "batch_store" => Some("into"),
-                    "retrieve_copy" => Some("out"),
-                    _ => None,
-                };
-                if let Some(dir) = copy {
-                    let c = self.floors.copy(dir, row.chunk_bytes, self.plan.region)?;
+                if let Some(dir) = copy_direction(op) {
+                    // The copies sampled alternating with the row; else one measured now.
+                    let alternating = copy_samples
+                        .map(|s| s.summary())
+                        .filter(|m| m.n > 0 && m.p50_us > 0.0);
+                    let (copy_us, copy_gbps, how) = match alternating {
+                        Some(m) => (
+                            m.p50_us,
+                            round3(row.chunk_bytes as f64 / (m.p50_us * 1e3)),
+                            "alternating",
+                        ),
+                        None => {
+                            let c = self.floors.copy(dir, row.chunk_bytes, self.plan.region)?;
+                            (c.p50_us, c.gbps, "measured once")
+                        }
+                    };
                     let n = row.batch.max(1) as f64;
-                    us += c.p50_us * n;
-                    what.push_str(&format!(" + {}x memcpy {dir} {}", n, size(row.chunk_bytes)));
-                    gbps = Some(c.gbps);
+                    us += copy_us * n;
+                    what.push_str(&format!(
+                        " + {}x memcpy {dir} {} ({how})",
+                        n,
+                        size(row.chunk_bytes)
+                    ));
+                    gbps = Some(copy_gbps);
                 }
                 if op == "first_retrieve_1gib" {
                     let m = self.floors.map("map", GIB)?;
@@ -338,6 +371,16 @@ impl Bench {
             row.ratio = Some(round3(row.p50_us / floor_us));
         }
         Ok(row)
+    }
+}
+
+/// Which way a row's chunks are copied, if it copies any: into shared memory (stores) or out
+/// of it (`retrieve_copy`).
+fn copy_direction(op: &str) -> Option<&'static str> {
+    match op {
+        "store" | "store_existing" | "batch_store" => Some("into"),
+        "retrieve_copy" => Some("out"),
+        _ => None,
     }
 }
 

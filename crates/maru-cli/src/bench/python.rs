@@ -77,7 +77,9 @@ pub fn locate(python: Option<&Path>) -> Result<(PathBuf, PathBuf), String> {
 
 /// The floor probes of the Python rows, one per row: `(transport, op, chunk, batch,
 /// contended)`.
-type RowKey = (String, String, u64, u32, bool);
+/// transport, op, chunk, batch, contended, and the row's note (a variant such as
+/// `write_behind`, or empty).
+type RowKey = (String, String, u64, u32, bool, String);
 
 /// Runs bench.py against `urls` with `--floor-pipe`: before each block of its calls it asks
 /// for a block of floor ping-pongs of the row's wire sizes, which this process runs (so
@@ -124,6 +126,7 @@ pub fn run(
             p.chunk_bytes,
             p.batch,
             p.contended,
+            p.note.clone().unwrap_or_default(),
         );
         let t = if p.transport == "unix" {
             Transport::Unix
@@ -177,8 +180,10 @@ fn converse(
             continue;
         };
         let f: Vec<&str> = req.split_whitespace().collect();
-        let [t, op, chunk, batch, contended, n] = f[..] else {
-            bail!("bench.py sent a bad floor request: {line}");
+        let (t, op, chunk, batch, contended, n, note) = match f[..] {
+            [t, op, chunk, batch, contended, n] => (t, op, chunk, batch, contended, n, ""),
+            [t, op, chunk, batch, contended, n, note] => (t, op, chunk, batch, contended, n, note),
+            _ => bail!("bench.py sent a bad floor request: {line}"),
         };
         let key: RowKey = (
             t.to_owned(),
@@ -186,6 +191,7 @@ fn converse(
             chunk.parse()?,
             batch.parse()?,
             contended == "1",
+            note.to_owned(),
         );
         let transport = if t == "unix" {
             Transport::Unix
@@ -193,7 +199,7 @@ fn converse(
             Transport::Tcp
         };
         if !probes.contains_key(&key) {
-            probes.insert(key.clone(), b.probe(transport, op, key.3)?);
+            probes.insert(key.clone(), b.probe_row(transport, op, key.2, key.3)?);
         }
         if let Some(p) = probes.get_mut(&key) {
             for _ in 0..n.parse::<usize>()? {

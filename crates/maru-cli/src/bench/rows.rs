@@ -63,7 +63,7 @@ fn measure(
     n: usize,
     mut f: impl FnMut(usize) -> anyhow::Result<Duration>,
 ) -> anyhow::Result<()> {
-    let mut probe = b.probe(t, op, batch)?;
+    let mut probe = b.probe_row(t, op, chunk, batch)?;
     let mut s = Samples::with_capacity(n);
     let total = n + WARMUP;
     let mut i = 0;
@@ -82,6 +82,9 @@ fn measure(
         i = end;
     }
     probe.samples.drop_first(WARMUP);
+    if let Some(c) = &mut probe.copy {
+        c.samples.drop_first(WARMUP);
+    }
     let mut row = Row::new(op, t.name(), chunk, batch, &s.summary());
     if let Some(bytes) = bytes_per_call {
         row = row.with_bytes(bytes);
