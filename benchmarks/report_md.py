@@ -81,7 +81,7 @@ def main() -> int:
     if cont:
         print("\n**python, another Python thread burning CPU (`contended`)**\n")
         print(table(cont, cols))
-    diag = [r for r in res if r["api"] in ("raw", "rust-b2b", "rust-sleep", "rust-slack", "floor-busy")]
+    diag = [r for r in res if r["api"] in ("raw", "rust-b2b", "rust-sleep", "rust-slack", "floor-busy", "floor-spin")]
     if diag:
         print("\n**Where a call's time goes: `exists` back to back, blocks of 100 rotating with the floor**\n")
         print(table(diag, cols))
