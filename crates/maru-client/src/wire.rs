@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use maru_proto::busy::{self, Backoff, Spun};
 use maru_proto::{
     decode_response, encode_request, DecodeError, Header, Hello, HelloOk, Request, Response, Role,
     ServerUrl, Stream, HEADER_LEN, SESSION_TOKEN_LEN,
@@ -42,39 +43,6 @@ pub(crate) struct Wait<'a> {
     /// Spend the grace polling without sleeping (see [`crate::MaruConfig::busy_poll`]).
     pub busy_poll: bool,
     pub timeout: Duration,
-}
-
-/// When a connection busy-polls its grace (if its call is the only one of the process waiting,
-/// see [`WAITING`]). A spin that ends without a reply means replies are
-/// slower than the grace right now (a loaded machine, a slow server): the next `backoff` waits
-/// sleep in `ppoll` instead, so a loaded machine does not lose CPU to spinning callers. The
-/// backoff doubles with every miss (8 … 1024 calls) and halves with every hit.
-#[derive(Debug, Default)]
-struct SpinBudget {
-    backoff: u16,
-    skip: u16,
-}
-
-impl SpinBudget {
-    const MIN_BACKOFF: u16 = 8;
-    const MAX_BACKOFF: u16 = 1024;
-
-    fn try_spin(&mut self) -> bool {
-        if self.skip > 0 {
-            self.skip -= 1;
-            return false;
-        }
-        true
-    }
-
-    fn record(&mut self, reply_came: bool) {
-        if reply_came {
-            self.backoff /= 2;
-        } else {
-            self.backoff = (self.backoff * 2).clamp(Self::MIN_BACKOFF, Self::MAX_BACKOFF);
-            self.skip = self.backoff;
-        }
-    }
 }
 
 /// Waits up to `timeout` for `fd` to become readable. `Ok(false)` on timeout or signal.
@@ -129,23 +97,6 @@ impl Drop for Waiting {
     }
 }
 
-/// Polls `fd` without sleeping until it is readable or `grace` has passed. No timer is armed
-/// and the thread never leaves the CPU, so a reply that comes inside the grace is seen at
-/// once: on this VM a sleeping wait costs 6–15 µs per call in wake-up and timer programming
-/// (docs/PERFORMANCE.md, finding 1), more than the server's whole share of a round trip.
-fn spin_readable(fd: i32, grace: Duration) -> io::Result<bool> {
-    let end = Instant::now() + grace;
-    loop {
-        if poll_readable(fd, Duration::ZERO)? {
-            return Ok(true);
-        }
-        if Instant::now() >= end {
-            return Ok(false);
-        }
-        std::hint::spin_loop();
-    }
-}
-
 fn poll_until(fd: i32, deadline: Instant) -> io::Result<bool> {
     loop {
         let now = Instant::now();
@@ -158,14 +109,16 @@ fn poll_until(fd: i32, deadline: Instant) -> io::Result<bool> {
     }
 }
 
-/// Waits for `fd` to become readable before `deadline`: first for `grace` in place (spinning
-/// when `w.busy_poll` and the connection's [`SpinBudget`] allow, else in `ppoll`), then
-/// through the hook.
+/// Waits for `fd` to become readable before `deadline`: first for `grace` in place, then
+/// through the hook. The grace is spent polling without sleeping (`maru_proto::busy`) when
+/// `w.busy_poll`, the connection's back-off and [`Waiting::alone`] allow — no timer armed and
+/// the thread never leaves the CPU, so a reply inside the grace is seen at once (a sleeping
+/// wait cost 6–15 µs per call here, docs/PERFORMANCE.md finding 1) — else in `ppoll`.
 fn wait_readable(
     fd: i32,
     deadline: Instant,
     w: &Wait,
-    spin: &mut SpinBudget,
+    spin: &mut Backoff,
     op: &'static str,
 ) -> Result<(), RpcError> {
     let now = Instant::now();
@@ -179,9 +132,9 @@ fn wait_readable(
     let io_err = |source| RpcError::Io { op, source };
     let grace = w.grace.min(deadline - now);
     let ready = if w.busy_poll && Waiting::alone() && spin.try_spin() {
-        let came = spin_readable(fd, grace).map_err(io_err)?;
-        spin.record(came);
-        came
+        let spun = busy::spin_readable(fd, grace, || false).map_err(io_err)?;
+        spin.record(spun);
+        spun == Spun::Came
     } else {
         poll_readable(fd, grace).map_err(io_err)?
     };
@@ -260,7 +213,8 @@ pub(crate) struct Conn {
     rx: RecvBuf,
     tx: Vec<u8>,
     next_id: u64,
-    spin: SpinBudget,
+    /// Whether this connection's waits may busy-poll (see [`wait_readable`]).
+    spin: Backoff,
 }
 
 impl Conn {
@@ -281,7 +235,7 @@ impl Conn {
             rx: RecvBuf::new(),
             tx: Vec::with_capacity(256),
             next_id: 1,
-            spin: SpinBudget::default(),
+            spin: Backoff::default(),
         })
     }
 
@@ -605,20 +559,13 @@ mod tests {
                 timeout: Duration::from_millis(30),
             };
             let started = Instant::now();
-            let mut spin = SpinBudget::default();
+            let mut spin = Backoff::default();
             let r = wait_readable(a.as_raw_fd(), started + w.timeout, &w, &mut spin, "test");
             assert!(matches!(r, Err(RpcError::Timeout { .. })), "{r:?}");
             assert!(started.elapsed() >= Duration::from_millis(30));
             assert_eq!(hook.0.load(std::sync::atomic::Ordering::SeqCst), 1);
             // A spin that saw no reply makes the next calls sleep instead.
-            assert_eq!(
-                spin.skip,
-                if busy_poll {
-                    SpinBudget::MIN_BACKOFF
-                } else {
-                    0
-                }
-            );
+            assert_eq!(spin.skipping(), if busy_poll { Backoff::MIN } else { 0 });
         }
     }
 
@@ -639,7 +586,7 @@ mod tests {
                 busy_poll,
                 timeout: Duration::from_secs(1),
             };
-            let mut spin = SpinBudget::default();
+            let mut spin = Backoff::default();
             wait_readable(
                 a.as_raw_fd(),
                 Instant::now() + w.timeout,
@@ -673,7 +620,7 @@ mod tests {
             b.write_all(b"x").unwrap();
             b
         });
-        let mut spin = SpinBudget::default();
+        let mut spin = Backoff::default();
         wait_readable(
             a.as_raw_fd(),
             Instant::now() + w.timeout,
@@ -683,30 +630,6 @@ mod tests {
         )
         .unwrap();
         writer.join().unwrap();
-        assert_eq!((spin.skip, spin.backoff), (0, 0));
-    }
-
-    #[test]
-    fn spin_budget_backs_off_on_misses_and_recovers_on_hits() {
-        let mut s = SpinBudget::default();
-        assert!(s.try_spin());
-        s.record(false);
-        // Eight sleeping waits, then a spin again.
-        for _ in 0..8 {
-            assert!(!s.try_spin());
-        }
-        assert!(s.try_spin());
-        s.record(false);
-        assert_eq!(s.skip, 16);
-        for _ in 0..20 {
-            s.record(false);
-        }
-        assert_eq!(s.backoff, SpinBudget::MAX_BACKOFF);
-        s.skip = 0;
-        for _ in 0..11 {
-            s.record(true);
-        }
-        assert_eq!(s.backoff, 0);
-        assert!(s.try_spin());
+        assert_eq!(spin.skipping(), 0);
     }
 }

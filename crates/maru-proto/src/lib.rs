@@ -17,6 +17,7 @@
 //! assert_eq!(frame.body, Body::Request(Request::Exists { key: b"chunk-1" }));
 //! ```
 
+pub mod busy;
 mod codec;
 mod error;
 mod frame;

@@ -10,7 +10,7 @@ use maru_proto::{encode_error, ErrorCode, FrameBuf, FrameReadError, Stream, Wire
 
 use crate::server::Shared;
 use crate::service::{handle_frame, ConnCtx};
-use crate::spin::{count_request, SpinBudget};
+use crate::spin::{count_request, wait_for_next};
 use crate::state::Peer;
 
 /// How often an idle connection thread looks at the shutdown flag.
@@ -31,7 +31,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
     let mut rx = FrameBuf::new();
     let mut out = Vec::with_capacity(4096);
     let mut ctx = ConnCtx::default();
-    let mut spin = SpinBudget::default();
+    let mut spin = maru_proto::busy::Backoff::default();
     // This connection's latest request, as numbered by `count_request`.
     let mut last_request: u64;
     // Since when the connection has had no session (from its accept, or its goodbye).
@@ -93,7 +93,12 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
             // Nothing buffered: wait for the next request awake for a moment, so a client
             // sending it soon does not pay for waking this thread.
             if !rx.has_frame() {
-                spin.wait_for_next(stream.as_raw_fd(), shared.busy_poll, last_request);
+                wait_for_next(
+                    &mut spin,
+                    stream.as_raw_fd(),
+                    shared.busy_poll,
+                    last_request,
+                );
             }
         }
     }

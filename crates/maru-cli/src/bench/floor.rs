@@ -269,26 +269,17 @@ fn echo<S: Read + Write>(mut s: S, req: usize, resp: usize) {
     }
 }
 
-/// [`echo`] that polls its socket without sleeping for up to 50 µs before each blocking read,
-/// as Maru's server does between requests (`maru-server/src/spin.rs`).
+/// How long the busy floors poll before they block, as Maru's client and server do by default.
+const SPIN_WINDOW: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// [`echo`] that polls its socket without sleeping for up to [`SPIN_WINDOW`] before each
+/// blocking read, as Maru's server does between requests (`maru-server/src/spin.rs`).
 fn echo_spinning<S: Read + Write + std::os::fd::AsRawFd>(mut s: S, req: usize, resp: usize) {
     let mut rb = vec![0u8; req];
     let wb = vec![0x5a_u8; resp];
     let fd = s.as_raw_fd();
     loop {
-        let end = Instant::now() + std::time::Duration::from_micros(50);
-        loop {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call, zero timeout.
-            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 || Instant::now() >= end {
-                break;
-            }
-            std::hint::spin_loop();
-        }
+        let _ = maru_proto::busy::spin_readable(fd, SPIN_WINDOW, || false);
         if s.read_exact(&mut rb).is_err() || s.write_all(&wb).is_err() {
             return;
         }
@@ -447,25 +438,11 @@ impl Probe {
         let t = Instant::now();
         let c = self.conn.as_mut().ok_or(io::ErrorKind::NotConnected)?;
         c.write_all(&self.wb)?;
-        let fd = c.as_raw_fd();
-        let mut got = 0;
-        while got < self.rb.len() {
-            let want = &mut self.rb[got..];
-            // SAFETY: `want` is a valid writable buffer of `want.len()` bytes for the call.
-            let n =
-                unsafe { libc::recv(fd, want.as_mut_ptr().cast(), want.len(), libc::MSG_DONTWAIT) };
-            if n > 0 {
-                got += n as usize;
-            } else if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            } else {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-                std::hint::spin_loop();
-            }
-        }
+        // A window far longer than any reply: this caller never sleeps before it arrives.
+        maru_proto::busy::spin_readable(c.as_raw_fd(), std::time::Duration::from_secs(1), || {
+            false
+        })?;
+        c.read_exact(&mut self.rb)?;
         Ok(t.elapsed())
     }
 

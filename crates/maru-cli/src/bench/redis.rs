@@ -119,20 +119,7 @@ struct BusyPoll(Box<dyn RW>);
 impl Read for BusyPoll {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.0.as_raw_fd();
-        let end = Instant::now() + maru_client::DEFAULT_REPLY_GRACE;
-        loop {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, zero timeout.
-            let ready = unsafe { libc::poll(&mut pfd, 1, 0) } > 0;
-            if ready || Instant::now() >= end {
-                break;
-            }
-            std::hint::spin_loop();
-        }
+        maru_proto::busy::spin_readable(fd, maru_client::DEFAULT_REPLY_GRACE, || false)?;
         self.0.read(buf)
     }
 }
