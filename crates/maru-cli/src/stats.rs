@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use maru_proto::rpc::{local_identity, Conn};
+use maru_proto::rpc::Conn;
 use maru_proto::stats::ServerStats;
-use maru_proto::{Hello, Request, Response, Role, ServerUrl};
+use maru_proto::{Request, Response, ServerUrl};
 
 use crate::format::{bytes, duration_s};
 
@@ -45,16 +45,7 @@ impl StatsSource {
     /// Fetches the server's statistics, reconnecting if the last connection broke.
     pub fn fetch(&mut self) -> anyhow::Result<ServerStats> {
         if self.conn.is_none() {
-            let (host, pid, start_time) = local_identity();
-            let hello = Hello {
-                role: Role::Admin,
-                instance_id: "maru-admin",
-                host: &host,
-                pid,
-                start_time,
-                session_token: None,
-            };
-            let conn = Conn::connect(&self.url, &hello, Duration::from_secs(3))
+            let conn = Conn::connect_admin(&self.url, Duration::from_secs(3))
                 .with_context(|| format!("no Maru server at {}", self.url))?;
             self.conn = Some(conn);
         }

@@ -148,6 +148,15 @@ impl WriteBehind {
         self.failed += 1;
         self.first_error.get_or_insert((kind, msg));
     }
+
+    /// Gives up on the connection: every registration still in flight on it has an unknown
+    /// outcome, so each counts as failed and its page stays taken (it may yet be registered).
+    fn abandon(&mut self, kind: ErrorKind, why: &str) {
+        for u in std::mem::take(&mut self.inflight) {
+            self.fail(&u.key, kind, why.to_owned());
+        }
+        self.conn = None;
+    }
 }
 
 /// How far [`Session::settle_behind`] goes.
@@ -514,16 +523,11 @@ impl Session {
     /// to have already returned.
     fn settle_behind(&self, owned: &mut Owned, hook: &dyn WaitHook, how: Settle) {
         let w = self.link.wait(hook);
-        if self.fence.is_lost() && !owned.behind.inflight.is_empty() {
-            // The server is gone: nothing in flight will be answered, and the session's pages
-            // are moot.
-            let behind = &mut owned.behind;
-            for u in std::mem::take(&mut behind.inflight) {
-                self.unsettled.fetch_sub(1, Ordering::AcqRel);
-                behind.fail(&u.key, ErrorKind::Transport, "the server was lost".into());
-            }
-            behind.conn = None;
-            return;
+        if self.fence.is_lost() {
+            // The server is gone: nothing in flight will be answered.
+            owned
+                .behind
+                .abandon(ErrorKind::Transport, "the server was lost");
         }
         loop {
             let behind = &mut owned.behind;
@@ -532,18 +536,17 @@ impl Session {
                 Settle::Ready | Settle::All => behind.inflight.is_empty(),
             };
             if enough {
-                return;
+                break;
             }
             let Some(conn) = behind.conn.as_mut() else {
-                return;
+                break;
             };
             if how == Settle::Ready && !conn.reply_ready() {
-                return;
+                break;
             }
             let Some(u) = behind.inflight.pop_front() else {
-                return;
+                break;
             };
-            self.unsettled.fetch_sub(1, Ordering::AcqRel);
             let deadline = Instant::now() + w.timeout;
             match conn.recv(u.request_id, "register", deadline, &w) {
                 Ok(Response::Bool(is_new)) => {
@@ -559,22 +562,23 @@ impl Session {
                     let _ = owned.free_page(u.page);
                 }
                 Err(e) => {
-                    // The connection is unusable and the outcome of everything still in
-                    // flight on it unknown: those pages stay taken (a timed-out registration
-                    // may still be applied), and each store counts as failed.
+                    // The connection is unusable (a timed-out registration may still be
+                    // applied, so its page stays taken too).
                     behind.fail(&u.key, e.kind(), e.to_string());
-                    for rest in std::mem::take(&mut behind.inflight) {
-                        self.unsettled.fetch_sub(1, Ordering::AcqRel);
-                        behind.fail(&rest.key, e.kind(), "its connection failed".into());
-                    }
-                    behind.conn = None;
+                    behind.abandon(e.kind(), "its connection failed");
                     if e.means_session_lost() {
                         self.fence.lose(&e.to_string());
                     }
-                    return;
                 }
             }
         }
+        self.publish_unsettled(owned);
+    }
+
+    /// Mirrors how many registrations are in flight where reads can see it without the lock.
+    fn publish_unsettled(&self, owned: &Owned) {
+        self.unsettled
+            .store(owned.behind.inflight.len(), Ordering::Release);
     }
 
     /// Before a call that must see this handler's own stores: waits for every write-behind
@@ -601,40 +605,29 @@ impl Session {
             self.settle_behind(owned, hook, Settle::Ready);
             self.settle_behind(owned, hook, Settle::Room);
         }
-        if owned.behind.conn.is_none() {
-            match self.link.open_conn(hook) {
-                Ok(c) => owned.behind.conn = Some(c),
-                Err(e) => {
-                    if e.surely_not_applied() {
-                        let _ = owned.free_page(page);
-                    }
-                    return Err(e.into());
-                }
-            }
+        // Taken out and put back only if the send succeeds: a connection that failed a send
+        // may hold part of a frame and is never reused.
+        let sent = match owned.behind.conn.take() {
+            Some(c) => Ok(c),
+            None => self.link.open_conn(hook),
         }
-        let behind = &mut owned.behind;
-        let Some(conn) = behind.conn.as_mut() else {
-            // Opened just above; kept as an error rather than a panic.
-            return Err(StoreError::Invalid("no write-behind connection".into()));
-        };
-        match conn.send(req, &self.link.wait(hook)) {
-            Ok(request_id) => {
+        .and_then(|mut conn| {
+            let id = conn.send(req, &self.link.wait(hook))?;
+            Ok((conn, id))
+        });
+        let result = match sent {
+            Ok((conn, request_id)) => {
+                let behind = &mut owned.behind;
+                behind.conn = Some(conn);
                 behind.inflight.push_back(Unsettled {
                     request_id,
                     key: key.to_vec(),
                     page,
                 });
-                self.unsettled.fetch_add(1, Ordering::AcqRel);
                 Ok(StoreOutcome::Sent)
             }
             Err(e) => {
-                // The connection may hold part of a frame: never reuse it. What is still in
-                // flight on it has an unknown outcome: failed, pages kept.
-                for rest in std::mem::take(&mut behind.inflight) {
-                    self.unsettled.fetch_sub(1, Ordering::AcqRel);
-                    behind.fail(&rest.key, e.kind(), "its connection failed".into());
-                }
-                behind.conn = None;
+                owned.behind.abandon(e.kind(), "its connection failed");
                 if e.means_session_lost() {
                     self.fence.lose(&e.to_string());
                 }
@@ -643,7 +636,9 @@ impl Session {
                 }
                 Err(e.into())
             }
-        }
+        };
+        self.publish_unsettled(owned);
+        result
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use maru_proto::busy::{self, Backoff, Spun};
+use maru_proto::busy::{self, poll_readable, Backoff, Spun};
 use maru_proto::{
     decode_response, encode_request, DecodeError, Header, Hello, HelloOk, Request, Response, Role,
     ServerUrl, Stream, HEADER_LEN, SESSION_TOKEN_LEN,
@@ -43,31 +43,6 @@ pub(crate) struct Wait<'a> {
     /// Spend the grace polling without sleeping (see [`crate::MaruConfig::busy_poll`]).
     pub busy_poll: bool,
     pub timeout: Duration,
-}
-
-/// Waits up to `timeout` for `fd` to become readable. `Ok(false)` on timeout or signal.
-fn poll_readable(fd: i32, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
-    // SAFETY: `pfd` and `ts` are valid for the duration of the call; one descriptor; no
-    // signal mask change (null sigmask).
-    let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    // POLLHUP / POLLERR also mean "a read will not block" (it returns 0 or the error).
-    Ok(rc > 0)
 }
 
 /// Calls of this process waiting for a reply right now. Only a call that waits alone
@@ -273,11 +248,7 @@ impl Conn {
     /// wait for the rest, which is already on its way).
     pub fn reply_ready(&mut self) -> bool {
         let buffered = self.rx.end > self.rx.start;
-        buffered
-            || matches!(
-                poll_readable(self.stream.as_raw_fd(), Duration::ZERO),
-                Ok(true)
-            )
+        buffered || matches!(busy::readable_now(self.stream.as_raw_fd()), Ok(true))
     }
 
     /// Waits for the reply to request `id` (sent on this connection with [`Conn::send`]).
@@ -508,6 +479,14 @@ impl Link {
 mod tests {
     use super::*;
 
+    /// A hook for waits that must end inside the grace, in the caller's context.
+    struct Forbidden;
+    impl WaitHook for Forbidden {
+        fn block(&self, _f: &mut (dyn FnMut() + Send)) {
+            panic!("hook called although the reply was there within the grace");
+        }
+    }
+
     #[test]
     fn recv_buf_splits_and_reassembles_frames() {
         let mut wire = Vec::new();
@@ -571,12 +550,6 @@ mod tests {
 
     #[test]
     fn a_ready_reply_never_reaches_the_hook() {
-        struct Forbidden;
-        impl WaitHook for Forbidden {
-            fn block(&self, _f: &mut (dyn FnMut() + Send)) {
-                panic!("hook called for a reply that was already there");
-            }
-        }
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         b.write_all(b"x").unwrap();
         for busy_poll in [false, true] {
@@ -600,12 +573,6 @@ mod tests {
 
     #[test]
     fn a_busy_poll_sees_a_reply_that_comes_during_the_grace_without_the_hook() {
-        struct Forbidden;
-        impl WaitHook for Forbidden {
-            fn block(&self, _f: &mut (dyn FnMut() + Send)) {
-                panic!("hook called although the reply came inside the grace");
-            }
-        }
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         // The grace is long enough that the writer thread is sure to run inside it, even on a
         // loaded machine.

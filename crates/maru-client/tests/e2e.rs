@@ -11,7 +11,7 @@ use maru_client::{
     AllocError, AllocHandle, ConnectError, DeleteStatus, ErrorKind, MaruConfig, MaruHandler,
     OpError, StateError, StoreItem, StoreOutcome, WaitHook, MIB,
 };
-use maru_proto::{encode_response, Header, HelloOk, Response, HEADER_LEN};
+use maru_proto::{encode_response, HelloOk, Response};
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -21,10 +21,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("maru-client-e2e-")
-            .tempdir_in("/dev/shm")
-            .unwrap();
+        let dir = maru_testkit::temp_dir();
         let pool = format!("shm:{}/pool:256M", dir.path().display())
             .parse()
             .unwrap();
@@ -82,12 +79,11 @@ impl Drop for Cluster {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    assert!(
+        maru_testkit::wait_until(timeout, cond),
+        "timed out waiting for {what}"
+    );
 }
 
 #[test]
@@ -506,11 +502,7 @@ fn stalled_server() -> (String, std::thread::JoinHandle<()>) {
     let url = format!("tcp://{}", listener.local_addr().unwrap());
     let t = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut hdr = [0u8; HEADER_LEN];
-        s.read_exact(&mut hdr).unwrap();
-        let h = Header::decode(&hdr).unwrap();
-        let mut payload = vec![0; h.payload_len as usize];
-        s.read_exact(&mut payload).unwrap();
+        let (h, _) = maru_proto::read_frame(&mut s).unwrap();
         let mut out = Vec::new();
         encode_response(
             &mut out,
@@ -606,71 +598,95 @@ fn fake_region(dir: &std::path::Path, name: &str) -> maru_proto::RegionInfo {
     }
 }
 
-/// A fake server: handshake and region at once (the region is a file in `dir`), the first
-/// `exists` only after `delay`, every later one at once; it counts its connections and says
-/// when the late reply has been sent.
-fn late_server(
+/// A fake server on 127.0.0.1:0 (its region a file in `dir`). Each connection answers the
+/// handshake and the region request itself and every other request with what the
+/// connection's `answer` (made by `per_conn` at accept) returns — `None` closes the
+/// connection — and calls `sent` with each reply's message type once it is written.
+fn fake_server<A>(
     dir: &std::path::Path,
-    delay: Duration,
-) -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
+    tag: &'static str,
+    per_conn: impl Fn() -> A + Send + 'static,
+    sent: impl Fn(u16) + Send + Sync + 'static,
+) -> String
+where
+    A: FnMut(u16) -> Option<Response> + Send + 'static,
+{
     use maru_proto::msg_type;
-    let region = fake_region(dir, "late");
+    let region = fake_region(dir, tag);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("tcp://{}", listener.local_addr().unwrap());
-    let conns = Arc::new(AtomicUsize::new(0));
-    let late_sent = Arc::new(AtomicBool::new(false));
-    let (counter, sent) = (conns.clone(), late_sent.clone());
+    let sent = Arc::new(sent);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { return };
-            counter.fetch_add(1, Ordering::SeqCst);
-            let (region, sent) = (region.clone(), sent.clone());
+            let (region, sent, mut answer) = (region.clone(), sent.clone(), per_conn());
             std::thread::spawn(move || {
-                let mut first_exists = true;
-                loop {
-                    let mut hdr = [0u8; HEADER_LEN];
-                    if s.read_exact(&mut hdr).is_err() {
-                        return;
-                    }
-                    let h = Header::decode(&hdr).unwrap();
-                    let mut payload = vec![0; h.payload_len as usize];
-                    s.read_exact(&mut payload).unwrap();
+                while let Ok((h, _)) = maru_proto::read_frame(&mut s) {
                     let resp = match h.msg_type {
                         msg_type::HELLO => Response::HelloOk(HelloOk {
-                            server: "late".into(),
-                            hostname: "late".into(),
+                            server: tag.into(),
+                            hostname: tag.into(),
                             session_token: [2; 16],
                         }),
                         msg_type::REQUEST_REGION => Response::Region(region.clone()),
-                        msg_type::EXISTS if first_exists => {
-                            first_exists = false;
-                            std::thread::sleep(delay);
-                            Response::Bool(true)
-                        }
-                        msg_type::EXISTS => Response::Bool(false),
-                        _ => Response::Ok,
+                        t => match answer(t) {
+                            Some(r) => r,
+                            None => return,
+                        },
                     };
                     let mut out = Vec::new();
                     encode_response(&mut out, h.request_id, &resp).unwrap();
                     if s.write_all(&out).is_err() {
                         return;
                     }
-                    if h.msg_type == msg_type::EXISTS {
-                        sent.store(true, Ordering::SeqCst);
-                    }
+                    sent(h.msg_type);
                 }
             });
         }
     });
+    url
+}
+
+/// A fake server whose first `exists` is answered only after `delay`, every later one at
+/// once; it counts its connections and says when the late reply has been sent.
+fn late_server(
+    dir: &std::path::Path,
+    delay: Duration,
+) -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
+    use maru_proto::msg_type;
+    let conns = Arc::new(AtomicUsize::new(0));
+    let late_sent = Arc::new(AtomicBool::new(false));
+    let (counter, sent) = (conns.clone(), late_sent.clone());
+    let url = fake_server(
+        dir,
+        "late",
+        move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut first_exists = true;
+            move |t| {
+                Some(match t {
+                    msg_type::EXISTS if first_exists => {
+                        first_exists = false;
+                        std::thread::sleep(delay);
+                        Response::Bool(true)
+                    }
+                    msg_type::EXISTS => Response::Bool(false),
+                    _ => Response::Ok,
+                })
+            }
+        },
+        move |t| {
+            if t == msg_type::EXISTS {
+                sent.store(true, Ordering::SeqCst);
+            }
+        },
+    );
     (url, conns, late_sent)
 }
 
 #[test]
 fn a_timed_out_connection_is_kept_and_its_late_reply_skipped() {
-    let dir = tempfile::Builder::new()
-        .prefix("maru-client-late-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let dir = maru_testkit::temp_dir();
     let (url, conns, late_sent) = late_server(dir.path(), Duration::from_millis(300));
     let h = MaruHandler::new(MaruConfig {
         server_url: url,
@@ -827,53 +843,21 @@ fn close_is_not_reported_as_server_loss() {
     other.close();
 }
 
-/// A fake server that answers the handshake and the region request, and closes the
-/// connection on `exists` (a server going away under a pooled connection). The region is a
-/// file in `dir`.
+/// A fake server that closes the connection on `exists` (a server going away under a pooled
+/// connection). The region is a file in `dir`.
 fn closing_server(dir: &std::path::Path) -> String {
     use maru_proto::msg_type;
-    let region = fake_region(dir, "closing");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("tcp://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            let region = region.clone();
-            std::thread::spawn(move || loop {
-                let mut hdr = [0u8; HEADER_LEN];
-                if s.read_exact(&mut hdr).is_err() {
-                    return;
-                }
-                let h = Header::decode(&hdr).unwrap();
-                let mut payload = vec![0; h.payload_len as usize];
-                s.read_exact(&mut payload).unwrap();
-                let resp = match h.msg_type {
-                    msg_type::HELLO => Response::HelloOk(HelloOk {
-                        server: "closing".into(),
-                        hostname: "closing".into(),
-                        session_token: [3; 16],
-                    }),
-                    msg_type::REQUEST_REGION => Response::Region(region.clone()),
-                    msg_type::EXISTS => return,
-                    _ => Response::Ok,
-                };
-                let mut out = Vec::new();
-                encode_response(&mut out, h.request_id, &resp).unwrap();
-                if s.write_all(&out).is_err() {
-                    return;
-                }
-            });
-        }
-    });
-    url
+    fake_server(
+        dir,
+        "closing",
+        || |t| (t != msg_type::EXISTS).then_some(Response::Ok),
+        |_| {},
+    )
 }
 
 #[test]
 fn a_call_that_finds_the_connection_closed_detaches_at_once() {
-    let dir = tempfile::Builder::new()
-        .prefix("maru-client-closing-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let dir = maru_testkit::temp_dir();
     let h = MaruHandler::new(MaruConfig {
         server_url: closing_server(dir.path()),
         pool_size: 2 * MIB,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use maru_proto::rpc::Conn;
 use maru_proto::stats::{RmStats, ServerStats};
-use maru_proto::{Hello, RegionRecord, Request, Response, RmAllocation, Role, ServerUrl};
+use maru_proto::{RegionRecord, Request, Response, RmAllocation, Role, ServerUrl};
 use maru_rm::RmClient;
 
 use crate::{binary, free_port, temp_dir, wait_until, MIB};
@@ -342,15 +342,7 @@ impl Cluster {
 
 /// An admin (read-only) connection to a metadata server.
 pub fn admin_conn(url: &ServerUrl) -> Conn {
-    let hello = Hello {
-        role: Role::Admin,
-        instance_id: "",
-        host: "faults",
-        pid: std::process::id(),
-        start_time: 0,
-        session_token: None,
-    };
-    Conn::connect(url, &hello, ADMIN_TIMEOUT)
+    Conn::connect_admin(url, ADMIN_TIMEOUT)
         .unwrap_or_else(|e| panic!("admin connection to {url}: {e}"))
 }
 

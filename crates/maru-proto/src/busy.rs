@@ -21,15 +21,22 @@ pub enum Spun {
     GaveWay,
 }
 
-/// Whether `fd` can be read without blocking (or has hung up / failed), now.
-pub fn readable_now(fd: RawFd) -> io::Result<bool> {
+/// Waits up to `timeout` for `fd` to become readable (or hung up / failed: a read will not
+/// block then either). `Ok(false)` on timeout or signal. `ppoll`, so sub-millisecond timeouts
+/// are honoured.
+pub fn poll_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd for the duration of the call; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `pfd` and `ts` are valid for the duration of the call; one descriptor; no
+    // signal mask change (null sigmask).
+    let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
     if rc < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
@@ -38,6 +45,11 @@ pub fn readable_now(fd: RawFd) -> io::Result<bool> {
         return Err(e);
     }
     Ok(rc > 0)
+}
+
+/// Whether `fd` can be read without blocking, now (a zero timeout arms no timer).
+pub fn readable_now(fd: RawFd) -> io::Result<bool> {
+    poll_readable(fd, Duration::ZERO)
 }
 
 /// Polls `fd` without sleeping until it is readable, `window` has passed, or `give_way`

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::{
     decode_response, encode_request, DecodeError, EncodeError, ErrorCode, FrameBuf, FrameReadError,
-    Hello, HelloOk, Request, Response, ServerUrl, Stream, WireError,
+    Hello, HelloOk, Request, Response, Role, ServerUrl, Stream, WireError,
 };
 
 /// Why a call failed.
@@ -94,6 +94,21 @@ impl Conn {
             other => return Err(CallError::Unexpected(format!("{other:?}"))),
         }
         Ok(conn)
+    }
+
+    /// Connects as an administrator (read-only requests such as statistics and region
+    /// tables; no session) with this process's identity.
+    pub fn connect_admin(url: &ServerUrl, timeout: Duration) -> Result<Conn, CallError> {
+        let (host, pid, start_time) = local_identity();
+        let hello = Hello {
+            role: Role::Admin,
+            instance_id: "",
+            host: &host,
+            pid,
+            start_time,
+            session_token: None,
+        };
+        Conn::connect(url, &hello, timeout)
     }
 
     /// What the peer said at the handshake.

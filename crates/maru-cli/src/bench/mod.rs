@@ -536,18 +536,8 @@ fn probe_region(url: &str) -> anyhow::Result<RegionInfo> {
     let h = rows::handler(url, 4 * KIB, 2 * MIB, false)?;
     let k = keys(1).remove(0);
     h.store_bytes(&k, &[], &[1u8; 64])?;
-    let (host, pid, start_time) = maru_proto::rpc::local_identity();
-    let hello = maru_proto::Hello {
-        role: maru_proto::Role::Admin,
-        instance_id: "",
-        host: &host,
-        pid,
-        start_time,
-        session_token: None,
-    };
     let parsed: maru_proto::ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut c =
-        maru_proto::rpc::Conn::connect(&parsed, &hello, std::time::Duration::from_secs(10))?;
+    let mut c = maru_proto::rpc::Conn::connect_admin(&parsed, std::time::Duration::from_secs(10))?;
     let r = match c.call(&maru_proto::Request::Lookup { key: &k })? {
         maru_proto::Response::Lookup(Some(loc)) => loc.region,
         other => bail!("lookup answered {other:?}"),

@@ -277,17 +277,8 @@ fn diagnostics(
 ) -> anyhow::Result<()> {
     const BLOCK: usize = 100;
     let n = b.plan.iters.max(BLOCK);
-    let (host, pid, start_time) = maru_proto::rpc::local_identity();
-    let hello = maru_proto::Hello {
-        role: maru_proto::Role::Admin,
-        instance_id: "",
-        host: &host,
-        pid,
-        start_time,
-        session_token: None,
-    };
     let parsed: maru_proto::ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut raw = maru_proto::rpc::Conn::connect(&parsed, &hello, Duration::from_secs(10))?;
+    let mut raw = maru_proto::rpc::Conn::connect_admin(&parsed, Duration::from_secs(10))?;
     let sleeping = MaruHandler::new(MaruConfig {
         server_url: url.to_owned(),
         pool_size: 4 * KIB,
