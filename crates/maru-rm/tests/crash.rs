@@ -156,11 +156,15 @@ fn collect(clients: Vec<Client>, model: &mut Model) -> (BTreeMap<String, bool>, 
     let mut alloc_in_flight = BTreeMap::new();
     let mut free_in_flight = BTreeSet::new();
     for mut c in clients {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while c.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "client {} did not exit", c.host);
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert!(
+            maru_testkit::wait_until(Duration::from_secs(15), || c
+                .child
+                .try_wait()
+                .unwrap()
+                .is_some()),
+            "client {} did not exit",
+            c.host
+        );
         c.reader.take().unwrap().join().unwrap();
         let lines = c.lines.lock().unwrap();
         let mut pending_alloc = false;

@@ -5,16 +5,17 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+    let mut got = None;
+    let ok = maru_testkit::wait_until(timeout, || {
+        got = f();
+        got.is_some()
+    });
+    match got {
+        Some(v) if ok => v,
+        _ => panic!("timed out waiting for {what}"),
     }
 }
 

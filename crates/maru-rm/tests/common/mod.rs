@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use maru_proto::Role;
 use maru_rm::{RmClient, RmConfig, RmHandle};
@@ -69,17 +69,15 @@ impl RmProcess {
         // SAFETY: kill(2) with a pid we spawned and still own (not yet waited for).
         let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         assert_eq!(rc, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("resource manager did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut status = None;
+        maru_testkit::wait_until(Duration::from_secs(10), || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        status.unwrap_or_else(|| {
+            let _ = self.child.kill();
+            panic!("resource manager did not stop on SIGTERM")
+        })
     }
 
     pub fn stderr_text(&self) -> String {
