@@ -21,6 +21,29 @@ cargo test --release --workspace --exclude maru-py 2>&1 | tee -a "$log"
 
 echo "== pytest"
 MARU_BIN_DIR="$PWD/target/release" .venv/bin/python -m pytest -q tests/python 2>&1 | tee -a "$log"
+
+# The framework adapters against the real frameworks, each in its own cached venv
+# (scripts/frameworks.sh). A venv that cannot be installed here is a loud skip, never silent.
+echo "== frameworks"
+envs=$(./scripts/frameworks.sh all)
+while read -r name python reason; do
+    case $name in
+        vllm) suites="tests/frameworks/lmcache tests/frameworks/vllm" ;;
+        sglang) suites="tests/frameworks/sglang" ;;
+        *) continue ;;
+    esac
+    if [ "$python" = SKIP ]; then
+        echo "== frameworks: $name tests SKIPPED: $reason"
+        continue
+    fi
+    present=""
+    for suite in $suites; do [ -d "$suite" ] && present="$present $suite"; done
+    [ -n "$present" ] || continue
+    echo "== pytest ($name venv):$present"
+    # shellcheck disable=SC2086
+    MARU_BIN_DIR="$PWD/target/release" "$python" -m pytest -q -p no:cacheprovider $present </dev/null 2>&1 | tee -a "$log"
+done <<<"$envs"
+
 ./scripts/fuzz.sh   # every decoder fuzzed FUZZ_SECONDS (60) each; skips without nightly + cargo-fuzz
 
 # One line with the totals of both runners (cargo's "test result:" lines and pytest's summary).
