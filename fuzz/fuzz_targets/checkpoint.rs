@@ -1,5 +1,5 @@
 //! Arbitrary bytes into the resource manager's checkpoint decoder
-//! (`maru_rm::decode_checkpoint`), which start-up runs before anything else.
+//! (`maru_resource_manager::decode_checkpoint`), which start-up runs before anything else.
 //!
 //! Two modes, chosen by the first byte (the rest is the input): the bytes as they are, or the bytes as a checkpoint body
 //! wrapped in a valid header (magic, version, length, CRC-32), so the fuzzer reaches the body
@@ -9,8 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use maru_rm::checkpoint::{CHECKPOINT_MAGIC, CHECKPOINT_VERSION};
-use maru_rm::{decode_checkpoint, encode_checkpoint};
+use maru_resource_manager::checkpoint::{CHECKPOINT_MAGIC, CHECKPOINT_VERSION};
+use maru_resource_manager::{decode_checkpoint, encode_checkpoint};
 
 fn wrap(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(20 + body.len());

@@ -1,5 +1,5 @@
 //! Arbitrary bytes into the resource manager's write-ahead-log decoder
-//! (`maru_rm::decode_wal`), the function start-up runs on whatever a crash left on disk.
+//! (`maru_resource_manager::decode_wal`), the function start-up runs on whatever a crash left on disk.
 //!
 //! Two modes, chosen by the first byte (the rest is the input): the bytes as they are (headers, torn tails, damage in the
 //! middle), or the bytes cut into records whose checksums are fixed up, so the fuzzer gets
@@ -10,8 +10,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use maru_rm::wal::{RECORD_HEADER_LEN, WAL_MAGIC};
-use maru_rm::{decode_wal, encode_record};
+use maru_resource_manager::wal::{RECORD_HEADER_LEN, WAL_MAGIC};
+use maru_resource_manager::{decode_wal, encode_record};
 
 /// Splits `data` into records: each takes a 1-byte body length, then that many body bytes,
 /// and gets a valid header (magic, consecutive sequence, length, CRC-32).

@@ -48,7 +48,7 @@ pub fn run(args: Vec<String>) -> i32 {
         return maru_server::cli::main(args);
     }
     if program.starts_with("maru-resource-manager") {
-        return maru_rm::cli::main(args);
+        return maru_resource_manager::cli::main(args);
     }
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,

@@ -134,12 +134,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .host
         .parse()
         .with_context(|| format!("invalid --host {}", args.host))?;
-    let mut rm_cfg = maru_rm::RmConfig::new(
+    let mut rm_cfg = maru_resource_manager::RmConfig::new(
         state_dir.clone(),
         vec![spec.parse().map_err(|e| anyhow::anyhow!("{e}"))?],
     );
     rm_cfg.listen = SocketAddr::new(ip, args.rm_port);
-    let rm = maru_rm::start(rm_cfg).context("resource manager failed to start")?;
+    let rm = maru_resource_manager::start(rm_cfg).context("resource manager failed to start")?;
 
     let unix = if args.no_unix {
         None

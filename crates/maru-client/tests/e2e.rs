@@ -15,7 +15,7 @@ use maru_proto::{encode_response, HelloOk, Response};
 
 struct Cluster {
     dir: tempfile::TempDir,
-    rm: Option<maru_rm::RmHandle>,
+    rm: Option<maru_resource_manager::RmHandle>,
     server: Option<maru_server::ServerHandle>,
 }
 
@@ -25,9 +25,9 @@ impl Cluster {
         let pool = format!("shm:{}/pool:256M", dir.path().display())
             .parse()
             .unwrap();
-        let mut cfg = maru_rm::RmConfig::new(dir.path().join("state"), vec![pool]);
+        let mut cfg = maru_resource_manager::RmConfig::new(dir.path().join("state"), vec![pool]);
         cfg.listen = "127.0.0.1:0".parse().unwrap();
-        let rm = maru_rm::start(cfg).unwrap();
+        let rm = maru_resource_manager::start(cfg).unwrap();
         let server = maru_server::start(maru_server::ServerConfig {
             tcp: Some("127.0.0.1:0".parse().unwrap()),
             unix: Some(dir.path().join("server.sock")),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use maru_proto::rpc::Conn;
 use maru_proto::stats::{RmStats, ServerStats};
 use maru_proto::{RegionRecord, Request, Response, RmAllocation, Role, ServerUrl};
-use maru_rm::RmClient;
+use maru_resource_manager::RmClient;
 
 use crate::{binary, free_port, temp_dir, wait_until, MIB};
 

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use maru_rm::{
+use maru_resource_manager::{
     decode_checkpoint, decode_wal, encode_checkpoint, encode_record, Allocation, Checkpoint, Owner,
     WalOp,
 };
@@ -50,7 +50,7 @@ fn bodies(ops: &[WalOp]) -> Vec<u8> {
     let mut v = vec![1u8];
     for op in ops {
         let rec = encode_record(1, op).unwrap();
-        let body = &rec[maru_rm::wal::RECORD_HEADER_LEN..];
+        let body = &rec[maru_resource_manager::wal::RECORD_HEADER_LEN..];
         v.push(body.len() as u8);
         v.extend_from_slice(body);
     }

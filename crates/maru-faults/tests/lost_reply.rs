@@ -119,7 +119,7 @@ fn a_lost_alloc_reply_leaves_no_region_behind() {
     println!("connect whose region's allocation reply was lost: {r:?}");
 
     let rm_admin = || {
-        maru_rm::RmClient::connect(
+        maru_resource_manager::RmClient::connect(
             &maru_proto::ServerUrl::Tcp(format!("127.0.0.1:{}", rm_spec.port)),
             maru_proto::Role::Admin,
             Duration::from_secs(5),

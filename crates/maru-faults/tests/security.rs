@@ -4,7 +4,7 @@
 //! session; limits hold through the client library; state files, the secret and the socket
 //! are not open to others. Every refusal is a typed error and changes nothing.
 //!
-//! Already covered in-process elsewhere (not repeated): maru-rm `tests/tokens.rs` (every
+//! Already covered in-process elsewhere (not repeated): maru-resource-manager `tests/tokens.rs` (every
 //! altered field, another secret's token, another start time), maru-server
 //! `tests/bad_input.rs` (register out of bounds, sessions, limits at the decoder),
 //! `tests/server.rs` (admins read only, client limit).
@@ -21,7 +21,7 @@ use maru_proto::{
     ErrorCode, Handle, Hello, RegionInfo, RegisterEntry, Request, Response, Role, ServerUrl,
     SESSION_TOKEN_LEN,
 };
-use maru_rm::RmClient;
+use maru_resource_manager::RmClient;
 
 fn handler(c: &Cluster) -> MaruHandler {
     let h = MaruHandler::new(MaruConfig {
@@ -357,11 +357,11 @@ fn unix_socket_is_not_world_writable_even_with_umask_zero() {
     assert_eq!(mode & 0o002, 0, "socket mode {mode:o}");
 }
 
-/// The resource manager trusts the identity a Hello claims (maru-rm README: "The identity in
+/// The resource manager trusts the identity a Hello claims (maru-resource-manager README: "The identity in
 /// a Hello is not authenticated"). The pid and start time of the metadata server are public
 /// (/proc), and the handles of its regions are handed to every client by lookups.
 #[test]
-#[ignore = "BUG: maru-rm authenticates handles but not callers: a local process that claims \
+#[ignore = "BUG: maru-resource-manager authenticates handles but not callers: a local process that claims \
             the metadata server's host, pid and start time (all readable from /proc) in its \
             Hello can free any region the server holds (handles come with every lookup), \
             freeing memory under live keys. Expected: owner identity proven (SO_PEERCRED on \

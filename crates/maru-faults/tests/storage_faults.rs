@@ -16,7 +16,7 @@ use maru_faults::daemon::{Cluster, ClusterOpts, Daemon, RmSpec, ServerSpec, ADMI
 use maru_faults::ns::MountNs;
 use maru_faults::{free_port, temp_dir, wait_until, KIB, MIB};
 use maru_proto::{ErrorCode, Handle, Role, ServerUrl};
-use maru_rm::RmClient;
+use maru_resource_manager::RmClient;
 
 const T: Duration = Duration::from_secs(30);
 

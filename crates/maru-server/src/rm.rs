@@ -8,7 +8,7 @@ use std::time::Duration;
 use maru_proto::rpc::CallError;
 use maru_proto::stats::RmStats;
 use maru_proto::{ErrorCode, Handle, RegionInfo, Role, ServerUrl, WireError};
-use maru_rm::{RmClient, RmClientError};
+use maru_resource_manager::{RmClient, RmClientError};
 
 /// Why a resource-manager call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,7 +56,7 @@ pub(crate) trait RegionSource: Send + Sync {
 }
 
 /// A resource manager reached over its wire protocol, through one lazily (re)connected
-/// [`maru_rm::RmClient`]. The server connects as [`Role::Server`]: it is the
+/// [`maru_resource_manager::RmClient`]. The server connects as [`Role::Server`]: it is the
 /// resource-manager-level owner of every region it hands out, so if this server dies the
 /// resource manager's reaper takes them all back.
 ///

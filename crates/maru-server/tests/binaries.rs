@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use maru_proto::*;
-use maru_rm::RmClient;
+use maru_resource_manager::RmClient;
 
 fn rm_binary() -> Option<PathBuf> {
     let server = Path::new(env!("CARGO_BIN_EXE_maru-server"));

@@ -458,12 +458,12 @@ fn a_restarted_rm_is_reconnected_on_the_next_request() {
     let r1 = a.region(2 * MIB).handle.region_id;
     let addr = c.rm().addr();
     c.rm.take().unwrap().shutdown();
-    let mut cfg = maru_rm::RmConfig::new(
+    let mut cfg = maru_resource_manager::RmConfig::new(
         c.dir.path().join("state"),
         vec![shm_pool(c.dir.path(), "p0", 64 * MIB)],
     );
     cfg.listen = addr;
-    c.rm = Some(maru_rm::start(cfg).expect("rm restarts on the same port"));
+    c.rm = Some(maru_resource_manager::start(cfg).expect("rm restarts on the same port"));
     // The server's connection to the old process is dead; the first request must not fail
     // because of it.
     let r2 = a.region(2 * MIB).handle.region_id;
@@ -584,7 +584,8 @@ fn a_region_of_the_server_unknown_to_it_is_freed_after_a_failed_allocation() {
     let known = a.region(2 * MIB).handle.region_id;
     assert!(a.register(b"k", known, 0, 1));
     // The in-process server's owner identity is this process's.
-    let mut direct = maru_rm::RmClient::connect(&c.rm().url(), Role::Server, TIMEOUT).unwrap();
+    let mut direct =
+        maru_resource_manager::RmClient::connect(&c.rm().url(), Role::Server, TIMEOUT).unwrap();
     let orphan = direct.alloc(2 * MIB, None).unwrap().region_id;
     assert_eq!(c.rm_region_ids(), vec![known, orphan]);
     // Too big for p0, then a pool the resource manager does not have: an allocation that

@@ -85,7 +85,7 @@ impl Drop for Scratch {
 /// in this process (like `maru up`, the default), or in a `maru up` child process (what a
 /// deployment looks like: the client and the server are different processes).
 pub struct Embedded {
-    rm: Option<maru_rm::RmHandle>,
+    rm: Option<maru_resource_manager::RmHandle>,
     server: Option<maru_server::ServerHandle>,
     child: Option<std::process::Child>,
     pub tcp_url: String,
@@ -106,12 +106,13 @@ impl Embedded {
         let state = dir.path.join("state");
         std::fs::create_dir_all(&state)?;
         let spec = format!("shm:{}:{}", pool_path.display(), pool_bytes);
-        let mut rm_cfg = maru_rm::RmConfig::new(
+        let mut rm_cfg = maru_resource_manager::RmConfig::new(
             state,
             vec![spec.parse().map_err(|e| anyhow::anyhow!("{e}"))?],
         );
         rm_cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let rm = maru_rm::start(rm_cfg).context("resource manager failed to start")?;
+        let rm =
+            maru_resource_manager::start(rm_cfg).context("resource manager failed to start")?;
         let sock = dir.path.join("server.sock");
         let server = maru_server::start(maru_server::ServerConfig {
             tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use maru_proto::rpc::{CallError, Conn};
 use maru_proto::stats::ServerStats;
 use maru_proto::*;
-use maru_rm::{RmConfig, RmHandle};
+use maru_resource_manager::{RmConfig, RmHandle};
 use maru_server::{ServerConfig, ServerHandle};
 
 // Not every test file uses every helper.
@@ -47,7 +47,7 @@ impl Cluster {
         );
         cfg.listen = "127.0.0.1:0".parse().unwrap();
         rm_cfg(&mut cfg);
-        let rm = maru_rm::start(cfg).expect("rm starts");
+        let rm = maru_resource_manager::start(cfg).expect("rm starts");
         let mut scfg = ServerConfig {
             tcp: Some("127.0.0.1:0".parse().unwrap()),
             rm_url: rm.url(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use maru_proto::{ErrorCode, Role};
-use maru_rm::{RmAllocation, RmClient};
+use maru_resource_manager::{RmAllocation, RmClient};
 
 const CLIENT_ENV: &str = "MARU_RM_TEST_CRASH_CLIENT";
 const MAX_OPS_PER_CLIENT: u64 = 3000;

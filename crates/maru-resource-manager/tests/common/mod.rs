@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use maru_proto::Role;
-use maru_rm::{RmClient, RmConfig, RmHandle};
+use maru_resource_manager::{RmClient, RmConfig, RmHandle};
 use maru_shm::PoolSpec;
 
 // Not every test file uses every helper.
@@ -25,7 +25,8 @@ pub fn config(dir: &Path, pools: Vec<PoolSpec>) -> RmConfig {
 
 /// A resource manager with one 64 MiB pool `p0`.
 pub fn start_default(dir: &Path) -> RmHandle {
-    maru_rm::start(config(dir, vec![shm_pool(dir, "p0", 64 * MIB)])).expect("rm starts")
+    maru_resource_manager::start(config(dir, vec![shm_pool(dir, "p0", 64 * MIB)]))
+        .expect("rm starts")
 }
 
 pub fn client(rm: &RmHandle) -> RmClient {

@@ -13,11 +13,11 @@
 //!
 //! let dir = tempfile::Builder::new().prefix("maru-doc-").tempdir_in("/dev/shm").unwrap();
 //! let pools = vec![PoolSpec::Shm { path: dir.path().join("pool0"), size: 64 << 20 }];
-//! let mut cfg = maru_rm::RmConfig::new(dir.path().join("state"), pools);
+//! let mut cfg = maru_resource_manager::RmConfig::new(dir.path().join("state"), pools);
 //! cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
-//! let rm = maru_rm::start(cfg).unwrap();
+//! let rm = maru_resource_manager::start(cfg).unwrap();
 //!
-//! let mut c = maru_rm::RmClient::connect(&rm.url(), Role::Server, Duration::from_secs(5)).unwrap();
+//! let mut c = maru_resource_manager::RmClient::connect(&rm.url(), Role::Server, Duration::from_secs(5)).unwrap();
 //! let h = c.alloc(3 << 20, None).unwrap(); // rounded up to the 2 MiB alignment
 //! assert_eq!(h.len, 4 << 20);
 //! let access = c.get_access(&h).unwrap(); // mmap(access.path, access.offset, access.len)

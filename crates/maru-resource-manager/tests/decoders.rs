@@ -2,7 +2,7 @@
 //! value or a typed error, never panic, and never accept a damaged checkpoint. (Fuzz targets
 //! can drive the same functions with coverage guidance.)
 
-use maru_rm::{
+use maru_resource_manager::{
     decode_checkpoint, decode_wal, encode_checkpoint, encode_record, Allocation, Checkpoint, Owner,
     WalOp,
 };

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use maru_proto::{ErrorCode, Role};
-use maru_rm::RmClient;
+use maru_resource_manager::RmClient;
 
 #[test]
 fn forged_altered_and_foreign_handles_are_rejected_without_state_change() {

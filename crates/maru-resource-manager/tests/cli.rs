@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use maru_proto::{ErrorCode, Role};
-use maru_rm::RmClient;
+use maru_resource_manager::RmClient;
 
 fn pool_arg(dir: &std::path::Path) -> Vec<String> {
     vec![format!("shm:{}:64M", dir.join("pools/p0").display())]

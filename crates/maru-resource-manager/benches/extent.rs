@@ -1,10 +1,10 @@
 //! First-fit extent allocation over a pool: what every region request pays at the resource
-//! manager (besides its write-ahead log). `cargo bench -p maru-rm --bench extent`.
+//! manager (besides its write-ahead log). `cargo bench -p maru-resource-manager --bench extent`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use maru_rm::extent::ExtentAllocator;
+use maru_resource_manager::extent::ExtentAllocator;
 
 const MIB: u64 = 1 << 20;
 const ALIGN: u64 = 2 * MIB;

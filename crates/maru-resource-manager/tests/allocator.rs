@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use maru_proto::ErrorCode;
-use maru_rm::extent::ExtentAllocator;
+use maru_resource_manager::extent::ExtentAllocator;
 use proptest::prelude::*;
 
 const A: u64 = 2 * MIB;

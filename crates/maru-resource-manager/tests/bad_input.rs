@@ -12,7 +12,7 @@ use maru_proto::{
     decode_response, encode_request, msg_type, read_frame, ErrorCode, FrameReadError, Header,
     Hello, Request, Response, Role, HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL_VERSION,
 };
-use maru_rm::{RmClient, RmHandle};
+use maru_resource_manager::{RmClient, RmHandle};
 
 fn raw(rm: &RmHandle) -> TcpStream {
     let s = TcpStream::connect(rm.addr()).unwrap();
@@ -60,7 +60,7 @@ fn expect_closed(s: &mut TcpStream) {
 }
 
 /// A normal client still gets served, and the allocation table is what it was.
-fn still_serves(rm: &RmHandle, before: &[maru_rm::RmAllocation]) {
+fn still_serves(rm: &RmHandle, before: &[maru_resource_manager::RmAllocation]) {
     let mut c = client(rm);
     assert_eq!(
         c.list().unwrap(),
@@ -194,7 +194,7 @@ fn peer_stalling_mid_frame_is_disconnected() {
     let d = temp_dir();
     let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
     cfg.stall_timeout = Duration::from_millis(300);
-    let rm = maru_rm::start(cfg).unwrap();
+    let rm = maru_resource_manager::start(cfg).unwrap();
     let mut s = raw(&rm);
     let frame = hello_frame(1);
     s.write_all(&frame[..frame.len() - 3]).unwrap();
@@ -219,7 +219,7 @@ fn bad_requests_get_typed_errors_and_change_nothing() {
     c.free(&gone).unwrap();
     let before = c.list().unwrap();
 
-    let code = |r: Result<(), maru_rm::RmClientError>| r.unwrap_err().code();
+    let code = |r: Result<(), maru_resource_manager::RmClientError>| r.unwrap_err().code();
     assert_eq!(
         c.alloc(0, None).unwrap_err().code(),
         Some(ErrorCode::InvalidArgument)
@@ -267,7 +267,7 @@ fn too_many_clients_are_refused_then_served_when_room_frees_up() {
     let d = temp_dir();
     let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
     cfg.max_clients = 2;
-    let rm = maru_rm::start(cfg).unwrap();
+    let rm = maru_resource_manager::start(cfg).unwrap();
     let mut a = client(&rm);
     let b = client(&rm);
     let e = RmClient::connect(&rm.url(), Role::Server, TIMEOUT)
@@ -298,14 +298,20 @@ fn too_many_clients_are_refused_then_served_when_room_frees_up() {
 
 #[test]
 fn a_connection_without_hello_is_closed_after_the_handshake_timeout_and_its_slot_freed() {
-    assert_eq!(maru_rm::HANDSHAKE_TIMEOUT, Duration::from_secs(10));
+    assert_eq!(
+        maru_resource_manager::HANDSHAKE_TIMEOUT,
+        Duration::from_secs(10)
+    );
     let d = temp_dir();
     let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
-    assert_eq!(cfg.handshake_timeout, maru_rm::HANDSHAKE_TIMEOUT);
+    assert_eq!(
+        cfg.handshake_timeout,
+        maru_resource_manager::HANDSHAKE_TIMEOUT
+    );
     let bound = Duration::from_millis(300);
     cfg.handshake_timeout = bound;
     cfg.max_clients = 3;
-    let rm = maru_rm::start(cfg).unwrap();
+    let rm = maru_resource_manager::start(cfg).unwrap();
     let mut idle = client(&rm);
     let h = idle.alloc(MIB, None).unwrap();
     // One never sends a byte; another sends requests, but never a hello.

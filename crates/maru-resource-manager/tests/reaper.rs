@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use maru_proto::Role;
-use maru_rm::RmClient;
+use maru_resource_manager::RmClient;
 
 const CHILD_ENV: &str = "MARU_RM_TEST_REAPER_CHILD";
 
@@ -79,11 +79,11 @@ fn sigkilled_local_client_regions_are_reclaimed_within_3s() {
     rm.shutdown();
 }
 
-fn fast_reaper(dir: &std::path::Path, grace: Duration) -> maru_rm::RmHandle {
+fn fast_reaper(dir: &std::path::Path, grace: Duration) -> maru_resource_manager::RmHandle {
     let mut cfg = config(dir, vec![shm_pool(dir, "p0", 64 * MIB)]);
     cfg.reap_interval = Duration::from_millis(50);
     cfg.grace_period = grace;
-    maru_rm::start(cfg).unwrap()
+    maru_resource_manager::start(cfg).unwrap()
 }
 
 #[test]
