@@ -8,8 +8,9 @@
 use libfuzzer_sys::fuzz_target;
 use maru_proto::{
     decode_frame, decode_request, decode_response, encode_request, encode_response, Body,
-    FrameBuf, HEADER_LEN,
+    HEADER_LEN,
 };
+use maru_transport::FrameBuf;
 
 fn check_canonical(input: &[u8]) {
     let Ok(frame) = decode_frame(input) else {

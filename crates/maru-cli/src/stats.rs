@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use maru_proto::rpc::Conn;
 use maru_proto::stats::ServerStats;
 use maru_proto::{Request, Response, ServerUrl};
+use maru_transport::BlockingConn;
 
 use crate::format::{bytes, duration_s};
 
@@ -27,7 +27,7 @@ pub struct StatsArgs {
 /// An operator connection to a metadata server (admin role: reads only, owns nothing).
 pub struct StatsSource {
     url: ServerUrl,
-    conn: Option<Conn>,
+    conn: Option<BlockingConn>,
 }
 
 impl StatsSource {
@@ -45,7 +45,7 @@ impl StatsSource {
     /// Fetches the server's statistics, reconnecting if the last connection broke.
     pub fn fetch(&mut self) -> anyhow::Result<ServerStats> {
         if self.conn.is_none() {
-            let conn = Conn::connect_admin(&self.url, Duration::from_secs(3))
+            let conn = BlockingConn::connect_admin(&self.url, Duration::from_secs(3))
                 .with_context(|| format!("no Maru server at {}", self.url))?;
             self.conn = Some(conn);
         }

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use common::Up;
 
-use maru_proto::rpc::{local_identity, Conn};
 use maru_proto::{Hello, RegisterEntry, Request, Response, Role, ServerUrl};
+use maru_transport::{local_identity, BlockingConn};
 
-fn client(url: &str, id: &str) -> Conn {
+fn client(url: &str, id: &str) -> BlockingConn {
     let (host, pid, start_time) = local_identity();
     let hello = Hello {
         role: Role::Client,
@@ -24,7 +24,7 @@ fn client(url: &str, id: &str) -> Conn {
         start_time,
         session_token: None,
     };
-    Conn::connect(
+    BlockingConn::connect(
         &ServerUrl::parse(url).unwrap(),
         &hello,
         Duration::from_secs(5),

@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Instant;
 
-use maru_proto::rpc::local_identity;
 use maru_proto::stats::ServerStats;
 use maru_proto::{
     DeleteStatus, Handle, RegionInfo, RegisterEntry, Request, Response, ServerUrl, MAX_BATCH,
 };
 use maru_shm::{MapMode, Mapping, ShmError};
+use maru_transport::local_identity;
 
 use crate::alloc::PageAllocator;
 use crate::config::{ConfigError, MaruConfig};

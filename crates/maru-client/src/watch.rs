@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use maru_proto::Stream;
 use maru_shm::Mapping;
+use maru_transport::Stream;
 
 /// The owned mappings to detach from the pool when the session ends or is lost, under a
 /// small lock of their own: the watcher must never wait on the handler's write lock, which a

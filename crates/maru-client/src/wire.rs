@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use maru_proto::busy::{self, poll_readable, Backoff, Spun};
 use maru_proto::{
     decode_response, encode_request, DecodeError, Header, Hello, HelloOk, Request, Response, Role,
-    ServerUrl, Stream, HEADER_LEN, SESSION_TOKEN_LEN,
+    ServerUrl, HEADER_LEN, SESSION_TOKEN_LEN,
 };
+use maru_transport::busy::{self, poll_readable, Backoff, Spun};
+use maru_transport::Stream;
 
 use crate::error::RpcError;
 
@@ -85,7 +86,7 @@ fn poll_until(fd: i32, deadline: Instant) -> io::Result<bool> {
 }
 
 /// Waits for `fd` to become readable before `deadline`: first for `grace` in place, then
-/// through the hook. The grace is spent polling without sleeping (`maru_proto::busy`) when
+/// through the hook. The grace is spent polling without sleeping (`maru_transport::busy`) when
 /// `w.busy_poll`, the connection's back-off and [`Waiting::alone`] allow — no timer armed and
 /// the thread never leaves the CPU, so a reply inside the grace is seen at once (a sleeping
 /// wait cost 6–15 µs per call here, docs/PERFORMANCE.md finding 1) — else in `ppoll`.

@@ -502,7 +502,7 @@ fn stalled_server() -> (String, std::thread::JoinHandle<()>) {
     let url = format!("tcp://{}", listener.local_addr().unwrap());
     let t = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let (h, _) = maru_proto::read_frame(&mut s).unwrap();
+        let (h, _) = maru_transport::read_frame(&mut s).unwrap();
         let mut out = Vec::new();
         encode_response(
             &mut out,
@@ -621,7 +621,7 @@ where
             let Ok(mut s) = stream else { return };
             let (region, sent, mut answer) = (region.clone(), sent.clone(), per_conn());
             std::thread::spawn(move || {
-                while let Ok((h, _)) = maru_proto::read_frame(&mut s) {
+                while let Ok((h, _)) = maru_transport::read_frame(&mut s) {
                     let resp = match h.msg_type {
                         msg_type::HELLO => Response::HelloOk(HelloOk {
                             server: tag.into(),

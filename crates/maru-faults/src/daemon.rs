@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use maru_proto::rpc::Conn;
 use maru_proto::stats::{RmStats, ServerStats};
 use maru_proto::{RegionRecord, Request, Response, RmAllocation, Role, ServerUrl};
 use maru_resource_manager::RmClient;
+use maru_transport::BlockingConn;
 
 use crate::{binary, free_port, temp_dir, wait_until, MIB};
 
@@ -323,7 +323,7 @@ impl Cluster {
     }
 
     /// An operator connection to the metadata server.
-    pub fn server_admin(&self) -> Conn {
+    pub fn server_admin(&self) -> BlockingConn {
         admin_conn(&ServerUrl::Tcp(format!(
             "127.0.0.1:{}",
             self.server_spec.port
@@ -341,19 +341,19 @@ impl Cluster {
 }
 
 /// An admin (read-only) connection to a metadata server.
-pub fn admin_conn(url: &ServerUrl) -> Conn {
-    Conn::connect_admin(url, ADMIN_TIMEOUT)
+pub fn admin_conn(url: &ServerUrl) -> BlockingConn {
+    BlockingConn::connect_admin(url, ADMIN_TIMEOUT)
         .unwrap_or_else(|e| panic!("admin connection to {url}: {e}"))
 }
 
-pub fn server_stats(c: &mut Conn) -> ServerStats {
+pub fn server_stats(c: &mut BlockingConn) -> ServerStats {
     match c.call(&Request::Stats).expect("server stats") {
         Response::Stats(json) => serde_json::from_str(&json).expect("stats JSON"),
         other => panic!("stats answered {other:?}"),
     }
 }
 
-pub fn server_regions(c: &mut Conn) -> Vec<RegionRecord> {
+pub fn server_regions(c: &mut BlockingConn) -> Vec<RegionRecord> {
     match c.call(&Request::ListAllocations).expect("list allocations") {
         Response::Allocations(mut v) => {
             v.sort_by_key(|r| r.handle.region_id);

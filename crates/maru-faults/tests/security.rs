@@ -16,12 +16,12 @@ use std::time::Duration;
 use maru_client::{ErrorKind, MaruConfig, MaruHandler};
 use maru_faults::daemon::{Cluster, ClusterOpts, Daemon, RmSpec, ServerSpec, ADMIN_TIMEOUT};
 use maru_faults::{free_port, mode_of, temp_dir, wait_until, MIB};
-use maru_proto::rpc::{CallError, Conn};
 use maru_proto::{
     ErrorCode, Handle, Hello, RegionInfo, RegisterEntry, Request, Response, Role, ServerUrl,
     SESSION_TOKEN_LEN,
 };
 use maru_resource_manager::RmClient;
+use maru_transport::{BlockingConn, CallError};
 
 fn handler(c: &Cluster) -> MaruHandler {
     let h = MaruHandler::new(MaruConfig {
@@ -39,8 +39,8 @@ fn client_conn(
     url: &ServerUrl,
     instance: &str,
     token: Option<[u8; SESSION_TOKEN_LEN]>,
-) -> Result<Conn, CallError> {
-    Conn::connect(
+) -> Result<BlockingConn, CallError> {
+    BlockingConn::connect(
         url,
         &Hello {
             role: Role::Client,
@@ -61,7 +61,7 @@ fn code(r: Result<Response, CallError>) -> Option<ErrorCode> {
     }
 }
 
-fn region(conn: &mut Conn) -> RegionInfo {
+fn region(conn: &mut BlockingConn) -> RegionInfo {
     match conn
         .call(&Request::RequestRegion { size: 2 * MIB })
         .unwrap()
@@ -372,8 +372,8 @@ fn a_process_claiming_the_servers_identity_cannot_free_its_regions() {
     owner.store_bytes(b"victim", b"", b"precious").unwrap();
     let h = owner.owned_regions()[0].handle.clone();
     let pid = c.server.pid();
-    let start = maru_proto::rpc::process_start_time(pid).unwrap();
-    let host = maru_proto::rpc::local_identity().0;
+    let start = maru_transport::process_start_time(pid).unwrap();
+    let host = maru_transport::local_identity().0;
     let mut impostor =
         RmClient::connect_as(&c.rm_url(), Role::Server, &host, pid, start, ADMIN_TIMEOUT).unwrap();
     let r = impostor.free(&h);

@@ -17,23 +17,17 @@
 //! assert_eq!(frame.body, Body::Request(Request::Exists { key: b"chunk-1" }));
 //! ```
 
-pub mod busy;
 mod codec;
 mod error;
-mod frame;
 mod header;
 mod message;
-mod net;
-pub mod rpc;
 pub mod stats;
 mod url;
 
 pub use codec::{Reader, Writer};
 pub use error::{DecodeError, EncodeError, ErrorCode, WireError};
-pub use frame::{read_frame, FrameBuf, FrameReadError};
 pub use header::{Header, FLAG_ERROR, FLAG_RESPONSE, HEADER_LEN, MAGIC};
 pub use message::*;
-pub use net::Stream;
 pub use url::{ServerUrl, UrlError};
 
 /// The protocol version this build speaks. A peer with another version is refused at the

@@ -139,8 +139,6 @@ proptest! {
         let mut buf = Header::new(t, flags, 1, payload.len() as u32).encode().to_vec();
         buf.extend_from_slice(&payload);
         let _ = decode_frame(&buf);
-        let mut fb = FrameBuf::new();
-        let _ = fb.read_frame(&mut buf.as_slice());
     }
 
     /// Any prefix of a valid frame is reported as truncated.
@@ -232,64 +230,4 @@ fn wrong_magic_version_and_type_are_typed() {
         decode_frame(&unknown).unwrap_err(),
         DecodeError::UnknownMessage(0x7777)
     );
-}
-
-#[test]
-fn framebuf_reads_pipelined_frames_from_one_buffer() {
-    let mut wire = Vec::new();
-    for id in 0..100u64 {
-        encode_request(
-            &mut wire,
-            id,
-            &Request::Exists {
-                key: format!("k{id}").as_bytes(),
-            },
-        )
-        .unwrap();
-    }
-    let mut fb = FrameBuf::new();
-    let mut src = wire.as_slice();
-    for id in 0..100u64 {
-        let (h, p) = fb.read_frame(&mut src).unwrap();
-        assert_eq!(h.request_id, id);
-        assert_eq!(
-            decode_request(&h, p).unwrap(),
-            Request::Exists {
-                key: format!("k{id}").as_bytes()
-            }
-        );
-    }
-    assert!(matches!(
-        fb.read_frame(&mut src),
-        Err(FrameReadError::Closed)
-    ));
-}
-
-#[test]
-fn framebuf_handles_frames_larger_than_its_buffer() {
-    let keys: Vec<Vec<u8>> = (0..2000).map(|i| vec![i as u8; 200]).collect();
-    let mut wire = Vec::new();
-    encode_request(&mut wire, 1, &Request::BatchExists { keys: refs(&keys) }).unwrap();
-    encode_request(&mut wire, 2, &Request::Heartbeat).unwrap();
-    let mut fb = FrameBuf::new();
-    let mut src = wire.as_slice();
-    let (h, p) = fb.read_frame(&mut src).unwrap();
-    match decode_request(&h, p).unwrap() {
-        Request::BatchExists { keys: got } => assert_eq!(got, refs(&keys)),
-        other => panic!("unexpected {other:?}"),
-    }
-    assert!(fb.capacity() > 400_000, "the big frame grew the buffer");
-    assert_eq!(fb.read_frame(&mut src).unwrap().0.request_id, 2);
-    assert!(
-        fb.capacity() <= 64 * 1024,
-        "the buffer shrinks once drained"
-    );
-}
-
-#[test]
-fn own_start_time_is_readable_and_missing_pid_is_none() {
-    let (_, pid, start) = maru_proto::rpc::local_identity();
-    assert!(start > 0);
-    assert_eq!(maru_proto::rpc::process_start_time(pid), Some(start));
-    assert_eq!(maru_proto::rpc::process_start_time(u32::MAX), None);
 }

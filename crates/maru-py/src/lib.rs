@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use maru_client::WaitHook;
-use maru_proto::rpc::Conn;
 use maru_proto::{Request, Response, ServerUrl};
+use maru_transport::BlockingConn;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -41,7 +41,7 @@ fn admin_call(
 ) -> PyResult<Response> {
     let url = ServerUrl::parse(url).map_err(|e| PyValueError::new_err(e.to_string()))?;
     let result = py.detach(|| {
-        let mut conn = Conn::connect_admin(&url, Duration::from_millis(timeout_ms))?;
+        let mut conn = BlockingConn::connect_admin(&url, Duration::from_millis(timeout_ms))?;
         conn.call(&req)
     });
     result.map_err(|e| handler::helper_err(py, e))

@@ -3,28 +3,28 @@
 
 use std::time::Duration;
 
-use maru_proto::rpc::Conn;
 use maru_proto::stats::RmStats;
 use maru_proto::{
     Access, Handle, Hello, HelloOk, Request, Response, RmAllocation, Role, ServerUrl,
 };
+use maru_transport::{BlockingConn, TransportError};
 
 use crate::RmClientError;
 
 /// One handshaken connection. The identity given at connect time (host, pid, start time) is
 /// the owner of every region allocated through it.
 pub struct RmClient {
-    conn: Conn,
+    conn: BlockingConn,
 }
 
 fn unexpected(r: Response) -> RmClientError {
-    RmClientError::Unexpected(format!("{r:?}"))
+    TransportError::Unexpected(format!("{r:?}")).into()
 }
 
 impl RmClient {
-    /// Connects as this process ([`maru_proto::rpc::local_identity`]).
+    /// Connects as this process ([`maru_transport::local_identity`]).
     pub fn connect(url: &ServerUrl, role: Role, timeout: Duration) -> Result<Self, RmClientError> {
-        let (host, pid, start_time) = maru_proto::rpc::local_identity();
+        let (host, pid, start_time) = maru_transport::local_identity();
         Self::connect_as(url, role, &host, pid, start_time, timeout)
     }
 
@@ -47,7 +47,7 @@ impl RmClient {
             session_token: None,
         };
         Ok(RmClient {
-            conn: Conn::connect(url, &hello, timeout)?,
+            conn: BlockingConn::connect(url, &hello, timeout)?,
         })
     }
 
@@ -117,7 +117,7 @@ impl RmClient {
     }
 
     /// The underlying connection (tests send raw or hostile requests through it).
-    pub fn conn_mut(&mut self) -> &mut Conn {
+    pub fn conn_mut(&mut self) -> &mut BlockingConn {
         &mut self.conn
     }
 }

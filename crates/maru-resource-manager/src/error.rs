@@ -2,8 +2,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use maru_proto::rpc::CallError;
 use maru_proto::{ErrorCode, WireError};
+use maru_transport::{CallError, TransportError};
 
 use crate::checkpoint::CheckpointError;
 use crate::wal::WalError;
@@ -60,11 +60,12 @@ pub enum RmError {
 /// Why a [`crate::RmClient`] call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RmClientError {
-    /// Transport failure, or a typed refusal from the resource manager ([`Self::code`]).
+    /// No answer: the connection failed, broke or timed out, or the reply made no sense.
     #[error(transparent)]
-    Call(#[from] CallError),
-    #[error("unexpected reply from the resource manager: {0}")]
-    Unexpected(String),
+    Transport(#[from] TransportError),
+    /// A typed refusal from the resource manager ([`Self::code`]).
+    #[error(transparent)]
+    Remote(#[from] WireError),
     #[error("resource manager sent an invalid stats document: {0}")]
     BadStats(String),
 }
@@ -78,8 +79,17 @@ impl RmClientError {
     /// The resource manager's typed error, when it answered with one.
     pub fn remote(&self) -> Option<&WireError> {
         match self {
-            RmClientError::Call(CallError::Remote(e)) => Some(e),
+            RmClientError::Remote(e) => Some(e),
             _ => None,
+        }
+    }
+}
+
+impl From<CallError> for RmClientError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Transport(t) => RmClientError::Transport(t),
+            CallError::Remote(w) => RmClientError::Remote(w),
         }
     }
 }

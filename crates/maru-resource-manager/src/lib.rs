@@ -150,7 +150,7 @@ pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
     let hostname = cfg
         .hostname
         .clone()
-        .unwrap_or_else(|| maru_proto::rpc::local_identity().0);
+        .unwrap_or_else(|| maru_transport::local_identity().0);
     let shared = Arc::new(Shared {
         manager: Mutex::new(manager),
         hostname,

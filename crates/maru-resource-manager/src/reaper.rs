@@ -35,7 +35,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 /// Why `owner` is dead, or `None` while it lives.
 fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
     if owner.host == shared.hostname {
-        return match maru_proto::rpc::process_start_time(owner.pid) {
+        return match maru_transport::process_start_time(owner.pid) {
             None => Some("process is gone".into()),
             Some(t) if owner.start_time != 0 && t != owner.start_time => Some(format!(
                 "pid was reused (start time {t}, recorded {})",

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use maru_proto::stats::RmStats;
 use maru_proto::{
-    decode_request, encode_error, encode_response, ErrorCode, FrameBuf, FrameReadError, Header,
-    HelloOk, Request, Response, RmAllocation, Role, WireError, HEADER_LEN,
+    decode_request, encode_error, encode_response, ErrorCode, Header, HelloOk, Request, Response,
+    RmAllocation, Role, WireError, HEADER_LEN,
 };
 use maru_telemetry::OpTable;
+use maru_transport::{FrameBuf, FrameReadError};
 
 use crate::manager::Manager;
 use crate::wal::Owner;
@@ -223,7 +224,7 @@ fn reject(mut stream: TcpStream, max: usize) {
 }
 
 /// Per-connection state.
-struct Conn {
+struct ConnState {
     owner: Option<Owner>,
     role: Role,
 }
@@ -240,7 +241,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut rx = FrameBuf::new();
     let mut tx = Vec::with_capacity(4096);
-    let mut conn = Conn {
+    let mut conn = ConnState {
         owner: None,
         role: Role::Admin,
     };
@@ -381,7 +382,7 @@ pub(crate) fn is_rm_request(t: u16) -> bool {
     )
 }
 
-fn handle(shared: &Arc<Shared>, conn: &mut Conn, req: Request) -> Result<Response, WireError> {
+fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Response, WireError> {
     let owner = match (&req, &conn.owner) {
         (Request::Hello(_), _) => None,
         (_, Some(o)) => Some(o.clone()),
@@ -408,7 +409,7 @@ fn handle(shared: &Arc<Shared>, conn: &mut Conn, req: Request) -> Result<Respons
                 ));
             }
             let start_time = if h.start_time == 0 && h.host == shared.hostname {
-                maru_proto::rpc::process_start_time(h.pid).unwrap_or(0)
+                maru_transport::process_start_time(h.pid).unwrap_or(0)
             } else {
                 h.start_time
             };

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use maru_proto::{
-    decode_response, encode_request, msg_type, read_frame, ErrorCode, FrameReadError, Header,
-    Hello, Request, Response, Role, HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL_VERSION,
+    decode_response, encode_request, msg_type, ErrorCode, Header, Hello, Request, Response, Role,
+    HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL_VERSION,
 };
 use maru_resource_manager::{RmClient, RmHandle};
+use maru_transport::{read_frame, FrameReadError};
 
 fn raw(rm: &RmHandle) -> TcpStream {
     let s = TcpStream::connect(rm.addr()).unwrap();
@@ -21,7 +22,7 @@ fn raw(rm: &RmHandle) -> TcpStream {
 }
 
 fn hello_frame(id: u64) -> Vec<u8> {
-    let (host, pid, start) = maru_proto::rpc::local_identity();
+    let (host, pid, start) = maru_transport::local_identity();
     let mut buf = Vec::new();
     let hello = Hello {
         role: Role::Server,

@@ -363,7 +363,7 @@ fn sigkill_mid_workload_loses_nothing_and_hands_out_nothing_twice() {
                 pool: new.pool.clone(),
                 offset: new.offset,
                 len: new.len,
-                host: maru_proto::rpc::local_identity().0,
+                host: maru_transport::local_identity().0,
             },
         );
     }

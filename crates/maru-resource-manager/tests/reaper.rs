@@ -108,7 +108,7 @@ fn live_client_regions_are_never_reclaimed() {
 fn changed_start_time_counts_as_dead() {
     let d = temp_dir();
     let rm = fast_reaper(d.path(), Duration::from_secs(30));
-    let (host, pid, start) = maru_proto::rpc::local_identity();
+    let (host, pid, start) = maru_transport::local_identity();
     assert_ne!(start, 0);
     // Our own pid, but recorded with another start time: the process it names is gone and
     // the pid now belongs to someone else.

@@ -61,7 +61,7 @@ fn forged_altered_and_foreign_handles_are_rejected_without_state_change() {
     let e = stranger.free(&h).unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotOwner), "{e}");
     // Same host and pid but another process start time: another process, not the owner.
-    let (host, pid, start) = maru_proto::rpc::local_identity();
+    let (host, pid, start) = maru_transport::local_identity();
     let mut impostor =
         RmClient::connect_as(&rm.url(), Role::Server, &host, pid, start + 1, TIMEOUT).unwrap();
     assert_eq!(

@@ -6,7 +6,8 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use maru_proto::{encode_error, ErrorCode, FrameBuf, FrameReadError, Stream, WireError};
+use maru_proto::{encode_error, ErrorCode, WireError};
+use maru_transport::{FrameBuf, FrameReadError, Stream};
 
 use crate::server::Shared;
 use crate::service::{handle_frame, ConnCtx};
@@ -31,7 +32,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
     let mut rx = FrameBuf::new();
     let mut out = Vec::with_capacity(4096);
     let mut ctx = ConnCtx::default();
-    let mut spin = maru_proto::busy::Backoff::default();
+    let mut spin = maru_transport::busy::Backoff::default();
     // This connection's latest request, as numbered by `count_request`.
     let mut last_request: u64;
     // Since when the connection has had no session (from its accept, or its goodbye).

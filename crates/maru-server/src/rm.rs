@@ -5,17 +5,16 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use maru_proto::rpc::CallError;
 use maru_proto::stats::RmStats;
 use maru_proto::{ErrorCode, Handle, RegionInfo, Role, ServerUrl, WireError};
 use maru_resource_manager::{RmClient, RmClientError};
 
 /// Why a resource-manager call failed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum RmCallError {
     /// No answer: not running, unreachable, or the connection broke.
-    #[error("resource manager at {url} is unreachable: {reason}")]
-    Unreachable { url: String, reason: String },
+    #[error("resource manager at {url} is unreachable: {source}")]
+    Unreachable { url: String, source: RmClientError },
     /// The resource manager answered with a typed error (pool exhausted, bad token, ...).
     #[error("resource manager refused: {0}")]
     Remote(WireError),
@@ -78,15 +77,15 @@ impl RemoteRm {
         RemoteRm {
             url,
             timeout,
-            me: maru_proto::rpc::local_identity(),
+            me: maru_transport::local_identity(),
             conn: Mutex::new(None),
         }
     }
 
-    fn unreachable(&self, reason: impl ToString) -> RmCallError {
+    fn unreachable(&self, source: RmClientError) -> RmCallError {
         RmCallError::Unreachable {
             url: self.url.to_string(),
-            reason: reason.to_string(),
+            source,
         }
     }
 
@@ -154,15 +153,7 @@ fn quiet(c: &mut RmClient) -> bool {
 
 /// Whether a call failed because the peer had closed the connection before answering.
 fn peer_went_away(e: &RmClientError) -> bool {
-    use std::io::ErrorKind::*;
-    match e {
-        RmClientError::Call(CallError::Closed) => true,
-        RmClientError::Call(CallError::Io(io)) => matches!(
-            io.kind(),
-            BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
-        ),
-        _ => false,
-    }
+    matches!(e, RmClientError::Transport(t) if t.peer_went_away())
 }
 
 impl RegionSource for RemoteRm {

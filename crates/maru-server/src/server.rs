@@ -18,8 +18,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use maru_proto::stats::ServerStats;
-use maru_proto::{ServerUrl, Stream};
+use maru_proto::ServerUrl;
 use maru_telemetry::MetricsServer;
+use maru_transport::Stream;
 
 use crate::conn::{self, READ_TICK, WRITE_TIMEOUT};
 use crate::rm::{RegionSource, RemoteRm};
@@ -238,7 +239,7 @@ pub(crate) fn start_with(
     let hostname = cfg
         .hostname
         .clone()
-        .unwrap_or_else(|| maru_proto::rpc::local_identity().0);
+        .unwrap_or_else(|| maru_transport::local_identity().0);
     let shared = Arc::new(Shared {
         state: State::new(rm, cfg.pools.clone(), hostname),
         shutting_down: AtomicBool::new(false),

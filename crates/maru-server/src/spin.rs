@@ -17,7 +17,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use maru_proto::busy::{spin_readable, Backoff};
+use maru_transport::busy::{spin_readable, Backoff};
 
 /// Requests read by all connection threads so far. A connection spins only when no other
 /// connection has had a request since its own last one, and stops as soon as another does:
@@ -79,7 +79,7 @@ mod tests {
         // It returned because the request is there, or because another test's server counted
         // a request meanwhile and it gave way; never after the whole window, never a miss.
         assert!(
-            maru_proto::busy::readable_now(a.as_raw_fd()).unwrap()
+            maru_transport::busy::readable_now(a.as_raw_fd()).unwrap()
                 || REQUESTS.load(Ordering::Acquire) != last,
             "returned before the request came, without a reason to give way"
         );

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use maru_proto::stats::{PoolStats, RmStats};
 use maru_proto::{Access, ErrorCode, Handle, RegionInfo, WireError};
+use maru_transport::TransportError;
 
 use crate::rm::{RegionSource, RmCallError};
 
@@ -32,7 +33,7 @@ impl FakeRm {
         if self.down.load(Ordering::SeqCst) {
             return Err(RmCallError::Unreachable {
                 url: "fake".into(),
-                reason: "down".into(),
+                source: TransportError::Io(std::io::ErrorKind::ConnectionRefused.into()).into(),
             });
         }
         Ok(())
@@ -69,7 +70,7 @@ impl RegionSource for FakeRm {
         if self.lose_next_reply.swap(false, Ordering::SeqCst) {
             return Err(RmCallError::Unreachable {
                 url: "fake".into(),
-                reason: "connection closed before the reply".into(),
+                source: TransportError::Closed.into(),
             });
         }
         Ok(RegionInfo {

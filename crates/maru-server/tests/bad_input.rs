@@ -200,7 +200,7 @@ fn session_conflicts_and_bad_hellos_are_refused() {
     let (c, a, _ra, _b, _rb) = setup();
     let before = snapshot(&c);
     let url = c.url();
-    let code = |r: Result<Client, maru_proto::rpc::CallError>| r.err().and_then(|e| e.code());
+    let code = |r: Result<Client, maru_transport::CallError>| r.err().and_then(|e| e.code());
     assert_eq!(
         code(Client::connect_role(&url, Role::Client, "a", None)),
         Some(ErrorCode::SessionConflict)

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use maru_proto::*;
+use maru_transport::FrameBuf;
 
 /// A small deterministic generator (xorshift64*): reproducible failures without a crate.
 struct Rng(u64);

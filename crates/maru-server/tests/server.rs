@@ -262,7 +262,7 @@ fn an_unreachable_rm_gives_unavailable_and_keys_keep_working() {
     let mut cluster = c;
     cluster.rm.take().unwrap().shutdown();
     let code = match a.call(&Request::RequestRegion { size: MIB }) {
-        Err(maru_proto::rpc::CallError::Remote(e)) => {
+        Err(maru_transport::CallError::Remote(e)) => {
             assert!(e.message.contains("unreachable"), "{}", e.message);
             e.code
         }

@@ -279,7 +279,7 @@ fn echo_spinning<S: Read + Write + std::os::fd::AsRawFd>(mut s: S, req: usize, r
     let wb = vec![0x5a_u8; resp];
     let fd = s.as_raw_fd();
     loop {
-        let _ = maru_proto::busy::spin_readable(fd, SPIN_WINDOW, || false);
+        let _ = maru_transport::busy::spin_readable(fd, SPIN_WINDOW, || false);
         if s.read_exact(&mut rb).is_err() || s.write_all(&wb).is_err() {
             return;
         }
@@ -439,9 +439,11 @@ impl Probe {
         let c = self.conn.as_mut().ok_or(io::ErrorKind::NotConnected)?;
         c.write_all(&self.wb)?;
         // A window far longer than any reply: this caller never sleeps before it arrives.
-        maru_proto::busy::spin_readable(c.as_raw_fd(), std::time::Duration::from_secs(1), || {
-            false
-        })?;
+        maru_transport::busy::spin_readable(
+            c.as_raw_fd(),
+            std::time::Duration::from_secs(1),
+            || false,
+        )?;
         c.read_exact(&mut self.rb)?;
         Ok(t.elapsed())
     }

@@ -537,7 +537,8 @@ fn probe_region(url: &str) -> anyhow::Result<RegionInfo> {
     let k = keys(1).remove(0);
     h.store_bytes(&k, &[], &[1u8; 64])?;
     let parsed: maru_proto::ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut c = maru_proto::rpc::Conn::connect_admin(&parsed, std::time::Duration::from_secs(10))?;
+    let mut c =
+        maru_transport::BlockingConn::connect_admin(&parsed, std::time::Duration::from_secs(10))?;
     let r = match c.call(&maru_proto::Request::Lookup { key: &k })? {
         maru_proto::Response::Lookup(Some(loc)) => loc.region,
         other => bail!("lookup answered {other:?}"),

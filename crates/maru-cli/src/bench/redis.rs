@@ -119,7 +119,7 @@ struct BusyPoll(Box<dyn RW>);
 impl Read for BusyPoll {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.0.as_raw_fd();
-        maru_proto::busy::spin_readable(fd, maru_client::DEFAULT_REPLY_GRACE, || false)?;
+        maru_transport::busy::spin_readable(fd, maru_client::DEFAULT_REPLY_GRACE, || false)?;
         self.0.read(buf)
     }
 }

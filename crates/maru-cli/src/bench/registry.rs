@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use maru_proto::rpc::{local_identity, Conn};
 use maru_proto::stats::ServerStats;
 use maru_proto::{Hello, RegisterEntry, Request, Response, Role, ServerUrl};
+use maru_transport::{local_identity, BlockingConn};
 use serde::Serialize;
 
 use super::daemons::rss_anon_bytes;
@@ -47,7 +47,7 @@ pub fn run(url: &str, n: usize, server_pid: Option<u32>) -> anyhow::Result<Regis
         start_time,
         session_token: None,
     };
-    let mut c = Conn::connect(&url, &hello, Duration::from_secs(30))?;
+    let mut c = BlockingConn::connect(&url, &hello, Duration::from_secs(30))?;
     let region = match c.call(&Request::RequestRegion { size: 2 << 20 })? {
         Response::Region(r) => r,
         other => bail!("request_region answered {other:?}"),

@@ -278,7 +278,7 @@ fn diagnostics(
     const BLOCK: usize = 100;
     let n = b.plan.iters.max(BLOCK);
     let parsed: maru_proto::ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut raw = maru_proto::rpc::Conn::connect_admin(&parsed, Duration::from_secs(10))?;
+    let mut raw = maru_transport::BlockingConn::connect_admin(&parsed, Duration::from_secs(10))?;
     let sleeping = MaruHandler::new(MaruConfig {
         server_url: url.to_owned(),
         pool_size: 4 * KIB,

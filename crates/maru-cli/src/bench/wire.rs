@@ -33,7 +33,7 @@ pub fn synthetic_region(pool_path: &str) -> RegionInfo {
             len: 64 << 20,
             owner: format!(
                 "{}:{}",
-                maru_proto::rpc::local_identity().0,
+                maru_transport::local_identity().0,
                 std::process::id()
             ),
             token: [0; maru_proto::TOKEN_LEN],

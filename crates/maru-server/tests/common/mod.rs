@@ -9,11 +9,11 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use maru_proto::rpc::{CallError, Conn};
 use maru_proto::stats::ServerStats;
 use maru_proto::*;
 use maru_resource_manager::{RmConfig, RmHandle};
 use maru_server::{ServerConfig, ServerHandle};
+use maru_transport::{BlockingConn, CallError, FrameBuf};
 
 // Not every test file uses every helper.
 #[allow(unused_imports)]
@@ -112,7 +112,7 @@ impl Drop for Cluster {
 
 /// A plain request/reply client (no client library: tests speak the protocol directly).
 pub struct Client {
-    pub conn: Conn,
+    pub conn: BlockingConn,
     pub token: [u8; SESSION_TOKEN_LEN],
 }
 
@@ -135,7 +135,7 @@ impl Client {
             start_time: 0,
             session_token: token,
         };
-        let conn = Conn::connect(url, &hello, TIMEOUT)?;
+        let conn = BlockingConn::connect(url, &hello, TIMEOUT)?;
         let token = conn.peer().session_token;
         Ok(Client { conn, token })
     }

@@ -3,8 +3,7 @@
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
-use crate::error::DecodeError;
-use crate::header::{Header, HEADER_LEN};
+use maru_proto::{DecodeError, Header, HEADER_LEN};
 
 const INITIAL_CAPACITY: usize = 64 * 1024;
 

@@ -5,58 +5,64 @@
 use std::io::{self, Write};
 use std::time::Duration;
 
-use crate::{
-    decode_response, encode_request, DecodeError, EncodeError, ErrorCode, FrameBuf, FrameReadError,
-    Hello, HelloOk, Request, Response, Role, ServerUrl, Stream, WireError,
+use maru_proto::{
+    decode_response, encode_request, DecodeError, EncodeError, ErrorCode, Hello, HelloOk, Request,
+    Response, Role, ServerUrl, WireError,
 };
 
-/// Why a call failed.
+use crate::{local_identity, FrameBuf, FrameReadError, Stream, TransportError};
+
+/// Why a call failed: the exchange itself, or the peer's typed refusal.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    #[error("cannot connect to {url}: {source}")]
-    Connect { url: String, source: io::Error },
-    #[error("connection lost: {0}")]
-    Io(#[from] io::Error),
-    #[error("timed out waiting for a reply")]
-    Timeout,
-    #[error("peer closed the connection")]
-    Closed,
-    #[error("bad reply: {0}")]
-    Decode(#[from] DecodeError),
-    #[error("request not sent: {0}")]
-    Encode(#[from] EncodeError),
-    #[error("reply to request {got} while waiting for {expected}")]
-    Mismatch { expected: u64, got: u64 },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     /// The peer answered with a typed error.
     #[error(transparent)]
     Remote(#[from] WireError),
-    #[error("unexpected reply {0}")]
-    Unexpected(String),
 }
 
 impl CallError {
     /// The remote error code, if the peer answered with one.
     pub fn code(&self) -> Option<ErrorCode> {
+        self.remote().map(|e| e.code)
+    }
+
+    /// The peer's typed error, if it answered with one.
+    pub fn remote(&self) -> Option<&WireError> {
         match self {
-            CallError::Remote(e) => Some(e.code),
-            _ => None,
+            CallError::Remote(e) => Some(e),
+            CallError::Transport(_) => None,
         }
+    }
+}
+
+impl From<io::Error> for CallError {
+    fn from(e: io::Error) -> Self {
+        CallError::Transport(e.into())
+    }
+}
+
+impl From<EncodeError> for CallError {
+    fn from(e: EncodeError) -> Self {
+        CallError::Transport(e.into())
+    }
+}
+
+impl From<DecodeError> for CallError {
+    fn from(e: DecodeError) -> Self {
+        CallError::Transport(e.into())
     }
 }
 
 impl From<FrameReadError> for CallError {
     fn from(e: FrameReadError) -> Self {
-        match e {
-            FrameReadError::Closed => CallError::Closed,
-            FrameReadError::Idle | FrameReadError::Stalled => CallError::Timeout,
-            FrameReadError::Decode(d) => CallError::Decode(d),
-            FrameReadError::Io(e) => CallError::Io(e),
-        }
+        CallError::Transport(e.into())
     }
 }
 
 /// A handshaken connection.
-pub struct Conn {
+pub struct BlockingConn {
     stream: Stream,
     rx: FrameBuf,
     tx: Vec<u8>,
@@ -65,11 +71,15 @@ pub struct Conn {
     url: ServerUrl,
 }
 
-impl Conn {
+impl BlockingConn {
     /// Connects, sends `hello` and waits for its answer. `timeout` bounds the connect and
     /// every later reply.
-    pub fn connect(url: &ServerUrl, hello: &Hello, timeout: Duration) -> Result<Conn, CallError> {
-        let stream = Stream::connect(url, timeout).map_err(|source| CallError::Connect {
+    pub fn connect(
+        url: &ServerUrl,
+        hello: &Hello,
+        timeout: Duration,
+    ) -> Result<BlockingConn, CallError> {
+        let stream = Stream::connect(url, timeout).map_err(|source| TransportError::Connect {
             url: url.to_string(),
             source,
         })?;
@@ -77,7 +87,7 @@ impl Conn {
         stream.set_write_timeout(Some(timeout))?;
         let mut rx = FrameBuf::new();
         rx.max_stall = timeout;
-        let mut conn = Conn {
+        let mut conn = BlockingConn {
             stream,
             rx,
             tx: Vec::new(),
@@ -91,14 +101,14 @@ impl Conn {
         };
         match conn.call(&Request::Hello(hello.clone()))? {
             Response::HelloOk(ok) => conn.hello = ok,
-            other => return Err(CallError::Unexpected(format!("{other:?}"))),
+            other => return Err(TransportError::Unexpected(format!("{other:?}")).into()),
         }
         Ok(conn)
     }
 
     /// Connects as an administrator (read-only requests such as statistics and region
     /// tables; no session) with this process's identity.
-    pub fn connect_admin(url: &ServerUrl, timeout: Duration) -> Result<Conn, CallError> {
+    pub fn connect_admin(url: &ServerUrl, timeout: Duration) -> Result<BlockingConn, CallError> {
         let (host, pid, start_time) = local_identity();
         let hello = Hello {
             role: Role::Admin,
@@ -108,7 +118,7 @@ impl Conn {
             start_time,
             session_token: None,
         };
-        Conn::connect(url, &hello, timeout)
+        BlockingConn::connect(url, &hello, timeout)
     }
 
     /// What the peer said at the handshake.
@@ -130,10 +140,11 @@ impl Conn {
         self.stream.write_all(&self.tx)?;
         let (header, payload) = self.rx.read_frame(&mut self.stream)?;
         if header.request_id != id {
-            return Err(CallError::Mismatch {
+            return Err(TransportError::Mismatch {
                 expected: id,
                 got: header.request_id,
-            });
+            }
+            .into());
         }
         match decode_response(&header, payload)? {
             Response::Error(e) => Err(CallError::Remote(e)),
@@ -145,22 +156,4 @@ impl Conn {
     pub fn stream_mut(&mut self) -> &mut Stream {
         &mut self.stream
     }
-}
-
-/// This process's identity for a [`Hello`]: hostname, pid and start time.
-pub fn local_identity() -> (String, u32, u64) {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned());
-    let pid = std::process::id();
-    (host, pid, process_start_time(pid).unwrap_or(0))
-}
-
-/// Start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22), `None` when the
-/// process does not exist. Pid reuse gives the same pid a different start time.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: skip past it.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
 }

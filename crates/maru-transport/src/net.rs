@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use crate::ServerUrl;
+use maru_proto::ServerUrl;
 
 #[derive(Debug)]
 pub enum Stream {

@@ -1,0 +1,23 @@
+//! How Maru's processes reach each other: the bytes of [`maru_proto`] over real sockets.
+//!
+//! This crate owns everything between a socket and a decoded frame: the connected [`Stream`]
+//! (TCP or Unix), the buffered frame reader [`FrameBuf`], busy-poll waits ([`busy`]), the
+//! blocking request/reply connection [`BlockingConn`] that daemons and tools use, the one
+//! [`TransportError`] of every exchange, and this process's identity ([`local_identity`]) as
+//! a Hello states it.
+//!
+//! It knows the protocol only through `maru_proto`'s encoders and decoders and holds no
+//! protocol state of its own; it knows nothing of keys, regions or pools.
+
+pub mod busy;
+mod error;
+mod frame;
+mod net;
+mod peer;
+mod rpc;
+
+pub use error::TransportError;
+pub use frame::{read_frame, FrameBuf, FrameReadError};
+pub use net::Stream;
+pub use peer::{local_identity, process_start_time};
+pub use rpc::{BlockingConn, CallError};
