@@ -17,17 +17,28 @@
 //! assert_eq!(frame.body, Body::Request(Request::Exists { key: b"chunk-1" }));
 //! ```
 
+mod catalog;
 mod codec;
 mod error;
+mod frame;
 mod header;
-mod message;
+mod request;
+mod response;
 pub mod stats;
+mod types;
 mod url;
 
+pub use catalog::{msg_type, request_name, Request, Response, RM_REQUESTS, SERVER_REQUESTS};
 pub use codec::{Reader, Writer};
 pub use error::{DecodeError, EncodeError, ErrorCode, WireError};
+pub use frame::{decode_frame, Body, Frame};
 pub use header::{Header, FLAG_ERROR, FLAG_RESPONSE, HEADER_LEN, MAGIC};
-pub use message::*;
+pub use request::{decode_request, encode_request};
+pub use response::{decode_response, encode_error, encode_response};
+pub use types::{
+    Access, DeleteStatus, Handle, Hello, HelloOk, Location, RegionInfo, RegionRecord,
+    RegisterEntry, RmAllocation, Role, Slot,
+};
 pub use url::{ServerUrl, UrlError};
 
 /// The protocol version this build speaks. A peer with another version is refused at the

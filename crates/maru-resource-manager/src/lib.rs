@@ -160,7 +160,7 @@ pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
         stall_timeout: cfg.stall_timeout,
         handshake_timeout: cfg.handshake_timeout,
         discovered,
-        ops: OpTable::new(server::OP_NAMES),
+        ops: OpTable::new(&server::op_names()),
         stop: AtomicBool::new(false),
         started: Instant::now(),
         presence: Mutex::new(HashMap::new()),

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use maru_proto::stats::RmStats;
 use maru_proto::{
-    decode_request, encode_error, encode_response, ErrorCode, Header, HelloOk, Request, Response,
-    RmAllocation, Role, WireError, HEADER_LEN,
+    decode_request, encode_error, encode_response, request_name, ErrorCode, Header, HelloOk,
+    Request, Response, RmAllocation, Role, WireError, HEADER_LEN, RM_REQUESTS,
 };
 use maru_telemetry::OpTable;
 use maru_transport::{FrameBuf, FrameReadError};
@@ -29,19 +29,16 @@ const REJECT_DEADLINE: Duration = Duration::from_secs(1);
 /// Refusals answered at once; beyond this, extra connections are closed without an answer.
 const MAX_REJECTING: usize = 16;
 
-/// Names of the operations in stats and metrics; `invalid` counts frames that did not
-/// decode or asked for something a resource manager does not serve.
-pub(crate) const OP_NAMES: &[&str] = &[
-    "hello",
-    "heartbeat",
-    "goodbye",
-    "rm_alloc",
-    "rm_free",
-    "rm_get_access",
-    "rm_stats",
-    "rm_list",
-    "invalid",
-];
+/// Names of the operations in stats and metrics: the requests a resource manager answers,
+/// and `invalid`, which counts frames that did not decode or asked for something a resource
+/// manager does not serve.
+pub(crate) fn op_names() -> Vec<&'static str> {
+    RM_REQUESTS
+        .iter()
+        .map(|t| request_name(*t))
+        .chain(["invalid"])
+        .collect()
+}
 
 /// Whether an owner is connected, and since when it is not.
 #[derive(Debug, Clone, Copy)]

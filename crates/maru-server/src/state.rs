@@ -40,8 +40,8 @@ use std::time::Instant;
 
 use maru_proto::stats::{ClientStats, ServerStats};
 use maru_proto::{
-    msg_type, request_name, DeleteStatus, ErrorCode, Handle, Hello, HelloOk, RegionInfo,
-    RegionRecord, RegisterEntry, Role, WireError, SESSION_TOKEN_LEN,
+    request_name, DeleteStatus, ErrorCode, Handle, Hello, HelloOk, RegionInfo, RegionRecord,
+    RegisterEntry, Role, WireError, SESSION_TOKEN_LEN,
 };
 use maru_telemetry::OpTable;
 
@@ -50,29 +50,7 @@ use crate::reply;
 use crate::rm::{RegionSource, RmCallError};
 
 /// Every request a metadata server answers, for the op table.
-pub(crate) const OP_NAMES: &[u16] = &[
-    msg_type::HELLO,
-    msg_type::HEARTBEAT,
-    msg_type::GOODBYE,
-    msg_type::REQUEST_REGION,
-    msg_type::RETURN_REGION,
-    msg_type::REGISTER,
-    msg_type::BATCH_REGISTER,
-    msg_type::LOOKUP,
-    msg_type::BATCH_LOOKUP,
-    msg_type::EXISTS,
-    msg_type::BATCH_EXISTS,
-    msg_type::DELETE,
-    msg_type::BATCH_DELETE,
-    msg_type::PIN,
-    msg_type::BATCH_PIN,
-    msg_type::UNPIN,
-    msg_type::BATCH_UNPIN,
-    msg_type::LIST_ALLOCATIONS,
-    msg_type::STATS,
-    msg_type::GET_REGION,
-    msg_type::LIST_REGIONS,
-];
+pub(crate) const OP_NAMES: &[u16] = maru_proto::SERVER_REQUESTS;
 
 fn err(code: ErrorCode, message: impl Into<String>) -> WireError {
     WireError::new(code, message)

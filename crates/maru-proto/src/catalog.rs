@@ -1,0 +1,274 @@
+//! Every message type, listed once: its variant and fields, wire number, name (requests),
+//! which daemon answers it (requests) and how its payload decodes. The message enums, the
+//! [`msg_type`] numbers, [`request_name`], [`SERVER_REQUESTS`], [`RM_REQUESTS`] and the decode
+//! dispatch are generated from this table; the encoders match on the enums, so the compiler
+//! holds them to it too.
+
+use crate::codec::Reader;
+use crate::error::{DecodeError, WireError};
+use crate::request::{get_entries, get_hello, get_optional_str};
+use crate::response::{
+    get_batch_lookup, get_bools, get_delete_statuses, get_hello_ok, get_json, get_location,
+    get_region_records, get_regions, get_rm_allocations, get_wire_error,
+};
+use crate::types::{
+    delete_status, get_access, get_entry, get_handle, get_keys, get_region, Access, DeleteStatus,
+    Handle, Hello, HelloOk, Location, RegionInfo, RegionRecord, RegisterEntry, RmAllocation, Slot,
+};
+
+/// Which daemon answers a request.
+#[derive(Clone, Copy)]
+enum AnsweredBy {
+    Rm,
+    Server,
+    Both,
+}
+
+impl AnsweredBy {
+    const fn includes(self, server: bool) -> bool {
+        match self {
+            AnsweredBy::Both => true,
+            AnsweredBy::Server => server,
+            AnsweredBy::Rm => !server,
+        }
+    }
+}
+
+macro_rules! catalog {
+    (
+        $(#[$req_meta:meta])*
+        pub enum Request<$lt:lifetime>, decoded from $rr:ident {
+            $(
+                $(#[$rmeta:meta])*
+                $rvar:ident $(($($rtuple:ty),+))? $({ $($rfield:ident: $rfty:ty),+ $(,)? })?
+                    = $rconst:ident $rnum:literal $rname:literal $by:ident => $rdecode:expr,
+            )*
+        }
+
+        $(#[$resp_meta:meta])*
+        pub enum Response, decoded from $sr:ident {
+            $(
+                $(#[$smeta:meta])*
+                $svar:ident $(($($stuple:ty),+))? $({ $($sfield:ident: $sfty:ty),+ $(,)? })?
+                    = $sconst:ident $snum:literal => $sdecode:expr,
+            )*
+        }
+    ) => {
+        $(#[$req_meta])*
+        pub enum Request<$lt> {
+            $( $(#[$rmeta])* $rvar $(($($rtuple),+))? $({ $($rfield: $rfty),+ })?, )*
+        }
+
+        $(#[$resp_meta])*
+        pub enum Response {
+            $( $(#[$smeta])* $svar $(($($stuple),+))? $({ $($sfield: $sfty),+ })?, )*
+        }
+
+        /// Wire numbers of every message. Requests are below `0x8000`, responses above.
+        pub mod msg_type {
+            $(pub const $rconst: u16 = $rnum;)*
+            $(pub const $sconst: u16 = $snum;)*
+        }
+
+        impl Request<'_> {
+            pub fn msg_type(&self) -> u16 {
+                match self {
+                    $(Request::$rvar { .. } => msg_type::$rconst,)*
+                }
+            }
+
+            /// A stable, short name for logs, stats and metrics.
+            pub fn name(&self) -> &'static str {
+                request_name(self.msg_type())
+            }
+        }
+
+        impl Response {
+            pub fn msg_type(&self) -> u16 {
+                match self {
+                    $(Response::$svar { .. } => msg_type::$sconst,)*
+                }
+            }
+        }
+
+        /// Name of a request message type (`"unknown"` for anything else).
+        pub fn request_name(t: u16) -> &'static str {
+            match t {
+                $(msg_type::$rconst => $rname,)*
+                _ => "unknown",
+            }
+        }
+
+        /// Every request type with the daemon that answers it, in catalog order.
+        const REQUESTS: &[(u16, AnsweredBy)] = &[$((msg_type::$rconst, AnsweredBy::$by),)*];
+
+        pub(crate) fn decode_request_payload<$lt>(
+            t: u16,
+            $rr: &mut Reader<$lt>,
+        ) -> Result<Request<$lt>, DecodeError> {
+            Ok(match t {
+                $(msg_type::$rconst => $rdecode,)*
+                other => return Err(DecodeError::UnknownMessage(other)),
+            })
+        }
+
+        pub(crate) fn decode_response_payload(
+            t: u16,
+            $sr: &mut Reader,
+        ) -> Result<Response, DecodeError> {
+            Ok(match t {
+                $(msg_type::$sconst => $sdecode,)*
+                other => return Err(DecodeError::UnknownMessage(other)),
+            })
+        }
+    };
+}
+
+catalog! {
+    /// Every request. Resource-manager requests are prefixed `Rm`; the rest go to a metadata
+    /// server. `Hello`, `Heartbeat` and `Goodbye` are understood by both.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Request<'a>, decoded from r {
+        Hello(Hello<'a>) = HELLO 0x0001 "hello" Both => Request::Hello(get_hello(r)?),
+        Heartbeat = HEARTBEAT 0x0002 "heartbeat" Both => Request::Heartbeat,
+        /// The sender is leaving on purpose: its regions may be released (deferred freeing).
+        Goodbye = GOODBYE 0x0003 "goodbye" Both => Request::Goodbye,
+        /// Allocate a region for the connection's owner (from its [`Hello`]).
+        RmAlloc { size: u64, pool: Option<&'a str> } = RM_ALLOC 0x0101 "rm_alloc" Rm
+            => Request::RmAlloc { size: r.u64()?, pool: get_optional_str(r)? },
+        RmFree { handle: Handle } = RM_FREE 0x0102 "rm_free" Rm
+            => Request::RmFree { handle: get_handle(r)? },
+        RmGetAccess { handle: Handle } = RM_GET_ACCESS 0x0103 "rm_get_access" Rm
+            => Request::RmGetAccess { handle: get_handle(r)? },
+        RmStats = RM_STATS 0x0104 "rm_stats" Rm => Request::RmStats,
+        RmList = RM_LIST 0x0105 "rm_list" Rm => Request::RmList,
+        /// A client asks for a new region of `size` bytes; the reply says how to map it.
+        RequestRegion { size: u64 } = REQUEST_REGION 0x0201 "request_region" Server
+            => Request::RequestRegion { size: r.u64()? },
+        /// A client gives back one of its regions (freed once no key references it).
+        ReturnRegion { region_id: u64 } = RETURN_REGION 0x0202 "return_region" Server
+            => Request::ReturnRegion { region_id: r.u64()? },
+        Register(RegisterEntry<'a>) = REGISTER 0x0203 "register" Server
+            => Request::Register(get_entry(r)?),
+        BatchRegister(Vec<RegisterEntry<'a>>) = BATCH_REGISTER 0x0204 "batch_register" Server
+            => Request::BatchRegister(get_entries(r)?),
+        Lookup { key: &'a [u8] } = LOOKUP 0x0205 "lookup" Server
+            => Request::Lookup { key: r.key()? },
+        BatchLookup { keys: Vec<&'a [u8]> } = BATCH_LOOKUP 0x0206 "batch_lookup" Server
+            => Request::BatchLookup { keys: get_keys(r)? },
+        Exists { key: &'a [u8] } = EXISTS 0x0207 "exists" Server
+            => Request::Exists { key: r.key()? },
+        BatchExists { keys: Vec<&'a [u8]> } = BATCH_EXISTS 0x0208 "batch_exists" Server
+            => Request::BatchExists { keys: get_keys(r)? },
+        Delete { key: &'a [u8] } = DELETE 0x0209 "delete" Server
+            => Request::Delete { key: r.key()? },
+        BatchDelete { keys: Vec<&'a [u8]> } = BATCH_DELETE 0x020A "batch_delete" Server
+            => Request::BatchDelete { keys: get_keys(r)? },
+        Pin { key: &'a [u8] } = PIN 0x020B "pin" Server
+            => Request::Pin { key: r.key()? },
+        BatchPin { keys: Vec<&'a [u8]> } = BATCH_PIN 0x020C "batch_pin" Server
+            => Request::BatchPin { keys: get_keys(r)? },
+        Unpin { key: &'a [u8] } = UNPIN 0x020D "unpin" Server
+            => Request::Unpin { key: r.key()? },
+        BatchUnpin { keys: Vec<&'a [u8]> } = BATCH_UNPIN 0x020E "batch_unpin" Server
+            => Request::BatchUnpin { keys: get_keys(r)? },
+        ListAllocations = LIST_ALLOCATIONS 0x020F "list_allocations" Server
+            => Request::ListAllocations,
+        Stats = STATS 0x0210 "stats" Server => Request::Stats,
+        GetRegion { region_id: u64 } = GET_REGION 0x0211 "get_region" Server
+            => Request::GetRegion { region_id: r.u64()? },
+        /// Every live region (for clients that map everything at connect, `eager_map`).
+        ListRegions = LIST_REGIONS 0x0212 "list_regions" Server => Request::ListRegions,
+    }
+
+    /// Every response. Errors travel as [`Response::Error`] with [`crate::FLAG_ERROR`] set.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Response, decoded from r {
+        HelloOk(HelloOk) = R_HELLO 0x8001 => Response::HelloOk(get_hello_ok(r)?),
+        Ok = R_OK 0x8002 => Response::Ok,
+        Error(WireError) = R_ERROR 0x8003 => Response::Error(get_wire_error(r)?),
+        Handle(Handle) = R_HANDLE 0x8101 => Response::Handle(get_handle(r)?),
+        Access(Access) = R_ACCESS 0x8102 => Response::Access(get_access(r)?),
+        /// JSON of [`crate::stats::RmStats`].
+        RmStats(String) = R_RM_STATS 0x8103 => Response::RmStats(get_json(r)?),
+        RmAllocations(Vec<RmAllocation>) = R_RM_ALLOCATIONS 0x8104
+            => Response::RmAllocations(get_rm_allocations(r)?),
+        Region(RegionInfo) = R_REGION 0x8201 => Response::Region(get_region(r)?),
+        /// Register: whether the key was new. Exists / Pin: whether the key exists.
+        /// Unpin: whether the key was pinned.
+        Bool(bool) = R_BOOL 0x8202 => Response::Bool(r.bool()?),
+        Bools(Vec<bool>) = R_BOOLS 0x8203 => Response::Bools(get_bools(r)?),
+        Lookup(Option<Location>) = R_LOOKUP 0x8204 => Response::Lookup(get_location(r)?),
+        /// A deduplicated region table and one entry per key.
+        BatchLookup { regions: Vec<RegionInfo>, entries: Vec<Option<Slot>> }
+            = R_BATCH_LOOKUP 0x8205 => get_batch_lookup(r)?,
+        Delete(DeleteStatus) = R_DELETE 0x8206 => Response::Delete(delete_status(r.u8()?)?),
+        BatchDelete(Vec<DeleteStatus>) = R_BATCH_DELETE 0x8207
+            => Response::BatchDelete(get_delete_statuses(r)?),
+        Allocations(Vec<RegionRecord>) = R_ALLOCATIONS 0x8208
+            => Response::Allocations(get_region_records(r)?),
+        /// JSON of [`crate::stats::ServerStats`].
+        Stats(String) = R_STATS 0x8209 => Response::Stats(get_json(r)?),
+        Regions(Vec<RegionInfo>) = R_REGIONS 0x820A => Response::Regions(get_regions(r)?),
+    }
+}
+
+const fn count_answered(server: bool) -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    while i < REQUESTS.len() {
+        if REQUESTS[i].1.includes(server) {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
+const fn answered<const N: usize>(server: bool) -> [u16; N] {
+    let mut out = [0; N];
+    let (mut i, mut n) = (0, 0);
+    while i < REQUESTS.len() {
+        if REQUESTS[i].1.includes(server) {
+            out[n] = REQUESTS[i].0;
+            n += 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Every request a metadata server answers, in catalog order.
+pub const SERVER_REQUESTS: &[u16] = &answered::<{ count_answered(true) }>(true);
+
+/// Every request the resource manager answers, in catalog order.
+pub const RM_REQUESTS: &[u16] = &answered::<{ count_answered(false) }>(false);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_daemon_answers_its_own_requests_and_the_shared_ones() {
+        let names = |l: &[u16]| l.iter().map(|t| request_name(*t)).collect::<Vec<_>>();
+        assert_eq!(
+            names(RM_REQUESTS),
+            [
+                "hello",
+                "heartbeat",
+                "goodbye",
+                "rm_alloc",
+                "rm_free",
+                "rm_get_access",
+                "rm_stats",
+                "rm_list"
+            ]
+        );
+        assert_eq!(SERVER_REQUESTS.len(), 21);
+        assert!(SERVER_REQUESTS[..3] == RM_REQUESTS[..3]);
+        assert!(SERVER_REQUESTS[3..]
+            .iter()
+            .all(|t| !RM_REQUESTS.contains(t)));
+        assert_eq!(request_name(0x7777), "unknown");
+    }
+}
