@@ -8,6 +8,11 @@
 //! Many requests may be in flight on one connection; every response carries the request id
 //! of the request it answers.
 //!
+//! Every message type is listed once, in `catalog.rs`: its variant, wire number, name, the
+//! daemon that answers it and its decoder. This crate is the wire format only: no I/O, no
+//! sockets, no libc. Reading frames from a stream, connections, waits and process identity
+//! belong to `maru-transport`.
+//!
 //! ```
 //! use maru_proto::{encode_request, decode_frame, Body, Request};
 //! let mut buf = Vec::new();

@@ -3,6 +3,10 @@
 //! BLAKE3 auth token, logs every change to a write-ahead log before applying it, checkpoints,
 //! and takes regions back from owners that died.
 //!
+//! It owns the pools, the allocation table with its WAL and checkpoints, and the token
+//! secret; no other crate writes them. It knows nothing of keys, pages or KV bytes (those
+//! are the metadata server's and the clients'): it hands out and takes back whole regions.
+//!
 //! Run it with [`start`] (in-process: tests, embedded mode) or the `maru-resource-manager`
 //! binary ([`cli::main`]); talk to it with [`RmClient`].
 //!

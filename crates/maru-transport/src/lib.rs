@@ -6,8 +6,8 @@
 //! [`TransportError`] of every exchange, and this process's identity ([`local_identity`]) as
 //! a Hello states it.
 //!
-//! It knows the protocol only through `maru_proto`'s encoders and decoders and holds no
-//! protocol state of its own; it knows nothing of keys, regions or pools.
+//! It defines no message types or encodings (those are `maru_proto`'s, used through its
+//! encoders and decoders) and knows nothing of keys, regions or pools.
 
 pub mod busy;
 mod error;
