@@ -48,12 +48,13 @@ class MaruUp:
 
     @property
     def tcp_url(self) -> str:
-        return f"tcp://{self.tcp}"
+        # The ready file gives URLs (tcp://host:port); a bare host:port works too.
+        return self.tcp if self.tcp.startswith("tcp://") else f"tcp://{self.tcp}"
 
     @property
     def unix_url(self) -> str:
         assert self.unix, "maru up runs without a Unix socket"
-        return f"unix://{self.unix}"
+        return self.unix if self.unix.startswith("unix://") else f"unix://{self.unix}"
 
     def stats(self) -> dict[str, Any]:
         """`maru stats --json` of this server (the operator's view, from another process)."""
