@@ -123,8 +123,10 @@ class MaruHandler:
     def batch_store(
         self,
         keys: Iterable[Key],
-        infos: Iterable[MemoryInfo | memoryview | _Buffer | AllocHandle],
+        infos: Iterable[MemoryInfo | memoryview | _Buffer | AllocHandle] | None = None,
         prefixes: Iterable[bytes | None] | None = None,
+        *,
+        handles: Iterable[AllocHandle] | None = None,
     ) -> list[bool]: ...
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]: ...
     def batch_pin(self, keys: Iterable[Key]) -> list[bool]: ...

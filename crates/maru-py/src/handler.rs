@@ -427,15 +427,37 @@ impl PyMaruHandler {
 
     /// Stores many entries with one round trip (per 4096). Items are MemoryInfo, any buffer
     /// (copied into fresh pages, after the matching prefix) or AllocHandle (zero copy).
-    #[pyo3(signature = (keys, infos, prefixes=None))]
+    /// `handles=` is the original's zero-copy form: every item is a page from alloc() (or an
+    /// object with its region_id, page_index and size), never copied.
+    #[pyo3(signature = (keys, infos=None, prefixes=None, *, handles=None))]
     fn batch_store(
         &self,
         py: Python<'_>,
         keys: &Bound<'_, PyAny>,
-        infos: &Bound<'_, PyAny>,
+        infos: Option<&Bound<'_, PyAny>>,
         prefixes: Option<&Bound<'_, PyAny>>,
+        handles: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Vec<bool>> {
         let keys = keys_vec(keys)?;
+        let (infos, all_pages) = match (some(infos), some(handles)) {
+            (Some(infos), None) => (infos, false),
+            (None, Some(handles)) => (handles, true),
+            (Some(_), Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "batch_store: pass infos or handles, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(PyValueError::new_err(
+                    "batch_store() needs infos or handles",
+                ))
+            }
+        };
+        if all_pages && some(prefixes).is_some() {
+            return Err(PyValueError::new_err(
+                "batch_store: handles are stored as they are; prefixes need infos",
+            ));
+        }
         let infos: Vec<Bound<'_, PyAny>> = infos.try_iter()?.collect::<PyResult<_>>()?;
         let prefixes: Vec<Bound<'_, PyAny>> = match prefixes.filter(|p| !p.is_none()) {
             Some(p) => p.try_iter()?.collect::<PyResult<_>>()?,
@@ -455,7 +477,7 @@ impl PyMaruHandler {
         }
         let mut srcs = Vec::with_capacity(infos.len());
         for (i, info) in infos.iter().enumerate() {
-            if info.is_instance_of::<AllocHandle>() {
+            if all_pages || info.is_instance_of::<AllocHandle>() {
                 let (page, size) = page_of(info)?;
                 srcs.push(Src::Page(page, size));
                 continue;
