@@ -63,6 +63,7 @@ class PageMemoryObj(TensorMemoryObj):
         state: PageState,
     ) -> None:
         super().__init__(raw_data, metadata, parent_allocator=adapter)
+        self.adapter = adapter
         self.region_id = region_id
         self.page_index = page_index
         self.page_state = state
@@ -72,9 +73,7 @@ class PageMemoryObj(TensorMemoryObj):
         # references still counted. A stored chunk keeps one reference for good (LMCache's
         # backend holds it so the page is not reclaimed), and its page belongs to the key;
         # only a page LMCache dropped before storing goes back.
-        adapter = self.parent_allocator
-        if adapter is not None:
-            try:
-                adapter.collected(self)
-            except Exception:  # noqa: BLE001 - nothing may escape a finaliser
-                pass
+        try:
+            self.adapter.collected(self)
+        except Exception:  # noqa: BLE001 - nothing may escape a finaliser
+            pass

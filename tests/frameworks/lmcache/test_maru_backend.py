@@ -253,6 +253,15 @@ def test_a_full_pool_makes_allocate_return_none() -> None:
                 held.append(obj)
                 assert len(held) <= 32, "more pages than the pool holds"
             assert len(held) == 16 * MIB // (512 * 1024), "every page of the pool was handed out"
+            # The regions the handler added on the way were picked up, each page a view of
+            # its own region's mapping.
+            regions = b.handler.get_owned_region_ids()
+            assert len(regions) == 8
+            stride = page_stride(b.handler.get_chunk_size())
+            for o in held:
+                rid, pid = CxlMemoryAdapter.decode_address(o.metadata.address)
+                assert o.tensor.data_ptr() == mapping_base(b.handler, rid) + pid * stride
+            assert {CxlMemoryAdapter.decode_address(o.metadata.address)[0] for o in held} == set(regions)
             # LMCache's other allocators answer a full pool with None, and so does this one,
             # for a batch too, taking no page.
             assert b.backend.batched_allocate(b.shape(256), torch.float16, 2) is None
