@@ -309,3 +309,35 @@ def test_close_with_puts_in_flight_loses_nothing_acknowledged(maru_up: MaruUp) -
     with MaruHandler(MaruConfig(server_url=maru_up.tcp_url, pool_size=4 * MIB, chunk_size_bytes=64 * 1024)) as reader:
         got = reader.batch_retrieve([b.key(100 + i).to_string() for i in range(n)])
         assert [bytes(g.view) if g is not None else None for g in got] == datas
+
+
+def test_the_adapter_refuses_what_it_cannot_name(maru_up: MaruUp) -> None:
+    with maru_backend(maru_up.tcp_url) as b:
+        a = b.allocator
+        assert CxlMemoryAdapter.decode_address(CxlMemoryAdapter.encode_address(7, 3)) == (7, 3)
+        with pytest.raises(ValueError):
+            CxlMemoryAdapter.encode_address(1, 1 << 32)
+        obj = b.backend.allocate(b.shape(), torch.float16)
+        data = fill(obj, seed=9)
+        rid, pid = CxlMemoryAdapter.decode_address(obj.metadata.address)
+        b.backend.submit_put_task(b.key(9), obj).result(10)
+        with pytest.raises(ValueError, match="storing"):
+            a.create_store_handle(obj)  # a page is stored once
+        got = b.backend.get_blocking(b.key(9))
+        with pytest.raises(ValueError, match="borrowed"):
+            a.create_store_handle(got)
+        token = len(data) // TOKENS
+        pages = b.handler.get_region_page_count(rid)
+        assert a.get_by_location(rid, pages, len(data), token) is None, "past the region"
+        assert a.get_by_location(10**6, 0, len(data), token) is None, "an unknown region"
+        assert a.get_by_location(rid, pid, token + 1, token) is None, "not a whole number of tokens"
+        part = a.get_by_location(rid, pid, 3 * token, token)
+        assert part is not None and part.tensor.shape[2] == 3 and tensor_bytes(part) == data[: 3 * token]
+        # Freeing twice gives the page back once.
+        spare = b.backend.allocate(b.shape(), torch.float16)
+        before = b.allocated_pages()
+        a.free(spare)
+        a.free(spare)
+        assert b.allocated_pages() == before - 1
+        a.close()
+        assert b.backend.allocate(b.shape(), torch.float16) is None, "a closed adapter allocates nothing"
