@@ -341,3 +341,30 @@ def test_the_adapter_refuses_what_it_cannot_name(maru_up: MaruUp) -> None:
         assert b.allocated_pages() == before - 1
         a.close()
         assert b.backend.allocate(b.shape(), torch.float16) is None, "a closed adapter allocates nothing"
+
+
+def test_a_second_put_of_a_stored_key_keeps_the_first_and_frees_nothing_twice(maru_up: MaruUp) -> None:
+    with maru_backend(maru_up.tcp_url) as b:
+        base = b.allocated_pages()
+        first = b.backend.allocate(b.shape(), torch.float16)
+        data = fill(first, seed=20)
+        b.backend.submit_put_task(b.key(20), first).result(10)
+        second = b.backend.allocate(b.shape(), torch.float16)
+        fill(second, seed=21)
+        b.backend.submit_put_task(b.key(20), second).result(10)
+        assert keys_at_store(maru_up) == (1, 0)
+        assert b.allocated_pages() == base + 1, "the duplicate's page went back"
+        # That page is handed out again while LMCache still holds the duplicate's object;
+        # dropping the object must not free the page under its new owner.
+        third = b.backend.allocate(b.shape(), torch.float16)
+        assert CxlMemoryAdapter.decode_address(third.metadata.address) == CxlMemoryAdapter.decode_address(
+            second.metadata.address
+        )
+        second.ref_count_down()
+        del second
+        gc.collect()
+        assert b.allocated_pages() == base + 2
+        fill(third, seed=22)
+        b.backend.submit_put_task(b.key(22), third).result(10)
+        got = b.backend.batched_get_blocking([b.key(20), b.key(22)])
+        assert tensor_bytes(got[0]) == data and tensor_bytes(got[1]) == tensor_bytes(third)
