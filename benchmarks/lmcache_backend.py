@@ -12,6 +12,8 @@ every row sees the same minutes of machine load:
 - ``put``: allocate + copy the chunk into the MemoryObj (what LMCache's GPU->CPU copy
   does) + ``submit_put_task`` until its future completes (the key is registered), and its
   parts ``put.allocate``, ``put.copy``, ``put.register``;
+- ``MaruHandler.store``: the registration call the backend makes on its worker thread,
+  called directly (what ``put.register`` costs without LMCache's event loop and threads);
 - ``get``: ``get_blocking`` (a MemoryObj over the stored page, no bytes moved);
 - ``get+copy``: ``get_blocking`` + copying the chunk out (what a load to the GPU does);
 - ``get+copy (other instance)``: the same from a second backend with its own handler, which
@@ -127,7 +129,7 @@ def backend(url: str, pool_gib: float) -> Iterator[Any]:
 def run(url: str, iters: int, warmup: int) -> dict[str, Any]:
     # op -> [(ns, ns of the memcpy sampled next to it)]
     samples: dict[str, list[tuple[int, int]]] = {k: [] for k in (
-        "memcpy", "put", "put.allocate", "put.copy", "put.register", "get", "get+copy",
+        "memcpy", "put", "put.allocate", "put.copy", "put.register", "MaruHandler.store", "get", "get+copy",
         "get+copy (other instance)", "get+copy (other instance, first read)",
     )}
     with backend(url, PAGES * 32 / 1024) as writer, backend(url, 0.25) as reader:
@@ -156,6 +158,14 @@ def run(url: str, iters: int, warmup: int) -> dict[str, Any]:
             obj.ref_count_down()
             put = (t1 - t0, t2 - t1, t3 - t2)
 
+            direct_key = CacheEngineKey(MODEL, 1, 0, 50_000 + i, torch.float16).to_string()
+            direct = writer.allocate(shape, torch.float16)
+            handle = writer.memory_allocator.create_store_handle(direct)
+            t0 = perf()
+            writer._handler.store(direct_key, handle)
+            store = perf() - t0
+            writer._handler.delete(direct_key)
+
             t0 = perf()
             got = writer.get_blocking(key)
             t1 = perf()
@@ -178,7 +188,7 @@ def run(url: str, iters: int, warmup: int) -> dict[str, Any]:
             if keep:
                 for op, ns in (
                     ("memcpy", memcpy), ("put", sum(put)), ("put.allocate", put[0]), ("put.copy", put[1]),
-                    ("put.register", put[2]), ("get", get), ("get+copy", get_copy),
+                    ("put.register", put[2]), ("MaruHandler.store", store), ("get", get), ("get+copy", get_copy),
                     ("get+copy (other instance)", t1 - t0),
                 ):
                     samples[op].append((ns, memcpy))
@@ -214,7 +224,7 @@ def run(url: str, iters: int, warmup: int) -> dict[str, Any]:
         rows.append({
             "op": op, "chunk_bytes": nbytes, "samples": len(s),
             "p50_us": p50 / 1e3, "p90_us": s[min(len(s) - 1, int(len(s) * 0.9))] / 1e3,
-            "gbps": nbytes / p50 if op not in ("get", "put.allocate", "put.register") else None,
+            "gbps": nbytes / p50 if op not in ("get", "put.allocate", "put.register", "MaruHandler.store") else None,
             "x_memcpy": p50 / memcpy_p50,
             # Each sample over the memcpy taken next to it: steadier than p50 over p50 when
             # the machine's load drifts during the run.
