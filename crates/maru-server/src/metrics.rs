@@ -3,11 +3,11 @@
 use maru_proto::request_name;
 use maru_telemetry::PromWriter;
 
-use crate::state::{State, OP_NAMES};
+use crate::state::{ServerState, OP_NAMES};
 
 /// Renders every metric. Pool gauges come from the resource manager and are left out (with
 /// `maru_rm_up 0`) when it cannot be reached.
-pub(crate) fn render(state: &State) -> String {
+pub(crate) fn render(state: &ServerState) -> String {
     let s = state.stats();
     let mut w = PromWriter::new();
     w.family("maru_keys", "gauge", "Registered keys")

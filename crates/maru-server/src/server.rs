@@ -24,7 +24,7 @@ use maru_transport::Stream;
 
 use crate::conn::{self, READ_TICK, WRITE_TIMEOUT};
 use crate::rm::{RegionSource, RemoteRm};
-use crate::state::State;
+use crate::state::ServerState;
 
 /// How long one resource-manager call may take before the server calls it unreachable.
 const RM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,7 +111,7 @@ pub enum ServerError {
 
 /// What every thread of a server shares.
 pub(crate) struct Shared {
-    pub state: State,
+    pub state: ServerState,
     shutting_down: AtomicBool,
     max_clients: usize,
     /// How long a connection may stay without a completed Hello.
@@ -241,7 +241,7 @@ pub(crate) fn start_with(
         .clone()
         .unwrap_or_else(|| maru_transport::local_identity().0);
     let shared = Arc::new(Shared {
-        state: State::new(rm, cfg.pools.clone(), hostname),
+        state: ServerState::new(rm, cfg.pools.clone(), hostname),
         shutting_down: AtomicBool::new(false),
         max_clients: cfg.max_clients.max(1),
         handshake_timeout: cfg.handshake_timeout,

@@ -1,5 +1,5 @@
 //! One request in, one reply out: decoding, the handshake and role rules, and the mapping of
-//! every request onto [`State`]. No I/O here: the connection loop owns the socket.
+//! every request onto [`ServerState`]. No I/O here: the connection loop owns the socket.
 
 use std::time::Instant;
 
@@ -9,7 +9,7 @@ use maru_proto::{
 };
 
 use crate::reply;
-use crate::state::{Peer, Scratch, State};
+use crate::state::{Peer, Scratch, ServerState};
 
 /// What one connection remembers between requests.
 pub(crate) struct ConnCtx {
@@ -29,7 +29,7 @@ impl Default for ConnCtx {
 /// Answers one frame whose header was valid, appending the reply (or an error reply carrying
 /// the request id) to `out`, and records the operation's latency.
 pub(crate) fn handle_frame(
-    state: &State,
+    state: &ServerState,
     ctx: &mut ConnCtx,
     header: &Header,
     payload: &[u8],
@@ -79,7 +79,7 @@ fn not_handshaken() -> WireError {
 }
 
 fn dispatch(
-    state: &State,
+    state: &ServerState,
     ctx: &mut ConnCtx,
     id: u64,
     req: &Request,

@@ -1,0 +1,476 @@
+//! The region table: the regions this server allocated on its clients' behalf, who owns each,
+//! and how many keys point into each.
+//!
+//! A region goes back to the resource manager only when its owner is gone (it returned the
+//! region, said goodbye, or its last connection closed) **and** no key references it
+//! (deferred freeing). The owner letting go is [`ServerState::release`]; the last key going is
+//! a delete (see `keys`); both end in `take_if_unreferenced`, under the region's own mutex.
+//! How the region then reaches the resource manager is `freeing`'s.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLockReadGuard};
+
+use maru_proto::{ErrorCode, Handle, RegionInfo, RegionRecord, WireError};
+
+use super::sessions::{session_ended, Session};
+use super::{err, lock, ServerState};
+use crate::registry::RegionSlot;
+use crate::reply;
+use crate::rm::RmCallError;
+
+/// Mutable part of a region, behind its own mutex.
+///
+/// Register, delete and release take it, which makes "insert key + count it" and
+/// "remove key + uncount it + maybe free" atomic with respect to "owner gone + maybe free": a
+/// region is never freed under a live key.
+pub(super) struct RegionState {
+    /// Number of keys pointing into the region.
+    pub(super) refs: u64,
+    /// The owner's session is live and has not returned the region.
+    pub(super) owner_live: bool,
+    /// Gone from the table; on its way back to the resource manager.
+    pub(super) freed: bool,
+}
+
+/// A region in the server's table: allocated at the resource manager on behalf of one
+/// instance's session, which owns it until it returns it or ends.
+pub(crate) struct TableRegion {
+    pub(super) slot: RegionSlot,
+    pub(super) info: RegionInfo,
+    /// The region's encoding on the wire, spliced into replies (see `reply`).
+    wire: Box<[u8]>,
+    pub(super) instance_id: String,
+    pub(super) session: u64,
+    pub(super) state: Mutex<RegionState>,
+}
+
+impl std::fmt::Debug for TableRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableRegion")
+            .field("slot", &self.slot)
+            .field("region_id", &self.info.handle.region_id)
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TableRegion {
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+}
+
+/// The regions of the table, by the server's slot and by the resource manager's id.
+#[derive(Default)]
+pub(super) struct RegionTable {
+    pub(super) by_slot: HashMap<u32, Arc<TableRegion>>,
+    pub(super) by_id: HashMap<u64, RegionSlot>,
+}
+
+impl RegionTable {
+    fn by_id(&self, region_id: u64) -> Option<&Arc<TableRegion>> {
+        self.by_id
+            .get(&region_id)
+            .and_then(|s| self.by_slot.get(&s.0))
+    }
+}
+
+impl ServerState {
+    pub(super) fn table(&self) -> RwLockReadGuard<'_, RegionTable> {
+        self.regions.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn region_by_id(&self, region_id: u64) -> Option<Arc<TableRegion>> {
+        self.table().by_id(region_id).cloned()
+    }
+
+    pub fn request_region(
+        &self,
+        session: &Arc<Session>,
+        size: u64,
+    ) -> Result<Arc<TableRegion>, WireError> {
+        if session.is_ended() {
+            return Err(session_ended());
+        }
+        if size == 0 {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                "region size must be greater than zero",
+            ));
+        }
+        // In flight from here until the region is in the table (see `freeing`).
+        let in_flight = self.alloc_gate.read().unwrap_or_else(|e| e.into_inner());
+        let info = self.alloc_from_pools(size).map_err(|e| e.to_wire())?;
+        let Some(wire) = reply::region_wire(&info) else {
+            self.free_at_rm(info.handle);
+            return Err(err(
+                ErrorCode::Internal,
+                "region description does not fit a frame",
+            ));
+        };
+        let slot = self
+            .next_slot
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_add(1))
+            .map_err(|_| {
+                err(
+                    ErrorCode::Internal,
+                    "region slot numbers exhausted; restart the server",
+                )
+            });
+        let slot = match slot {
+            Ok(s) => RegionSlot(s),
+            Err(e) => {
+                self.free_at_rm(info.handle);
+                return Err(e);
+            }
+        };
+        let region = Arc::new(TableRegion {
+            slot,
+            wire,
+            instance_id: session.instance_id.clone(),
+            session: session.id,
+            state: Mutex::new(RegionState {
+                refs: 0,
+                owner_live: true,
+                freed: false,
+            }),
+            info,
+        });
+        {
+            let mut table = self.regions.write().unwrap_or_else(|e| e.into_inner());
+            table.by_id.insert(region.info.handle.region_id, slot);
+            table.by_slot.insert(slot.0, region.clone());
+        }
+        drop(in_flight);
+        // The session may have ended while the resource manager was allocating; its release
+        // scan then ran before this insert, so release here (freeing the unused region).
+        if session.is_ended() {
+            self.release(&region);
+            return Err(session_ended());
+        }
+        tracing::debug!(
+            instance = %session.instance_id,
+            region = region.info.handle.region_id,
+            size,
+            "region allocated"
+        );
+        Ok(region)
+    }
+
+    fn alloc_from_pools(&self, size: u64) -> Result<RegionInfo, RmCallError> {
+        if self.pools.is_empty() {
+            return self.alloc_once(size, None);
+        }
+        let mut last = None;
+        for pool in &self.pools {
+            match self.alloc_once(size, Some(pool)) {
+                Ok(info) => return Ok(info),
+                // Fill first: the next pool only when this one has no room.
+                Err(e) if e.code() == Some(ErrorCode::PoolExhausted) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            RmCallError::Remote(err(ErrorCode::PoolExhausted, "no pool has room"))
+        }))
+    }
+
+    /// One allocation at the resource manager. A failure other than "no room" may leave a
+    /// region allocated there that the server never learns of (a lost reply, a region
+    /// whose description or cleanup failed): a reconcile is then due.
+    fn alloc_once(&self, size: u64, pool: Option<&str>) -> Result<RegionInfo, RmCallError> {
+        let r = self.rm.alloc(size, pool);
+        if let Err(e) = &r {
+            if e.code() != Some(ErrorCode::PoolExhausted) {
+                self.reconcile_due.store(true, Ordering::SeqCst);
+            }
+        }
+        r
+    }
+
+    pub fn return_region(&self, session: &Session, region_id: u64) -> Result<(), WireError> {
+        let region = self.owned_region(session, region_id)?;
+        let was_live = {
+            let st = lock(&region.state);
+            st.owner_live && !st.freed
+        };
+        if !was_live {
+            return Err(err(
+                ErrorCode::UnknownRegion,
+                format!("region {region_id} was already returned"),
+            ));
+        }
+        self.release(&region);
+        Ok(())
+    }
+
+    pub(super) fn owned_region(
+        &self,
+        session: &Session,
+        region_id: u64,
+    ) -> Result<Arc<TableRegion>, WireError> {
+        let region = self
+            .region_by_id(region_id)
+            .ok_or_else(|| err(ErrorCode::UnknownRegion, format!("no region {region_id}")))?;
+        if region.session != session.id {
+            return Err(err(
+                ErrorCode::NotOwner,
+                format!(
+                    "region {region_id} belongs to instance {:?}, not {:?}",
+                    region.instance_id, session.instance_id
+                ),
+            ));
+        }
+        Ok(region)
+    }
+
+    /// The owner lets go of `region`; it goes back to the resource manager now if no key
+    /// references it, otherwise when the last such key is deleted.
+    pub(super) fn release(&self, region: &TableRegion) {
+        let to_free = {
+            let mut st = lock(&region.state);
+            st.owner_live = false;
+            self.take_if_unreferenced(region, &mut st)
+        };
+        if let Some(h) = to_free {
+            self.free_at_rm(h);
+        }
+    }
+
+    /// Called with the region's mutex held: if the region is unowned and unreferenced, drop
+    /// it from the table and return its handle for freeing (after the mutex is released).
+    pub(super) fn take_if_unreferenced(
+        &self,
+        region: &TableRegion,
+        st: &mut RegionState,
+    ) -> Option<Handle> {
+        if st.owner_live || st.refs > 0 || st.freed {
+            return None;
+        }
+        st.freed = true;
+        let mut table = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        lock(&self.freeing).insert(region.info.handle.region_id);
+        table.by_slot.remove(&region.slot.0);
+        table.by_id.remove(&region.info.handle.region_id);
+        Some(region.info.handle.clone())
+    }
+
+    pub fn get_region(&self, region_id: u64) -> Result<Arc<TableRegion>, WireError> {
+        self.region_by_id(region_id)
+            .ok_or_else(|| err(ErrorCode::UnknownRegion, format!("no region {region_id}")))
+    }
+
+    pub fn write_regions(&self, out: &mut Vec<u8>, request_id: u64) {
+        let table = self.table();
+        let mut list: Vec<&Arc<TableRegion>> = table.by_slot.values().collect();
+        list.sort_by_key(|r| r.slot);
+        reply::regions(out, request_id, list.into_iter().map(|r| r.wire()));
+    }
+
+    /// Every region in the table (a snapshot; the table lock is not held afterwards, so
+    /// callers may take region mutexes).
+    fn all_regions(&self) -> Vec<Arc<TableRegion>> {
+        let mut list: Vec<Arc<TableRegion>> = self.table().by_slot.values().cloned().collect();
+        list.sort_by_key(|r| r.slot);
+        list
+    }
+
+    pub fn allocations(&self) -> Vec<RegionRecord> {
+        self.all_regions()
+            .into_iter()
+            .map(|r| {
+                let st = lock(&r.state);
+                RegionRecord {
+                    handle: r.info.handle.clone(),
+                    instance_id: r.instance_id.clone(),
+                    ref_count: st.refs,
+                    owner_connected: st.owner_live,
+                }
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    pub fn check_ref_counts(&self) {
+        use crate::registry::KeyRegistry;
+        for r in self.all_regions() {
+            let st = lock(&r.state);
+            assert_eq!(
+                st.refs,
+                self.registry.count_in_region(r.slot),
+                "region {:?}",
+                r.slot
+            );
+        }
+    }
+}
+
+pub(super) fn check_live(st: &RegionState, region_id: u64) -> Result<(), WireError> {
+    if st.freed {
+        return Err(err(
+            ErrorCode::UnknownRegion,
+            format!("no region {region_id}"),
+        ));
+    }
+    if !st.owner_live {
+        return Err(err(
+            ErrorCode::NotOwner,
+            format!("region {region_id} was returned; register into a region you hold"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use maru_proto::DeleteStatus;
+
+    use super::*;
+    use crate::registry::KeyRegistry;
+    use crate::state::fixtures::*;
+    use crate::state::Peer;
+
+    #[test]
+    fn deferred_freeing_waits_for_the_last_key() {
+        let (st, rm) = state(&[]);
+        let (mut peer, s, _) = client(&st, "a");
+        let region = st.request_region(&s, MIB).unwrap();
+        assert!(st.register(&s, &reg(b"k1", &region, 0, 10)).unwrap());
+        assert!(st.register(&s, &reg(b"k2", &region, 4096, 10)).unwrap());
+        assert!(!st.register(&s, &reg(b"k2", &region, 8192, 10)).unwrap());
+        st.check_ref_counts();
+        st.goodbye(&mut peer);
+        assert!(matches!(peer, Peer::New));
+        assert_eq!(rm.live().len(), 1, "keys still reference the region");
+        assert!(!st.allocations()[0].owner_connected);
+        assert!(st.pin(b"k1"));
+        assert_eq!(st.delete(b"k1"), DeleteStatus::Pinned);
+        assert_eq!(st.delete(b"k2"), DeleteStatus::Deleted);
+        assert_eq!(rm.live().len(), 1);
+        assert!(st.unpin(b"k1"));
+        assert_eq!(st.delete(b"k1"), DeleteStatus::Deleted);
+        assert!(rm.live().is_empty(), "last key gone: region freed");
+        assert_eq!(st.delete(b"k1"), DeleteStatus::NotFound);
+        assert!(st.allocations().is_empty());
+    }
+
+    #[test]
+    fn returned_regions_take_no_new_keys_and_free_when_empty() {
+        let (st, rm) = state(&[]);
+        let (_p, a, _) = client(&st, "a");
+        let r = st.request_region(&a, MIB).unwrap();
+        let id = r.info.handle.region_id;
+        assert!(st.register(&a, &reg(b"k", &r, 0, 1)).unwrap());
+        st.return_region(&a, id).unwrap();
+        assert_eq!(
+            st.return_region(&a, id).unwrap_err().code,
+            ErrorCode::UnknownRegion
+        );
+        assert_eq!(
+            st.register(&a, &reg(b"k2", &r, 4096, 1)).unwrap_err().code,
+            ErrorCode::NotOwner
+        );
+        assert_eq!(
+            st.batch_register(&a, &[reg(b"k3", &r, 4096, 1)])
+                .unwrap_err()
+                .code,
+            ErrorCode::NotOwner
+        );
+        assert_eq!(rm.live().len(), 1);
+        assert_eq!(st.delete(b"k"), DeleteStatus::Deleted);
+        assert!(rm.live().is_empty());
+    }
+
+    #[test]
+    fn pools_fill_first_then_fall_back() {
+        let (st, rm) = state(&["/p1", "/p2"]);
+        rm.room.lock().unwrap().insert("/p1".into(), 2 * MIB);
+        rm.room.lock().unwrap().insert("/p2".into(), MIB);
+        let (_p, a, _) = client(&st, "a");
+        let pools: Vec<String> = (0..3)
+            .map(|_| st.request_region(&a, MIB).unwrap().info.handle.pool.clone())
+            .collect();
+        assert_eq!(pools, ["/p1", "/p1", "/p2"]);
+        let e = st.request_region(&a, MIB).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PoolExhausted);
+        assert_eq!(
+            st.request_region(&a, 0).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+    }
+
+    /// Writers register, delete and release concurrently; at every moment a region that has
+    /// keys must still be live at the resource manager, and at the end the reference counts
+    /// must match the registry.
+    #[test]
+    fn concurrent_register_delete_release_never_free_under_a_live_key() {
+        let (st, rm) = state(&[]);
+        let st = Arc::new(st);
+        let stop = Arc::new(AtomicBool::new(false));
+        let checker = {
+            let (st, rm, stop) = (st.clone(), rm.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut checks = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    // With the table read-locked no region can leave it, and a region leaves
+                    // it before it is freed at the resource manager. So every key seen now
+                    // must point into a region of the table, and every region of the table
+                    // must still be live at the resource manager.
+                    let table = st.table();
+                    let live = rm.live();
+                    let mut dangling = Vec::new();
+                    st.registry.for_each(&mut |k, e| {
+                        if !table.by_slot.contains_key(&e.region.0) {
+                            dangling.push(k.to_vec());
+                        }
+                    });
+                    assert!(dangling.is_empty(), "keys without a region: {dangling:?}");
+                    for r in table.by_slot.values() {
+                        let id = r.info.handle.region_id;
+                        assert!(live.contains(&id), "region {id} in use but freed");
+                    }
+                    drop(table);
+                    checks += 1;
+                }
+                checks
+            })
+        };
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    for round in 0..200 {
+                        let name = format!("i{t}-{round}");
+                        let (mut peer, s, _) = client(&st, &name);
+                        let r = st.request_region(&s, MIB).unwrap();
+                        for k in 0..20u64 {
+                            let key = format!("k{}", (k + round) % 40);
+                            let _ = st.register(&s, &reg(key.as_bytes(), &r, k * 4096, 10));
+                        }
+                        for k in 0..10u64 {
+                            st.delete(format!("k{}", (k * 3 + round) % 40).as_bytes());
+                        }
+                        st.goodbye(&mut peer);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        assert!(checker.join().unwrap() > 0);
+        st.check_ref_counts();
+        // Delete everything: every region goes back.
+        let mut keys = Vec::new();
+        st.registry.for_each(&mut |k, _| keys.push(k.to_vec()));
+        for k in keys {
+            assert_eq!(st.delete(&k), DeleteStatus::Deleted);
+        }
+        assert!(rm.live().is_empty(), "leaked: {:?}", rm.live());
+        assert!(st.allocations().is_empty());
+    }
+}
