@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use maru_proto::{encode_error, ErrorCode, WireError};
+use maru_proto::{encode_error, WireError};
 use maru_transport::{FrameBuf, FrameReadError, Stream};
 
 use crate::server::Shared;
@@ -105,26 +105,4 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
     }
     state.disconnect(&mut ctx.peer);
     state.connections.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Answers the first request of a connection over the client limit with
-/// [`ErrorCode::TooManyClients`] and closes it.
-pub(crate) fn refuse(mut stream: Stream, max_clients: usize) {
-    let mut rx = FrameBuf::new();
-    rx.max_stall = READ_TICK * 2;
-    let mut out = Vec::new();
-    let request_id = match rx.read_frame(&mut stream) {
-        Ok((header, _)) => header.request_id,
-        Err(_) => 0,
-    };
-    encode_error(
-        &mut out,
-        request_id,
-        &WireError::new(
-            ErrorCode::TooManyClients,
-            format!("the server already has its maximum of {max_clients} clients"),
-        ),
-    );
-    let _ = stream.write_all(&out);
-    let _ = stream.shutdown();
 }

@@ -19,11 +19,16 @@
 //!
 //! Layout: [`registry`] (the key registry behind one narrow trait), `state` (sessions, regions,
 //! reference counts, deferred freeing), `service` (one request → one reply), `conn` (a
-//! connection's thread), `server` (listeners and shutdown), `rm` (the resource manager behind
-//! a small trait), `reply` (zero-copy reply encoders), `metrics`, [`cli`].
+//! connection's thread), `server` (start and shutdown), `config`, `admission` (accept loops and
+//! the client limit), `unix_socket`, `maintenance` (retries, pings and reconciles between
+//! requests), `rm` (the resource manager behind a small trait), `reply` (zero-copy reply
+//! encoders), `metrics`, [`cli`].
 
+mod admission;
 pub mod cli;
+mod config;
 mod conn;
+mod maintenance;
 mod metrics;
 pub mod registry;
 mod reply;
@@ -32,9 +37,11 @@ mod server;
 mod service;
 mod spin;
 mod state;
+mod unix_socket;
 
+pub use config::{ServerConfig, BUSY_POLL, HANDSHAKE_TIMEOUT};
 pub use rm::RmCallError;
-pub use server::{start, ServerConfig, ServerError, ServerHandle, BUSY_POLL, HANDSHAKE_TIMEOUT};
+pub use server::{start, ServerError, ServerHandle};
 
 #[cfg(test)]
 mod testing;
