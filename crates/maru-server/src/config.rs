@@ -33,7 +33,7 @@ pub struct ServerConfig {
     /// (default [`HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
     /// After answering, how long a connection thread polls for the next request before it
-    /// sleeps (see `spin.rs`; default [`BUSY_POLL`]). Zero: never spin.
+    /// sleeps (see `busy_poll`; default [`BUSY_POLL`]). Zero: never spin.
     pub busy_poll: Duration,
 }
 

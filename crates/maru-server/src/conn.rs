@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use maru_proto::{encode_error, WireError};
 use maru_transport::{FrameBuf, FrameReadError, Stream};
 
+use crate::busy_poll::{count_request, wait_for_next};
 use crate::server::Shared;
 use crate::service::{handle_frame, ConnCtx};
-use crate::spin::{count_request, wait_for_next};
 use crate::state::Peer;
 
 /// How often an idle connection thread looks at the shutdown flag.

@@ -19,12 +19,13 @@
 //!
 //! Layout: [`registry`] (the key registry behind one narrow trait), `state` (sessions, regions,
 //! reference counts, deferred freeing), `service` (one request → one reply), `conn` (a
-//! connection's thread), `server` (start and shutdown), `config`, `admission` (accept loops and
+//! connection's thread; `busy_poll` its wait for the next request), `server` (start and shutdown), `config`, `admission` (accept loops and
 //! the client limit), `unix_socket`, `maintenance` (retries, pings and reconciles between
-//! requests), `rm` (the resource manager behind a small trait), `reply` (zero-copy reply
+//! requests), `resource_manager` (the resource manager behind a small trait), `reply` (zero-copy reply
 //! encoders), `metrics`, [`cli`].
 
 mod admission;
+mod busy_poll;
 pub mod cli;
 mod config;
 mod conn;
@@ -32,15 +33,14 @@ mod maintenance;
 mod metrics;
 pub mod registry;
 mod reply;
-mod rm;
+mod resource_manager;
 mod server;
 mod service;
-mod spin;
 mod state;
 mod unix_socket;
 
 pub use config::{ServerConfig, BUSY_POLL, HANDSHAKE_TIMEOUT};
-pub use rm::RmCallError;
+pub use resource_manager::RmCallError;
 pub use server::{start, ServerError, ServerHandle};
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use maru_transport::Stream;
 use crate::admission::{accept_loop, Conns};
 use crate::config::ServerConfig;
 use crate::maintenance::maintenance_loop;
-use crate::rm::{RegionSource, RemoteRm};
+use crate::resource_manager::{RegionSource, RemoteRm};
 use crate::state::ServerState;
 use crate::unix_socket::bind_unix;
 

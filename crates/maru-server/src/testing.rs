@@ -8,7 +8,7 @@ use maru_proto::stats::{PoolStats, RmStats};
 use maru_proto::{Access, ErrorCode, Handle, RegionInfo, WireError};
 use maru_transport::TransportError;
 
-use crate::rm::{RegionSource, RmCallError};
+use crate::resource_manager::{RegionSource, RmCallError};
 
 #[derive(Default)]
 pub(crate) struct FakeRm {

@@ -22,7 +22,7 @@ use maru_proto::{ErrorCode, Handle};
 
 use super::regions::TableRegion;
 use super::{lock, ServerState};
-use crate::rm::RmCallError;
+use crate::resource_manager::RmCallError;
 
 impl ServerState {
     /// Frees a region that is not (or no longer) in the table; until that is done (or known

@@ -35,7 +35,7 @@ use maru_proto::{request_name, ErrorCode, Handle, WireError};
 use maru_telemetry::OpTable;
 
 use crate::registry::ShardedRegistry;
-use crate::rm::RegionSource;
+use crate::resource_manager::RegionSource;
 
 mod freeing;
 mod keys;

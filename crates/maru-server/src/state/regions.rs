@@ -17,7 +17,7 @@ use super::sessions::{session_ended, Session};
 use super::{err, lock, ServerState};
 use crate::registry::RegionSlot;
 use crate::reply;
-use crate::rm::RmCallError;
+use crate::resource_manager::RmCallError;
 
 /// Mutable part of a region, behind its own mutex.
 ///

@@ -1,6 +1,6 @@
-//! The server's view of the resource manager: allocate, free, stats. Behind a small trait so
-//! the request logic neither knows nor cares how regions are obtained (unit tests use an
-//! in-memory source; the daemon talks to a real resource manager).
+//! The server's view of the resource manager: allocate, free, list, stats. Behind a small
+//! trait so the request logic neither knows nor cares how regions are obtained (unit tests use
+//! an in-memory source; the daemon talks to a real resource manager).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -138,17 +138,12 @@ impl RemoteRm {
 }
 
 /// Whether an idle connection is still usable: nothing to read (a closed or reset peer makes
-/// it readable: end of file or an error), checked without blocking.
+/// it readable: end of file or an error), checked without blocking. A failed check counts as
+/// not usable.
 fn quiet(c: &mut RmClient) -> bool {
     use std::os::fd::AsRawFd;
-    let mut p = libc::pollfd {
-        fd: c.conn_mut().stream_mut().as_raw_fd(),
-        events: libc::POLLIN | libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one valid pollfd that lives across the call, with a zero timeout.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    rc == 0
+    let fd = c.conn_mut().stream_mut().as_raw_fd();
+    matches!(maru_transport::busy::readable_now(fd), Ok(false))
 }
 
 /// Whether a call failed because the peer had closed the connection before answering.
