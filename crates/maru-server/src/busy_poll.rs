@@ -1,11 +1,11 @@
 //! Busy-polling between requests: after answering, a connection thread polls its socket for a
 //! short while instead of going to sleep in `read`.
 //!
-//! Why: on this kind of VM a client's `send` to a sleeping thread costs ~8 µs in the sender
-//! (the wake-up crosses the hypervisor) against ~1 µs when the receiving thread is running —
-//! measured with a socket pair, a 45 µs gap between sends, reader blocking vs spinning. A
-//! client that stores a stream of chunks (write-behind) or issues calls back to back therefore
-//! pays most of its round trip in the server's wake-up. Spinning costs CPU, so it is bounded
+//! Why: on a virtual machine a client's `send` to a sleeping thread costs ~8 µs in the sender
+//! (the wake-up crosses the hypervisor) against ~1 µs when the receiving thread is running
+//! (a socket pair, a 45 µs gap between sends, reader blocking vs spinning). A client that
+//! stores a stream of chunks (write-behind) or issues calls back to back would otherwise pay
+//! most of its round trip in the server's wake-up. Spinning costs CPU, so it is bounded
 //! three ways: at most the configured window per gap; only the connection that had the
 //! server's latest request spins — so one thread at a time — and it stops as soon as another
 //! connection gets a request (that thread needs the CPU more: with 4–32 clients, spinners that

@@ -1,7 +1,19 @@
-//! The Maru metadata server: for one application group, it maps keys to locations in shared
-//! memory (region, offset, length), owns the regions its clients write into (allocated from
-//! the resource manager), counts how many keys point into each region, pins keys, and gives a
-//! region back only when its owner is gone **and** no key references it (deferred freeing).
+//! The Maru metadata server: the control plane of one application group.
+//!
+//! It owns the group's metadata and nothing else:
+//!
+//! * **sessions** — which instance is connected, over how many connections, with which token;
+//! * **the region table** — the regions it allocated from the resource manager on its clients'
+//!   behalf, who owns each, how many keys point into each, and when each may go back: only
+//!   once its owner is gone **and** no key references it (deferred freeing);
+//! * **the key registry** — key → (region, offset, length), write-once, with pins;
+//! * **the wire service** — one request in, one reply out, over TCP and a Unix socket;
+//! * **metrics and stats** — counts, per-operation latencies, Prometheus exposition.
+//!
+//! It may not touch KV bytes or pools. Clients write and read chunks through their own
+//! mappings; pools, extents, tokens and the reclaiming of dead owners' regions belong to the
+//! resource manager (`maru-resource-manager`). This server only asks it for regions, gives
+//! them back, and lists its regions and pool statistics.
 //!
 //! It is a library with a thin binary (`maru-server`), so tests and embedded mode (`maru up`)
 //! run it in-process:
@@ -17,12 +29,18 @@
 //! server.shutdown();
 //! ```
 //!
-//! Layout: [`registry`] (the key registry behind one narrow trait), `state` (sessions, regions,
-//! reference counts, deferred freeing), `service` (one request → one reply), `conn` (a
-//! connection's thread; `busy_poll` its wait for the next request), `server` (start and shutdown), `config`, `admission` (accept loops and
-//! the client limit), `unix_socket`, `maintenance` (retries, pings and reconciles between
-//! requests), `resource_manager` (the resource manager behind a small trait), `reply` (zero-copy reply
-//! encoders), `metrics`, [`cli`].
+//! Layout, one concept per file:
+//!
+//! * `state/` — sessions, regions, freeing (pending frees, reconcile), keys, stats; the locks
+//!   and invariants are in `state/mod.rs`;
+//! * [`registry`] — the key registry behind one narrow trait;
+//! * `service` — one request → one reply; `reply` — zero-copy encoders of the replies that
+//!   carry regions;
+//! * `conn` — a connection's thread; `busy_poll` — its wait for the next request;
+//! * `server` — start and shutdown; `config`; `admission` — accept loops and the client limit;
+//!   `unix_socket`; `maintenance` — retries, pings and reconciles between requests;
+//! * `resource_manager` — the resource manager behind a small trait;
+//! * `metrics`; [`cli`].
 
 mod admission;
 mod busy_poll;

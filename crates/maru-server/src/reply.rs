@@ -5,8 +5,8 @@
 //! region's strings (pool path, owner, mapping path) on every lookup, three allocations on
 //! the hottest path there is. Instead each region's wire form is encoded once when the region
 //! is created, and these functions splice it into replies. The layouts are the protocol's
-//! (`maru_proto` message.rs); `tests` below decode every one of them with the real decoder
-//! and compare against `encode_response` so the two cannot drift apart.
+//! (`maru_proto`'s response encodings); `tests` below decode every one of them with the real
+//! decoder and compare against `encode_response` so the two cannot drift apart.
 
 use maru_proto::{
     encode_error, encode_response, msg_type, ErrorCode, Header, RegionInfo, Response, WireError,

@@ -13,15 +13,14 @@
 //! 1M keys of 40 bytes (~15 600 per shard, just past a table doubling, so tables are 48 % full)
 //! that is ~52 bytes of table per key + 40 of key ≈ 92 bytes per key in all. Measured (process
 //! RSS, `maru bench --only registry`): 97–99, or 94–95 with glibc held to one malloc arena
-//! (`MALLOC_ARENA_MAX=1`), against 120–124 when each slot held a `Box<[u8]>` (32-byte slots and
-//! a 48-byte malloc chunk per key; docs/PERFORMANCE.md finding 7). Every part is pointer-free —
-//! offsets and plain integers — which is what the shared-memory index of docs/ARCHITECTURE.md §8
-//! needs.
+//! (`MALLOC_ARENA_MAX=1`), against 120–124 with a `Box<[u8]>` per slot (32-byte slots and a
+//! 48-byte malloc chunk per key). Every part is pointer-free — offsets and plain integers —
+//! which is what the shared-memory index of docs/ARCHITECTURE.md §8 needs.
 //!
-//! The price: boxed keys sat in memory in the order they were registered, all shards together,
-//! so lookups in that order walked memory sequentially; in per-shard arenas consecutive keys
-//! are 64 ways apart. At 1M keys (criterion `registry` bench) lookups in random order cost about
-//! the same (255 → 275 ns), in registration order 95 → 136 ns.
+//! The price: boxed keys sit in memory in the order they were registered, all shards together,
+//! so lookups in that order walk memory sequentially; in per-shard arenas consecutive keys are
+//! 64 ways apart. At 1M keys (criterion `registry` bench) lookups in random order cost about
+//! the same as with boxed keys (275 against 255 ns), in registration order 136 against 95 ns.
 //!
 //! Removing a key leaves its bytes in the arena as garbage, and the shard compacts its arena
 //! (live keys copied into a fresh one, in the order they were registered, and the slots'
@@ -36,7 +35,7 @@
 //!
 //! Why keep registration order: keys registered together (one prefix's chunks) are looked up
 //! and deleted together, and a shard whose keys sit in that order reads them sequentially.
-//! Compacting in table order instead made a 1M-key insert/delete churn 40 % slower (460–470 ns
+//! Compacting in table order instead makes a 1M-key insert/delete churn 40 % slower (460–470 ns
 //! against 315–360 ns per insert + delete).
 
 use std::hash::BuildHasher;
