@@ -10,6 +10,9 @@ use maru_transport::TransportError;
 
 use crate::resource_manager::{RegionSource, RmCallError};
 
+/// What a test runs when [`FakeRm`] is asked to free a region.
+pub(crate) type FreeHook = Box<dyn Fn(u64) + Send + Sync>;
+
 #[derive(Default)]
 pub(crate) struct FakeRm {
     next: AtomicU64,
@@ -23,6 +26,8 @@ pub(crate) struct FakeRm {
     /// The next allocation happens, but its caller is told the resource manager is
     /// unreachable (the reply was lost).
     pub lose_next_reply: AtomicBool,
+    /// Called with the region id at the start of every free, to look at the server then.
+    pub on_free: Mutex<Option<FreeHook>>,
 }
 
 impl FakeRm {
@@ -85,6 +90,9 @@ impl RegionSource for FakeRm {
     }
 
     fn free(&self, handle: &Handle) -> Result<(), RmCallError> {
+        if let Some(f) = &*self.on_free.lock().unwrap() {
+            f(handle.region_id);
+        }
         self.check_up()?;
         let mut live = self.live.lock().unwrap();
         self.handles.lock().unwrap().remove(&handle.region_id);

@@ -228,14 +228,17 @@ impl ServerState {
     /// The owner lets go of `region`; it goes back to the resource manager now if no key
     /// references it, otherwise when the last such key is deleted.
     pub(super) fn release(&self, region: &TableRegion) {
-        let to_free = {
-            let mut st = lock(&region.state);
-            st.owner_live = false;
-            self.take_if_unreferenced(region, &mut st)
-        };
-        if let Some(h) = to_free {
+        if let Some(h) = self.disown(region) {
             self.free_at_rm(h);
         }
+    }
+
+    /// Marks `region` as no longer owned; if no key references it either, takes it out of the
+    /// table and returns its handle, for the caller to free at the resource manager.
+    pub(super) fn disown(&self, region: &TableRegion) -> Option<Handle> {
+        let mut st = lock(&region.state);
+        st.owner_live = false;
+        self.take_if_unreferenced(region, &mut st)
     }
 
     /// Called with the region's mutex held: if the region is unowned and unreferenced, drop

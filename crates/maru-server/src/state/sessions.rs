@@ -177,8 +177,11 @@ impl ServerState {
             .cloned()
             .collect();
         tracing::debug!(instance = %session.instance_id, regions = owned.len(), "session ended");
-        for region in owned {
-            self.release(&region);
+        // Every region is disowned before any goes back, so whoever sees one of them freed at
+        // the resource manager sees the whole session ended.
+        let to_free: Vec<_> = owned.iter().filter_map(|r| self.disown(r)).collect();
+        for handle in to_free {
+            self.free_at_rm(handle);
         }
     }
 
@@ -202,6 +205,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
     use crate::state::fixtures::*;
 
     #[test]
@@ -243,5 +248,42 @@ mod tests {
         let e = st.hello(&mut late, &hello("a", Some(token))).unwrap_err();
         assert_eq!(e.code, ErrorCode::SessionConflict);
         client(&st, "a");
+    }
+
+    /// A session's end is seen all at once: while any of its regions goes back to the
+    /// resource manager, none of them still counts its owner as connected.
+    #[test]
+    fn a_session_ends_for_all_its_regions_before_any_is_freed() {
+        let (st, rm) = state(&[]);
+        let st = Arc::new(st);
+        let (mut peer, s, _) = client(&st, "a");
+        // Half the regions hold a key (they stay), half are empty (they go back at once).
+        for i in 0..8u64 {
+            let r = st.request_region(&s, MIB).unwrap();
+            if i % 2 == 0 {
+                let key = format!("k{i}");
+                assert!(st.register(&s, &reg(key.as_bytes(), &r, 0, 1)).unwrap());
+            }
+        }
+        let still_owned = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (st, still_owned) = (Arc::downgrade(&st), still_owned.clone());
+            *rm.on_free.lock().unwrap() = Some(Box::new(move |_| {
+                let Some(st) = st.upgrade() else { return };
+                let owned = st.allocations().into_iter().filter(|r| r.owner_connected);
+                still_owned
+                    .lock()
+                    .unwrap()
+                    .extend(owned.map(|r| r.handle.region_id));
+            }));
+        }
+        st.goodbye(&mut peer);
+        assert_eq!(rm.freed.lock().unwrap().len(), 4);
+        assert_eq!(rm.live().len(), 4);
+        let still_owned = still_owned.lock().unwrap();
+        assert!(
+            still_owned.is_empty(),
+            "regions {still_owned:?} were still owned while others were freed"
+        );
     }
 }
