@@ -17,14 +17,14 @@
 //! [`CHILD_ENV`] variable is set.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use maru_client::{AllocHandle, ErrorKind, MaruConfig, MaruHandler, StoreItem, View};
+use maru_client::{AllocHandle, ErrorKind, MaruConfig, MaruHandler, View};
 
 use crate::load::{self, LoadCfg, Worker};
-use crate::payload::{check, len_for, payload, Check};
+use crate::payload::{batch_items, check, len_for, payload, values_for, Check};
 
 /// Set (to anything) in a child's environment.
 pub const CHILD_ENV: &str = "MARU_FAULTS_CHILD";
@@ -42,11 +42,9 @@ pub struct ChildProc {
 impl ChildProc {
     /// Starts this test binary as a child running the `child_role` test.
     pub fn spawn(name: &str) -> ChildProc {
-        let exe = std::env::current_exe().expect("current exe");
-        let mut cmd = Command::new(exe);
-        crate::die_with_parent(&mut cmd);
+        let mut cmd = maru_testkit::rerun_test("child_role");
+        maru_testkit::process::die_with_parent(&mut cmd);
         let mut child = cmd
-            .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, name)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -170,6 +168,11 @@ fn key(prefix: &str, i: u64) -> Vec<u8> {
     format!("{prefix}-{i}").into_bytes()
 }
 
+/// The `n` keys of `prefix` from `from` on.
+fn keys_in(prefix: &str, from: u64, n: u64) -> Vec<Vec<u8>> {
+    (from..from + n).map(|i| key(prefix, i)).collect()
+}
+
 /// The child's state between commands.
 #[derive(Default)]
 struct ChildState {
@@ -287,24 +290,8 @@ impl ChildState {
                     let keys: Vec<Vec<u8>> = (b * batch..(b + 1) * batch)
                         .map(|i| key(prefix, i))
                         .collect();
-                    let values: Vec<Vec<u8>> = keys
-                        .iter()
-                        .map(|k| payload(k, len_for(k, self.chunk)))
-                        .collect();
-                    let items: Vec<(&[u8], StoreItem)> = keys
-                        .iter()
-                        .zip(&values)
-                        .map(|(k, v)| {
-                            (
-                                k.as_slice(),
-                                StoreItem::Bytes {
-                                    prefix: b"",
-                                    data: v,
-                                },
-                            )
-                        })
-                        .collect();
-                    if let Err(e) = h.batch_store(&items) {
+                    let values = values_for(&keys, self.chunk);
+                    if let Err(e) = h.batch_store(&batch_items(&keys, &values)) {
                         return Err(err_line(e.kind(), &e, &format!("batch={b}")));
                     }
                     out(&format!("done {b}"));
@@ -348,8 +335,7 @@ impl ChildState {
             // verify PREFIX FROM N: batch_retrieve and check every value
             "verify" => {
                 let h = self.h.as_ref().ok_or_else(not_connected)?;
-                let prefix = s(1)?;
-                let keys: Vec<Vec<u8>> = (n(2)?..n(2)? + n(3)?).map(|i| key(prefix, i)).collect();
+                let keys = keys_in(s(1)?, n(2)?, n(3)?);
                 let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
                 let views = h
                     .batch_retrieve(&refs)
@@ -376,8 +362,7 @@ impl ChildState {
             // delete PREFIX FROM N (batch_delete)
             "delete" => {
                 let h = self.h.as_ref().ok_or_else(not_connected)?;
-                let prefix = s(1)?;
-                let keys: Vec<Vec<u8>> = (n(2)?..n(2)? + n(3)?).map(|i| key(prefix, i)).collect();
+                let keys = keys_in(s(1)?, n(2)?, n(3)?);
                 let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
                 let st = h
                     .batch_delete(&refs)

@@ -10,10 +10,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use maru_client::{MaruConfig, MaruHandler, StoreItem};
+use maru_client::{MaruConfig, MaruHandler};
 
 use crate::lat::LatHist;
-use crate::payload::{check, len_for, payload, Check};
+use crate::payload::{batch_items, check, len_for, payload, values_for, Check};
 
 /// What every worker of one load run shares.
 #[derive(Debug, Clone)]
@@ -217,22 +217,8 @@ impl Worker {
             }
             20..30 => {
                 let keys: Vec<Vec<u8>> = (0..BATCH).map(|_| self.fresh_key()).collect();
-                let values: Vec<Vec<u8>> =
-                    keys.iter().map(|k| payload(k, len_for(k, chunk))).collect();
-                let items: Vec<(&[u8], StoreItem)> = keys
-                    .iter()
-                    .zip(&values)
-                    .map(|(k, v)| {
-                        (
-                            k.as_slice(),
-                            StoreItem::Bytes {
-                                prefix: b"",
-                                data: v,
-                            },
-                        )
-                    })
-                    .collect();
-                let r = self.h.batch_store(&items);
+                let values = values_for(&keys, chunk);
+                let r = self.h.batch_store(&batch_items(&keys, &values));
                 self.live.extend(keys);
                 ("batch_store", r.map(drop).map_err(|e| e.to_string()))
             }

@@ -21,7 +21,7 @@ fn ns_of(pid: &str) -> Option<PathBuf> {
 impl MountNs {
     pub fn new() -> Result<MountNs, String> {
         let mut cmd = Command::new("unshare");
-        crate::die_with_parent(&mut cmd);
+        maru_testkit::process::die_with_parent(&mut cmd);
         let mut holder = cmd
             .args(["-m", "--propagation", "private", "sleep", "3600"])
             .stdin(Stdio::null())
@@ -76,6 +76,25 @@ impl MountNs {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
         }
+    }
+
+    /// `cmd` run inside the namespace: the same program, arguments and environment, started
+    /// through `nsenter`.
+    pub fn command(&self, cmd: &Command) -> Command {
+        let mut inside = Command::new("nsenter");
+        inside
+            .arg("-t")
+            .arg(self.pid().to_string())
+            .args(["-m", "--"])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(v) => inside.env(key, v),
+                None => inside.env_remove(key),
+            };
+        }
+        inside
     }
 
     /// Mounts a tmpfs of `bytes` on `dir` (inside the namespace only).

@@ -2,6 +2,8 @@
 //! so a reader can tell, from the bytes alone, whether they are this key's value, zeros (a
 //! freed, punched region) or something else (another key's page, a torn write).
 
+use maru_client::StoreItem;
+
 /// FNV-1a of `key`, the stream's seed (never zero: xorshift would stay at zero).
 fn seed(key: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -51,6 +53,30 @@ pub fn check(key: &[u8], bytes: &[u8]) -> Check {
 /// a reader knows the length to expect too.
 pub fn len_for(key: &[u8], max: usize) -> usize {
     1 + (seed(key) >> 7) as usize % max
+}
+
+/// The self-checking value of each of `keys`, of [`len_for`] the key and `max`.
+pub fn values_for(keys: &[Vec<u8>], max: usize) -> Vec<Vec<u8>> {
+    keys.iter().map(|k| payload(k, len_for(k, max))).collect()
+}
+
+/// `keys` with their `values` as copy-in items of one `batch_store` (no prefix).
+pub fn batch_items<'a>(
+    keys: &'a [Vec<u8>],
+    values: &'a [Vec<u8>],
+) -> Vec<(&'a [u8], StoreItem<'a>)> {
+    keys.iter()
+        .zip(values)
+        .map(|(k, v)| {
+            (
+                k.as_slice(),
+                StoreItem::Bytes {
+                    prefix: b"",
+                    data: v,
+                },
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

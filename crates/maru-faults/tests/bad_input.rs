@@ -9,13 +9,14 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use maru_client::{MaruConfig, MaruHandler};
-use maru_faults::daemon::{Cluster, ClusterOpts};
-use maru_faults::{wait_until, MIB};
+use maru_client::MaruHandler;
+use maru_faults::{observable_state, small_handler, wait_until, MIB};
 use maru_proto::{
-    decode_response, encode_request, msg_type, Header, Hello, Request, Response, Role,
-    FLAG_RESPONSE, HEADER_LEN, MAX_BATCH, MAX_FRAME, MAX_KEY_LEN, MAX_STRING_LEN,
+    decode_response, msg_type, Header, Hello, Request, Response, Role, FLAG_RESPONSE, HEADER_LEN,
+    MAX_BATCH, MAX_FRAME, MAX_KEY_LEN, MAX_STRING_LEN,
 };
+use maru_testkit::wire::{header, request};
+use maru_testkit::{BinaryCluster, ClusterOpts};
 
 /// How long a probe waits for an answer (or the close) before calling the peer silent.
 const QUIET: Duration = Duration::from_millis(1500);
@@ -33,18 +34,18 @@ impl Daemon {
             Daemon::Server => "maru-server",
         }
     }
+    fn addr(self, c: &BinaryCluster) -> String {
+        match self {
+            Daemon::Rm => c.rm_addr(),
+            Daemon::Server => c.server_addr(),
+        }
+    }
     fn role(self) -> Role {
         match self {
             Daemon::Rm => Role::Server,
             Daemon::Server => Role::Client,
         }
     }
-}
-
-fn request(id: u64, req: &Request) -> Vec<u8> {
-    let mut b = Vec::new();
-    encode_request(&mut b, id, req).unwrap();
-    b
 }
 
 fn hello(d: Daemon, instance: &str) -> Vec<u8> {
@@ -59,12 +60,6 @@ fn hello(d: Daemon, instance: &str) -> Vec<u8> {
             session_token: None,
         }),
     )
-}
-
-fn header(version: u16, ty: u16, flags: u16, id: u64, len: u32) -> Vec<u8> {
-    let mut h = Header::new(ty, flags, id, len).encode().to_vec();
-    h[4..6].copy_from_slice(&version.to_le_bytes());
-    h
 }
 
 /// What came back.
@@ -419,24 +414,8 @@ fn cases(d: Daemon) -> Vec<Case> {
     v
 }
 
-/// The state a probe must not change.
-fn snapshot(c: &Cluster) -> (Vec<maru_proto::Handle>, u64, u64) {
-    let s = c.server_stats();
-    (
-        c.rm_list().into_iter().map(|a| a.handle).collect(),
-        s.keys,
-        s.regions,
-    )
-}
-
-fn normal_client_works(c: &Cluster) {
-    let h = MaruHandler::new(MaruConfig {
-        server_url: c.unix_url(),
-        pool_size: 2 * MIB,
-        chunk_size_bytes: 64 * 1024,
-        ..MaruConfig::default()
-    })
-    .unwrap();
+fn normal_client_works(c: &BinaryCluster) {
+    let h = small_handler(&c.unix_url());
     h.connect().expect("a normal client connects");
     h.store_bytes(b"normal", b"", b"value").unwrap();
     assert_eq!(h.retrieve(b"normal").unwrap().unwrap().to_vec(), b"value");
@@ -445,14 +424,8 @@ fn normal_client_works(c: &Cluster) {
 }
 
 /// A client that owns a region and a key, so that "state unchanged" means something.
-fn resident(c: &Cluster) -> MaruHandler {
-    let h = MaruHandler::new(MaruConfig {
-        server_url: c.unix_url(),
-        pool_size: 2 * MIB,
-        chunk_size_bytes: 64 * 1024,
-        ..MaruConfig::default()
-    })
-    .unwrap();
+fn resident(c: &BinaryCluster) -> MaruHandler {
+    let h = small_handler(&c.unix_url());
     h.connect().unwrap();
     h.store_bytes(b"resident", b"", b"stays").unwrap();
     h
@@ -460,16 +433,13 @@ fn resident(c: &Cluster) -> MaruHandler {
 
 #[test]
 fn malformed_frames_against_both_daemons() {
-    let mut c = Cluster::start(ClusterOpts::default());
+    let mut c = BinaryCluster::start(ClusterOpts::default());
     let _resident = resident(&c);
-    let before = snapshot(&c);
+    let before = observable_state(&c);
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for d in [Daemon::Rm, Daemon::Server] {
-        let addr = match d {
-            Daemon::Rm => format!("127.0.0.1:{}", c.rm_spec.port),
-            Daemon::Server => format!("127.0.0.1:{}", c.server_spec.port),
-        };
+        let addr = d.addr(&c);
         for k in cases(d) {
             let got = probe(&addr, d, k.handshake, &k.bytes, k.half_close);
             if !got.contains(k.expect) {
@@ -487,7 +457,7 @@ fn malformed_frames_against_both_daemons() {
                 k.input
             );
             assert_eq!(
-                snapshot(&c),
+                observable_state(&c),
                 before,
                 "{}: {} changed state",
                 d.name(),
@@ -509,10 +479,10 @@ fn malformed_frames_against_both_daemons() {
 
 #[test]
 fn slow_loris_partial_frames_are_dropped_and_never_block_others() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     let targets = [
-        (Daemon::Rm, format!("127.0.0.1:{}", c.rm_spec.port)),
-        (Daemon::Server, format!("127.0.0.1:{}", c.server_spec.port)),
+        (Daemon::Rm, Daemon::Rm.addr(&c)),
+        (Daemon::Server, Daemon::Server.addr(&c)),
     ];
     let rows: Vec<String> = std::thread::scope(|s| {
         let hs: Vec<_> = targets
@@ -555,17 +525,14 @@ fn slow_loris_partial_frames_are_dropped_and_never_block_others() {
 #[test]
 fn connection_floods_beyond_max_clients_are_refused_and_recovered_from() {
     const MAX: usize = 8;
-    let c = Cluster::start(ClusterOpts {
+    let c = BinaryCluster::start(ClusterOpts {
         rm_extra: vec!["--max-clients".into(), MAX.to_string()],
         server_extra: vec!["--max-clients".into(), MAX.to_string()],
         ..ClusterOpts::default()
     });
     let mut rows = Vec::new();
     for d in [Daemon::Rm, Daemon::Server] {
-        let addr = match d {
-            Daemon::Rm => format!("127.0.0.1:{}", c.rm_spec.port),
-            Daemon::Server => format!("127.0.0.1:{}", c.server_spec.port),
-        };
+        let addr = d.addr(&c);
         // The metadata server holds one connection to the resource manager.
         let room = if d == Daemon::Rm { MAX - 1 } else { MAX };
         let mut held: Vec<TcpStream> = (0..room)
@@ -672,11 +639,8 @@ fn observe_quick(s: &mut TcpStream) -> String {
 /// every real client out for as long as they stay open (see the flood test's last row).
 #[test]
 fn a_connection_that_never_says_hello_is_dropped_after_a_bound() {
-    let c = Cluster::start(ClusterOpts::default());
-    let addrs = [
-        format!("127.0.0.1:{}", c.rm_spec.port),
-        format!("127.0.0.1:{}", c.server_spec.port),
-    ];
+    let c = BinaryCluster::start(ClusterOpts::default());
+    let addrs = [c.rm_addr(), c.server_addr()];
     std::thread::scope(|s| {
         for addr in &addrs {
             s.spawn(move || {

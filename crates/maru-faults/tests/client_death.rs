@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use maru_faults::child::{field, num, ChildProc};
-use maru_faults::daemon::{Cluster, ClusterOpts};
 use maru_faults::{wait_until, KIB, MIB};
+use maru_testkit::{BinaryCluster, ClusterOpts};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -29,18 +29,18 @@ fn ids(answer: &str) -> BTreeSet<u64> {
         .collect()
 }
 
-fn connect(c: &Cluster, name: &str, pool: u64, chunk: u64) -> ChildProc {
+fn connect(c: &BinaryCluster, name: &str, pool: u64, chunk: u64) -> ChildProc {
     let mut p = ChildProc::spawn(name);
     p.ok(&format!("connect {} {pool} {chunk} 5000", c.unix_url()), T);
     p
 }
 
-fn rm_ids(c: &Cluster) -> BTreeSet<u64> {
+fn rm_ids(c: &BinaryCluster) -> BTreeSet<u64> {
     c.rm_region_ids().into_iter().collect()
 }
 
 /// Waits (bounded) until the resource manager's regions are exactly `want`.
-fn expect_rm_regions(c: &Cluster, want: &BTreeSet<u64>, what: &str) {
+fn expect_rm_regions(c: &BinaryCluster, want: &BTreeSet<u64>, what: &str) {
     let mut last = BTreeSet::new();
     let ok = wait_until(Duration::from_secs(10), || {
         last = rm_ids(c);
@@ -54,7 +54,7 @@ fn expect_rm_regions(c: &Cluster, want: &BTreeSet<u64>, what: &str) {
 
 #[test]
 fn client_killed_between_alloc_and_store() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     // 2 MiB regions of 32 pages of 64 KiB: 32 keys fill the first region, so the page of
     // the next alloc comes from a second region that no key will ever reference.
     let mut a = connect(&c, "writer", 2 * MIB, 64 * KIB);
@@ -114,7 +114,7 @@ fn client_killed_between_alloc_and_store() {
 
 #[test]
 fn client_killed_in_the_middle_of_a_batch_store() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     // 4 KiB pages in 4 MiB regions: a batch of 9000 entries takes 9 regions and three
     // register round trips (4096 + 4096 + 808), so a kill lands inside one call.
     const BATCH: u64 = 9000;
@@ -132,7 +132,7 @@ fn client_killed_in_the_middle_of_a_batch_store() {
     // Kill once the second call has registered something but (most likely) not all.
     let mut admin = c.server_admin();
     let ok = wait_until(T, || {
-        maru_faults::daemon::server_stats(&mut admin).keys > BATCH
+        maru_testkit::binary_cluster::server_stats(&mut admin).keys > BATCH
     });
     assert!(ok, "second batch never registered anything");
     a.kill();
@@ -141,7 +141,7 @@ fn client_killed_in_the_middle_of_a_batch_store() {
         c.server_regions().iter().all(|r| !r.owner_connected)
     });
     assert!(ok, "the server did not notice the writer's death");
-    let keys_at_kill = maru_faults::daemon::server_stats(&mut admin).keys;
+    let keys_at_kill = maru_testkit::binary_cluster::server_stats(&mut admin).keys;
 
     // Whatever got registered is whole and intact; the rest is absent.
     let mut b = connect(&c, "reader", 2 * MIB, 4 * KIB);
@@ -186,7 +186,7 @@ fn client_killed_in_the_middle_of_a_batch_store() {
 
 #[test]
 fn client_killed_while_another_process_holds_views_into_its_region() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     let mut a = connect(&c, "writer", 2 * MIB, 64 * KIB);
     assert_eq!(num(&a.ok("store v 0 16", T), "stored"), 16);
     let a_regions = ids(&a.ok("regions", T));

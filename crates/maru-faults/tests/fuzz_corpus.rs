@@ -2,7 +2,7 @@
 //! `checkpoint.rs`): every committed seed replays without a panic and every seed that
 //! decodes is canonical — the same checks the targets make, on stable, in every test run.
 //! Regression inputs under `fuzz/regressions/<target>/` (crashes found by fuzzing) replay
-//! here too. `write_seed_corpus` (ignored) regenerates the seeds after a format change.
+//! here too. `write_seed_corpus` (ignored) regenerates those seed inputs after a format change.
 //!
 //! An input's first byte picks the target's mode: even = the bytes as they are, odd = the
 //! bytes with valid checksums added (see the targets).

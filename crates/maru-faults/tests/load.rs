@@ -8,10 +8,10 @@
 use std::time::{Duration, Instant};
 
 use maru_faults::child::ChildProc;
-use maru_faults::daemon::{Cluster, ClusterOpts};
 use maru_faults::lat::LatHist;
 use maru_faults::load::{self, LoadCfg, Report};
 use maru_faults::{long_tests, wait_until, KIB, MIB};
+use maru_testkit::{BinaryCluster, ClusterOpts};
 
 const PROCESSES: usize = 4;
 const THREADS_PER_PROCESS: usize = 8;
@@ -35,7 +35,7 @@ fn line(name: &str, h: &LatHist) -> String {
 #[test]
 fn sixty_four_clients_mixed_load_no_errors_no_leaks() {
     let secs = if long_tests() { 60.0 } else { 10.0 };
-    let c = Cluster::start(ClusterOpts {
+    let c = BinaryCluster::start(ClusterOpts {
         pool_bytes: 1024 * MIB,
         ..ClusterOpts::default()
     });

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use maru_client::{MaruConfig, MaruHandler};
-use maru_faults::daemon::{Daemon, RmSpec, ServerSpec};
-use maru_faults::{free_port, temp_dir, wait_until, MIB};
+use maru_faults::{free_port, small_handler, temp_dir, wait_until, MIB};
 use maru_proto::{msg_type, HEADER_LEN};
+use maru_testkit::binary_cluster::{admin_conn, rm_admin, server_regions};
+use maru_testkit::{RmSpec, ServerSpec};
 
 /// Reads one whole frame (header and payload).
 fn frame(s: &mut TcpStream) -> Option<Vec<u8>> {
@@ -77,38 +77,22 @@ fn a_lost_alloc_reply_leaves_no_region_behind() {
     let dir = temp_dir();
     let rm_spec = RmSpec {
         port: free_port(),
-        state_dir: dir.path().join("state"),
-        pools: vec![format!(
-            "shm:{}:{}",
-            dir.path().join("pool").display(),
-            64 * MIB
-        )],
-        extra: Vec::new(),
-        mntns_holder: None,
+        ..RmSpec::new(
+            dir.path(),
+            vec![maru_testkit::shm_pool_arg(dir.path(), "p0", 64 * MIB)],
+        )
     };
-    let _rm = Daemon::spawn(rm_spec.command(), dir.path(), "rm").unwrap();
+    let _rm = rm_spec.spawn(dir.path()).unwrap();
     let armed = Arc::new(AtomicBool::new(false));
     let via = proxy(format!("127.0.0.1:{}", rm_spec.port), armed.clone());
-    let server = Daemon::spawn(
-        ServerSpec {
-            port: 0,
-            unix: Some(dir.path().join("s.sock")),
-            rm_address: format!("127.0.0.1:{via}"),
-            extra: Vec::new(),
-        }
-        .command(),
-        dir.path(),
-        "server",
-    )
+    let server = ServerSpec {
+        unix: Some(dir.path().join("s.sock")),
+        ..ServerSpec::new(format!("127.0.0.1:{via}"))
+    }
+    .spawn(dir.path(), "server")
     .unwrap();
     let connect = || {
-        let h = MaruHandler::new(MaruConfig {
-            server_url: format!("unix://{}", dir.path().join("s.sock").display()),
-            pool_size: 2 * MIB,
-            chunk_size_bytes: 64 * 1024,
-            ..MaruConfig::default()
-        })
-        .unwrap();
+        let h = small_handler(&format!("unix://{}", dir.path().join("s.sock").display()));
         let r = h.connect();
         (h, r)
     };
@@ -118,23 +102,16 @@ fn a_lost_alloc_reply_leaves_no_region_behind() {
     let (b, r) = connect();
     println!("connect whose region's allocation reply was lost: {r:?}");
 
-    let rm_admin = || {
-        maru_resource_manager::RmClient::connect(
-            &maru_proto::ServerUrl::Tcp(format!("127.0.0.1:{}", rm_spec.port)),
-            maru_proto::Role::Admin,
-            Duration::from_secs(5),
-        )
-        .unwrap()
-    };
+    let rm_url = maru_proto::ServerUrl::Tcp(format!("127.0.0.1:{}", rm_spec.port));
     let server_ids = || -> Vec<u64> {
-        maru_faults::daemon::server_regions(&mut maru_faults::daemon::admin_conn(&server.url()))
+        server_regions(&mut admin_conn(&server.url()))
             .iter()
             .map(|r| r.handle.region_id)
             .collect()
     };
     let (mut rm_ids, mut known) = (Vec::new(), Vec::new());
     let agree = wait_until(Duration::from_secs(5), || {
-        rm_ids = rm_admin()
+        rm_ids = rm_admin(&rm_url)
             .list()
             .unwrap()
             .iter()

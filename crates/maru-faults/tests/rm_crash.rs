@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use maru_client::{ErrorKind, MaruConfig, MaruHandler};
 use maru_faults::child::ChildProc;
-use maru_faults::daemon::{Cluster, ClusterOpts};
 use maru_faults::payload::{check, len_for, payload, Check};
 use maru_faults::{long_tests, wait_until, KIB, MIB};
+use maru_testkit::{BinaryCluster, ClusterOpts};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -97,7 +97,7 @@ fn churn(url: &str, id: usize, stop: &AtomicBool, restarted: &AtomicBool, seen: 
 
 /// Waits until the resource manager's table is exactly the metadata server's regions, all
 /// owned by the server process. Returns the last view of both on failure.
-fn tables_agree(c: &Cluster, limit: Duration) -> Result<usize, String> {
+fn tables_agree(c: &BinaryCluster, limit: Duration) -> Result<usize, String> {
     let mut last = String::new();
     let mut n = 0;
     let ok = wait_until(limit, || {
@@ -122,7 +122,7 @@ fn tables_agree(c: &Cluster, limit: Duration) -> Result<usize, String> {
     }
 }
 
-fn kill_and_restart_cycle(c: &mut Cluster, round: u32) -> Seen {
+fn kill_and_restart_cycle(c: &mut BinaryCluster, round: u32) -> Seen {
     let url = c.unix_url();
     let stop = AtomicBool::new(false);
     let restarted = AtomicBool::new(false);
@@ -172,7 +172,7 @@ fn kill_and_restart_cycle(c: &mut Cluster, round: u32) -> Seen {
 
 #[test]
 fn rm_killed_under_mixed_load_restarts_and_its_table_equals_what_was_acknowledged() {
-    let mut c = Cluster::start(ClusterOpts::default());
+    let mut c = BinaryCluster::start(ClusterOpts::default());
     let rounds = if long_tests() { 5 } else { 1 };
     let mut live = std::collections::BTreeSet::new();
     for round in 0..rounds {
@@ -237,7 +237,7 @@ fn rm_killed_under_mixed_load_restarts_and_its_table_equals_what_was_acknowledge
 /// untouched, and once it resumes everything agrees again.
 #[test]
 fn rm_frozen_then_resumed_times_out_cleanly_and_recovers() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     let url = c.unix_url();
     let mut steady = ChildProc::spawn("steady");
     steady.ok(&format!("connect {url} {} {} 2000", 4 * MIB, 4 * KIB), T);

@@ -14,23 +14,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use maru_client::{ErrorKind, MaruConfig, MaruHandler};
-use maru_faults::daemon::{Cluster, ClusterOpts, Daemon, RmSpec, ServerSpec, ADMIN_TIMEOUT};
-use maru_faults::{free_port, mode_of, temp_dir, wait_until, MIB};
+use maru_faults::{free_port, mode_of, observable_state, small_handler, temp_dir, wait_until, MIB};
 use maru_proto::{
-    ErrorCode, Handle, Hello, RegionInfo, RegisterEntry, Request, Response, Role, ServerUrl,
+    ErrorCode, Handle, RegionInfo, RegisterEntry, Request, Response, Role, ServerUrl,
     SESSION_TOKEN_LEN,
 };
 use maru_resource_manager::RmClient;
+use maru_testkit::{wire, BinaryCluster, ClusterOpts, Daemon, RmSpec, ServerSpec, TIMEOUT};
 use maru_transport::{BlockingConn, CallError};
 
-fn handler(c: &Cluster) -> MaruHandler {
-    let h = MaruHandler::new(MaruConfig {
-        server_url: c.unix_url(),
-        pool_size: 2 * MIB,
-        chunk_size_bytes: 64 * 1024,
-        ..MaruConfig::default()
-    })
-    .unwrap();
+fn handler(c: &BinaryCluster) -> MaruHandler {
+    let h = small_handler(&c.unix_url());
     h.connect().unwrap();
     h
 }
@@ -40,18 +34,7 @@ fn client_conn(
     instance: &str,
     token: Option<[u8; SESSION_TOKEN_LEN]>,
 ) -> Result<BlockingConn, CallError> {
-    BlockingConn::connect(
-        url,
-        &Hello {
-            role: Role::Client,
-            instance_id: instance,
-            host: "probe",
-            pid: std::process::id(),
-            start_time: 0,
-            session_token: token,
-        },
-        ADMIN_TIMEOUT,
-    )
+    wire::connect_as(url, Role::Client, instance, token)
 }
 
 fn code(r: Result<Response, CallError>) -> Option<ErrorCode> {
@@ -71,19 +54,9 @@ fn region(conn: &mut BlockingConn) -> RegionInfo {
     }
 }
 
-/// The resource manager's table and the server's keys and regions.
-fn state(c: &Cluster) -> (Vec<Handle>, u64, u64) {
-    let s = c.server_stats();
-    (
-        c.rm_list().into_iter().map(|a| a.handle).collect(),
-        s.keys,
-        s.regions,
-    )
-}
-
 #[test]
 fn handles_learned_from_the_server_cannot_be_freed_altered_or_replayed_at_the_rm() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     let owner = handler(&c);
     owner.store_bytes(b"victim", b"", b"precious").unwrap();
     // Any client learns the region's genuine handle from a lookup.
@@ -92,10 +65,10 @@ fn handles_learned_from_the_server_cannot_be_freed_altered_or_replayed_at_the_rm
         Response::Lookup(Some(loc)) => loc.region.handle,
         other => panic!("{other:?}"),
     };
-    let before = state(&c);
+    let before = observable_state(&c);
 
     // At the resource manager, as itself: may map (readers do), may not free.
-    let mut rm = RmClient::connect(&c.rm_url(), Role::Server, ADMIN_TIMEOUT).unwrap();
+    let mut rm = RmClient::connect(&c.rm_url(), Role::Server, TIMEOUT).unwrap();
     assert!(rm.get_access(&h).is_ok());
     let e = rm.free(&h).unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotOwner), "{e}");
@@ -129,7 +102,11 @@ fn handles_learned_from_the_server_cannot_be_freed_altered_or_replayed_at_the_rm
             "{what}"
         );
     }
-    assert_eq!(state(&c), before, "a refused request changed something");
+    assert_eq!(
+        observable_state(&c),
+        before,
+        "a refused request changed something"
+    );
     assert_eq!(
         owner.retrieve(b"victim").unwrap().unwrap().to_vec(),
         b"precious"
@@ -165,7 +142,7 @@ fn handles_learned_from_the_server_cannot_be_freed_altered_or_replayed_at_the_rm
 
 #[test]
 fn an_instance_cannot_use_or_take_over_another_instances_regions() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     let url = ServerUrl::Unix(c.sock.clone());
     let mut x = client_conn(&url, "x", None).unwrap();
     let token_x = x.peer().session_token;
@@ -181,7 +158,7 @@ fn an_instance_cannot_use_or_take_over_another_instances_regions() {
     ));
     let mut y = client_conn(&url, "y", None).unwrap();
     let ry = region(&mut y).handle.region_id;
-    let before = state(&c);
+    let before = observable_state(&c);
 
     let reg = |key: &'static [u8], region_id| {
         Request::Register(RegisterEntry {
@@ -213,7 +190,11 @@ fn an_instance_cannot_use_or_take_over_another_instances_regions() {
         code(y.call(&Request::ReturnRegion { region_id: rx })),
         Some(ErrorCode::NotOwner)
     );
-    assert_eq!(state(&c), before, "a refused request changed something");
+    assert_eq!(
+        observable_state(&c),
+        before,
+        "a refused request changed something"
+    );
     assert!(
         matches!(
             y.call(&Request::Exists { key: b"ok" }),
@@ -238,16 +219,16 @@ fn an_instance_cannot_use_or_take_over_another_instances_regions() {
         Ok(Response::Bool(true))
     ));
     // An admin may look but not write.
-    let mut admin = maru_faults::daemon::admin_conn(&ServerUrl::Unix(c.sock.clone()));
+    let mut admin = maru_testkit::binary_cluster::admin_conn(&ServerUrl::Unix(c.sock.clone()));
     assert!(code(admin.call(&reg(b"admin", rx))).is_some());
     assert!(code(admin.call(&Request::RequestRegion { size: MIB })).is_some());
 }
 
 #[test]
 fn limits_hold_through_the_client_library() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     let h = handler(&c);
-    let before = state(&c);
+    let before = observable_state(&c);
     let long = vec![b'k'; maru_proto::MAX_KEY_LEN + 1];
     let e = h.store_bytes(&long, b"", b"v").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
@@ -265,7 +246,7 @@ fn limits_hold_through_the_client_library() {
         h.retrieve(&long).unwrap_err().kind(),
         ErrorKind::InvalidArgument
     );
-    assert_eq!(state(&c), before);
+    assert_eq!(observable_state(&c), before);
     // A region larger than the pool: refused with a clear error, nothing allocated.
     let greedy = MaruHandler::new(MaruConfig {
         server_url: c.unix_url(),
@@ -277,7 +258,7 @@ fn limits_hold_through_the_client_library() {
     let e = greedy.connect().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Remote(ErrorCode::PoolExhausted), "{e}");
     println!("a region larger than the pool: {e}");
-    assert_eq!(state(&c), before);
+    assert_eq!(observable_state(&c), before);
     h.close();
 }
 
@@ -285,14 +266,7 @@ fn limits_hold_through_the_client_library() {
 fn start_with_umask_zero(dir: &Path) -> (Daemon, Daemon, std::path::PathBuf) {
     let rm_spec = RmSpec {
         port: free_port(),
-        state_dir: dir.join("state"),
-        pools: vec![format!(
-            "shm:{}:{}",
-            dir.join("pools/p0").display(),
-            64 * MIB
-        )],
-        extra: Vec::new(),
-        mntns_holder: None,
+        ..RmSpec::new(dir, vec![maru_testkit::shm_pool_arg(dir, "p0", 64 * MIB)])
     };
     let mut cmd = rm_spec.command();
     // SAFETY: umask(2) is async-signal-safe and touches only the child's own mask.
@@ -305,10 +279,8 @@ fn start_with_umask_zero(dir: &Path) -> (Daemon, Daemon, std::path::PathBuf) {
     let rm = Daemon::spawn(cmd, dir, "rm").unwrap();
     let sock = dir.join("server.sock");
     let mut cmd = ServerSpec {
-        port: 0,
         unix: Some(sock.clone()),
-        rm_address: format!("127.0.0.1:{}", rm_spec.port),
-        extra: Vec::new(),
+        ..ServerSpec::new(format!("127.0.0.1:{}", rm_spec.port))
     }
     .command();
     // SAFETY: as above.
@@ -367,7 +339,7 @@ fn unix_socket_is_not_world_writable_even_with_umask_zero() {
             freeing memory under live keys. Expected: owner identity proven (SO_PEERCRED on \
             a Unix socket, or a per-owner secret issued at the first hello)"]
 fn a_process_claiming_the_servers_identity_cannot_free_its_regions() {
-    let c = Cluster::start(ClusterOpts::default());
+    let c = BinaryCluster::start(ClusterOpts::default());
     let owner = handler(&c);
     owner.store_bytes(b"victim", b"", b"precious").unwrap();
     let h = owner.owned_regions()[0].handle.clone();
@@ -375,7 +347,7 @@ fn a_process_claiming_the_servers_identity_cannot_free_its_regions() {
     let start = maru_transport::process_start_time(pid).unwrap();
     let host = maru_transport::local_identity().0;
     let mut impostor =
-        RmClient::connect_as(&c.rm_url(), Role::Server, &host, pid, start, ADMIN_TIMEOUT).unwrap();
+        RmClient::connect_as(&c.rm_url(), Role::Server, &host, pid, start, TIMEOUT).unwrap();
     let r = impostor.free(&h);
     assert!(
         r.is_err(),

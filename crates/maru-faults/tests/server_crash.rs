@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use maru_faults::child::{field, num, ChildProc};
-use maru_faults::daemon::{Cluster, ClusterOpts};
 use maru_faults::{wait_until, KIB, MIB};
+use maru_testkit::{BinaryCluster, ClusterOpts};
 
 const T: Duration = Duration::from_secs(30);
 /// The clients' `timeout_ms`.
@@ -32,7 +32,7 @@ fn connect(name: &str, url: &str) -> ChildProc {
 
 #[test]
 fn server_killed_under_load_gives_clear_errors_then_new_handlers_work() {
-    let mut c = Cluster::start(ClusterOpts::default());
+    let mut c = BinaryCluster::start(ClusterOpts::default());
     // One client per transport, both writing in a loop; one process holding views.
     let mut tcp = connect("tcp-writer", &c.server_url());
     let mut uds = connect("uds-writer", &c.unix_url());
@@ -126,7 +126,7 @@ fn server_killed_under_load_gives_clear_errors_then_new_handlers_work() {
 /// holds a writable page (allocated, not yet stored) keeps its mapping of that memory.
 #[test]
 fn stale_writer_of_a_dead_server_cannot_touch_a_new_instances_data() {
-    let mut c = Cluster::start(ClusterOpts::default());
+    let mut c = BinaryCluster::start(ClusterOpts::default());
     let mut old = connect("old-writer", &c.unix_url());
     old.ok("alloc_write pending-0", T);
     c.server.kill();

@@ -12,11 +12,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use maru_faults::child::{num, ChildProc};
-use maru_faults::daemon::{Cluster, ClusterOpts, Daemon, RmSpec, ServerSpec, ADMIN_TIMEOUT};
 use maru_faults::ns::MountNs;
 use maru_faults::{free_port, temp_dir, wait_until, KIB, MIB};
 use maru_proto::{ErrorCode, Handle, Role, ServerUrl};
 use maru_resource_manager::RmClient;
+use maru_testkit::{BinaryCluster, ClusterOpts, Daemon, RmSpec, ServerSpec, TIMEOUT};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -33,11 +33,11 @@ fn connect(name: &str, url: &str) -> ChildProc {
 
 /// The resource manager's table as handles (whether owners are connected right now is not
 /// state, it is presence).
-fn handles(c: &Cluster) -> Vec<Handle> {
+fn handles(c: &BinaryCluster) -> Vec<Handle> {
     c.rm_list().into_iter().map(|a| a.handle).collect()
 }
 
-fn daemons_alive(c: &mut Cluster) {
+fn daemons_alive(c: &mut BinaryCluster) {
     assert!(
         c.rm.is_running(),
         "resource manager died: {}",
@@ -53,7 +53,7 @@ fn daemons_alive(c: &mut Cluster) {
 }
 
 /// SIGTERM (a clean stop: final checkpoint) and start again on the same state.
-fn clean_restart_rm(c: &mut Cluster) {
+fn clean_restart_rm(c: &mut BinaryCluster) {
     let st = c.rm.terminate();
     assert!(st.success(), "{st}: {}", c.rm.stderr_text());
     c.restart_rm();
@@ -61,7 +61,7 @@ fn clean_restart_rm(c: &mut Cluster) {
 
 #[test]
 fn pool_file_removed_under_a_running_system() {
-    let mut c = Cluster::start(ClusterOpts::default());
+    let mut c = BinaryCluster::start(ClusterOpts::default());
     let mut writer = connect("writer", &c.unix_url());
     assert_eq!(num(&writer.ok("store k 0 16", T), "stored"), 16);
     let mut holder = connect("holder", &c.unix_url());
@@ -109,7 +109,7 @@ fn pool_file_removed_under_a_running_system() {
 
 #[test]
 fn pool_file_truncated_under_a_running_system() {
-    let mut c = Cluster::start(ClusterOpts::default());
+    let mut c = BinaryCluster::start(ClusterOpts::default());
     let mut writer = connect("writer", &c.unix_url());
     assert_eq!(num(&writer.ok("store k 0 16", T), "stored"), 16);
     let mut holder = connect("holder", &c.unix_url());
@@ -191,10 +191,9 @@ impl NsRm {
                 dir.path().join("pool").display(),
                 4096 * MIB
             )],
-            extra: Vec::new(),
-            mntns_holder: Some(ns.pid()),
+            ..RmSpec::new(dir.path(), Vec::new())
         };
-        let rm = Daemon::spawn(spec.command(), dir.path(), "rm").expect("rm starts");
+        let rm = Daemon::spawn(ns.command(&spec.command()), dir.path(), "rm").expect("rm starts");
         Some(NsRm {
             ns,
             spec,
@@ -209,11 +208,11 @@ impl NsRm {
     }
 
     fn client(&self) -> RmClient {
-        RmClient::connect(&self.url(), Role::Server, ADMIN_TIMEOUT).expect("rm client")
+        RmClient::connect(&self.url(), Role::Server, TIMEOUT).expect("rm client")
     }
 
     fn table(&self) -> BTreeMap<u64, Handle> {
-        let mut admin = RmClient::connect(&self.url(), Role::Admin, ADMIN_TIMEOUT).unwrap();
+        let mut admin = RmClient::connect(&self.url(), Role::Admin, TIMEOUT).unwrap();
         admin
             .list()
             .unwrap()
@@ -225,7 +224,8 @@ impl NsRm {
     /// SIGKILL and start again on the same state directory.
     fn crash_and_restart(&mut self) -> Result<(), String> {
         self.rm.kill();
-        self.rm = Daemon::spawn(self.spec.command(), self.dir.path(), "rm")?;
+        let cmd = self.ns.command(&self.spec.command());
+        self.rm = Daemon::spawn(cmd, self.dir.path(), "rm")?;
         Ok(())
     }
 }
@@ -243,18 +243,9 @@ fn wal_disk_full_refuses_changes_cleanly_and_loses_nothing() {
         r.model.insert(h.region_id, h);
     }
     // A metadata server on top, to see what a client is told.
-    let server = Daemon::spawn(
-        ServerSpec {
-            port: 0,
-            unix: None,
-            rm_address: format!("127.0.0.1:{}", r.spec.port),
-            extra: Vec::new(),
-        }
-        .command(),
-        r.dir.path(),
-        "server",
-    )
-    .expect("server starts");
+    let server = ServerSpec::new(format!("127.0.0.1:{}", r.spec.port))
+        .spawn(r.dir.path(), "server")
+        .expect("server starts");
 
     // Fill the file system the log lives on.
     let filler = r.ns.path(&r.spec.state_dir.join("filler"));

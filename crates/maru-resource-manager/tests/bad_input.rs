@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use maru_proto::{
-    decode_response, encode_request, msg_type, ErrorCode, Header, Hello, Request, Response, Role,
-    HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL_VERSION,
+    decode_response, msg_type, ErrorCode, Header, Hello, Request, Response, Role, HEADER_LEN,
+    MAGIC, MAX_FRAME, PROTOCOL_VERSION,
 };
 use maru_resource_manager::{RmClient, RmHandle};
+use maru_testkit::wire::{header, heartbeats_refused_until_closed, request};
 use maru_transport::{read_frame, FrameReadError};
 
 fn raw(rm: &RmHandle) -> TcpStream {
@@ -23,7 +24,6 @@ fn raw(rm: &RmHandle) -> TcpStream {
 
 fn hello_frame(id: u64) -> Vec<u8> {
     let (host, pid, start) = maru_transport::local_identity();
-    let mut buf = Vec::new();
     let hello = Hello {
         role: Role::Server,
         instance_id: "",
@@ -32,14 +32,7 @@ fn hello_frame(id: u64) -> Vec<u8> {
         start_time: start,
         session_token: None,
     };
-    encode_request(&mut buf, id, &Request::Hello(hello)).unwrap();
-    buf
-}
-
-fn request(id: u64, req: &Request) -> Vec<u8> {
-    let mut buf = Vec::new();
-    encode_request(&mut buf, id, req).unwrap();
-    buf
+    request(id, &Request::Hello(hello))
 }
 
 /// Sends `bytes`, reads one reply: its request id and error code (None: not an error).
@@ -70,12 +63,6 @@ fn still_serves(rm: &RmHandle, before: &[maru_resource_manager::RmAllocation]) {
     );
     let h = c.alloc(MIB, None).unwrap();
     c.free(&h).unwrap();
-}
-
-fn header_bytes(version: u16, ty: u16, id: u64, len: u32) -> Vec<u8> {
-    let mut h = Header::new(ty, 0, id, len);
-    h.version = version;
-    h.encode().to_vec()
 }
 
 #[test]
@@ -113,7 +100,7 @@ fn malformed_frames_get_errors_and_the_stream_continues_when_it_can() {
     );
     // Unknown message type, valid header.
     assert_eq!(
-        exchange(&mut s, &header_bytes(PROTOCOL_VERSION, 0x7777, 5, 0)),
+        exchange(&mut s, &header(PROTOCOL_VERSION, 0x7777, 0, 5, 0)),
         (5, Some(ErrorCode::UnknownMessage))
     );
     // A metadata-server request sent to the resource manager.
@@ -122,18 +109,18 @@ fn malformed_frames_get_errors_and_the_stream_continues_when_it_can() {
         (6, Some(ErrorCode::UnknownMessage))
     );
     // Payload that does not decode (an RmAlloc of 3 bytes).
-    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::RM_ALLOC, 7, 3);
+    let mut bad = header(PROTOCOL_VERSION, msg_type::RM_ALLOC, 0, 7, 3);
     bad.extend_from_slice(&[1, 2, 3]);
     assert_eq!(exchange(&mut s, &bad), (7, Some(ErrorCode::BadFrame)));
     // Trailing garbage after a valid payload.
-    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::HEARTBEAT, 8, 2);
+    let mut bad = header(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 8, 2);
     bad.extend_from_slice(&[0, 0]);
     assert_eq!(exchange(&mut s, &bad), (8, Some(ErrorCode::BadFrame)));
     // Another protocol version.
     assert_eq!(
         exchange(
             &mut s,
-            &header_bytes(PROTOCOL_VERSION + 1, msg_type::HEARTBEAT, 9, 0)
+            &header(PROTOCOL_VERSION + 1, msg_type::HEARTBEAT, 0, 9, 0)
         ),
         (9, Some(ErrorCode::UnsupportedVersion))
     );
@@ -149,7 +136,7 @@ fn malformed_frames_get_errors_and_the_stream_continues_when_it_can() {
 
     // Wrong magic: answered with request id 0, then closed.
     let mut s = raw(&rm);
-    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::HEARTBEAT, 12, 0);
+    let mut bad = header(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 12, 0);
     bad[0..4].copy_from_slice(&(MAGIC ^ 1).to_le_bytes());
     assert_eq!(exchange(&mut s, &bad), (0, Some(ErrorCode::BadFrame)));
     expect_closed(&mut s);
@@ -159,7 +146,7 @@ fn malformed_frames_get_errors_and_the_stream_continues_when_it_can() {
     assert_eq!(
         exchange(
             &mut s,
-            &header_bytes(PROTOCOL_VERSION, msg_type::RM_ALLOC, 13, MAX_FRAME + 1)
+            &header(PROTOCOL_VERSION, msg_type::RM_ALLOC, 0, 13, MAX_FRAME + 1)
         ),
         (0, Some(ErrorCode::FrameTooLarge))
     );
@@ -167,14 +154,14 @@ fn malformed_frames_get_errors_and_the_stream_continues_when_it_can() {
 
     // Reserved header bits set.
     let mut s = raw(&rm);
-    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::HEARTBEAT, 14, 0);
+    let mut bad = header(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 14, 0);
     bad[10] = 1;
     assert_eq!(exchange(&mut s, &bad), (0, Some(ErrorCode::BadFrame)));
     expect_closed(&mut s);
 
     // Truncated frame, then the peer hangs up: closed without fuss.
     let mut s = raw(&rm);
-    let mut bad = header_bytes(PROTOCOL_VERSION, msg_type::RM_ALLOC, 15, 100);
+    let mut bad = header(PROTOCOL_VERSION, msg_type::RM_ALLOC, 0, 15, 100);
     bad.extend_from_slice(&[0; 10]);
     s.write_all(&bad).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -193,7 +180,7 @@ fn malformed_frames_get_errors_and_the_stream_continues_when_it_can() {
 #[test]
 fn peer_stalling_mid_frame_is_disconnected() {
     let d = temp_dir();
-    let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
+    let mut cfg = rm_config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
     cfg.stall_timeout = Duration::from_millis(300);
     let rm = maru_resource_manager::start(cfg).unwrap();
     let mut s = raw(&rm);
@@ -266,7 +253,7 @@ fn bad_requests_get_typed_errors_and_change_nothing() {
 #[test]
 fn too_many_clients_are_refused_then_served_when_room_frees_up() {
     let d = temp_dir();
-    let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
+    let mut cfg = rm_config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
     cfg.max_clients = 2;
     let rm = maru_resource_manager::start(cfg).unwrap();
     let mut a = client(&rm);
@@ -304,7 +291,7 @@ fn a_connection_without_hello_is_closed_after_the_handshake_timeout_and_its_slot
         Duration::from_secs(10)
     );
     let d = temp_dir();
-    let mut cfg = config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
+    let mut cfg = rm_config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
     assert_eq!(
         cfg.handshake_timeout,
         maru_resource_manager::HANDSHAKE_TIMEOUT
@@ -319,23 +306,7 @@ fn a_connection_without_hello_is_closed_after_the_handshake_timeout_and_its_slot
     let mut silent = raw(&rm);
     let mut chatty = raw(&rm);
     let t0 = Instant::now();
-    let mut refused = 0;
-    loop {
-        chatty
-            .write_all(&request(7, &Request::Heartbeat))
-            .unwrap_or_default();
-        match read_frame(&mut chatty) {
-            Ok((h, p)) => match decode_response(&h, &p).unwrap() {
-                Response::Error(e) if e.code == ErrorCode::NotHandshaken => refused += 1,
-                other => panic!("{other:?}"),
-            },
-            Err(_) => break,
-        }
-        assert!(
-            t0.elapsed() < TIMEOUT,
-            "a chatty unhandshaken connection stays"
-        );
-    }
+    let refused = heartbeats_refused_until_closed(&mut chatty, TIMEOUT);
     assert!(refused > 0);
     let mut b = [0u8; 16];
     let r = std::io::Read::read(&mut silent, &mut b);

@@ -76,7 +76,7 @@ fn pool_preference_and_no_such_pool() {
         shm_pool(d.path(), "a", 8 * MIB),
         shm_pool(d.path(), "b", 8 * MIB),
     ];
-    let rm = maru_resource_manager::start(config(d.path(), pools)).unwrap();
+    let rm = maru_resource_manager::start(rm_config(d.path(), pools)).unwrap();
     let mut c = client(&rm);
     let b = pool_path(d.path(), "b");
     assert_eq!(c.alloc(MIB, Some(&b)).unwrap().pool, b);
@@ -127,7 +127,7 @@ fn fs_dax_logic_on_a_plain_directory() {
     let spec = maru_shm::PoolSpec::FsDax {
         dir: pool_dir.clone(),
     };
-    let rm = maru_resource_manager::start(config(d.path(), vec![spec.clone()])).unwrap();
+    let rm = maru_resource_manager::start(rm_config(d.path(), vec![spec.clone()])).unwrap();
     let mut c = client(&rm);
     let h = c.alloc(3 * MIB, None).unwrap();
     let a = c.get_access(&h).unwrap();
@@ -148,7 +148,7 @@ fn fs_dax_logic_on_a_plain_directory() {
 
     let stale = maru_shm::naming::Naming::default().region_file(&pool_dir, 999);
     std::fs::write(&stale, b"left by a crash").unwrap();
-    let rm = maru_resource_manager::start(config(d.path(), vec![spec])).unwrap();
+    let rm = maru_resource_manager::start(rm_config(d.path(), vec![spec])).unwrap();
     assert!(!stale.exists(), "stale region file not removed at start-up");
     let mut c = client(&rm);
     let kept = c.get_access(&keep).unwrap();

@@ -3,39 +3,29 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use maru_proto::{ErrorCode, Role};
 use maru_resource_manager::RmClient;
 
-fn pool_arg(dir: &std::path::Path) -> Vec<String> {
-    vec![format!("shm:{}:64M", dir.join("pools/p0").display())]
-}
-
 #[test]
 fn help_lists_the_flags() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_maru-resource-manager"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--host",
-        "--port",
-        "--state-dir",
-        "--log-level",
-        "--grace-period",
-        "--max-clients",
-        "--pool",
-        "--ready-file",
-        "--metrics-port",
-    ] {
-        assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
-    }
+    maru_testkit::process::assert_help_lists(
+        Path::new(env!("CARGO_BIN_EXE_maru-resource-manager")),
+        &[
+            "--host",
+            "--port",
+            "--state-dir",
+            "--log-level",
+            "--grace-period",
+            "--max-clients",
+            "--pool",
+            "--ready-file",
+            "--metrics-port",
+        ],
+    );
 }
 
 #[test]
@@ -54,7 +44,7 @@ fn a_start_up_error_is_printed_once_with_its_cause_once() {
     let d = temp_dir();
     // The state directory's path is taken by a file.
     std::fs::write(state_dir(d.path()), b"not a directory").unwrap();
-    let out = rm_command(d.path(), &pool_arg(d.path())).output().unwrap();
+    let out = rm_command(d.path(), &pool_args(d.path())).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("state directory").count(), 1, "{err}");
@@ -74,20 +64,11 @@ fn without_pools_on_a_machine_without_dax_it_says_how_to_add_one() {
     assert!(err.contains("--pool shm:"), "{err}");
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
 #[test]
 fn ready_file_and_metrics_endpoint() {
     let d = temp_dir();
-    let rm = spawn_rm(d.path(), &pool_arg(d.path()), &["--metrics-port", "0"]);
-    assert_eq!(rm.ready["pid"].as_u64(), Some(rm.child.id() as u64));
+    let mut rm = spawn_rm(d.path(), &pool_args(d.path()), &["--metrics-port", "0"]);
+    assert_eq!(rm.ready["pid"].as_u64(), Some(rm.pid() as u64));
     assert!(rm.ready["unix"].is_null());
     let metrics = rm.ready["metrics"]
         .as_str()
@@ -95,7 +76,7 @@ fn ready_file_and_metrics_endpoint() {
         .to_owned();
     let mut c = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).unwrap();
     c.alloc(3 * MIB, None).unwrap();
-    let text = http_get(&metrics, "/metrics");
+    let text = maru_testkit::wire::http_get(&metrics, "/metrics");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let pool = d.path().join("pools/p0").display().to_string();
     for needle in [
@@ -123,9 +104,9 @@ fn ready_file_and_metrics_endpoint() {
 #[test]
 fn flags_reach_the_daemon_and_sighup_does_not_stop_it() {
     let d = temp_dir();
-    let rm = spawn_rm(
+    let mut rm = spawn_rm(
         d.path(),
-        &pool_arg(d.path()),
+        &pool_args(d.path()),
         &[
             "--max-clients",
             "1",
@@ -145,7 +126,7 @@ fn flags_reach_the_daemon_and_sighup_does_not_stop_it() {
     drop(remote);
     let gone = Instant::now();
     // SAFETY: kill(2) on the child we spawned and still own.
-    assert_eq!(unsafe { libc::kill(rm.child.id() as i32, libc::SIGHUP) }, 0);
+    assert_eq!(unsafe { libc::kill(rm.pid() as i32, libc::SIGHUP) }, 0);
     let mut list = Vec::new();
     assert!(
         wait_until(Duration::from_secs(5), || {

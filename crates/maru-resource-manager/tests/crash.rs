@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,13 +107,7 @@ struct Client {
 }
 
 fn spawn_client(url: &maru_proto::ServerUrl, host: &str, seed: u64) -> Client {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "workload_client_mode",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut child = maru_testkit::rerun_test("workload_client_mode")
         .env(CLIENT_ENV, format!("{url},{host},{seed}"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -301,13 +295,13 @@ fn check(
 #[test]
 fn sigkill_mid_workload_loses_nothing_and_hands_out_nothing_twice() {
     let d = temp_dir();
-    let pools = vec![format!("shm:{}:1G", d.path().join("pools/p0").display())];
+    let pools = vec![maru_testkit::shm_pool_arg(d.path(), "p0", 1024 * MIB)];
     let mut model = Model::default();
     let mut max_id_seen = 0;
     // Round 2 runs past the 1000-operation checkpoint interval, so recovery goes through
     // checkpoint + log replay, not only the log.
     for (round, kill_after) in [(0u64, 250usize), (1, 1300), (2, 400)] {
-        let rm = spawn_rm(d.path(), &pools, &[]);
+        let mut rm = spawn_rm(d.path(), &pools, &[]);
         check(
             &table(&rm.url()),
             &mut model,
@@ -338,7 +332,7 @@ fn sigkill_mid_workload_loses_nothing_and_hands_out_nothing_twice() {
             free_in_flight.len()
         );
 
-        let rm = spawn_rm(d.path(), &pools, &[]);
+        let mut rm = spawn_rm(d.path(), &pools, &[]);
         check(
             &table(&rm.url()),
             &mut model,
@@ -368,10 +362,10 @@ fn sigkill_mid_workload_loses_nothing_and_hands_out_nothing_twice() {
         );
     }
     // A clean stop (final checkpoint) and another start keep the same table.
-    let rm = spawn_rm(d.path(), &pools, &[]);
+    let mut rm = spawn_rm(d.path(), &pools, &[]);
     let before = table(&rm.url());
     assert!(rm.terminate().success());
-    let rm = spawn_rm(d.path(), &pools, &[]);
+    let mut rm = spawn_rm(d.path(), &pools, &[]);
     assert_eq!(table(&rm.url()), before);
     check(&before, &mut model, &BTreeMap::new(), &BTreeSet::new());
     rm.kill();
@@ -380,8 +374,8 @@ fn sigkill_mid_workload_loses_nothing_and_hands_out_nothing_twice() {
 #[test]
 fn torn_wal_tail_is_cut_and_startup_succeeds() {
     let d = temp_dir();
-    let pools = vec![format!("shm:{}:64M", d.path().join("pools/p0").display())];
-    let rm = spawn_rm(d.path(), &pools, &[]);
+    let pools = pool_args(d.path());
+    let mut rm = spawn_rm(d.path(), &pools, &[]);
     let mut c = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).unwrap();
     let hs: Vec<_> = (0..5).map(|_| c.alloc(2 * MIB, None).unwrap()).collect();
     drop(c);
@@ -397,7 +391,7 @@ fn torn_wal_tail_is_cut_and_startup_succeeds() {
         .set_len(len - 7)
         .unwrap();
 
-    let rm = spawn_rm(d.path(), &pools, &[]);
+    let mut rm = spawn_rm(d.path(), &pools, &[]);
     let ids: Vec<u64> = table(&rm.url())
         .iter()
         .map(|a| a.handle.region_id)
@@ -419,8 +413,8 @@ fn torn_wal_tail_is_cut_and_startup_succeeds() {
 #[test]
 fn corrupt_checkpoint_is_refused_never_reset() {
     let d = temp_dir();
-    let pools = vec![format!("shm:{}:64M", d.path().join("pools/p0").display())];
-    let rm = spawn_rm(d.path(), &pools, &[]);
+    let pools = pool_args(d.path());
+    let mut rm = spawn_rm(d.path(), &pools, &[]);
     RmClient::connect(&rm.url(), Role::Server, TIMEOUT)
         .unwrap()
         .alloc(MIB, None)
@@ -449,8 +443,8 @@ fn corrupt_checkpoint_is_refused_never_reset() {
 #[test]
 fn one_state_dir_serves_one_resource_manager() {
     let d = temp_dir();
-    let pools = vec![format!("shm:{}:64M", d.path().join("pools/p0").display())];
-    let rm = spawn_rm(d.path(), &pools, &[]);
+    let pools = pool_args(d.path());
+    let mut rm = spawn_rm(d.path(), &pools, &[]);
     let out = rm_command(d.path(), &pools).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

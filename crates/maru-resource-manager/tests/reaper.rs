@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -37,13 +37,7 @@ fn sigkilled_local_client_regions_are_reclaimed_within_3s() {
     // Default reaper interval (1 s) and grace period (30 s): reclaiming a local owner does
     // not wait for any grace period.
     let rm = start_default(d.path());
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_client_mode",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut child = maru_testkit::rerun_test("child_client_mode")
         .env(CHILD_ENV, rm.url().to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -80,7 +74,7 @@ fn sigkilled_local_client_regions_are_reclaimed_within_3s() {
 }
 
 fn fast_reaper(dir: &std::path::Path, grace: Duration) -> maru_resource_manager::RmHandle {
-    let mut cfg = config(dir, vec![shm_pool(dir, "p0", 64 * MIB)]);
+    let mut cfg = rm_config(dir, vec![shm_pool(dir, "p0", 64 * MIB)]);
     cfg.reap_interval = Duration::from_millis(50);
     cfg.grace_period = grace;
     maru_resource_manager::start(cfg).unwrap()

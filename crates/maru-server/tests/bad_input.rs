@@ -1,5 +1,6 @@
-//! Every bad input of the issue gets a typed error, changes nothing, and leaves the server
-//! serving normal clients.
+//! Every kind of bad input (registrations outside the caller's regions, oversized keys and
+//! batches, requests before the handshake, malformed frames) gets a typed error, changes
+//! nothing, and leaves the server serving normal clients.
 
 mod common;
 
@@ -7,7 +8,7 @@ use common::*;
 use maru_proto::*;
 
 /// What the server's state looks like from outside, to show a bad request changed nothing.
-fn snapshot(c: &Cluster) -> (u64, u64, u64, u64, Vec<u64>, Vec<u64>) {
+fn snapshot(c: &InProcessCluster) -> (u64, u64, u64, u64, Vec<u64>, Vec<u64>) {
     let s = c.stats();
     (
         s.keys,
@@ -27,8 +28,8 @@ fn snapshot(c: &Cluster) -> (u64, u64, u64, u64, Vec<u64>, Vec<u64>) {
 const RLEN: u64 = 2 * MIB;
 
 /// Common setup: instance "a" with a region and one key, instance "b" with a region.
-fn setup() -> (Cluster, Client, u64, Client, u64) {
-    let c = Cluster::start();
+fn setup() -> (InProcessCluster, Client, u64, Client, u64) {
+    let c = InProcessCluster::start();
     let mut a = c.client("a");
     let ra = a.region(RLEN).handle.region_id;
     assert!(a.register(b"existing", ra, 0, 10));
@@ -37,7 +38,7 @@ fn setup() -> (Cluster, Client, u64, Client, u64) {
     (c, a, ra, b, rb)
 }
 
-fn normal_client_still_served(c: &Cluster) {
+fn normal_client_still_served(c: &InProcessCluster) {
     let mut n = c.client("normal");
     let r = n.region(MIB).handle.region_id;
     assert!(n.register(b"after", r, 0, 1));
@@ -130,7 +131,7 @@ fn limits_are_enforced_by_the_decoder_with_typed_errors() {
     // A key one byte over the limit.
     let mut payload = ((MAX_KEY_LEN + 1) as u32).to_le_bytes().to_vec();
     payload.extend(std::iter::repeat_n(b'k', MAX_KEY_LEN + 1));
-    raw.send(&raw_frame(
+    raw.send(&wire::frame(
         PROTOCOL_VERSION,
         msg_type::EXISTS,
         0,
@@ -150,7 +151,7 @@ fn limits_are_enforced_by_the_decoder_with_typed_errors() {
         msg_type::BATCH_UNPIN,
         msg_type::BATCH_REGISTER,
     ] {
-        raw.send(&raw_frame(PROTOCOL_VERSION, t, 0, 6, &payload));
+        raw.send(&wire::frame(PROTOCOL_VERSION, t, 0, 6, &payload));
         assert_eq!(raw.recv_error(), (6, ErrorCode::BatchTooLarge), "{t:#x}");
     }
     // The encoder refuses to even build them.
@@ -259,13 +260,13 @@ fn malformed_frames_get_errors_and_bad_headers_close_the_connection() {
     raw.hello("m");
     let cases: Vec<(Vec<u8>, u64, ErrorCode)> = vec![
         (
-            raw_frame(PROTOCOL_VERSION, msg_type::EXISTS, 0, 20, &[1, 2]),
+            wire::frame(PROTOCOL_VERSION, msg_type::EXISTS, 0, 20, &[1, 2]),
             20,
             ErrorCode::BadFrame,
         ),
         (
             // Key length says 100, 3 bytes follow.
-            raw_frame(
+            wire::frame(
                 PROTOCOL_VERSION,
                 msg_type::LOOKUP,
                 0,
@@ -277,29 +278,29 @@ fn malformed_frames_get_errors_and_bad_headers_close_the_connection() {
         ),
         (
             // Trailing bytes after a heartbeat.
-            raw_frame(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 22, &[0]),
+            wire::frame(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 22, &[0]),
             22,
             ErrorCode::BadFrame,
         ),
         (
-            raw_frame(PROTOCOL_VERSION, 0x7777, 0, 23, &[]),
+            wire::frame(PROTOCOL_VERSION, 0x7777, 0, 23, &[]),
             23,
             ErrorCode::UnknownMessage,
         ),
         (
-            raw_frame(PROTOCOL_VERSION + 1, msg_type::HEARTBEAT, 0, 24, &[]),
+            wire::frame(PROTOCOL_VERSION + 1, msg_type::HEARTBEAT, 0, 24, &[]),
             24,
             ErrorCode::UnsupportedVersion,
         ),
         (
             // A response sent as a request.
-            raw_frame(PROTOCOL_VERSION, msg_type::R_OK, FLAG_RESPONSE, 25, &[]),
+            wire::frame(PROTOCOL_VERSION, msg_type::R_OK, FLAG_RESPONSE, 25, &[]),
             25,
             ErrorCode::BadFrame,
         ),
         (
             // A bool that is neither 0 nor 1 in a hello-sized payload.
-            raw_frame(PROTOCOL_VERSION, msg_type::REQUEST_REGION, 0, 26, &[0; 7]),
+            wire::frame(PROTOCOL_VERSION, msg_type::REQUEST_REGION, 0, 26, &[0; 7]),
             26,
             ErrorCode::BadFrame,
         ),
@@ -312,12 +313,12 @@ fn malformed_frames_get_errors_and_bad_headers_close_the_connection() {
     assert_eq!(raw.recv(), (30, Response::Ok));
 
     // Bad headers: an error with request id 0, then the server closes the connection.
-    let mut bad_magic = raw_frame(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 40, &[]);
+    let mut bad_magic = wire::frame(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 40, &[]);
     bad_magic[0] ^= 0xff;
-    let mut reserved = raw_frame(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 41, &[]);
+    let mut reserved = wire::frame(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0, 41, &[]);
     reserved[10] = 1;
-    let unknown_flag = raw_frame(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0x80, 42, &[]);
-    let mut too_large = raw_frame(PROTOCOL_VERSION, msg_type::EXISTS, 0, 43, &[]);
+    let unknown_flag = wire::frame(PROTOCOL_VERSION, msg_type::HEARTBEAT, 0x80, 42, &[]);
+    let mut too_large = wire::frame(PROTOCOL_VERSION, msg_type::EXISTS, 0, 43, &[]);
     too_large[20..24].copy_from_slice(&(MAX_FRAME + 1).to_le_bytes());
     for (frame, code) in [
         (bad_magic, ErrorCode::BadFrame),
@@ -340,7 +341,7 @@ fn a_peer_that_stops_mid_frame_does_not_block_others() {
     let (c, mut a, _ra, _b, _rb) = setup();
     let mut raw = Raw::connect(&c.url());
     raw.hello("slow");
-    let frame = raw_frame(PROTOCOL_VERSION, msg_type::EXISTS, 0, 5, b"\x03\0\0\0abc");
+    let frame = wire::frame(PROTOCOL_VERSION, msg_type::EXISTS, 0, 5, b"\x03\0\0\0abc");
     raw.send(&frame[..10]); // half a header, then nothing
     for _ in 0..10 {
         assert!(a.bool(&Request::Exists { key: b"existing" }));

@@ -149,7 +149,7 @@ impl World<'_> {
 
 #[test]
 fn every_batch_op_equals_the_per_key_ops_in_order() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let client = RefCell::new(c.client("p"));
     let batch_region = client.borrow_mut().region(2 * MIB).handle.region_id;
     let single_region = client.borrow_mut().region(2 * MIB).handle.region_id;
@@ -189,7 +189,7 @@ fn every_batch_op_equals_the_per_key_ops_in_order() {
 
 #[test]
 fn batch_register_checks_every_entry_before_applying_any() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("a");
     let r = a.region(2 * MIB).handle.region_id;
     let e = |key: &'static [u8], offset, len| RegisterEntry {

@@ -1,5 +1,5 @@
 //! Registry memory per key, measured with a counting allocator over one million keys. The
-//! issue's budget is 100 bytes of server overhead per key beyond the key's own bytes, and the
+//! budget is 100 bytes of server overhead per key beyond the key's own bytes, and the
 //! count is deterministic (allocations, not RSS), so the test holds the layout to it (~56
 //! bytes with the per-shard key arenas); the figure is printed for the record (`cargo test -p maru-server --test bytes_per_key -- --nocapture`).
 

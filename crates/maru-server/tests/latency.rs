@@ -49,7 +49,7 @@ fn echo_p50(dir: &std::path::Path, n: usize) -> f64 {
 fn hot_path_latency_over_unix_socket() {
     const KEYS: u64 = 100_000;
     const N: usize = 20_000;
-    let c = Cluster::with(|_| {}, |dir, s| s.unix = Some(dir.join("s.sock")));
+    let c = InProcessCluster::with(|_, _| {}, |dir, s| s.unix = Some(dir.join("s.sock")));
     let url = ServerUrl::Unix(c.dir.path().join("s.sock"));
     let mut w = Client::connect(&url, "writer");
     let region = w.region(64 * MIB - 2 * MIB).handle.region_id;

@@ -4,7 +4,7 @@
 //! connection must end or answer, and the server must serve a normal client afterwards.
 //!
 //! `cargo test -p maru-server --test mutated_frames -- --ignored write_seed_corpus` writes
-//! the seed corpus of the fuzz target from the same samples.
+//! the fuzz target's seed corpus from the same samples.
 
 mod common;
 
@@ -140,7 +140,7 @@ fn mutated_frames_never_take_the_server_down() {
         default_hook(info);
     }));
 
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut owner = c.client("owner");
     let region = owner.region(2 * MIB).handle.region_id;
     assert!(owner.register(b"chunk-a", region, 0, 10));

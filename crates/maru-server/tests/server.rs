@@ -11,7 +11,7 @@ use maru_proto::*;
 
 #[test]
 fn two_instances_share_a_key() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("writer");
     let mut b = c.client("reader");
     let region = a.region(4 * MIB);
@@ -47,7 +47,7 @@ fn two_instances_share_a_key() {
 
 #[test]
 fn keys_are_write_once() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("a");
     let mut b = c.client("b");
     let ra = a.region(MIB).handle.region_id;
@@ -79,7 +79,7 @@ fn keys_are_write_once() {
 
 #[test]
 fn pins_block_delete() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("a");
     let r = a.region(MIB).handle.region_id;
     assert!(a.register(b"k", r, 0, 10));
@@ -101,7 +101,7 @@ fn pins_block_delete() {
 
 #[test]
 fn goodbye_with_live_keys_defers_freeing_until_the_last_delete() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("owner");
     let mut b = c.client("other");
     let kept = a.region(MIB).handle.region_id;
@@ -140,7 +140,7 @@ fn goodbye_with_live_keys_defers_freeing_until_the_last_delete() {
 
 #[test]
 fn a_dropped_connection_releases_its_instance_regions() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("crashy");
     let mut watcher = c.client("watcher");
     let kept = a.region(MIB).handle.region_id;
@@ -162,7 +162,7 @@ fn a_dropped_connection_releases_its_instance_regions() {
 
 #[test]
 fn returned_regions_are_freed_once_unreferenced() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("a");
     let r = a.region(MIB).handle.region_id;
     assert!(a.register(b"k", r, 0, 1));
@@ -191,7 +191,7 @@ fn returned_regions_are_freed_once_unreferenced() {
 
 #[test]
 fn connections_of_one_instance_share_its_session() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut first = c.client("inst");
     let region = first.region(MIB).handle.region_id;
     let url = c.url();
@@ -210,7 +210,7 @@ fn connections_of_one_instance_share_its_session() {
     drop(first);
     // Once the server has seen the first connection go, the instance still has the second:
     // its region stays owned.
-    let inst_connections = |c: &Cluster| {
+    let inst_connections = |c: &InProcessCluster| {
         c.stats()
             .clients
             .iter()
@@ -230,13 +230,12 @@ fn connections_of_one_instance_share_its_session() {
 
 #[test]
 fn pools_are_tried_in_order_fill_first() {
-    let c = Cluster::with(
-        |rm| {
-            let dir = rm.state_dir.parent().unwrap().to_owned();
+    let c = InProcessCluster::with(
+        |dir, rm| {
             // Regions are carved at 2 MiB alignment: "small" holds exactly two.
             rm.pools = vec![
-                shm_pool(&dir, "small", 4 * MIB),
-                shm_pool(&dir, "big", 16 * MIB),
+                shm_pool(dir, "small", 4 * MIB),
+                shm_pool(dir, "big", 16 * MIB),
             ];
         },
         |dir, s| s.pools = vec![pool_path(dir, "small"), pool_path(dir, "big")],
@@ -255,7 +254,7 @@ fn pools_are_tried_in_order_fill_first() {
 
 #[test]
 fn an_unreachable_rm_gives_unavailable_and_keys_keep_working() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("a");
     let r = a.region(MIB).handle.region_id;
     assert!(a.register(b"k", r, 0, 1));
@@ -279,7 +278,7 @@ fn an_unreachable_rm_gives_unavailable_and_keys_keep_working() {
 
 #[test]
 fn admins_may_only_read() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("a");
     let r = a.region(MIB).handle.region_id;
     assert!(a.register(b"k", r, 0, 1));
@@ -309,7 +308,7 @@ fn admins_may_only_read() {
 
 #[test]
 fn over_the_client_limit_hello_is_refused() {
-    let c = Cluster::with(|_| {}, |_, s| s.max_clients = 2);
+    let c = InProcessCluster::with(|_, _| {}, |_, s| s.max_clients = 2);
     let _a = c.client("a");
     let _b = c.client("b");
     let e = Client::connect_role(&c.url(), Role::Client, "c", None).err();
@@ -329,7 +328,7 @@ fn over_the_client_limit_hello_is_refused() {
 
 #[test]
 fn unix_socket_listener_serves_and_is_removed_at_shutdown() {
-    let mut c = Cluster::with(|_| {}, |dir, s| s.unix = Some(dir.join("server.sock")));
+    let mut c = InProcessCluster::with(|_, _| {}, |dir, s| s.unix = Some(dir.join("server.sock")));
     let path = c.dir.path().join("server.sock");
     assert_eq!(c.server().unix_path(), Some(path.as_path()));
     let mut tcp = c.client("tcp-side");
@@ -346,8 +345,8 @@ fn unix_socket_listener_serves_and_is_removed_at_shutdown() {
 fn shutdown_completes_when_the_unix_socket_file_was_deleted_under_the_server() {
     // Something cleaned the directory (tmpfiles, a test's temp dir) while the server ran: the
     // socket file is gone, so nobody can connect to it any more, yet shutdown must not hang.
-    let mut c = Cluster::with(
-        |_| {},
+    let mut c = InProcessCluster::with(
+        |_, _| {},
         |dir, s| {
             s.tcp = None;
             s.unix = Some(dir.join("server.sock"));
@@ -368,7 +367,7 @@ fn shutdown_completes_when_the_unix_socket_file_was_deleted_under_the_server() {
 
 #[test]
 fn shutdown_returns_every_region_to_the_rm() {
-    let mut c = Cluster::start();
+    let mut c = InProcessCluster::start();
     let mut a = c.client("a");
     for i in 0..3u64 {
         let r = a.region(MIB).handle.region_id;
@@ -383,7 +382,7 @@ fn shutdown_returns_every_region_to_the_rm() {
 
 #[test]
 fn pipelined_requests_are_answered_in_order() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut raw = Raw::connect(&c.url());
     raw.hello("pipe");
     let mut buf = Vec::new();
@@ -399,7 +398,7 @@ fn pipelined_requests_are_answered_in_order() {
 
 #[test]
 fn stats_and_metrics_report_keys_regions_clients_and_ops() {
-    let c = Cluster::start();
+    let c = InProcessCluster::start();
     let mut a = c.client("a");
     let r = a.region(2 * MIB).handle.region_id;
     assert!(a.register(b"k1", r, 0, 100));
@@ -436,30 +435,25 @@ fn stats_and_metrics_report_keys_regions_clients_and_ops() {
 
 #[test]
 fn metrics_are_served_over_http() {
-    use std::io::{Read, Write};
-    let c = Cluster::with(
-        |_| {},
+    let c = InProcessCluster::with(
+        |_, _| {},
         |_, s| s.metrics = Some("127.0.0.1:0".parse().unwrap()),
     );
     let addr = c.server().metrics_addr().expect("metrics address");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
+    let body = wire::http_get(addr, "/metrics");
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("\nmaru_keys 0\n"));
 }
 
 #[test]
 fn a_restarted_rm_is_reconnected_on_the_next_request() {
-    let mut c = Cluster::start();
+    let mut c = InProcessCluster::start();
     let mut a = c.client("a");
     let r1 = a.region(2 * MIB).handle.region_id;
     let addr = c.rm().addr();
     c.rm.take().unwrap().shutdown();
-    let mut cfg = maru_resource_manager::RmConfig::new(
-        c.dir.path().join("state"),
+    let mut cfg = maru_testkit::in_process::rm_config(
+        c.dir.path(),
         vec![shm_pool(c.dir.path(), "p0", 64 * MIB)],
     );
     cfg.listen = addr;
@@ -491,8 +485,8 @@ fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
 #[test]
 fn a_connection_without_hello_is_closed_after_the_handshake_timeout_and_its_slot_freed() {
     let bound = Duration::from_millis(300);
-    let c = Cluster::with(
-        |_| {},
+    let c = InProcessCluster::with(
+        |_, _| {},
         |_, s| {
             s.max_clients = 3;
             s.handshake_timeout = bound;
@@ -510,21 +504,7 @@ fn a_connection_without_hello_is_closed_after_the_handshake_timeout_and_its_slot
     let mut silent = std::net::TcpStream::connect(addr).unwrap();
     let mut chatty = Raw::connect(&c.url());
     let t0 = std::time::Instant::now();
-    let mut refused = 0;
-    loop {
-        chatty.send_request(7, &Request::Heartbeat);
-        match chatty.rx.read_frame(&mut chatty.stream) {
-            Ok((h, p)) => match decode_response(&h, p).unwrap() {
-                Response::Error(e) if e.code == ErrorCode::NotHandshaken => refused += 1,
-                other => panic!("{other:?}"),
-            },
-            Err(_) => break,
-        }
-        assert!(
-            t0.elapsed() < TIMEOUT,
-            "a chatty unhandshaken connection stays"
-        );
-    }
+    let refused = wire::heartbeats_refused_until_closed(&mut chatty.stream, TIMEOUT);
     assert!(refused > 0);
     assert!(closed_by_server(&mut silent), "a silent connection stays");
     // Both slots are free again: two new clients fit next to the idle one.
@@ -554,8 +534,8 @@ fn the_unix_socket_is_for_owner_and_group_only() {
     // A fresh socket, and one replacing a stale socket file (a dead server's, made under
     // this process's umask).
     for stale in [false, true] {
-        let c = Cluster::with(
-            |_| {},
+        let c = InProcessCluster::with(
+            |_, _| {},
             |dir, s| {
                 let path = dir.join("server.sock");
                 if stale {
@@ -576,8 +556,8 @@ fn the_unix_socket_is_for_owner_and_group_only() {
 /// allocation failure, and the regions the server knows stay.
 #[test]
 fn a_region_of_the_server_unknown_to_it_is_freed_after_a_failed_allocation() {
-    let c = Cluster::with(
-        |_| {},
+    let c = InProcessCluster::with(
+        |_, _| {},
         |dir, s| s.pools = vec![pool_path(dir, "p0"), "/no-such-pool".into()],
     );
     let mut a = c.client("a");

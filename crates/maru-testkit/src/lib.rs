@@ -1,11 +1,46 @@
 //! Test support shared by the crates' integration tests and the fault suite, so that every
-//! test makes its temp pools, waits and daemons the same way.
+//! test makes its temp pools, waits, child processes and clusters the same way.
+//!
+//! Owns: temporary directories and shm pool specs under `/dev/shm`; the bounded wait
+//! ([`wait_until`]) that tests use instead of sleeping; child processes ([`process`]): a
+//! daemon binary started and waited for through its ready file ([`spawn_ready`]), stopped
+//! with SIGTERM, a bounded wait and SIGKILL ([`terminate`]), this test binary re-executed in
+//! a child role ([`rerun_test`]); the two clusters tests run against, one resource manager
+//! and one metadata server on a shm pool in a temp dir, either started in-process on
+//! ephemeral ports ([`InProcessCluster`]) or as the real binaries on fixed ports so they can
+//! be killed and restarted on the same address ([`BinaryCluster`], [`Daemon`]); and the
+//! hand-made frames and raw exchanges of the bad-input tests ([`wire`]).
+//!
+//! May not touch: any daemon's or the client's internals. It starts the daemons through
+//! their public entry points (`maru_resource_manager::start`, `maru_server::start`) or their
+//! command lines and ready files, and speaks to them over the wire protocol only. Nothing
+//! here ships: it is a dev-dependency of the crates it tests (and a dependency of the
+//! test-only `maru-faults`), never a normal dependency of a product crate. It depends on the
+//! resource manager's and the metadata server's libraries, so their integration tests link
+//! the very library they test (a dev-dependency cycle cargo allows) and types agree; unit
+//! tests inside those crates' `src/` cannot use it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+pub mod binary_cluster;
+pub mod daemon;
+pub mod in_process;
+pub mod process;
+pub mod wire;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use maru_shm::PoolSpec;
+
+pub use binary_cluster::{BinaryCluster, ClusterOpts};
+pub use daemon::{Daemon, RmSpec, ServerSpec};
+pub use in_process::InProcessCluster;
+pub use process::{binary, free_port, rerun_test, spawn_ready, terminate, Started};
+
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+
+/// Bound of every call a fixture makes to a daemon (admin reads, raw connections).
+pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A fresh directory under /dev/shm (tmpfs, like production pools), removed on drop.
 pub fn temp_dir() -> tempfile::TempDir {
@@ -28,6 +63,11 @@ pub fn shm_pool(dir: &Path, name: &str, size: u64) -> PoolSpec {
     }
 }
 
+/// The `--pool` argument of the shm pool `name` inside `dir`.
+pub fn shm_pool_arg(dir: &Path, name: &str, size: u64) -> String {
+    format!("shm:{}:{size}", pool_path(dir, name))
+}
+
 /// Polls `cond` every 5 ms for at most `limit`. Returns whether it became true.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -39,66 +79,5 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A daemon binary that has written its `--ready-file`.
-pub struct Started {
-    pub child: Child,
-    /// The ready file's JSON (bound addresses, pid, ...).
-    pub ready: serde_json::Value,
-    /// Where the daemon's stderr goes.
-    pub stderr: PathBuf,
-}
-
-/// Spawns `cmd` with `--ready-file dir/<name>.ready`, stdin closed, stderr to a fresh
-/// `dir/<name>.<n>.stderr` and `MARU_LOG` unset (stdout is the caller's choice), and waits up
-/// to `within` for the file to parse. `Err` carries the daemon's stderr when it exits first
-/// or never becomes ready (it is killed then).
-pub fn spawn_ready(
-    mut cmd: Command,
-    dir: &Path,
-    name: &str,
-    within: Duration,
-) -> Result<Started, String> {
-    let ready_path = dir.join(format!("{name}.ready"));
-    let _ = std::fs::remove_file(&ready_path);
-    let n = std::fs::read_dir(dir).map(|r| r.count()).unwrap_or(0);
-    let stderr = dir.join(format!("{name}.{n}.stderr"));
-    let mut child = cmd
-        .arg("--ready-file")
-        .arg(&ready_path)
-        .env_remove("MARU_LOG")
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).map_err(|e| e.to_string())?)
-        .spawn()
-        .map_err(|e| format!("spawn {name}: {e}"))?;
-    let mut ready = None;
-    let mut exited = None;
-    let ok = wait_until(within, || {
-        if let Ok(Some(status)) = child.try_wait() {
-            exited = Some(status);
-            return true;
-        }
-        ready = std::fs::read_to_string(&ready_path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-        ready.is_some()
-    });
-    let text = || std::fs::read_to_string(&stderr).unwrap_or_default();
-    if let Some(status) = exited {
-        return Err(format!("{name} exited with {status}: {}", text()));
-    }
-    match ready {
-        Some(ready) if ok => Ok(Started {
-            child,
-            ready,
-            stderr,
-        }),
-        _ => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(format!("{name} not ready within {within:?}: {}", text()))
-        }
     }
 }

@@ -1,112 +1,38 @@
-//! Helpers shared by the integration tests: a resource manager and a metadata server
-//! in-process on 127.0.0.1:0 with a shm pool in a temp dir under /dev/shm, raw clients, and
-//! bounded waits.
+//! What the server's integration tests share: the in-process cluster of maru-testkit (a
+//! resource manager and a metadata server on 127.0.0.1:0 with a shm pool in a temp dir under
+//! /dev/shm), clients that speak the protocol directly, raw connections for hand-made bytes,
+//! and one sample frame of every message type.
 
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::time::Duration;
 
 use maru_proto::stats::ServerStats;
 use maru_proto::*;
-use maru_resource_manager::{RmConfig, RmHandle};
-use maru_server::{ServerConfig, ServerHandle};
 use maru_transport::{BlockingConn, CallError, FrameBuf};
 
-// Not every test file uses every helper.
+// Not every test file uses every item.
 #[allow(unused_imports)]
-pub use maru_testkit::{pool_path, shm_pool, temp_dir, wait_until};
+pub use maru_testkit::{
+    pool_path, shm_pool, temp_dir, wait_until, wire, InProcessCluster, MIB, TIMEOUT,
+};
 
-pub const MIB: u64 = 1 << 20;
-pub const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A resource manager and a metadata server, both in-process.
-pub struct Cluster {
-    pub server: Option<ServerHandle>,
-    pub rm: Option<RmHandle>,
-    pub dir: tempfile::TempDir,
+/// The protocol clients a test opens on a cluster.
+pub trait RawClients {
+    /// A client of instance `instance`.
+    fn client(&self, instance: &str) -> Client;
+    /// An operator connection (reads only).
+    fn admin(&self) -> Client;
 }
 
-impl Cluster {
-    /// One 64 MiB pool `p0`.
-    pub fn start() -> Cluster {
-        Self::with(|_| {}, |_, _| {})
-    }
-
-    /// Lets a test adjust both configurations (the server's gets the temp dir too).
-    pub fn with(
-        rm_cfg: impl FnOnce(&mut RmConfig),
-        server_cfg: impl FnOnce(&Path, &mut ServerConfig),
-    ) -> Cluster {
-        let dir = temp_dir();
-        let mut cfg = RmConfig::new(
-            dir.path().join("state"),
-            vec![shm_pool(dir.path(), "p0", 64 * MIB)],
-        );
-        cfg.listen = "127.0.0.1:0".parse().unwrap();
-        rm_cfg(&mut cfg);
-        let rm = maru_resource_manager::start(cfg).expect("rm starts");
-        let mut scfg = ServerConfig {
-            tcp: Some("127.0.0.1:0".parse().unwrap()),
-            rm_url: rm.url(),
-            ..ServerConfig::default()
-        };
-        server_cfg(dir.path(), &mut scfg);
-        let server = maru_server::start(scfg).expect("server starts");
-        Cluster {
-            server: Some(server),
-            rm: Some(rm),
-            dir,
-        }
-    }
-
-    pub fn server(&self) -> &ServerHandle {
-        self.server.as_ref().unwrap()
-    }
-
-    pub fn rm(&self) -> &RmHandle {
-        self.rm.as_ref().unwrap()
-    }
-
-    pub fn url(&self) -> ServerUrl {
-        self.server().url()
-    }
-
-    pub fn client(&self, instance: &str) -> Client {
+impl RawClients for InProcessCluster {
+    fn client(&self, instance: &str) -> Client {
         Client::connect(&self.url(), instance)
     }
 
-    pub fn admin(&self) -> Client {
+    fn admin(&self) -> Client {
         Client::connect_role(&self.url(), Role::Admin, "", None).unwrap()
-    }
-
-    /// Region ids the resource manager has handed out and not got back.
-    pub fn rm_region_ids(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self
-            .rm()
-            .list()
-            .into_iter()
-            .map(|a| a.handle.region_id)
-            .collect();
-        ids.sort();
-        ids
-    }
-
-    pub fn stats(&self) -> ServerStats {
-        self.server().stats()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(s) = self.server.take() {
-            s.shutdown();
-        }
-        if let Some(rm) = self.rm.take() {
-            rm.shutdown();
-        }
     }
 }
 
@@ -127,15 +53,7 @@ impl Client {
         instance: &str,
         token: Option<[u8; SESSION_TOKEN_LEN]>,
     ) -> Result<Client, CallError> {
-        let hello = Hello {
-            role,
-            instance_id: instance,
-            host: "test-host",
-            pid: std::process::id(),
-            start_time: 0,
-            session_token: token,
-        };
-        let conn = BlockingConn::connect(url, &hello, TIMEOUT)?;
+        let conn = wire::connect_as(url, role, instance, token)?;
         let token = conn.peer().session_token;
         Ok(Client { conn, token })
     }
@@ -274,15 +192,6 @@ impl Raw {
         );
         assert!(matches!(self.recv(), (1, Response::HelloOk(_))));
     }
-}
-
-/// A frame with an arbitrary header and payload.
-pub fn raw_frame(version: u16, msg_type: u16, flags: u16, id: u64, payload: &[u8]) -> Vec<u8> {
-    let mut h = Header::new(msg_type, flags, id, payload.len() as u32);
-    h.version = version;
-    let mut out = h.encode().to_vec();
-    out.extend_from_slice(payload);
-    out
 }
 
 /// One valid encoded frame of every request and response type, named for the corpus.

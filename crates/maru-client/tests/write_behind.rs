@@ -1,0 +1,107 @@
+//! Write-behind stores (`write_behind: true`): the handler's own reads see a key at once,
+//! other instances after flush(); dedup, a page already on its way, and failures that
+//! surface instead of being lost.
+
+mod common;
+
+use common::*;
+use maru_client::{DeleteStatus, ErrorKind, MaruConfig, MaruHandler, StoreOutcome};
+
+fn write_behind(c: &InProcessCluster) -> MaruConfig {
+    MaruConfig {
+        write_behind: true,
+        ..c.config()
+    }
+}
+
+#[test]
+fn write_behind_stores_are_seen_by_their_handler_at_once_and_by_others_after_flush() {
+    let c = cluster();
+    let h = c.handler(write_behind(&c));
+    let other = c.handler(c.config());
+    // More than the 64 in flight, through both store forms.
+    for i in 0..200u32 {
+        let key = format!("wb-{i}");
+        let outcome = if i % 2 == 0 {
+            h.store_bytes(key.as_bytes(), b"", &i.to_le_bytes())
+                .unwrap()
+        } else {
+            let a = h.alloc(4).unwrap();
+            a.write_at(0, &i.to_le_bytes()).unwrap();
+            h.store_handle(key.as_bytes(), &a).unwrap()
+        };
+        assert_eq!(outcome, StoreOutcome::Sent);
+        if i % 50 == 0 {
+            // The handler's own reads wait for its registrations.
+            assert!(h.exists(key.as_bytes()).unwrap());
+            let v = h.retrieve(key.as_bytes()).unwrap().unwrap();
+            assert_eq!(v.to_vec(), i.to_le_bytes());
+        }
+    }
+    h.flush().unwrap();
+    for i in 0..200u32 {
+        let v = other.retrieve(format!("wb-{i}").as_bytes()).unwrap();
+        assert_eq!(v.expect("visible after flush").to_vec(), i.to_le_bytes());
+    }
+    let allocated =
+        |h: &MaruHandler| -> u64 { h.owned_regions().iter().map(|r| r.allocated_pages).sum() };
+    assert_eq!(allocated(&h), 200);
+    // Deleting keys stored behind works like any other delete.
+    assert_eq!(h.delete(b"wb-0").unwrap(), DeleteStatus::Deleted);
+    assert_eq!(allocated(&h), 199);
+}
+
+#[test]
+fn write_behind_dedup_frees_the_page_and_keeps_the_first_value() {
+    let c = cluster();
+    let h = c.handler(write_behind(&c));
+    assert_eq!(
+        h.store_bytes(b"dup", b"", b"first").unwrap(),
+        StoreOutcome::Sent
+    );
+    assert_eq!(
+        h.store_bytes(b"dup", b"", b"second").unwrap(),
+        StoreOutcome::Sent
+    );
+    h.flush().unwrap();
+    assert_eq!(h.owned_regions()[0].allocated_pages, 1);
+    assert_eq!(h.retrieve(b"dup").unwrap().unwrap().to_vec(), b"first");
+}
+
+#[test]
+fn write_behind_refuses_a_page_that_is_already_on_its_way() {
+    let c = cluster();
+    let h = c.handler(write_behind(&c));
+    let a = h.alloc(4).unwrap();
+    assert_eq!(h.store_handle(b"a", &a).unwrap(), StoreOutcome::Sent);
+    let again = h.store_handle(b"b", &a).unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::InvalidArgument, "{again}");
+    h.flush().unwrap();
+    assert!(!h.exists(b"b").unwrap());
+    // Free takes the key away with the page, as for a synchronous store.
+    h.free(a.page()).unwrap();
+    assert!(!h.exists(b"a").unwrap());
+}
+
+#[test]
+fn write_behind_failures_are_reported_never_lost() {
+    let mut c = cluster();
+    let h = c.handler(write_behind(&c));
+    assert_eq!(h.store_bytes(b"ok", b"", b"x").unwrap(), StoreOutcome::Sent);
+    h.flush().unwrap();
+    // With the server gone, a store either fails at once or its failure comes from flush.
+    c.server.take().unwrap().shutdown();
+    let stored = h.store_bytes(b"after", b"", b"y");
+    let flushed = h.flush();
+    assert!(
+        stored.is_err() || flushed.is_err(),
+        "a store the server never saw reported success: {stored:?} / {flushed:?}"
+    );
+    if let Err(e) = &flushed {
+        assert!(
+            matches!(e.kind(), ErrorKind::Transport | ErrorKind::State),
+            "{e}"
+        );
+    }
+    h.close();
+}
