@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use maru_client::{AllocHandle, ErrorKind, MaruConfig, MaruHandler, View};
 
+use crate::key_refs;
 use crate::load::{self, LoadCfg, Worker};
 use crate::payload::{batch_items, check, len_for, payload, values_for, Check};
 
@@ -336,9 +337,8 @@ impl ChildState {
             "verify" => {
                 let h = self.h.as_ref().ok_or_else(not_connected)?;
                 let keys = keys_in(s(1)?, n(2)?, n(3)?);
-                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
                 let views = h
-                    .batch_retrieve(&refs)
+                    .batch_retrieve(&key_refs(&keys))
                     .map_err(|e| err_line(e.kind(), &e, "op=batch_retrieve"))?;
                 let (mut found, mut missing, mut zeros, mut corrupt) = (0, 0, 0, 0);
                 for (k, v) in keys.iter().zip(views) {
@@ -363,9 +363,8 @@ impl ChildState {
             "delete" => {
                 let h = self.h.as_ref().ok_or_else(not_connected)?;
                 let keys = keys_in(s(1)?, n(2)?, n(3)?);
-                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
                 let st = h
-                    .batch_delete(&refs)
+                    .batch_delete(&key_refs(&keys))
                     .map_err(|e| err_line(e.kind(), &e, "op=batch_delete"))?;
                 let count = |want| st.iter().filter(|s| **s == want).count();
                 Ok(format!(

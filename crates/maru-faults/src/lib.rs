@@ -1,7 +1,7 @@
 //! Test harness for Maru's fault, load, bad-input and security tests (`tests/`).
 //!
 //! Everything here is a real part: the daemons are the real `maru-resource-manager` and
-//! `maru-server` binaries (maru-testkit's [`BinaryCluster`](maru_testkit::BinaryCluster) and
+//! `maru-server` binaries (maru-testkit's [`BinaryCluster`] and
 //! [`Daemon`](maru_testkit::Daemon)), client processes are this test binary re-executed in a
 //! "child role" that drives a real `MaruHandler` ([`child`]), crashes are `SIGKILL`, pools
 //! are shm files under `/dev/shm`. Payloads check themselves ([`payload`]), so a test can
@@ -56,6 +56,11 @@ pub fn observable_state(c: &BinaryCluster) -> (Vec<Handle>, u64, u64) {
         s.keys,
         s.regions,
     )
+}
+
+/// `keys` as the slices the batch calls take.
+pub fn key_refs(keys: &[Vec<u8>]) -> Vec<&[u8]> {
+    keys.iter().map(|k| k.as_slice()).collect()
 }
 
 /// Mode bits of a path (`st_mode & 0o7777`).

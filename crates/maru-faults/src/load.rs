@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use maru_client::{MaruConfig, MaruHandler};
 
+use crate::key_refs;
 use crate::lat::LatHist;
 use crate::payload::{batch_items, check, len_for, payload, values_for, Check};
 
@@ -232,7 +233,7 @@ impl Worker {
             }
             50..60 => {
                 let keys: Vec<Vec<u8>> = (0..BATCH).map(|_| self.random_stable()).collect();
-                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                let refs = key_refs(&keys);
                 let r = match self.h.batch_retrieve(&refs) {
                     Ok(views) => keys
                         .iter()
@@ -253,7 +254,7 @@ impl Worker {
             }
             70..75 => {
                 let keys: Vec<Vec<u8>> = (0..BATCH).map(|_| self.random_stable()).collect();
-                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                let refs = key_refs(&keys);
                 let r = match self.h.batch_exists(&refs) {
                     Ok(v) if v.iter().all(|b| *b) => Ok(()),
                     Ok(v) => Err(format!("batch_exists: stable keys gone: {v:?}")),
@@ -287,7 +288,7 @@ impl Worker {
             _ => {
                 let n = self.live.len().min(BATCH);
                 let keys: Vec<Vec<u8>> = self.live.drain(..n).collect();
-                let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                let refs = key_refs(&keys);
                 let r = match self.h.batch_delete(&refs) {
                     Ok(v) if v.iter().all(|s| *s == maru_client::DeleteStatus::Deleted) => Ok(()),
                     Ok(v) => Err(format!("batch_delete: {v:?}")),
@@ -323,7 +324,7 @@ impl Worker {
             .map(|j| stable_key(self.id, j))
             .collect();
         keys.extend(self.live.iter().cloned());
-        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let refs = key_refs(&keys);
         let views = self
             .h
             .batch_retrieve(&refs)

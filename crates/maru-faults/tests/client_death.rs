@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use maru_faults::child::{field, num, ChildProc};
 use maru_faults::{wait_until, KIB, MIB};
+use maru_testkit::binary_cluster::server_stats;
 use maru_testkit::{BinaryCluster, ClusterOpts};
 
 const T: Duration = Duration::from_secs(30);
@@ -131,9 +132,7 @@ fn client_killed_in_the_middle_of_a_batch_store() {
     }
     // Kill once the second call has registered something but (most likely) not all.
     let mut admin = c.server_admin();
-    let ok = wait_until(T, || {
-        maru_testkit::binary_cluster::server_stats(&mut admin).keys > BATCH
-    });
+    let ok = wait_until(T, || server_stats(&mut admin).keys > BATCH);
     assert!(ok, "second batch never registered anything");
     a.kill();
     // Once the server has seen the connection close it has applied whatever arrived before.
@@ -141,7 +140,7 @@ fn client_killed_in_the_middle_of_a_batch_store() {
         c.server_regions().iter().all(|r| !r.owner_connected)
     });
     assert!(ok, "the server did not notice the writer's death");
-    let keys_at_kill = maru_testkit::binary_cluster::server_stats(&mut admin).keys;
+    let keys_at_kill = server_stats(&mut admin).keys;
 
     // Whatever got registered is whole and intact; the rest is absent.
     let mut b = connect(&c, "reader", 2 * MIB, 4 * KIB);

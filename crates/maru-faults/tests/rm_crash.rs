@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use maru_client::{ErrorKind, MaruConfig, MaruHandler};
 use maru_faults::child::ChildProc;
 use maru_faults::payload::{check, len_for, payload, Check};
-use maru_faults::{long_tests, wait_until, KIB, MIB};
+use maru_faults::{key_refs, long_tests, wait_until, KIB, MIB};
 use maru_testkit::{BinaryCluster, ClusterOpts};
 
 const T: Duration = Duration::from_secs(30);
@@ -208,7 +208,7 @@ fn rm_killed_under_mixed_load_restarts_and_its_table_equals_what_was_acknowledge
     .unwrap();
     sweeper.connect().unwrap();
     let keys: Vec<Vec<u8>> = live.into_iter().collect();
-    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+    let refs = key_refs(&keys);
     let views = sweeper.batch_retrieve(&refs).unwrap();
     for (k, v) in keys.iter().zip(views) {
         let v = v.unwrap_or_else(|| panic!("kept key {} lost", String::from_utf8_lossy(k)));

@@ -72,15 +72,6 @@ impl InProcessCluster {
         self.server().url()
     }
 
-    /// `unix://` URL of the server's socket.
-    pub fn unix_url(&self) -> String {
-        let path = self
-            .server()
-            .unix_path()
-            .expect("the server has a Unix socket");
-        format!("unix://{}", path.display())
-    }
-
     /// Region ids the resource manager has handed out and not got back, sorted.
     pub fn rm_region_ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = self
