@@ -67,3 +67,12 @@ def test_resource_manager_runs_from_the_console_script() -> None:
             proc.kill()
             proc.wait()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_bench_says_it_ships_with_the_rust_binary() -> None:
+    r = subprocess.run(
+        [str(script("maru")), "bench", "--quick"], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode != 0
+    assert "ships with the Rust `maru` binary" in r.stderr, r.stderr
+    assert "target/release/maru bench" in r.stderr, r.stderr

@@ -1,24 +1,16 @@
-//! `maru bench --smoke --json -` runs on a clean checkout and its report has every row kind
-//! the issue asks for, with the floors, in the documented shape. (Numbers are not checked:
-//! this is a debug build on a shared machine.)
+//! `maru bench` is the benchmark of maru-bench behind the `maru` binary: the subcommand runs
+//! it, and its worker processes are `maru bench --worker` (the cross-process rows need one).
+//! The report's full shape is checked by maru-bench's own smoke test.
 
-use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn num(v: &Value, field: &str) -> f64 {
-    v.get(field)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("{field} missing or not a number in {v}"))
-}
-
 #[test]
-fn smoke_report_has_every_row_kind() {
-    let started = Instant::now();
+fn maru_bench_runs_the_benchmark_and_its_workers() {
     let out = Command::new(env!("CARGO_BIN_EXE_maru"))
-        .args(["bench", "--smoke", "--json", "-"])
+        .args(["bench", "--smoke", "--only", "floor,cross", "--no-python"])
+        .args(["--let-cpus-idle", "--json", "-"])
         .output()
         .expect("run maru bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -29,134 +21,30 @@ fn smoke_report_has_every_row_kind() {
     );
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("stdout is not one JSON report ({e}); stderr:\n{stderr}"));
-
-    // Floors.
-    let floor = &report["floor"];
-    for f in ["tcp_rtt_us", "uds_rtt_us", "memcpy_gbps"] {
-        assert!(num(floor, f) > 0.0, "floor.{f} = {}", floor[f]);
-    }
-
-    // Every row has the issue's fields.
-    let results = report["results"].as_array().expect("results array");
-    for r in results {
-        for f in [
-            "op",
-            "transport",
-            "chunk_bytes",
-            "batch",
-            "clients",
-            "contended",
-        ] {
-            assert!(r.get(f).is_some(), "row without {f}: {r}");
-        }
-        for f in ["p50_us", "p99_us", "ops_per_s", "gbps", "ratio"] {
-            assert!(r.get(f).is_some(), "row without {f}: {r}");
-        }
-    }
-    let measured = |op: &str, transport: &str, chunk: u64, batch: u64| {
-        results.iter().any(|r| {
-            r["op"] == op
-                && r["transport"] == transport
-                && r["chunk_bytes"] == chunk
-                && r["batch"] == batch
-                && r["api"] == "rust"
-                && r["clients"] == 1
-                && num(r, "p50_us") > 0.0
-                && num(r, "ratio") > 0.0
-        })
-    };
-    let (k4, m1) = (4096u64, 1u64 << 20);
+    assert!(report["floor"]["uds_rtt_us"].as_f64().unwrap_or(0.0) > 0.0);
+    let rows = report["results"].as_array().expect("results");
     for t in ["tcp", "unix"] {
-        for chunk in [k4, 64 * 1024, m1, 4 * m1] {
-            for op in ["store", "store_existing", "retrieve", "retrieve_copy"] {
-                assert!(measured(op, t, chunk, 1), "no {op} {chunk} over {t}");
-            }
-        }
-        for op in ["exists", "exists_miss", "delete", "pin", "unpin"] {
-            assert!(measured(op, t, k4, 1), "no {op} over {t}");
-        }
-        for op in ["batch_store", "batch_retrieve", "batch_exists"] {
-            for n in [32, 256] {
-                assert!(measured(op, t, k4, n), "no {op}({n}) over {t}");
-            }
-        }
         assert!(
-            measured("first_retrieve_1gib", t, k4, 1),
-            "no first retrieve over {t}"
-        );
-        assert!(
-            measured("retrieve_1gib", t, k4, 1),
-            "no steady retrieve over {t}"
-        );
-        let clients: BTreeSet<(u64, bool)> = results
-            .iter()
-            .filter(|r| r["op"] == "retrieve" && r["transport"] == t && r["note"].is_string())
-            .filter(|r| num(r, "ops_per_s") > 0.0)
-            .map(|r| (r["clients"].as_u64().unwrap(), r["processes"] == true))
-            .collect();
-        for n in [1, 4, 32] {
-            for procs in [false, true] {
-                assert!(
-                    clients.contains(&(n, procs)),
-                    "no concurrency row {n} clients (processes: {procs}) over {t}"
-                );
-            }
-        }
-        for pool in [100u64 << 20, 1 << 30] {
-            let rows: Vec<&Value> = results
-                .iter()
-                .filter(|r| r["op"] == "connect" && r["transport"] == t && r["chunk_bytes"] == pool)
-                .collect();
-            assert!(
-                rows.iter().any(|r| num(r, "p50_us") > 0.0),
-                "no connect time with a {pool}-byte pool over {t}"
-            );
-            // 2 MiB pages: measured where hugetlbfs is mounted, else a row saying why not.
-            assert!(
-                rows.len() >= 2,
-                "no 2 MiB-page connect row (or skip note) over {t}"
-            );
-        }
-    }
-
-    // Server memory per key and registration rate.
-    assert!(num(&report, "bytes_per_key") > 0.0);
-    assert!(num(&report, "register_keys_per_s") > 0.0);
-
-    // Redis rows when redis-server is installed, each compared with a Maru row.
-    let redis = report["redis"]
-        .as_array()
-        .expect("redis array (empty when skipped)");
-    if redis.is_empty() {
-        let notes = report["notes"].to_string();
-        assert!(
-            notes.contains("redis"),
-            "redis neither ran nor was reported skipped"
-        );
-    } else {
-        for op in ["GET", "SET", "MGET"] {
-            assert!(redis.iter().any(|r| r["op"] == op), "no redis {op} row");
-        }
-        assert!(
-            redis.iter().all(|r| num(r, "ratio") > 0.0),
-            "redis row without ratio"
+            rows.iter().any(|r| r["op"] == "first_retrieve_1gib"
+                && r["transport"] == t
+                && r["p50_us"].as_f64().unwrap_or(0.0) > 0.0),
+            "no cross-process row over {t}: {rows:?}"
         );
     }
+}
 
-    // Targets are evaluated, and nothing was left behind.
-    assert!(!report["targets"].as_array().unwrap().is_empty());
-    let pid_dirs: Vec<_> = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("maru-bench-"))
-        .collect();
-    assert!(
-        pid_dirs
-            .iter()
-            .all(|n| !n.contains(&format!("-{}-", report["machine"]["pid"]))),
-        "left behind: {pid_dirs:?}"
-    );
-    eprintln!("maru bench --smoke took {:?}", started.elapsed());
-    assert!(started.elapsed() < Duration::from_secs(240));
+#[test]
+fn help_lists_the_operator_commands_and_bench() {
+    let out = Command::new(env!("CARGO_BIN_EXE_maru"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["up", "stats", "top", "bench"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(cmd)),
+            "{cmd} missing from:\n{text}"
+        );
+    }
 }

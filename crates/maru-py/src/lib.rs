@@ -26,11 +26,32 @@ impl WaitHook for PyHook<'_> {
     }
 }
 
-/// Runs the `maru` command line (`args[0]` picks the program: `maru`, `maru-server` or
+/// What the package's `maru` command adds to the operator commands of maru-ops: `bench` only
+/// says where the benchmark is. It ships with the Rust `maru` binary, because its worker
+/// processes are that binary again and its code has no place in every import of `maru`.
+#[derive(clap::Subcommand)]
+enum PackageCommand {
+    /// Benchmarks ship with the Rust `maru` binary, not with this package.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
+}
+
+const BENCH_ELSEWHERE: &str = "the benchmark ships with the Rust `maru` binary, not with the \
+    Python package; from a checkout of the repository run: cargo build --release -p maru-cli \
+    && target/release/maru bench --quick (benchmarks/README.md has the options)";
+
+/// Runs a console script's command line (`args[0]` picks the program: `maru`, `maru-server` or
 /// `maru-resource-manager`) with the GIL released; returns its exit code.
 #[pyfunction]
 fn run_cli(py: Python<'_>, args: Vec<String>) -> i32 {
-    py.detach(|| maru_cli::run(args))
+    py.detach(|| {
+        maru_ops::main(args, |c: PackageCommand| match c {
+            PackageCommand::Bench { .. } => Err(anyhow::anyhow!("bench: {BENCH_ELSEWHERE}")),
+        })
+    })
 }
 
 fn admin_call(

@@ -85,8 +85,8 @@ pub struct Summary {
     pub n: usize,
 }
 
-/// One line of the report. The first ten fields are the shape; the rest say what the
-/// row was compared with and how it was measured.
+/// One line of the report. The first ten fields say what was measured and how fast; the rest
+/// say what the row was compared with and how it was measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// The Python method name (`store`, `retrieve`, …) or a named variant (`retrieve_copy`,

@@ -7,14 +7,15 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::floor::Transport;
-use super::rows::handler;
-use super::stats::{Row, Samples};
-use super::worker::{Spec, Worker};
-use super::{keys, Bench, KIB};
+use crate::context::Bench;
+use crate::floor::Transport;
+use crate::plan::{keys, GIB, KIB};
+use crate::rows::handler;
+use crate::stats::{Row, Samples};
+use crate::worker::{Spec, Worker};
 
 pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
-    let region = super::GIB;
+    let region = GIB;
     let key = keys(1).remove(0);
     let spec = Spec::Hold {
         url: url.to_owned(),
@@ -22,7 +23,7 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         chunk: 4 * KIB,
         keys: vec![String::from_utf8_lossy(&key).into_owned()],
     };
-    let mut writer = Worker::spawn(&spec)?;
+    let mut writer = Worker::spawn(&b.launcher, &spec)?;
     writer.expect_ready()?;
 
     let mut first = Samples::with_capacity(b.plan.cross_samples);

@@ -11,8 +11,8 @@ use maru_proto::{Hello, RegisterEntry, Request, Response, Role, ServerUrl};
 use maru_transport::{local_identity, BlockingConn};
 use serde::Serialize;
 
-use super::daemons::rss_anon_bytes;
-use super::{key_of, next_key_ids, KEY_LEN};
+use crate::daemons::rss_anon_bytes;
+use crate::plan::{key_of, next_key_ids, KEY_LEN};
 
 /// Keys per registration request.
 pub const BATCH: usize = 1024;
@@ -56,15 +56,9 @@ pub fn run(url: &str, n: usize, server_pid: Option<u32>) -> anyhow::Result<Regis
     let first = next_key_ids(n as u64);
     let rss_before = rss();
 
-    let mut buf: Vec<u8> = Vec::with_capacity(BATCH * KEY_LEN);
     let t0 = Instant::now();
-    let mut done = 0usize;
-    while done < n {
-        let m = BATCH.min(n - done);
-        buf.clear();
-        for i in 0..m {
-            buf.extend_from_slice(&key_of(first + (done + i) as u64));
-        }
+    in_batches(first, n, |done, buf| {
+        let m = buf.len() / KEY_LEN;
         let entries: Vec<RegisterEntry> = buf
             .chunks(KEY_LEN)
             .enumerate()
@@ -78,11 +72,10 @@ pub fn run(url: &str, n: usize, server_pid: Option<u32>) -> anyhow::Result<Regis
             })
             .collect();
         match c.call(&Request::BatchRegister(entries))? {
-            Response::Bools(v) if v.iter().all(|&b| b) && v.len() == m => {}
+            Response::Bools(v) if v.iter().all(|&b| b) && v.len() == m => Ok(()),
             other => bail!("batch_register answered {other:?}"),
         }
-        done += m;
-    }
+    })?;
     let reg_time = t0.elapsed();
     let rss_after = rss();
 
@@ -95,20 +88,14 @@ pub fn run(url: &str, n: usize, server_pid: Option<u32>) -> anyhow::Result<Regis
     }
 
     let t1 = Instant::now();
-    let mut done = 0usize;
-    while done < n {
-        let m = BATCH.min(n - done);
-        buf.clear();
-        for i in 0..m {
-            buf.extend_from_slice(&key_of(first + (done + i) as u64));
-        }
+    in_batches(first, n, |_, buf| {
         let keys: Vec<&[u8]> = buf.chunks(KEY_LEN).collect();
+        let m = keys.len();
         match c.call(&Request::BatchDelete { keys })? {
-            Response::BatchDelete(v) if v.len() == m => {}
+            Response::BatchDelete(v) if v.len() == m => Ok(()),
             other => bail!("batch_delete answered {other:?}"),
         }
-        done += m;
-    }
+    })?;
     let del_time = t1.elapsed();
     let _ = c.call(&Request::ReturnRegion {
         region_id: region.handle.region_id,
@@ -133,4 +120,25 @@ pub fn run(url: &str, n: usize, server_pid: Option<u32>) -> anyhow::Result<Regis
                 .into()
         },
     })
+}
+
+/// Calls `f(done, keys)` for the `n` keys from id `first` on, in batches of up to [`BATCH`]:
+/// `done` keys came before the batch, whose keys are packed back to back in `keys`.
+fn in_batches(
+    first: u64,
+    n: usize,
+    mut f: impl FnMut(usize, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(BATCH * KEY_LEN);
+    let mut done = 0usize;
+    while done < n {
+        let m = BATCH.min(n - done);
+        buf.clear();
+        for i in 0..m {
+            buf.extend_from_slice(&key_of(first + (done + i) as u64));
+        }
+        f(done, &buf)?;
+        done += m;
+    }
+    Ok(())
 }

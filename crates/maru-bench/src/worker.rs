@@ -1,17 +1,19 @@
-//! Child processes of a benchmark (`maru bench --worker SPEC`, hidden): clients that must be
-//! other processes — concurrent readers, and the instance whose 1 GiB region another process
-//! maps lazily. They talk to the parent over stdin/stdout, one line at a time.
+//! Child processes of a run (`--worker SPEC`, hidden): clients that must be other processes —
+//! concurrent readers, and the instance whose 1 GiB region another process maps lazily — and
+//! the daemons of `--daemons process`. They are this executable again ([`Launcher`]) and talk
+//! to the parent over stdin/stdout, one line at a time.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use super::daemons::{track_child, untrack_child};
-use super::rows::handler;
-use super::KIB;
+use crate::daemons::{track_child, untrack_child, InProcess};
+use crate::plan::KIB;
+use crate::rows::handler;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -31,6 +33,10 @@ pub enum Spec {
         chunk: u64,
         keys: Vec<String>,
     },
+    /// Run a resource manager and a metadata server on a `pool_bytes` pool in `dir` (the
+    /// parent's scratch directory, which the parent removes), print their [`Serving`]
+    /// addresses, serve until stdin closes.
+    Serve { dir: PathBuf, pool_bytes: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,18 +44,24 @@ pub struct LoopResult {
     pub ns: Vec<u64>,
 }
 
+/// What a [`Spec::Serve`] worker serves.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Serving {
+    pub tcp: String,
+    pub unix: String,
+    pub pid: u32,
+}
+
 /// Runs a worker in this process (the child side).
 pub fn run(spec: &str) -> anyhow::Result<()> {
     let spec: Spec = serde_json::from_str(spec).context("bad worker spec")?;
-    let stdin = std::io::stdin();
-    let mut line = String::new();
     let mut out = std::io::stdout().lock();
     match spec {
         Spec::Loop { url, keys, iters } => {
             let h = handler(&url, 4 * KIB, 2 << 20, true)?;
             writeln!(out, "ready")?;
             out.flush()?;
-            stdin.lock().read_line(&mut line)?;
+            std::io::stdin().lock().read_line(&mut String::new())?;
             let mut ns = Vec::with_capacity(iters);
             for i in 0..iters {
                 let key = keys[i % keys.len()].as_bytes();
@@ -79,19 +91,59 @@ pub fn run(spec: &str) -> anyhow::Result<()> {
             }
             writeln!(out, "ready")?;
             out.flush()?;
-            // Hold until the parent closes our stdin (or dies).
-            while stdin.lock().read_line(&mut line)? > 0 {
-                line.clear();
-            }
+            wait_for_parent()?;
             // Deferred freeing keeps a region while keys point into it: delete them, or the
             // 1 GiB region would outlive this process.
             let ks: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
             h.batch_delete(&ks)?;
             h.close();
         }
+        Spec::Serve { dir, pool_bytes } => {
+            let daemons = InProcess::start(&dir, pool_bytes)?;
+            let serving = Serving {
+                tcp: daemons.tcp_url.clone(),
+                unix: daemons.unix_url.clone(),
+                pid: std::process::id(),
+            };
+            serde_json::to_writer(&mut out, &serving)?;
+            writeln!(out)?;
+            out.flush()?;
+            wait_for_parent()?;
+            drop(daemons);
+        }
     }
     Ok(())
 }
+
+/// Returns when the parent closes this worker's stdin (or dies).
+fn wait_for_parent() -> std::io::Result<()> {
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    while stdin.lock().read_line(&mut line)? > 0 {
+        line.clear();
+    }
+    Ok(())
+}
+
+/// How worker processes are started: this executable, with the arguments that select the
+/// benchmark on its command line (`bench` under `maru`, none under `maru-bench`).
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    exe: PathBuf,
+    subcommand: Vec<String>,
+}
+
+impl Launcher {
+    pub fn this_executable(subcommand: &[&str]) -> anyhow::Result<Launcher> {
+        Ok(Launcher {
+            exe: std::env::current_exe().context("cannot find this executable")?,
+            subcommand: subcommand.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+}
+
+/// How long a worker may take to exit once its stdin is closed.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The parent's side of one worker.
 pub struct Worker {
@@ -101,11 +153,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts `maru bench --worker SPEC` (this same executable).
-    pub fn spawn(spec: &Spec) -> anyhow::Result<Worker> {
-        let exe = std::env::current_exe().context("cannot find the maru executable")?;
-        let mut child = Command::new(exe)
-            .arg("bench")
+    /// Starts a worker running `spec`; it inherits the calling thread's CPU placement.
+    pub fn spawn(launcher: &Launcher, spec: &Spec) -> anyhow::Result<Worker> {
+        let mut child = Command::new(&launcher.exe)
+            .args(&launcher.subcommand)
             .arg("--worker")
             .arg(serde_json::to_string(spec)?)
             .stdin(Stdio::piped())
@@ -147,10 +198,23 @@ impl Worker {
         Ok(())
     }
 
-    /// Closes the worker's stdin and waits for it to exit.
+    /// Closes the worker's stdin and waits for it to exit; a worker still running after
+    /// [`EXIT_TIMEOUT`] is killed.
     pub fn finish(mut self) -> anyhow::Result<()> {
         drop(self.stdin.take());
-        let status = self.child.wait()?;
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                untrack_child(self.child.id());
+                bail!("worker did not exit within {EXIT_TIMEOUT:?} of its stdin closing");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         untrack_child(self.child.id());
         if !status.success() {
             bail!("worker failed: {status}");

@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use anyhow::bail;
 
-use super::cpu;
-use super::floor::Transport;
-use super::rows::{handler, prefill};
-use super::stats::{Row, Samples};
-use super::worker::{LoopResult, Spec, Worker};
-use super::{Bench, KIB};
+use crate::context::Bench;
+use crate::cpu;
+use crate::floor::Transport;
+use crate::plan::KIB;
+use crate::rows::{handler, prefill, refs};
+use crate::stats::{Row, Samples};
+use crate::worker::{LoopResult, Spec, Worker};
 
 pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
     let owner = handler(url, 4 * KIB, 8 << 20, true)?;
@@ -83,7 +84,7 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
             iters,
         };
         let mut workers = (0..n)
-            .map(|_| Worker::spawn(&spec))
+            .map(|_| Worker::spawn(&b.launcher, &spec))
             .collect::<anyhow::Result<Vec<_>>>()?;
         for w in &mut workers {
             w.expect_ready()?;
@@ -108,8 +109,7 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         b.push(t, row.note("one process per client"));
         cpu::unpin_current();
     }
-    let ks: Vec<&[u8]> = stored.iter().map(|k| k.as_slice()).collect();
-    owner.batch_delete(&ks)?;
+    owner.batch_delete(&refs(&stored))?;
     owner.close();
     Ok(())
 }

@@ -12,12 +12,12 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use super::daemons::{track_child, untrack_child};
-use super::floor::{Probe, Transport};
-use super::stats::Row;
-use super::Bench;
+use crate::context::Bench;
+use crate::daemons::{track_child, untrack_child};
+use crate::floor::{Probe, Transport};
+use crate::stats::Row;
 
-/// A row as bench.py prints it (the shape).
+/// A row as bench.py prints it (the first fields of [`Row`]).
 #[derive(Debug, Deserialize)]
 struct PyRow {
     op: String,

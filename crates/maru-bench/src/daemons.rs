@@ -1,7 +1,7 @@
-//! The daemons a benchmark runs against: embedded in this process (a resource manager and a
-//! metadata server on a temporary shm pool, like `maru up`, on ports the OS picks), or a
-//! server the user names. Also the clean-up that must happen however the run ends: no pool
-//! file, socket or child process is left behind, even on Ctrl-C.
+//! The daemons a benchmark runs against when no server is named: a resource manager and a
+//! metadata server on a temporary shm pool, on ports the OS picks, in this process (like
+//! `maru up`) or in a worker process. Also the clean-up that must happen however the run
+//! ends: no pool file, socket or child process is left behind, even on Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use maru_shm::HUGE_PAGE_SIZE;
+
+use crate::worker::{Launcher, Serving, Spec, Worker};
 
 /// Directories to remove and child processes to kill if the run is interrupted.
 static CLEANUP_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -81,29 +83,22 @@ impl Drop for Scratch {
     }
 }
 
-/// The daemons a run measures: a resource manager and a metadata server on a temporary pool,
-/// in this process (like `maru up`, the default), or in a `maru up` child process (what a
-/// deployment looks like: the client and the server are different processes).
-pub struct Embedded {
+/// A resource manager and a metadata server in this process, on a pool file in a directory
+/// someone else removes; both stop on drop.
+pub struct InProcess {
     rm: Option<maru_resource_manager::RmHandle>,
     server: Option<maru_server::ServerHandle>,
-    child: Option<std::process::Child>,
     pub tcp_url: String,
     pub unix_url: String,
-    /// The process the server runs in (for its memory).
-    pub pid: u32,
-    // Last: removed after both daemons stopped.
-    _dir: Scratch,
 }
 
-impl Embedded {
-    /// Starts both daemons in this process on a `pool_bytes` pool under `pool_dir` (sparse:
-    /// only regions that are populated take memory).
-    pub fn start(pool_dir: &Path, pool_bytes: u64, tag: &str) -> anyhow::Result<Embedded> {
-        let dir = Scratch::new(pool_dir, tag)?;
+impl InProcess {
+    /// Starts both daemons on a `pool_bytes` pool in `dir` (sparse: only regions that are
+    /// populated take memory), on ports the OS picks and a Unix socket in `dir`.
+    pub fn start(dir: &Path, pool_bytes: u64) -> anyhow::Result<InProcess> {
         let pool_bytes = pool_bytes.div_ceil(HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE;
-        let pool_path = dir.path.join("bench.pool");
-        let state = dir.path.join("state");
+        let pool_path = dir.join("bench.pool");
+        let state = dir.join("state");
         std::fs::create_dir_all(&state)?;
         let spec = format!("shm:{}:{}", pool_path.display(), pool_bytes);
         let mut rm_cfg = maru_resource_manager::RmConfig::new(
@@ -113,7 +108,7 @@ impl Embedded {
         rm_cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let rm =
             maru_resource_manager::start(rm_cfg).context("resource manager failed to start")?;
-        let sock = dir.path.join("server.sock");
+        let sock = dir.join("server.sock");
         let server = maru_server::start(maru_server::ServerConfig {
             tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             unix: Some(sock.clone()),
@@ -128,77 +123,21 @@ impl Embedded {
                 return Err(e).context("metadata server failed to start");
             }
         };
-        let tcp = server
-            .tcp_addr()
-            .context("the embedded server has no TCP address")?;
-        Ok(Embedded {
+        let Some(tcp) = server.tcp_addr() else {
+            server.shutdown();
+            rm.shutdown();
+            anyhow::bail!("the embedded server has no TCP address");
+        };
+        Ok(InProcess {
             tcp_url: format!("tcp://{tcp}"),
             unix_url: format!("unix://{}", sock.display()),
             rm: Some(rm),
             server: Some(server),
-            child: None,
-            pid: std::process::id(),
-            _dir: dir,
-        })
-    }
-
-    /// Starts `maru up` (this executable) as a child process on a temporary pool; the child
-    /// inherits the calling thread's CPU placement.
-    pub fn start_process(pool_dir: &Path, pool_bytes: u64, tag: &str) -> anyhow::Result<Embedded> {
-        let dir = Scratch::new(pool_dir, tag)?;
-        let ready = dir.path.join("ready.json");
-        let exe = std::env::current_exe().context("cannot find the maru executable")?;
-        let mut child = std::process::Command::new(exe)
-            .args(["up", "--port", "0", "--rm-port", "0", "--log-level", "warn"])
-            .arg("--pool-size")
-            .arg(pool_bytes.to_string())
-            .arg("--pool-dir")
-            .arg(&dir.path)
-            .arg("--state-dir")
-            .arg(dir.path.join("state"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("cannot start maru up")?;
-        track_child(child.id());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let text = loop {
-            if let Ok(t) = std::fs::read_to_string(&ready) {
-                break t;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                untrack_child(child.id());
-                anyhow::bail!("maru up exited at start: {status}");
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                untrack_child(child.id());
-                anyhow::bail!("maru up was not ready within 30 s");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        let url = |k: &str| {
-            v[k].as_str()
-                .map(str::to_owned)
-                .with_context(|| format!("maru up's ready file has no {k}"))
-        };
-        Ok(Embedded {
-            tcp_url: url("tcp")?,
-            unix_url: url("unix")?,
-            pid: child.id(),
-            rm: None,
-            server: None,
-            child: Some(child),
-            _dir: dir,
         })
     }
 }
 
-impl Drop for Embedded {
+impl Drop for InProcess {
     fn drop(&mut self) {
         if let Some(s) = self.server.take() {
             s.shutdown();
@@ -206,17 +145,81 @@ impl Drop for Embedded {
         if let Some(r) = self.rm.take() {
             r.shutdown();
         }
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: `maru up` says goodbye to its clients and removes its pool file.
-            // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Where the embedded daemons of a run live.
+enum Host {
+    /// In this process, like `maru up` (the default).
+    ThisProcess(Box<InProcess>),
+    /// In a worker process: the client and the server are different processes, as deployed.
+    Worker(Worker),
+}
+
+/// The daemons a run measures, on a temporary pool in a scratch directory of their own.
+pub struct Embedded {
+    host: Option<Host>,
+    pub tcp_url: String,
+    pub unix_url: String,
+    /// The process the server runs in (for its memory).
+    pub pid: u32,
+    // Last: removed after both daemons stopped.
+    _dir: Scratch,
+}
+
+impl Embedded {
+    /// Starts both daemons in this process on a `pool_bytes` pool under `pool_dir`.
+    pub fn start(pool_dir: &Path, pool_bytes: u64, tag: &str) -> anyhow::Result<Embedded> {
+        let dir = Scratch::new(pool_dir, tag)?;
+        let daemons = InProcess::start(&dir.path, pool_bytes)?;
+        Ok(Embedded {
+            tcp_url: daemons.tcp_url.clone(),
+            unix_url: daemons.unix_url.clone(),
+            pid: std::process::id(),
+            host: Some(Host::ThisProcess(Box::new(daemons))),
+            _dir: dir,
+        })
+    }
+
+    /// Starts both daemons in a worker process (which inherits the calling thread's CPU
+    /// placement); the pool lives in this process's scratch directory, so an interrupted run
+    /// removes it as it removes its own files.
+    pub fn start_process(
+        launcher: &Launcher,
+        pool_dir: &Path,
+        pool_bytes: u64,
+        tag: &str,
+    ) -> anyhow::Result<Embedded> {
+        let dir = Scratch::new(pool_dir, tag)?;
+        let spec = Spec::Serve {
+            dir: dir.path.clone(),
+            pool_bytes,
+        };
+        let mut worker = Worker::spawn(launcher, &spec)?;
+        let line = worker.line().context("the daemons' worker did not start")?;
+        let serving: Serving = serde_json::from_str(&line)
+            .with_context(|| format!("the daemons' worker said {line:?}"))?;
+        Ok(Embedded {
+            tcp_url: serving.tcp,
+            unix_url: serving.unix,
+            pid: serving.pid,
+            host: Some(Host::Worker(worker)),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        match self.host.take() {
+            Some(Host::ThisProcess(daemons)) => drop(daemons),
+            // Closing its stdin stops the worker's daemons: they say goodbye to their clients.
+            Some(Host::Worker(worker)) => {
+                if let Err(e) = worker.finish() {
+                    eprintln!("maru bench: the daemons' worker: {e:#}");
+                }
             }
-            let _ = c.kill();
-            let _ = c.wait();
-            untrack_child(c.id());
+            None => {}
         }
     }
 }

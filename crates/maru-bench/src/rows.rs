@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use maru_client::{MaruConfig, MaruHandler, StoreItem, StoreOutcome};
 
-use super::floor::{copy_iters, Transport};
-use super::stats::{Row, Samples};
-use super::{keys, Bench, KIB};
+use crate::context::Bench;
+use crate::cpu;
+use crate::floor::{copy_iters, Transport};
+use crate::plan::{keys, KIB};
+use crate::stats::{Row, Samples};
 
 /// A connected handler with pages of `chunk` bytes in one owned region of `region` bytes.
 pub fn handler(url: &str, chunk: u64, region: u64, eager_map: bool) -> anyhow::Result<MaruHandler> {
@@ -30,8 +32,62 @@ pub fn handler(url: &str, chunk: u64, region: u64, eager_map: bool) -> anyhow::R
     Ok(h)
 }
 
-fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> {
+pub fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> {
     v.iter().map(|k| k.as_slice()).collect()
+}
+
+/// Stores of new keys into fresh pages, one per call of a timed row. When fewer than
+/// `headroom` pages would be left free, the keys stored so far are deleted (untimed) so their
+/// pages come back; a growing region would hide a leak.
+pub struct FreshStores<'h> {
+    h: &'h MaruHandler,
+    pages: usize,
+    headroom: usize,
+    live: Vec<Vec<u8>>,
+    fresh: std::vec::IntoIter<Vec<u8>>,
+}
+
+impl<'h> FreshStores<'h> {
+    /// `calls` stores through `h`, whose owned region holds `pages` pages.
+    pub fn new(h: &'h MaruHandler, pages: usize, headroom: usize, calls: usize) -> Self {
+        FreshStores {
+            h,
+            pages,
+            headroom,
+            live: Vec::with_capacity(pages),
+            fresh: keys(calls).into_iter(),
+        }
+    }
+
+    /// alloc + write + store of `data` under a new key; returns how long those three took.
+    pub fn store(&mut self, data: &[u8]) -> anyhow::Result<Duration> {
+        if self.live.len() + self.headroom >= self.pages {
+            self.recycle()?;
+        }
+        let key = self.fresh.next().context("out of keys")?;
+        let h = self.h;
+        let (outcome, d) = timed(|| {
+            let page = h.alloc(data.len() as u64)?;
+            page.write_at(0, data)?;
+            Ok(h.store_handle(&key, &page)?)
+        })?;
+        if outcome != StoreOutcome::Stored {
+            bail!("store of a new key was deduplicated");
+        }
+        self.live.push(key);
+        Ok(d)
+    }
+
+    fn recycle(&mut self) -> anyhow::Result<()> {
+        self.h.batch_delete(&refs(&self.live))?;
+        self.live.clear();
+        Ok(())
+    }
+
+    /// Deletes the keys still stored.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.recycle()
+    }
 }
 
 /// Stores `n` fresh keys of `chunk` bytes (untimed set-up for the read rows).
@@ -113,27 +169,11 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
 
         // store: alloc + write + store of a new key; pages are recycled (untimed) when the
         // region is full.
-        let mut live: Vec<Vec<u8>> = Vec::with_capacity(pages);
-        let mut fresh = keys(iters + 3).into_iter();
+        let mut stores = FreshStores::new(&h, pages, 0, iters + WARMUP);
         measure(b, t, "store", chunk, 1, Some(chunk), iters, |_| {
-            if live.len() == pages {
-                h.batch_delete(&refs(&live))?;
-                live.clear();
-            }
-            let key = fresh.next().context("out of keys")?;
-            let (outcome, d) = timed(|| {
-                let page = h.alloc(chunk)?;
-                page.write_at(0, &data)?;
-                Ok(h.store_handle(&key, &page)?)
-            })?;
-            if outcome != StoreOutcome::Stored {
-                bail!("store of a new key was deduplicated");
-            }
-            live.push(key);
-            Ok(d)
+            stores.store(&data)
         })?;
-        h.batch_delete(&refs(&live))?;
-        live.clear();
+        stores.finish()?;
 
         // store of an existing key: the same three steps; the server says "existed" and the
         // client frees the page again (write-once keys).
@@ -256,13 +296,13 @@ fn key_ops(
 }
 
 /// Where the time of a call goes, as extra rows (not targets). `exists` back to back — not
-/// alternating with floor ping-pongs every 50 calls — in blocks
-/// of 100 calls that rotate between: the raw floor (echo ping-pong of the same sizes, api
-/// `floor`), the plain blocking RPC of maru-proto (api `raw`: the server and the socket, no
+/// alternating with floor ping-pongs every 50 calls — in blocks of 100 calls that rotate
+/// between: the raw floor (echo ping-pong of the same sizes, api `floor`), the plain
+/// blocking RPC of maru-transport (api `raw`: the server and the socket, no
 /// GIL-aware wait), the handler as configured by default (api `rust-b2b`: its grace is a busy
 /// poll), a handler whose grace sleeps in `ppoll` (api `rust-sleep`, `busy_poll: false`), and
 /// that one with the thread's timer slack raised to 4 ms (api `rust-slack`: its `ppoll` then
-/// needs no timer of its own; see docs/PERFORMANCE.md, finding 1), and the echo ping-pong
+/// needs no timer of its own; see docs/PERFORMANCE.md), and the echo ping-pong
 /// awaited by spinning on a non-blocking `recv` (api `floor-busy`: the floor of a caller that
 /// never sleeps), and the same against an echo thread that spins too (api `floor-spin`: two
 /// peers that both busy-poll, as Maru's client and server do — the floor the default handler
@@ -317,12 +357,12 @@ fn diagnostics(
             let key = next_key();
             samples[2].push(timed(|| Ok(sleeping.exists(key)?))?.1);
         }
-        let old = super::cpu::set_timer_slack_ns(4_000_000);
+        let old = cpu::set_timer_slack_ns(4_000_000);
         for _ in 0..BLOCK {
             let key = next_key();
             samples[3].push(timed(|| Ok(sleeping.exists(key)?))?.1);
         }
-        super::cpu::set_timer_slack_ns(old);
+        cpu::set_timer_slack_ns(old);
         for _ in 0..BLOCK {
             samples[4].push(probe.busy_round_trip()?);
         }

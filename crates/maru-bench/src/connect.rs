@@ -5,10 +5,11 @@
 use anyhow::Context;
 use maru_client::{MaruConfig, MaruHandler};
 
-use super::daemons::{hugetlbfs_mount, Embedded};
-use super::floor::Transport;
-use super::stats::{Row, Samples};
-use super::{Bench, GIB, MIB};
+use crate::context::Bench;
+use crate::daemons::{hugetlbfs_mount, Embedded};
+use crate::floor::Transport;
+use crate::plan::{GIB, MIB};
+use crate::stats::{Row, Samples};
 
 fn connect_rows(b: &mut Bench, t: Transport, url: &str, page_note: &str) -> anyhow::Result<()> {
     for &pool in &b.plan.connect_pools.clone() {
