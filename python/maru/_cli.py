@@ -12,7 +12,7 @@ def _run(program: str) -> None:
 
 
 def main() -> None:
-    """``maru``: up, stats, top, bench."""
+    """``maru``: up, stats, top (``maru bench`` ships with the Rust binary)."""
     _run("maru")
 
 

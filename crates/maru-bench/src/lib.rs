@@ -9,7 +9,7 @@
 //! Sections: Rust client rows per transport (`rows`), Python rows through the `maru` package
 //! (`python`, `benchmarks/bench.py`), cross-process lazy mapping (`cross`), concurrency
 //! (`concurrency`), connect time (`connect`), Redis side by side (`redis`), and the server's
-//! memory per key and registration rate (`registry`). [`run`] runs them in that order, then
+//! memory per key and registration rate (`registry`). [`run()`] runs them in that order, then
 //! judges the targets (`targets`) and writes the report (`report`).
 //!
 //! This crate owns the benchmark and everything only the benchmark needs: floors, CPU

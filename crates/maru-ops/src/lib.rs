@@ -9,7 +9,7 @@
 //!   (maru-cli) adds `bench`; the Python package's console scripts (maru-py) run the same
 //!   code inside the Python process.
 //!
-//! It owns these commands, their output and the number formatting they share ([`format`]).
+//! It owns these commands, their output and the number formatting they share ([`mod@format`]).
 //! It starts the daemons only through their libraries (`maru_resource_manager::start`,
 //! `maru_server::start`) and reads a server only over the wire, as any operator tool would;
 //! it holds no benchmark and no Python binding, so the Python extension can depend on it

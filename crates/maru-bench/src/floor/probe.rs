@@ -66,7 +66,7 @@ fn serve_one<S: Read + Write + AsRawFd>(
     })
 }
 
-/// Copy samples taken between a row's calls (see [`Floors::copy_probe`]).
+/// Copy samples taken between a row's calls (see [`super::Floors::copy_probe`]).
 pub struct CopyProbe {
     mapping: Arc<Mapping>,
     buf: Vec<u8>,
