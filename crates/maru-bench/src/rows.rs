@@ -36,9 +36,10 @@ pub fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> {
     v.iter().map(|k| k.as_slice()).collect()
 }
 
-/// Stores of new keys into fresh pages, one per call of a timed row. When fewer than
-/// `headroom` pages would be left free, the keys stored so far are deleted (untimed) so their
-/// pages come back; a growing region would hide a leak.
+/// Stores of new keys into fresh pages, one per call of a timed row. Once these stores leave
+/// at most `headroom` of the region's pages untaken (room the caller keeps for keys of its
+/// own), the keys stored so far are deleted (untimed) so their pages come back; a growing
+/// region would hide a leak.
 pub struct FreshStores<'h> {
     h: &'h MaruHandler,
     pages: usize,
