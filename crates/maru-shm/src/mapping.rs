@@ -1,11 +1,13 @@
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
+use rustix::mm::{Advice, MapFlags, ProtFlags};
+
 /// Size of a huge page on hugetlbfs (x86-64 default).
 pub const HUGE_PAGE_SIZE: u64 = 2 * 1024 * 1024;
+/// `f_type` of a hugetlbfs mount (`linux/magic.h`).
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,38 +103,28 @@ impl Mapping {
             )));
         }
         let prot = match mode {
-            MapMode::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-            MapMode::ReadOnly => libc::PROT_READ,
+            MapMode::ReadWrite => ProtFlags::READ | ProtFlags::WRITE,
+            MapMode::ReadOnly => ProtFlags::READ,
         };
         // Read-only maps that want population use MAP_POPULATE; writable ones use
         // MADV_POPULATE_WRITE below, which also pre-faults for writing (no later COW/RO faults).
-        let flags = libc::MAP_SHARED
-            | if populate && mode == MapMode::ReadOnly {
-                libc::MAP_POPULATE
-            } else {
-                0
-            };
+        let flags = if populate && mode == MapMode::ReadOnly {
+            MapFlags::SHARED | MapFlags::POPULATE
+        } else {
+            MapFlags::SHARED
+        };
         // SAFETY: a fresh mapping (addr = NULL) of a file descriptor we own for the duration of
         // the call; the range was checked against the file's length above. The kernel keeps its
         // own reference to the file, so closing `file` afterwards is fine.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len_usize,
-                prot,
-                flags,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(ShmError::Map {
-                path: path.to_owned(),
-                offset,
-                len,
-                source: io::Error::last_os_error(),
-            });
+            rustix::mm::mmap(std::ptr::null_mut(), len_usize, prot, flags, &file, offset)
         }
+        .map_err(|e| ShmError::Map {
+            path: path.to_owned(),
+            offset,
+            len,
+            source: e.into(),
+        })?;
         let ptr = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| ShmError::Invalid("mmap returned NULL".into()))?;
         let mapping = Mapping {
@@ -151,10 +143,15 @@ impl Mapping {
     /// Pre-faults the whole mapping for writing. Falls back to touching one byte per page on
     /// kernels without `MADV_POPULATE_WRITE` (before 5.14).
     fn populate_write(&self) {
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
         // SAFETY: the range is exactly our live mapping; madvise does not change its contents.
-        let rc = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, MADV_POPULATE_WRITE) };
-        if rc == 0 {
+        let advised = unsafe {
+            rustix::mm::madvise(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                Advice::LinuxPopulateWrite,
+            )
+        };
+        if advised.is_ok() {
             return;
         }
         let page = system_page_size() as usize;
@@ -184,47 +181,28 @@ impl Mapping {
         if self.mode == MapMode::ReadOnly {
             return Ok(());
         }
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        let fixed = libc::MAP_PRIVATE | libc::MAP_FIXED;
-        let file = OpenOptions::new().read(true).open(&self.path);
-        let ptr = match &file {
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        let fixed = MapFlags::PRIVATE | MapFlags::FIXED;
+        let addr = self.ptr.as_ptr().cast();
+        if let Ok(file) = OpenOptions::new().read(true).open(&self.path) {
             // SAFETY: MAP_FIXED over exactly our own live range (same address and length), so
             // no other mapping is clobbered; the kernel replaces the pages atomically and the
             // addresses stay valid for every holder of a pointer into them.
-            Ok(f) => unsafe {
-                libc::mmap(
-                    self.ptr.as_ptr().cast(),
-                    self.len,
-                    prot,
-                    fixed,
-                    f.as_raw_fd(),
-                    self.offset as libc::off_t,
-                )
-            },
-            Err(_) => libc::MAP_FAILED,
-        };
-        if ptr != libc::MAP_FAILED {
-            return Ok(());
+            let remapped =
+                unsafe { rustix::mm::mmap(addr, self.len, prot, fixed, &file, self.offset) };
+            if remapped.is_ok() {
+                return Ok(());
+            }
         }
         // SAFETY: as above, with anonymous memory (no file involved).
-        let ptr = unsafe {
-            libc::mmap(
-                self.ptr.as_ptr().cast(),
-                self.len,
-                prot,
-                fixed | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(ShmError::Map {
+        unsafe { rustix::mm::mmap_anonymous(addr, self.len, prot, fixed) }.map_err(|e| {
+            ShmError::Map {
                 path: self.path.clone(),
                 offset: self.offset,
                 len: self.len as u64,
-                source: io::Error::last_os_error(),
-            });
-        }
+                source: e.into(),
+            }
+        })?;
         Ok(())
     }
 
@@ -283,37 +261,22 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // munmap fails only for a range that is not a mapping, which this type rules out.
         // SAFETY: exactly the range returned by mmap, unmapped once. Anyone still holding raw
         // pointers into it must hold the Mapping (the Python views hold an Arc<Mapping>).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
 /// The system page size (4 KiB on x86-64).
 pub fn system_page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if v > 0 {
-        v as u64
-    } else {
-        4096
-    }
+    rustix::param::page_size() as u64
 }
 
 /// Page size of the file system holding `path`: 2 MiB on hugetlbfs, the system page size
 /// elsewhere.
 pub fn fs_page_size(path: &Path) -> io::Result<u64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated string and `st` points to writable storage of the
-    // right type; statfs fills it completely on success.
-    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statfs returned 0, so it initialised `st`.
-    let st = unsafe { st.assume_init() };
+    let st = rustix::fs::statfs(path)?;
     // The field's integer type differs between targets; the cast is a no-op on x86-64.
     #[allow(clippy::unnecessary_cast)]
     let f_type = st.f_type as i64;

@@ -110,8 +110,7 @@ impl Naming {
         if let Some(d) = non_empty_env("XDG_RUNTIME_DIR") {
             return PathBuf::from(d).join(&self.prefix);
         }
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::getuid() };
+        let uid = rustix::process::getuid().as_raw();
         Path::new("/tmp").join(format!("{}-{uid}", self.prefix))
     }
 

@@ -5,9 +5,10 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::FallocateFlags;
 
 use maru_proto::Access;
 
@@ -56,20 +57,8 @@ impl FsDaxPool {
 }
 
 fn fs_capacity(dir: &Path) -> io::Result<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is NUL-terminated and `st` is writable storage of the right type.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so `st` is initialised.
-    let st = unsafe { st.assume_init() };
-    // The fields' integer types differ between targets; the casts are no-ops on x86-64.
-    #[allow(clippy::unnecessary_cast)]
-    let (blocks, frsize) = (st.f_blocks as u64, st.f_frsize as u64);
-    Ok(blocks.saturating_mul(frsize))
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_blocks.saturating_mul(st.f_frsize))
 }
 
 impl Pool for FsDaxPool {
@@ -107,20 +96,17 @@ impl Pool for FsDaxPool {
             .mode(REGION_FILE_MODE)
             .open(&path)
             .map_err(|e| PoolError::io(&path, e))?;
-        let Ok(l) = libc::off_t::try_from(len) else {
-            return Err(PoolError::invalid(&path, "region length out of off_t"));
-        };
         // Allocate the blocks now: on DAX a fault on a hole of a full file system is SIGBUS
         // in the client, an ENOSPC here is a clear error.
-        // SAFETY: fallocate on a descriptor we own, with a checked length.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, l) };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                let _ = std::fs::remove_file(&path);
-                return Err(PoolError::io(&path, err));
+        match rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, len) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                file.set_len(len).map_err(|e| PoolError::io(&path, e))?
             }
-            file.set_len(len).map_err(|e| PoolError::io(&path, e))?;
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(PoolError::io(&path, e.into()));
+            }
         }
         Ok(())
     }

@@ -2,10 +2,10 @@
 //! freed regions give their memory back by punching a hole.
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::FallocateFlags;
 
 use super::{round_up, Pool, PoolError, PoolKind, DEFAULT_ALIGN};
 use crate::mapping::fs_page_size;
@@ -67,23 +67,10 @@ impl ShmPool {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<(), PoolError> {
-        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(PoolError::invalid(&self.path, "range out of off_t"));
-        };
-        // SAFETY: fallocate on a file descriptor we own; the range is plain integers and the
-        // kernel validates it. PUNCH_HOLE|KEEP_SIZE only drops the range's pages.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
-        };
-        if rc != 0 {
-            return Err(PoolError::io(&self.path, io::Error::last_os_error()));
-        }
-        Ok(())
+        // PUNCH_HOLE|KEEP_SIZE only drops the range's pages; the kernel validates the range.
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        rustix::fs::fallocate(&self.file, flags, offset, len)
+            .map_err(|e| PoolError::io(&self.path, e.into()))
     }
 }
 
