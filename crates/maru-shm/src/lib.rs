@@ -1,6 +1,15 @@
-//! Shared memory for Maru: the pool kinds a resource manager carves regions from, and the
-//! mappings clients read and write through. All `unsafe` mapping code of the project lives in
-//! this crate.
+//! Shared memory for Maru: the pool kinds a resource manager carves regions from, the
+//! mappings clients read and write through, and the names of every OS object the project
+//! creates.
+//!
+//! Owns: pools (`pool/{shm,fs_dax,dev_dax}.rs` behind the [`Pool`] trait: create, size,
+//! prepare and release a region's memory), [`Mapping`] (map, populate, privatize, unmap),
+//! page sizes, and [`naming`]. All unsafe mapping code of the project lives here; the system
+//! calls go through `rustix`, and each `unsafe` block says why it holds.
+//!
+//! May not touch: who owns a region, keys, tokens or the wire protocol (it reads only the
+//! `Access` description `maru-proto` defines), and it never reads or writes a KV chunk's
+//! bytes on anyone's behalf: callers copy through a [`Mapping`] themselves.
 
 mod mapping;
 pub mod naming;
