@@ -1,4 +1,5 @@
-"""The seed's usage example, plus a look at what came back."""
+"""The documented usage example (alloc, write, store, retrieve, exists, delete), plus a look at
+what came back."""
 
 import argparse
 

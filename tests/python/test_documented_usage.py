@@ -1,6 +1,6 @@
-"""The seed's usage examples, verbatim, against a real server on tcp://localhost:5555 (the
-examples' address), plus safety of views read after close() in a separate interpreter (a
-dangling view would be a segfault there, not a failed assertion here)."""
+"""The documented Python API's usage examples, verbatim, against a real server on
+tcp://localhost:5555 (the examples' address), plus safety of views read after close() in a
+separate interpreter (a dangling view would be a segfault there, not a failed assertion here)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from maru import MaruConfig, MaruHandler
 from conftest import REPO, Cluster, new_dir, run_python
 
-# From the seed's API page ("Usage"), unchanged.
-SEED_USAGE = """
+# The usage example of the documented Python API (README.md, "Python quick start"), unchanged.
+DOCUMENTED_USAGE = """
 from maru import MaruConfig, MaruHandler
 
 config = MaruConfig(server_url="tcp://localhost:5555", pool_size=1024 * 1024 * 100)
@@ -36,7 +36,7 @@ with MaruHandler(config) as handler:
 """
 
 # The AllocHandle and MemoryInfo snippets, unchanged, inside a handler like the one above.
-SEED_SNIPPETS = """
+DOCUMENTED_SNIPPETS = """
 from maru import MaruConfig, MaruHandler
 
 config = MaruConfig(server_url="tcp://localhost:5555", pool_size=1024 * 1024 * 100)
@@ -80,7 +80,7 @@ def server_on_5555() -> Iterator[None]:
             pytest.skip("port 5555 is taken by something that is not a Maru server")
         yield
         return
-    d = new_dir("seed")
+    d = new_dir("usage")
     c = Cluster(d, pool_size=512 << 20, server_port=5555).start()
     try:
         yield
@@ -89,13 +89,13 @@ def server_on_5555() -> Iterator[None]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_seed_usage_runs_verbatim(server_on_5555: None) -> None:
-    r = run_python(SEED_USAGE)
+def test_documented_usage_runs_verbatim(server_on_5555: None) -> None:
+    r = run_python(DOCUMENTED_USAGE)
     assert r.returncode == 0, r.stderr
 
 
-def test_seed_snippets_run_verbatim(server_on_5555: None) -> None:
-    r = run_python(SEED_SNIPPETS)
+def test_documented_snippets_run_verbatim(server_on_5555: None) -> None:
+    r = run_python(DOCUMENTED_SNIPPETS)
     assert r.returncode == 0, r.stderr
 
 
