@@ -109,14 +109,43 @@ impl FrameBuf {
         Ok((header, &self.buf[payload_start..self.start]))
     }
 
-    /// Reads more bytes so that at least `want` bytes of the current frame are buffered
-    /// (or fails). Grows the buffer for large frames; the header already bounded `want`.
-    fn fill<R: Read>(
-        &mut self,
-        r: &mut R,
-        want: usize,
-        stalled_since: &mut Option<Instant>,
-    ) -> Result<(), FrameReadError> {
+    /// The next frame if it is already whole in the buffer; never touches a stream. For
+    /// callers that wait for the stream themselves (a poll with a deadline) and then
+    /// [`FrameBuf::read_some`]. The payload borrows the buffer until the next call.
+    pub fn take_frame(&mut self) -> Result<Option<(Header, &[u8])>, DecodeError> {
+        let header = match Header::decode(self.buffered()) {
+            Ok(h) => h,
+            Err(DecodeError::Truncated { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let total = HEADER_LEN + header.payload_len as usize;
+        if self.end - self.start < total {
+            return Ok(None);
+        }
+        let payload = self.start + HEADER_LEN..self.start + total;
+        self.start += total;
+        Ok(Some((header, &self.buf[payload])))
+    }
+
+    /// One `read` from `r` into the buffer, after making room for the whole frame being
+    /// received (its header bounded the size). `Ok(0)`: the peer closed the stream.
+    pub fn read_some<R: Read>(&mut self, r: &mut R) -> io::Result<usize> {
+        let want = match Header::decode(self.buffered()) {
+            Ok(h) => HEADER_LEN + h.payload_len as usize,
+            Err(_) => HEADER_LEN,
+        };
+        self.make_room(want);
+        let n = r.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Makes the buffer hold at least `want` bytes from the start of the current frame.
+    fn make_room(&mut self, want: usize) {
+        if self.is_empty() {
+            self.start = 0;
+            self.end = 0;
+        }
         if self.start > 0 && self.buf.len() - self.start < want {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -125,6 +154,17 @@ impl FrameBuf {
         if self.buf.len() - self.start < want {
             self.buf.resize(self.start + want, 0);
         }
+    }
+
+    /// Reads more bytes so that at least `want` bytes of the current frame are buffered
+    /// (or fails). Grows the buffer for large frames; the header already bounded `want`.
+    fn fill<R: Read>(
+        &mut self,
+        r: &mut R,
+        want: usize,
+        stalled_since: &mut Option<Instant>,
+    ) -> Result<(), FrameReadError> {
+        self.make_room(want);
         loop {
             match r.read(&mut self.buf[self.end..]) {
                 Ok(0) => {
@@ -164,4 +204,44 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<(Header, Vec<u8>), FrameReadErro
     let mut fb = FrameBuf::new();
     let (h, p) = fb.read_frame(r)?;
     Ok((h, p.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maru_proto::{decode_response, encode_response, Response};
+
+    #[test]
+    fn take_frame_and_read_some_reassemble_frames_fed_a_few_bytes_at_a_time() {
+        let mut wire = Vec::new();
+        encode_response(&mut wire, 1, &Response::Bool(true)).unwrap();
+        let big = Response::Stats("x".repeat(3 * INITIAL_CAPACITY));
+        encode_response(&mut wire, 2, &big).unwrap();
+        let mut fb = FrameBuf::new();
+        let mut src = &wire[..];
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            if let Some((h, p)) = fb.take_frame().unwrap() {
+                got.push((h.request_id, decode_response(&h, p).unwrap()));
+                continue;
+            }
+            // Three bytes at a time, as a slow peer sends them.
+            let n = src.len().min(3);
+            let mut chunk = &src[..n];
+            assert_eq!(fb.read_some(&mut chunk).unwrap(), n);
+            src = &src[n..];
+        }
+        assert_eq!(got[0], (1, Response::Bool(true)));
+        assert_eq!(got[1], (2, big));
+        assert!(fb.is_empty());
+        assert_eq!(fb.read_some(&mut &[][..]).unwrap(), 0, "end of stream");
+    }
+
+    #[test]
+    fn take_frame_refuses_garbage() {
+        let mut fb = FrameBuf::new();
+        let mut junk: &[u8] = b"NOTMARU-this-is-not-a-frame-at-all";
+        fb.read_some(&mut junk).unwrap();
+        assert!(fb.take_frame().is_err());
+    }
 }
