@@ -1,14 +1,7 @@
 //! The paged allocator of one owned region: fixed-size pages handed out from a free-list
 //! stack, O(1) alloc and free, with a per-page bit that catches double frees.
 
-/// Why a page could not be freed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PageFreeError {
-    #[error("page {index} is outside a region of {count} pages")]
-    OutOfRange { index: u64, count: u64 },
-    #[error("page {0} is not allocated (double free?)")]
-    NotAllocated(u64),
-}
+use crate::error::{Error, Result};
 
 /// Allocator over `page_count` pages. Not synchronised: the handler keeps it under its
 /// write lock.
@@ -49,15 +42,24 @@ impl PageAllocator {
         Some(u64::from(index))
     }
 
-    /// Returns a page.
-    pub fn free(&mut self, index: u64) -> Result<(), PageFreeError> {
+    /// Returns a page. A page outside the region, or one not allocated (a double free), is
+    /// an [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument).
+    pub fn free(&mut self, index: u64) -> Result<()> {
         let count = self.page_count();
-        let slot = usize::try_from(index)
+        let Some(slot) = usize::try_from(index)
             .ok()
             .and_then(|i| self.allocated.get_mut(i))
-            .ok_or(PageFreeError::OutOfRange { index, count })?;
+        else {
+            return Err(Error::invalid(
+                "free",
+                format!("page {index} is outside a region of {count} pages"),
+            ));
+        };
         if !*slot {
-            return Err(PageFreeError::NotAllocated(index));
+            return Err(Error::invalid(
+                "free",
+                format!("page {index} is not allocated (double free?)"),
+            ));
         }
         *slot = false;
         // `index < count <= u32::MAX` was checked by the lookup above.
@@ -87,11 +89,14 @@ mod tests {
         assert_eq!(got, vec![0, 1, 2, 3]);
         assert_eq!(a.alloc(), None);
         assert_eq!(
-            a.free(9),
-            Err(PageFreeError::OutOfRange { index: 9, count: 4 })
+            a.free(9).unwrap_err().to_string(),
+            "page 9 is outside a region of 4 pages"
         );
         a.free(2).unwrap();
-        assert_eq!(a.free(2), Err(PageFreeError::NotAllocated(2)));
+        assert_eq!(
+            a.free(2).unwrap_err().to_string(),
+            "page 2 is not allocated (double free?)"
+        );
         assert_eq!(a.alloc(), Some(2), "a freed page is reused first");
     }
 
@@ -127,7 +132,7 @@ mod tests {
                     Op::Free(p) => {
                         let r = a.free(p);
                         if model.remove(&p) {
-                            prop_assert_eq!(r, Ok(()));
+                            prop_assert!(r.is_ok(), "{:?}", r);
                         } else {
                             prop_assert!(r.is_err());
                         }

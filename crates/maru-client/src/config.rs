@@ -1,9 +1,12 @@
 //! [`MaruConfig`]: the Rust mirror of the Python `maru.MaruConfig`, with the same fields, the
 //! same defaults and the same validation rules.
 
+use std::fmt;
 use std::time::Duration;
 
 use maru_proto::{ServerUrl, MAX_STRING_LEN};
+
+use crate::error::{Error, Result};
 
 /// One mebibyte.
 pub const MIB: u64 = 1024 * 1024;
@@ -13,7 +16,7 @@ pub const DEFAULT_SERVER_URL: &str = "tcp://localhost:5555";
 
 /// How long a call waits for its reply while still holding the caller's context (the GIL in
 /// Python) before it hands the rest of the wait to the [`crate::WaitHook`]. A loopback round
-/// trip is 10–20 µs here, so most replies arrive inside this window and the caller never
+/// trip takes 10–20 µs, so most replies arrive inside this window and the caller never
 /// gives up the GIL (which would cost a 5 ms switch interval when another thread is busy).
 pub const DEFAULT_REPLY_GRACE: Duration = Duration::from_micros(50);
 
@@ -46,8 +49,8 @@ pub struct MaruConfig {
     /// See [`DEFAULT_REPLY_GRACE`].
     pub reply_grace: Duration,
     /// Spend the reply grace polling the socket without sleeping. A reply that comes inside
-    /// the grace is then seen at once, with no wake-up and no timer: 25–35 % faster calls on
-    /// this VM (docs/PERFORMANCE.md, finding 1), for at most `reply_grace` of CPU per call.
+    /// the grace is then seen at once, with no wake-up and no timer: calls are 25–35 %
+    /// faster, for at most `reply_grace` of CPU per call.
     /// Connections whose replies keep missing the grace (a loaded machine) fall back to
     /// sleeping by themselves. `false` always sleeps.
     pub busy_poll: bool,
@@ -82,23 +85,15 @@ impl Default for MaruConfig {
     }
 }
 
-/// Why a configuration was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
-    #[error("invalid {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
-}
-
-fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        reason: reason.into(),
-    }
+/// A refused field: an [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument)
+/// that names it.
+fn invalid(field: &'static str, reason: impl fmt::Display) -> Error {
+    Error::invalid("config", format!("invalid {field}: {reason}"))
 }
 
 impl MaruConfig {
     /// Checks every field; returns the parsed server URL.
-    pub fn validate(&self) -> Result<ServerUrl, ConfigError> {
+    pub fn validate(&self) -> Result<ServerUrl> {
         let url =
             ServerUrl::parse(&self.server_url).map_err(|e| invalid("server_url", e.to_string()))?;
         if let ServerUrl::Unix(path) = &url {
@@ -280,7 +275,13 @@ mod tests {
         ];
         for (field, cfg) in cases {
             match cfg.validate() {
-                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                Err(e) => {
+                    assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+                    assert!(
+                        e.to_string().starts_with(&format!("invalid {field}: ")),
+                        "{e}"
+                    );
+                }
                 Ok(_) => panic!("{field}: accepted {cfg:?}"),
             }
         }

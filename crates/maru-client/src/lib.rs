@@ -1,9 +1,16 @@
 //! The Maru client: [`MaruHandler`].
 //!
-//! A handler owns regions of shared memory it writes KV chunks into (one page per chunk, a
-//! paged allocator per region), maps other instances' regions read-only to read theirs, and
-//! talks to a metadata server about keys only: a store is one round trip carrying a key, a
-//! region id, an offset and a length; a retrieve returns a [`View`] straight into the mapping.
+//! This crate owns everything a client process holds: the handler's session with one
+//! metadata server and its connection pool, the regions it owns with a page allocator each,
+//! the mappings of other instances' regions it reads, and every key operation (store,
+//! retrieve, exists, pin, delete — single and batched). A store is one round trip carrying a
+//! key, a region id, an offset and a length; a retrieve returns a [`View`] straight into the
+//! mapping. Errors of every operation are one [`Error`] with an [`ErrorKind`].
+//!
+//! It may not touch the pools (only the resource manager carves and frees regions; the
+//! client maps what it is handed) nor the server's books (keys, reference counts, pins and
+//! sessions change only through requests). The wire format is `maru_proto`'s and the
+//! sockets, frame reader and busy-poll waits are `maru_transport`'s.
 //!
 //! ```no_run
 //! use maru_client::{MaruConfig, MaruHandler};
@@ -35,28 +42,25 @@
 //! Waiting for replies is GIL-aware: a call first waits a short bounded time
 //! ([`MaruConfig::reply_grace`]) in its own context — polling the socket without sleeping
 //! ([`MaruConfig::busy_poll`]) or in `ppoll` — and only then hands the rest of the wait to a
-//! [`WaitHook`], which a Python binding implements by releasing the GIL. Use [`MaruHandler::with_hook`] to run any operation with a hook.
+//! [`WaitHook`], which a Python binding implements by releasing the GIL. Use
+//! [`MaruHandler::with_hook`] to run any operation with a hook.
 
 mod alloc;
 mod config;
+mod connections;
 mod error;
 mod handler;
 mod view;
+mod wait;
 mod watch;
-mod wire;
 
-pub use alloc::{PageAllocator, PageFreeError};
-pub use config::{
-    random_uuid4, ConfigError, MaruConfig, DEFAULT_REPLY_GRACE, DEFAULT_SERVER_URL, MIB,
-};
-pub use error::{
-    AllocError, ConnectError, ErrorKind, FreeError, KeyError, OpError, RetrieveError, RpcError,
-    StateError, StoreError,
-};
+pub use alloc::PageAllocator;
+pub use config::{random_uuid4, MaruConfig, DEFAULT_REPLY_GRACE, DEFAULT_SERVER_URL, MIB};
+pub use error::{Error, ErrorKind, Result};
 pub use handler::{
     HandlerStats, Hooked, MaruHandler, OwnedRegionStats, RegionCallback, StoreItem, StoreOutcome,
 };
 pub use maru_proto::stats::ServerStats;
 pub use maru_proto::{DeleteStatus, ErrorCode, Handle};
 pub use view::{AllocHandle, PageId, View};
-pub use wire::{NoHook, WaitHook};
+pub use wait::{NoHook, WaitHook};

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use maru_shm::{Mapping, ShmError};
+use maru_shm::Mapping;
+
+use crate::error::{Error, ErrorKind, Result};
 
 /// A page of an owned region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,19 +72,28 @@ impl View {
         let _ = self.mapping.read_at(self.offset, &mut out);
         out
     }
-    /// Copies `src` into the view at `at`.
-    pub fn write_at(&self, at: usize, src: &[u8]) -> Result<(), ShmError> {
+    /// Copies `src` into the view at `at`. A read-only view, or a range outside the view, is
+    /// an [`ErrorKind::InvalidArgument`].
+    pub fn write_at(&self, at: usize, src: &[u8]) -> Result<()> {
         if !self.writable {
-            return Err(ShmError::Invalid("write to a read-only view".into()));
+            return Err(Error::invalid(
+                "write_at",
+                "invalid mapping request: write to a read-only view",
+            ));
         }
         if at.checked_add(src.len()).is_none_or(|end| end > self.len) {
-            return Err(ShmError::Invalid(format!(
-                "range {at}+{} outside a view of {} bytes",
-                src.len(),
-                self.len
-            )));
+            return Err(Error::invalid(
+                "write_at",
+                format!(
+                    "invalid mapping request: range {at}+{} outside a view of {} bytes",
+                    src.len(),
+                    self.len
+                ),
+            ));
         }
-        self.mapping.write_at(self.offset + at, src)
+        self.mapping
+            .write_at(self.offset + at, src)
+            .map_err(|e| Error::shm(ErrorKind::InvalidArgument, "write_at", e.to_string(), e))
     }
 }
 
@@ -114,7 +125,7 @@ impl AllocHandle {
     pub fn view(&self) -> &View {
         &self.view
     }
-    pub fn write_at(&self, at: usize, src: &[u8]) -> Result<(), ShmError> {
+    pub fn write_at(&self, at: usize, src: &[u8]) -> Result<()> {
         self.view.write_at(at, src)
     }
 }

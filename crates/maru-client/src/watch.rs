@@ -9,8 +9,8 @@
 //! unsolicited, so the read only returns when the connection ends; unless the handler is
 //! closing, that means the server is gone, and the watcher [`Fence::lose`]s the session: every
 //! owned mapping is detached from the pool in place (copy-on-write, see
-//! [`Mapping::privatize`]) and later operations fail with
-//! [`StateError::ServerLost`](crate::StateError::ServerLost).
+//! [`Mapping::privatize`]) and later operations fail with an error that
+//! [`is_server_lost`](crate::Error::is_server_lost).
 //!
 //! The watcher's connection counts as one of the session's connections at the server, which
 //! ends a session on its last connection or on goodbye. It lives exactly as long as the
@@ -24,6 +24,8 @@ use std::thread::JoinHandle;
 
 use maru_shm::Mapping;
 use maru_transport::Stream;
+
+use crate::connections::read_again;
 
 /// The owned mappings to detach from the pool when the session ends or is lost, under a
 /// small lock of their own: the watcher must never wait on the handler's write lock, which a
@@ -143,13 +145,7 @@ fn watch(mut stream: Stream, stopping: &AtomicBool, fence: &Fence) {
             Ok(0) => break "the metadata server closed the connection".to_owned(),
             // Nothing is expected; whatever comes is not a reason to stop watching.
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if read_again(&e) => {}
             Err(e) => break format!("the connection to the metadata server failed: {e}"),
         }
         if stopping.load(Ordering::Acquire) {
@@ -165,7 +161,7 @@ fn watch(mut stream: Stream, stopping: &AtomicBool, fence: &Fence) {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use maru_shm::MapMode;
 
@@ -221,11 +217,10 @@ mod tests {
         let _w = Watcher::start(Stream::Unix(client), fence.clone()).unwrap();
         assert!(shared(&rw, &ro, b"attached"));
         drop(server);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !fence.is_lost() {
-            assert!(Instant::now() < deadline, "the loss was not noticed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        assert!(
+            maru_testkit::wait_until(Duration::from_secs(5), || fence.is_lost()),
+            "the loss was not noticed"
+        );
         assert!(!shared(&rw, &ro, b"detached"), "a write reached the pool");
         let mut seen = [0u8; 8];
         rw.read_at(100, &mut seen).unwrap();

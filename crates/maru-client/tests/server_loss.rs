@@ -10,10 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::fake_server::{closing_server, late_server, stalled_server};
 use common::*;
-use maru_client::{
-    AllocError, ConnectError, ErrorKind, MaruConfig, MaruHandler, OpError, StateError, WaitHook,
-    MIB,
-};
+use maru_client::{ErrorKind, MaruConfig, MaruHandler, WaitHook, MIB};
 
 #[test]
 fn a_stalled_server_times_out_through_the_hook() {
@@ -139,7 +136,7 @@ fn a_lost_server_detaches_owned_pages_and_the_next_call_says_so() {
 
     // The next operation says what happened, with a typed error.
     let e = h.exists(b"kept").unwrap_err();
-    assert!(matches!(e, OpError::State(StateError::ServerLost)), "{e}");
+    assert!(e.is_server_lost(), "{e}");
     assert_eq!(e.kind(), ErrorKind::Transport);
     assert!(
         e.to_string()
@@ -147,18 +144,12 @@ fn a_lost_server_detaches_owned_pages_and_the_next_call_says_so() {
             && e.to_string().contains("close()"),
         "{e}"
     );
-    assert!(matches!(
-        h.alloc(16).unwrap_err(),
-        AllocError::State(StateError::ServerLost)
-    ));
+    assert!(h.alloc(16).unwrap_err().is_server_lost());
     assert!(matches!(
         h.store_bytes(b"x", b"", b"y").unwrap_err().kind(),
         ErrorKind::Transport
     ));
-    assert!(matches!(
-        h.connect().unwrap_err(),
-        ConnectError::State(StateError::ServerLost)
-    ));
+    assert!(h.connect().unwrap_err().is_server_lost());
     assert!(!h.healthcheck());
     h.close();
     assert_eq!(h.exists(b"kept").unwrap_err().kind(), ErrorKind::State);
@@ -184,7 +175,7 @@ fn close_is_not_reported_as_server_loss() {
     );
     h.close();
     let e = h.exists(b"mine").unwrap_err();
-    assert!(matches!(e, OpError::State(StateError::Closed)), "{e}");
+    assert!(e.is_closed(), "{e}");
     assert_eq!(e.kind(), ErrorKind::State);
     // The session ended by goodbye, not by a lost connection: its regions went back (the
     // key keeps its own), and nobody else noticed anything.
@@ -219,9 +210,6 @@ fn a_call_that_finds_the_connection_closed_detaches_at_once() {
     assert_eq!(e.kind(), ErrorKind::Transport, "{e}");
     assert!(!h.is_connected());
     assert!(!write_reaches_pool(&a, &pool, b"after!"));
-    assert!(matches!(
-        h.exists(b"k").unwrap_err(),
-        OpError::State(StateError::ServerLost)
-    ));
+    assert!(h.exists(b"k").unwrap_err().is_server_lost());
     h.close();
 }

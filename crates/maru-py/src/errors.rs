@@ -1,4 +1,4 @@
-//! Maps the client's typed errors onto Python exceptions:
+//! Maps the client's error kinds onto Python exceptions:
 //!
 //! | kind | Python |
 //! |---|---|
@@ -40,31 +40,7 @@ pub fn to_py(py: Python<'_>, kind: ErrorKind, msg: String) -> PyErr {
     }
 }
 
-/// Implemented by every client error enum.
-pub trait Kinded: std::fmt::Display {
-    fn error_kind(&self) -> ErrorKind;
-}
-
-macro_rules! kinded {
-    ($($t:ty),*) => {$(
-        impl Kinded for $t {
-            fn error_kind(&self) -> ErrorKind {
-                self.kind()
-            }
-        }
-    )*};
-}
-
-kinded!(
-    maru_client::ConnectError,
-    maru_client::AllocError,
-    maru_client::FreeError,
-    maru_client::StoreError,
-    maru_client::RetrieveError,
-    maru_client::OpError
-);
-
-/// `result.map_err(py_err(py))`.
-pub fn py_err<E: Kinded>(py: Python<'_>) -> impl Fn(E) -> PyErr + '_ {
-    move |e| to_py(py, e.error_kind(), e.to_string())
+/// `result.map_err(py_err(py))`: the exception for a client error, with its message.
+pub fn py_err(py: Python<'_>) -> impl Fn(maru_client::Error) -> PyErr + '_ {
+    move |e| to_py(py, e.kind(), e.to_string())
 }

@@ -1,0 +1,419 @@
+//! The connections of one instance session: [`PooledConn`], a handshaken socket whose reply
+//! waits go through [`crate::wait`], and [`ConnectionPool`], which lends one to each call so
+//! that concurrent callers never share a socket and no lock is held across a round trip.
+
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use maru_proto::{
+    decode_response, encode_request, Hello, HelloOk, Request, Response, Role, ServerUrl,
+    SESSION_TOKEN_LEN,
+};
+use maru_transport::busy::{self, Backoff};
+use maru_transport::{FrameBuf, Stream, TransportError};
+
+use crate::error::{Error, Result};
+use crate::wait::{wait_readable, Wait, WaitHook, Waiting};
+
+/// Whether a failed read is worth trying again: the socket's safety-net timeout passed or a
+/// signal came, and the connection is still fine.
+pub(crate) fn read_again(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// One handshaken connection of the session; one call at a time. Replies come back in the
+/// order their requests were sent.
+pub(crate) struct PooledConn {
+    stream: Stream,
+    rx: FrameBuf,
+    tx: Vec<u8>,
+    next_id: u64,
+    /// Whether this connection's waits may busy-poll (see [`wait_readable`]).
+    spin: Backoff,
+}
+
+impl PooledConn {
+    fn open(url: &ServerUrl, timeout: Duration) -> Result<PooledConn> {
+        let stream = Stream::connect(url, timeout).map_err(|source| {
+            let e = TransportError::Connect {
+                url: url.to_string(),
+                source,
+            };
+            Error::transport("connect", e, timeout)
+        })?;
+        let io = |e| Error::io("connect", e);
+        // Safety nets only: every read is preceded by a poll, every write is a small frame.
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
+        Ok(PooledConn::over(stream))
+    }
+
+    fn over(stream: Stream) -> PooledConn {
+        PooledConn {
+            stream,
+            rx: FrameBuf::new(),
+            tx: Vec::with_capacity(256),
+            next_id: 1,
+            spin: Backoff::default(),
+        }
+    }
+
+    /// Sends `req` and waits for its reply. An error reply is an
+    /// [`ErrorKind::Remote`](crate::ErrorKind::Remote).
+    pub fn call(&mut self, req: &Request, w: &Wait) -> Result<Response> {
+        let _waiting = Waiting::enter();
+        let deadline = Instant::now() + w.timeout;
+        let id = self.send(req, w)?;
+        self.recv(id, req.name(), deadline, w)
+    }
+
+    /// Sends `req` without waiting for its reply; returns its request id for
+    /// [`PooledConn::recv`]. A send that fails may have put part of the frame out: the
+    /// connection is not used again.
+    pub fn send(&mut self, req: &Request, w: &Wait) -> Result<u64> {
+        let op = req.name();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.tx.clear();
+        encode_request(&mut self.tx, id, req)
+            .map_err(|e| Error::transport(op, e.into(), w.timeout))?;
+        self.stream
+            .write_all(&self.tx)
+            .map_err(|e| Error::transport(op, e.into(), w.timeout))?;
+        Ok(id)
+    }
+
+    /// Whether the reply to the oldest request still outstanding can be read without waiting:
+    /// a frame (or part of one) is buffered or the socket has bytes (a partial frame then
+    /// costs one short wait for the rest, which is already on its way).
+    pub fn reply_ready(&mut self) -> bool {
+        !self.rx.is_empty() || matches!(busy::readable_now(self.stream.as_raw_fd()), Ok(true))
+    }
+
+    /// Waits for the reply to request `id` (sent on this connection with
+    /// [`PooledConn::send`]), skipping late replies to earlier requests that timed out.
+    pub fn recv(
+        &mut self,
+        id: u64,
+        op: &'static str,
+        deadline: Instant,
+        w: &Wait,
+    ) -> Result<Response> {
+        self.next_reply(id, deadline, w)
+            .map_err(|e| Error::transport(op, e, w.timeout))?
+            .map_err(|e| Error::remote(op, e))
+    }
+
+    /// The reply to `id`: a response, a typed refusal, or why neither came.
+    fn next_reply(
+        &mut self,
+        id: u64,
+        deadline: Instant,
+        w: &Wait,
+    ) -> Result<Result<Response, maru_proto::WireError>, TransportError> {
+        loop {
+            if let Some((header, payload)) = self.rx.take_frame()? {
+                if header.request_id < id {
+                    continue;
+                }
+                if header.request_id != id {
+                    return Err(TransportError::Mismatch {
+                        expected: id,
+                        got: header.request_id,
+                    });
+                }
+                return Ok(match decode_response(&header, payload)? {
+                    Response::Error(e) => Err(e),
+                    other => Ok(other),
+                });
+            }
+            wait_readable(self.stream.as_raw_fd(), deadline, w, &mut self.spin)?;
+            match self.rx.read_some(&mut self.stream) {
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(_) => {}
+                Err(e) if read_again(&e) => {}
+                Err(e) => return Err(TransportError::Io(e)),
+            }
+        }
+    }
+}
+
+/// Who this client is, for every handshake.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    pub instance_id: String,
+    pub host: String,
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+/// How the pool's calls wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// Bound on the connect and on every reply.
+    pub timeout: Duration,
+    /// See [`crate::MaruConfig::reply_grace`].
+    pub grace: Duration,
+    /// See [`crate::MaruConfig::busy_poll`].
+    pub busy_poll: bool,
+}
+
+/// The connection pool of one instance session. Connections are taken for one call and put
+/// back, so concurrent callers each get their own and no lock is held across a round trip.
+pub(crate) struct ConnectionPool {
+    url: ServerUrl,
+    identity: Identity,
+    session: [u8; SESSION_TOKEN_LEN],
+    idle: Mutex<Vec<PooledConn>>,
+    max_idle: usize,
+    closed: AtomicBool,
+    timing: Timing,
+}
+
+fn handshake(
+    url: &ServerUrl,
+    identity: &Identity,
+    session: Option<[u8; SESSION_TOKEN_LEN]>,
+    w: &Wait,
+) -> Result<(PooledConn, HelloOk)> {
+    let mut conn = PooledConn::open(url, w.timeout)?;
+    let hello = Request::Hello(Hello {
+        role: Role::Client,
+        instance_id: &identity.instance_id,
+        host: &identity.host,
+        pid: identity.pid,
+        start_time: identity.start_time,
+        session_token: session,
+    });
+    match conn.call(&hello, w)? {
+        Response::HelloOk(ok) => Ok((conn, ok)),
+        other => Err(Error::unexpected("hello", &other)),
+    }
+}
+
+/// Requests that may be sent again on a fresh connection when a pooled one turns out to be
+/// dead (the server restarted or dropped an idle connection): they change nothing.
+fn idempotent(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Heartbeat
+            | Request::Lookup { .. }
+            | Request::BatchLookup { .. }
+            | Request::Exists { .. }
+            | Request::BatchExists { .. }
+            | Request::Stats
+            | Request::GetRegion { .. }
+            | Request::ListRegions
+    )
+}
+
+impl ConnectionPool {
+    /// Opens the session's first connection.
+    pub fn establish(
+        url: ServerUrl,
+        identity: Identity,
+        max_idle: usize,
+        timing: Timing,
+        hook: &dyn WaitHook,
+    ) -> Result<ConnectionPool> {
+        let w = timing.wait(hook);
+        let (conn, server) = handshake(&url, &identity, None, &w)?;
+        Ok(ConnectionPool {
+            url,
+            identity,
+            session: server.session_token,
+            idle: Mutex::new(vec![conn]),
+            max_idle,
+            closed: AtomicBool::new(false),
+            timing,
+        })
+    }
+
+    fn take_idle(&self) -> Option<PooledConn> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put_back(&self, conn: PooledConn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.closed.load(Ordering::Acquire) && idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+    }
+
+    fn open(&self, w: &Wait) -> Result<PooledConn> {
+        let (conn, _) = handshake(&self.url, &self.identity, Some(self.session), w)?;
+        Ok(conn)
+    }
+
+    /// A fresh connection joined to the session, outside the pool (for write-behind
+    /// registrations, whose replies are collected later).
+    pub fn open_conn(&self, hook: &dyn WaitHook) -> Result<PooledConn> {
+        self.open(&self.wait(hook))
+    }
+
+    /// The timing of a call through `hook`.
+    pub fn wait<'a>(&self, hook: &'a dyn WaitHook) -> Wait<'a> {
+        self.timing.wait(hook)
+    }
+
+    /// A fresh connection joined to the session, handed over whole (the session's watcher
+    /// reads it).
+    pub fn open_stream(&self, hook: &dyn WaitHook) -> Result<Stream> {
+        let conn = self.open(&self.wait(hook))?;
+        Ok(conn.stream)
+    }
+
+    /// One request, one reply. A connection that failed is dropped (the next call opens a
+    /// fresh one); a typed error reply leaves it usable.
+    pub fn call(&self, req: &Request, hook: &dyn WaitHook) -> Result<Response> {
+        let w = self.wait(hook);
+        let (mut conn, pooled) = match self.take_idle() {
+            Some(c) => (c, true),
+            None => (self.open(&w)?, false),
+        };
+        match conn.call(req, &w) {
+            Ok(resp) => {
+                self.put_back(conn);
+                Ok(resp)
+            }
+            // A typed error leaves the stream in a known state; after a timeout the late reply
+            // is skipped by the next call. Keeping the connection matters: the server ends the
+            // session (and releases our regions) when its last connection closes.
+            Err(e) if e.keeps_connection() => {
+                self.put_back(conn);
+                Err(e)
+            }
+            Err(e) if pooled && e.found_connection_dead() && idempotent(req) => {
+                drop(conn);
+                let mut fresh = self.open(&w)?;
+                let resp = fresh.call(req, &w)?;
+                self.put_back(fresh);
+                Ok(resp)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops every idle connection (the server sees them close); connections still in use
+    /// are dropped when their call ends.
+    pub fn close_all(&self) {
+        self.closed.store(true, Ordering::Release);
+        let conns = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        for c in conns {
+            let _ = c.stream.shutdown();
+        }
+    }
+}
+
+impl Timing {
+    fn wait<'a>(&self, hook: &'a dyn WaitHook) -> Wait<'a> {
+        Wait {
+            hook,
+            grace: self.grace,
+            busy_poll: self.busy_poll,
+            timeout: self.timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wait::NoHook;
+    use crate::ErrorKind;
+    use maru_proto::{encode_error, encode_response, ErrorCode, WireError};
+    use std::os::unix::net::UnixStream;
+
+    fn pair() -> (PooledConn, UnixStream) {
+        let (client, server) = UnixStream::pair().unwrap();
+        (PooledConn::over(Stream::Unix(client)), server)
+    }
+
+    fn quick() -> Wait<'static> {
+        Wait {
+            hook: &NoHook,
+            grace: Duration::from_micros(50),
+            busy_poll: false,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn recv(conn: &mut PooledConn, id: u64) -> Result<Response> {
+        let w = quick();
+        conn.recv(id, "exists", Instant::now() + w.timeout, &w)
+    }
+
+    #[test]
+    fn late_replies_are_skipped_and_a_typed_refusal_is_remote() {
+        let (mut conn, mut server) = pair();
+        let mut wire = Vec::new();
+        // The late reply to request 1, then the answers to 2 and 3.
+        encode_response(&mut wire, 1, &Response::Bool(false)).unwrap();
+        encode_response(&mut wire, 2, &Response::Bool(true)).unwrap();
+        let refusal = WireError::new(ErrorCode::Internal, "no");
+        encode_error(&mut wire, 3, &refusal);
+        server.write_all(&wire).unwrap();
+        assert_eq!(recv(&mut conn, 2).unwrap(), Response::Bool(true));
+        let e = recv(&mut conn, 3).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Remote(ErrorCode::Internal), "{e}");
+        assert!(e.keeps_connection());
+    }
+
+    #[test]
+    fn a_reply_from_the_future_a_bad_frame_and_a_close_are_typed() {
+        let (mut conn, mut server) = pair();
+        let mut wire = Vec::new();
+        encode_response(&mut wire, 9, &Response::Ok).unwrap();
+        server.write_all(&wire).unwrap();
+        let e = recv(&mut conn, 2).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert_eq!(e.to_string(), "reply to request 9 while waiting for 2");
+
+        let (mut conn, mut server) = pair();
+        server
+            .write_all(b"NOTMARU-this-is-not-a-frame-at-all")
+            .unwrap();
+        let e = recv(&mut conn, 1).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().starts_with("bad reply to exists: "), "{e}");
+
+        let (mut conn, server) = pair();
+        drop(server);
+        let e = recv(&mut conn, 1).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Transport);
+        assert!(e.means_session_lost() && e.found_connection_dead(), "{e}");
+    }
+
+    #[test]
+    fn a_reply_already_buffered_is_ready() {
+        let (mut conn, mut server) = pair();
+        assert!(!conn.reply_ready());
+        let mut wire = Vec::new();
+        encode_response(&mut wire, 1, &Response::Ok).unwrap();
+        encode_response(&mut wire, 2, &Response::Ok).unwrap();
+        server.write_all(&wire).unwrap();
+        assert!(conn.reply_ready(), "bytes on the socket");
+        assert_eq!(recv(&mut conn, 1).unwrap(), Response::Ok);
+        assert!(
+            conn.reply_ready(),
+            "the second frame came with the first read"
+        );
+        assert_eq!(recv(&mut conn, 2).unwrap(), Response::Ok);
+        assert!(!conn.reply_ready());
+    }
+
+    #[test]
+    fn only_requests_that_change_nothing_are_sent_again() {
+        assert!(idempotent(&Request::Exists { key: b"k" }));
+        assert!(idempotent(&Request::Stats));
+        assert!(!idempotent(&Request::Delete { key: b"k" }));
+        assert!(!idempotent(&Request::Pin { key: b"k" }));
+        assert!(!idempotent(&Request::RequestRegion { size: 1 }));
+    }
+}

@@ -1,0 +1,190 @@
+//! The live state of a connected handler ([`Connected`]): the session's connection pool, its
+//! owned and mapped regions, the fence that detaches them when the server is lost and the
+//! watcher that notices it. Connect builds it; close takes it apart.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use maru_proto::{Request, Response};
+
+use super::mapped::MappedRegion;
+use super::owned::{Owned, RegionFor};
+use super::write_behind::Settle;
+use super::{during, lock_hooked, read, write, Added, Hooked, Lifecycle};
+use crate::config::MaruConfig;
+use crate::connections::{ConnectionPool, Timing};
+use crate::error::{Error, Result};
+use crate::wait::WaitHook;
+use crate::watch::{Fence, Watcher};
+
+pub(super) struct Connected {
+    pub conns: ConnectionPool,
+    pub config: MaruConfig,
+    /// Distance between two pages of a region (see [`MaruConfig::page_stride`]).
+    pub stride: u64,
+    pub owned: Mutex<Owned>,
+    /// Every region this handler has mapped, its own and other instances', by id.
+    pub mapped: RwLock<HashMap<u64, Arc<MappedRegion>>>,
+    /// Set by close() before it waits for in-flight writes; writers check it under the lock.
+    pub closing: AtomicBool,
+    /// The owned mappings to detach from the pool when the session ends, and whether the
+    /// server was lost.
+    pub fence: Arc<Fence>,
+    /// Watches the session's own connection for the server's loss; stopped by close().
+    pub watcher: Mutex<Option<Watcher>>,
+    /// Write-behind registrations in flight (`Owned::behind.inflight.len()`, readable without
+    /// the write lock, so that reads wait for them only when there are any).
+    pub unsettled: AtomicUsize,
+}
+
+impl Connected {
+    pub fn chunk(&self) -> u64 {
+        self.config.chunk_size_bytes
+    }
+
+    pub fn check_open(&self) -> Result<()> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::closed());
+        }
+        if self.fence.is_lost() {
+            return Err(Error::server_lost());
+        }
+        Ok(())
+    }
+
+    /// One round trip. When it shows the server gone (it closed or reset the connection, or
+    /// says our session ended), the owned mappings are detached at once, without waiting for
+    /// the watcher, and the session is marked lost; the error itself is returned as it is.
+    pub fn call(&self, req: &Request, hook: &dyn WaitHook) -> Result<Response> {
+        let result = self.conns.call(req, hook);
+        if let Err(e) = &result {
+            self.lose_if_gone(e);
+        }
+        result
+    }
+
+    /// Marks the session lost if `e` shows the server gone.
+    pub fn lose_if_gone(&self, e: &Error) {
+        if e.means_session_lost() {
+            self.fence.lose(&e.to_string());
+        }
+    }
+
+    /// Maps every live region we do not have yet (eager_map). Best effort: a region that
+    /// fails to map now is mapped lazily at retrieve.
+    fn map_all(&self, hook: &dyn WaitHook) {
+        if let Ok(Response::Regions(list)) = self.call(&Request::ListRegions, hook) {
+            for info in list {
+                let _ = self.region_for(&info);
+            }
+        }
+    }
+}
+
+impl Hooked<'_> {
+    pub fn connect(&self) -> Result<()> {
+        during("connect", || {
+            let h = self.h;
+            let transition = lock_hooked(&h.transition, self.hook);
+            match &*read(&h.lifecycle) {
+                Lifecycle::Connected(c) => return c.check_open(),
+                Lifecycle::Closed => return Err(Error::closed()),
+                Lifecycle::Idle { .. } => {}
+            }
+            match self.open_session() {
+                Ok((connected, added)) => {
+                    *write(&h.lifecycle) = Lifecycle::Connected(connected);
+                    drop(transition);
+                    h.fire(&added);
+                    Ok(())
+                }
+                Err(e) => {
+                    *write(&h.lifecycle) = Lifecycle::Idle {
+                        last_error: Some(e.to_string()),
+                    };
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn open_session(&self) -> Result<(Arc<Connected>, Added)> {
+        let h = self.h;
+        let timing = Timing {
+            timeout: h.config.timeout(),
+            grace: h.config.reply_grace,
+            busy_poll: h.config.busy_poll,
+        };
+        let conns = ConnectionPool::establish(
+            h.url.clone(),
+            h.identity.clone(),
+            h.config.max_inflight as usize,
+            timing,
+            self.hook,
+        )?;
+        let c = Arc::new(Connected {
+            conns,
+            stride: h.config.page_stride(),
+            config: h.config.clone(),
+            owned: Mutex::new(Owned::default()),
+            mapped: RwLock::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+            fence: Arc::new(Fence::default()),
+            watcher: Mutex::new(None),
+            unsettled: AtomicUsize::new(0),
+        });
+        // The first region, then the watcher (on a connection of its own, joined to the
+        // session): a server that fails the region request is reported as such.
+        let started = c
+            .new_owned_region(h.config.pool_size, self.hook, RegionFor::Connect)
+            .and_then(|first| {
+                let stream = c.conns.open_stream(self.hook)?;
+                let watcher =
+                    Watcher::start(stream, c.fence.clone()).map_err(|e| Error::io("watch", e))?;
+                Ok((first, watcher))
+            });
+        let (first, watcher) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = c.conns.call(&Request::Goodbye, self.hook);
+                c.conns.close_all();
+                return Err(e);
+            }
+        };
+        *c.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
+        let added = vec![(first.region_id(), first.alloc.page_count())];
+        lock_hooked(&c.owned, self.hook).regions.push(first);
+        if h.config.eager_map {
+            c.map_all(self.hook);
+        }
+        Ok((c, added))
+    }
+
+    pub fn close(&self) {
+        let h = self.h;
+        let _transition = lock_hooked(&h.transition, self.hook);
+        let prev = std::mem::replace(&mut *write(&h.lifecycle), Lifecycle::Closed);
+        if let Lifecycle::Connected(c) = prev {
+            c.closing.store(true, Ordering::Release);
+            // Stop watching first: the watched connection closing now is no server loss.
+            let watcher = c.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(mut w) = watcher {
+                self.hook.block(&mut || w.stop());
+            }
+            // Wait for in-flight writes: they hold the write lock until their reply.
+            let mut owned = lock_hooked(&c.owned, self.hook);
+            c.settle_behind(&mut owned, self.hook, Settle::All);
+            // Views of our pages may outlive the handler. Once we say goodbye our regions can
+            // be freed and carved for another owner, so cut their writes off from the pool
+            // first (if the server's loss did not already); reads through old views keep
+            // working.
+            c.fence.detach("closing");
+            let _ = c.conns.call(&Request::Goodbye, self.hook);
+            *owned = Owned::default();
+            drop(owned);
+            write(&c.mapped).clear();
+            c.conns.close_all();
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! [`MaruHandler`]: its lifecycle (not connected, connected, closed) and the operations, each
+//! concept in a file of its own:
+//!
+//! - `connected`: the live state of a connected handler ([`Connected`]: the session's
+//!   connection pool, fence and watcher), connect and close;
+//! - `owned`: the regions this handler owns, their page allocators, alloc and free;
+//! - `mapped`: mappings of every region the handler reads, and the views into them;
+//! - `store`: registering pages under keys (synchronously), single and batched;
+//! - `write_behind`: registrations whose replies are collected later, and flush;
+//! - `read`: retrieve, exists, pins and delete, single and batched;
+//! - `stats`: the server's statistics with this handler's allocator state.
+//!
+//! Locking, from outside in (a lock is only ever taken while holding the ones before it):
+//! `transition` (connect/close) → `lifecycle` (brief) → `Connected::owned` (the write lock:
+//! allocators and the key ↔ page books; held across a store's round trip, which serialises
+//! writes) → `Connected::mapped` (brief) → the connection pool (brief) → `Connected::fence`
+//! (brief). Reads (retrieve, exists) take only the brief ones, so they run concurrently,
+//! each on its own pooled connection. The session's watcher thread (see [`crate::watch`])
+//! takes only the fence's lock, so it never waits for a caller blocked on a dead server.
+//!
+//! Any lock that may be held across a [`WaitHook`] wait is taken with [`lock_hooked`], which
+//! waits through the hook: a Python thread holding the GIL must never block on a lock whose
+//! holder needs the GIL back to finish.
+
+mod connected;
+mod mapped;
+mod owned;
+mod read;
+mod stats;
+mod store;
+mod write_behind;
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+
+use maru_proto::{DeleteStatus, ServerUrl, MAX_KEY_LEN};
+use maru_transport::local_identity;
+
+use crate::config::MaruConfig;
+use crate::connections::Identity;
+use crate::error::{Error, Result};
+use crate::view::{AllocHandle, PageId, View};
+use crate::wait::{NoHook, WaitHook};
+
+use connected::Connected;
+pub use stats::{HandlerStats, OwnedRegionStats};
+pub use store::{StoreItem, StoreOutcome};
+
+/// Called with `(region_id, page_count)` for every region this handler comes to own.
+pub type RegionCallback = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Regions added during an operation, `(region_id, page_count)`, reported to the callback
+/// once the operation's locks are released.
+type Added = Vec<(u64, u64)>;
+
+/// Where a handler is in its life: it connects once and closes once.
+enum Lifecycle {
+    Idle { last_error: Option<String> },
+    Connected(Arc<Connected>),
+    Closed,
+}
+
+/// A Maru client: owns regions it writes into, maps other instances' regions to read, and
+/// talks to one metadata server. `Sync`: share it across threads (e.g. in an `Arc`).
+pub struct MaruHandler {
+    config: MaruConfig,
+    url: ServerUrl,
+    identity: Identity,
+    lifecycle: RwLock<Lifecycle>,
+    /// Serialises connect and close.
+    transition: Mutex<()>,
+    on_region_added: Mutex<Option<RegionCallback>>,
+}
+
+/// A borrowed handler whose waits go through a [`WaitHook`]. Every operation of
+/// [`MaruHandler`] is here; the handler's own methods use [`NoHook`].
+pub struct Hooked<'a> {
+    h: &'a MaruHandler,
+    hook: &'a dyn WaitHook,
+}
+
+/// Takes `m`, waiting through `hook` when it is contended (see the module docs).
+fn lock_hooked<'a, T: Send>(m: &'a Mutex<T>, hook: &dyn WaitHook) -> MutexGuard<'a, T> {
+    loop {
+        match m.try_lock() {
+            Ok(g) => return g,
+            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(TryLockError::WouldBlock) => hook.block(&mut || drop(m.lock())),
+        }
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the body of the public operation `op`; an error it ends with names `op`.
+fn during<T>(op: &'static str, body: impl FnOnce() -> Result<T>) -> Result<T> {
+    body().map_err(|e| e.during(op))
+}
+
+/// A key the protocol can carry: not empty, at most [`MAX_KEY_LEN`] bytes.
+fn check_key(key: &[u8]) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("key", "empty key"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::invalid(
+            "key",
+            format!(
+                "key of {} bytes exceeds the limit of {MAX_KEY_LEN}",
+                key.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_keys(keys: &[&[u8]]) -> Result<()> {
+    keys.iter().try_for_each(|k| check_key(k))
+}
+
+impl MaruHandler {
+    /// A handler for `config` (validated here), not connected yet.
+    pub fn new(config: MaruConfig) -> Result<MaruHandler> {
+        let url = config.validate()?;
+        let (host, pid, start_time) = local_identity();
+        Ok(MaruHandler {
+            identity: Identity {
+                instance_id: config.instance_id.clone(),
+                host,
+                pid,
+                start_time,
+            },
+            config,
+            url,
+            lifecycle: RwLock::new(Lifecycle::Idle { last_error: None }),
+            transition: Mutex::new(()),
+            on_region_added: Mutex::new(None),
+        })
+    }
+
+    /// Waits of the returned adapter's calls go through `hook`.
+    pub fn with_hook<'a>(&'a self, hook: &'a dyn WaitHook) -> Hooked<'a> {
+        Hooked { h: self, hook }
+    }
+
+    pub fn config(&self) -> &MaruConfig {
+        &self.config
+    }
+    pub fn instance_id(&self) -> &str {
+        &self.config.instance_id
+    }
+    pub fn chunk_size(&self) -> u64 {
+        self.config.chunk_size_bytes
+    }
+    /// Connected, not closing, and the server was not lost.
+    pub fn is_connected(&self) -> bool {
+        matches!(&*read(&self.lifecycle), Lifecycle::Connected(c) if c.check_open().is_ok())
+    }
+    pub fn is_closed(&self) -> bool {
+        matches!(&*read(&self.lifecycle), Lifecycle::Closed)
+    }
+
+    /// The live state, for an operation that needs a connected handler.
+    fn connected(&self) -> Result<Arc<Connected>> {
+        match &*read(&self.lifecycle) {
+            Lifecycle::Connected(c) => {
+                c.check_open()?;
+                Ok(c.clone())
+            }
+            Lifecycle::Idle { last_error } => Err(Error::not_connected(last_error.as_deref())),
+            Lifecycle::Closed => Err(Error::closed()),
+        }
+    }
+
+    fn callback(&self) -> Option<RegionCallback> {
+        self.on_region_added
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn fire(&self, added: &[(u64, u64)]) {
+        if added.is_empty() {
+            return;
+        }
+        if let Some(cb) = self.callback() {
+            for &(id, pages) in added {
+                cb(id, pages);
+            }
+        }
+    }
+}
+
+macro_rules! forward {
+    ($($(#[$m:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        impl MaruHandler {
+            $(
+                $(#[$m])*
+                pub fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    self.with_hook(&NoHook).$name($($arg),*)
+                }
+            )*
+        }
+    };
+}
+
+forward! {
+    /// Connects: handshake, first owned region of `pool_size` bytes (mapped and populated),
+    /// and with `eager_map` every live region. Connecting a connected handler does nothing.
+    fn connect(&self) -> Result<()>;
+    /// Takes a page for a value of `size` bytes (at most the chunk size).
+    fn alloc(&self, size: u64) -> Result<AllocHandle>;
+    /// Returns a page. If a key of ours still points at it, the key is deleted first.
+    fn free(&self, page: PageId) -> Result<()>;
+    /// Registers an alloc'ed, written page under `key` (one round trip, no copy).
+    fn store_handle(&self, key: &[u8], handle: &AllocHandle) -> Result<StoreOutcome>;
+    /// See [`Hooked::flush`].
+    fn flush(&self) -> Result<()>;
+    /// Registers `len` bytes of an alloc'ed page under `key`.
+    fn store_page(&self, key: &[u8], page: PageId, len: u64) -> Result<StoreOutcome>;
+    /// Copies `prefix` then `data` into a fresh page and registers it under `key`.
+    fn store_bytes(&self, key: &[u8], prefix: &[u8], data: &[u8]) -> Result<StoreOutcome>;
+    /// Stores many entries with one round trip per `MAX_BATCH` entries.
+    fn batch_store(&self, items: &[(&[u8], StoreItem<'_>)]) -> Result<Vec<StoreOutcome>>;
+    /// A view of `key`'s value, or `None` if the key does not exist.
+    fn retrieve(&self, key: &[u8]) -> Result<Option<View>>;
+    fn batch_retrieve(&self, keys: &[&[u8]]) -> Result<Vec<Option<View>>>;
+    fn exists(&self, key: &[u8]) -> Result<bool>;
+    fn batch_exists(&self, keys: &[&[u8]]) -> Result<Vec<bool>>;
+    /// Deletes `key` (a pinned key stays) and frees its page if it is one of ours.
+    fn delete(&self, key: &[u8]) -> Result<DeleteStatus>;
+    fn batch_delete(&self, keys: &[&[u8]]) -> Result<Vec<DeleteStatus>>;
+    /// Pins `key` against deletion; false if it does not exist.
+    fn pin(&self, key: &[u8]) -> Result<bool>;
+    fn batch_pin(&self, keys: &[&[u8]]) -> Result<Vec<bool>>;
+    /// Unpins `key`; false if it was not pinned.
+    fn unpin(&self, key: &[u8]) -> Result<bool>;
+    fn batch_unpin(&self, keys: &[&[u8]]) -> Result<Vec<bool>>;
+    /// Connected and the server answers a heartbeat.
+    fn healthcheck(&self) -> bool;
+    fn stats(&self) -> Result<HandlerStats>;
+    /// Allocator state of every owned region (empty when not connected).
+    fn owned_regions(&self) -> Vec<OwnedRegionStats>;
+    /// Pages of a region: an owned region's allocator size, else the mapped size / stride.
+    fn region_page_count(&self, region_id: u64) -> Option<u64>;
+    /// A view of `len` bytes at `offset` of a mapped region (`None` if unmapped or outside).
+    fn buffer(&self, region_id: u64, offset: u64, len: u64) -> Option<View>;
+}
+
+impl MaruHandler {
+    /// Rejects new operations, waits for in-flight writes, says goodbye and drops the owned
+    /// state. Views still alive keep their mappings. Never fails; idempotent.
+    pub fn close(&self) {
+        self.with_hook(&NoHook).close()
+    }
+
+    /// Sets (or clears) the callback for new owned regions; replays it for existing ones.
+    pub fn set_on_region_added(&self, callback: Option<RegionCallback>) {
+        self.with_hook(&NoHook).set_on_region_added(callback)
+    }
+}
+
+impl Hooked<'_> {
+    pub fn set_on_region_added(&self, callback: Option<RegionCallback>) {
+        *self
+            .h
+            .on_region_added
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = callback.clone();
+        if let Some(cb) = callback {
+            for r in self.owned_regions() {
+                cb(r.region_id, r.page_count);
+            }
+        }
+    }
+}
+
+impl Drop for MaruHandler {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn keys_the_protocol_cannot_carry_are_refused() {
+        check_key(b"k").unwrap();
+        check_key(&[b'x'; MAX_KEY_LEN]).unwrap();
+        let e = check_key(b"").unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (ErrorKind::InvalidArgument, "empty key".into())
+        );
+        let e = check_keys(&[b"ok", &[b'x'; MAX_KEY_LEN + 1]]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "key of {} bytes exceeds the limit of {MAX_KEY_LEN}",
+                MAX_KEY_LEN + 1
+            )
+        );
+    }
+
+    #[test]
+    fn an_operation_names_itself_in_its_errors() {
+        let e = during("exists", || check_key(b"")).unwrap_err();
+        assert_eq!(e.op(), "exists");
+        // The outermost operation wins (store_handle runs store_page).
+        let e = during("store_handle", || during("store_page", || check_key(b""))).unwrap_err();
+        assert_eq!(e.op(), "store_handle");
+    }
+
+    #[test]
+    fn a_handler_that_never_connected_says_why_it_cannot_run() {
+        let h = MaruHandler::new(MaruConfig {
+            server_url: "unix:///nonexistent/maru.sock".into(),
+            ..MaruConfig::default()
+        })
+        .unwrap();
+        assert!(!h.is_connected() && !h.is_closed());
+        let e = h.exists(b"k").unwrap_err();
+        assert_eq!((e.kind(), e.op()), (ErrorKind::State, "exists"));
+        assert!(e.to_string().contains("call connect() first"), "{e}");
+        let e = h.connect().unwrap_err();
+        assert_eq!((e.kind(), e.op()), (ErrorKind::Transport, "connect"));
+        let e = h.alloc(1).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("last connect failed: cannot connect"),
+            "{e}"
+        );
+        h.close();
+        let e = h.retrieve(b"k").unwrap_err();
+        assert!(e.is_closed() && h.is_closed(), "{e}");
+        assert!(h.owned_regions().is_empty() && !h.healthcheck());
+    }
+
+    #[test]
+    fn a_refused_configuration_is_an_invalid_argument() {
+        let e = MaruHandler::new(MaruConfig {
+            chunk_size_bytes: 0,
+            ..MaruConfig::default()
+        })
+        .err()
+        .expect("a zero chunk size is refused");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(e.to_string(), "invalid chunk_size_bytes: must be positive");
+    }
+}

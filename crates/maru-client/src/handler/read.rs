@@ -1,0 +1,199 @@
+//! Key operations that write no page: retrieve (a view into the value's mapping), exists,
+//! pin and unpin, and delete, each single and batched (one round trip per `MAX_BATCH` keys).
+//! Each first waits for this handler's own write-behind registrations, so it sees its stores.
+
+use std::sync::{Arc, MutexGuard};
+
+use maru_proto::{DeleteStatus, Request, Response, MAX_BATCH};
+
+use super::connected::Connected;
+use super::mapped::MappedRegion;
+use super::owned::Owned;
+use super::write_behind::Settle;
+use super::{check_key, check_keys, during, lock_hooked, Hooked};
+use crate::error::{Error, Result};
+use crate::view::View;
+use crate::wait::WaitHook;
+
+impl Hooked<'_> {
+    pub fn retrieve(&self, key: &[u8]) -> Result<Option<View>> {
+        during("retrieve", || {
+            check_key(key)?;
+            let c = self.h.connected()?;
+            c.settle_for_read(self.hook);
+            match c.call(&Request::Lookup { key }, self.hook)? {
+                Response::Lookup(None) => Ok(None),
+                Response::Lookup(Some(loc)) => {
+                    let region = c.region_for(&loc.region)?;
+                    Ok(Some(region.view(loc.offset, loc.len, c.stride)?))
+                }
+                other => Err(Error::unexpected("lookup", &other)),
+            }
+        })
+    }
+
+    pub fn batch_retrieve(&self, keys: &[&[u8]]) -> Result<Vec<Option<View>>> {
+        during("batch_retrieve", || {
+            check_keys(keys)?;
+            let c = self.h.connected()?;
+            c.settle_for_read(self.hook);
+            let mut out = Vec::with_capacity(keys.len());
+            for batch in keys.chunks(MAX_BATCH) {
+                let req = Request::BatchLookup {
+                    keys: batch.to_vec(),
+                };
+                let (regions, entries) = match c.call(&req, self.hook)? {
+                    Response::BatchLookup { regions, entries } if entries.len() == batch.len() => {
+                        (regions, entries)
+                    }
+                    other => return Err(Error::unexpected("batch_lookup", &other)),
+                };
+                let mut mapped: Vec<Option<Arc<MappedRegion>>> = vec![None; regions.len()];
+                for slot in entries {
+                    let Some(slot) = slot else {
+                        out.push(None);
+                        continue;
+                    };
+                    let i = slot.region_index as usize;
+                    let info = regions.get(i).ok_or_else(|| {
+                        Error::protocol(
+                            "batch_lookup",
+                            format!(
+                                "the server returned an unusable location: region index {i} \
+                                 out of range"
+                            ),
+                        )
+                    })?;
+                    let region = match &mapped[i] {
+                        Some(r) => r.clone(),
+                        None => {
+                            let r = c.region_for(info)?;
+                            mapped[i] = Some(r.clone());
+                            r
+                        }
+                    };
+                    out.push(Some(region.view(slot.offset, slot.len, c.stride)?));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// A single-key request answered with a boolean.
+    fn bool_op(&self, key: &[u8], req: Request) -> Result<bool> {
+        check_key(key)?;
+        let c = self.h.connected()?;
+        c.settle_for_read(self.hook);
+        let op = req.name();
+        match c.call(&req, self.hook)? {
+            Response::Bool(b) => Ok(b),
+            other => Err(Error::unexpected(op, &other)),
+        }
+    }
+
+    /// A request per `MAX_BATCH` keys, each answered with one boolean per key.
+    fn bools<'k>(
+        &self,
+        keys: &[&'k [u8]],
+        make: impl Fn(Vec<&'k [u8]>) -> Request<'k>,
+    ) -> Result<Vec<bool>> {
+        check_keys(keys)?;
+        let c = self.h.connected()?;
+        c.settle_for_read(self.hook);
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(MAX_BATCH) {
+            let req = make(batch.to_vec());
+            let op = req.name();
+            match c.call(&req, self.hook)? {
+                Response::Bools(v) if v.len() == batch.len() => out.extend(v),
+                other => return Err(Error::unexpected(op, &other)),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn exists(&self, key: &[u8]) -> Result<bool> {
+        during("exists", || self.bool_op(key, Request::Exists { key }))
+    }
+
+    pub fn batch_exists(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        during("batch_exists", || {
+            self.bools(keys, |keys| Request::BatchExists { keys })
+        })
+    }
+
+    pub fn pin(&self, key: &[u8]) -> Result<bool> {
+        during("pin", || self.bool_op(key, Request::Pin { key }))
+    }
+
+    pub fn batch_pin(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        during("batch_pin", || {
+            self.bools(keys, |keys| Request::BatchPin { keys })
+        })
+    }
+
+    pub fn unpin(&self, key: &[u8]) -> Result<bool> {
+        during("unpin", || self.bool_op(key, Request::Unpin { key }))
+    }
+
+    pub fn batch_unpin(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        during("batch_unpin", || {
+            self.bools(keys, |keys| Request::BatchUnpin { keys })
+        })
+    }
+
+    pub fn delete(&self, key: &[u8]) -> Result<DeleteStatus> {
+        during("delete", || {
+            check_key(key)?;
+            let c = self.h.connected()?;
+            let mut owned = lock_deleting(&c, self.hook)?;
+            match c.call(&Request::Delete { key }, self.hook)? {
+                Response::Delete(status) => {
+                    forget_deleted(&mut owned, key, status);
+                    Ok(status)
+                }
+                other => Err(Error::unexpected("delete", &other)),
+            }
+        })
+    }
+
+    pub fn batch_delete(&self, keys: &[&[u8]]) -> Result<Vec<DeleteStatus>> {
+        during("batch_delete", || {
+            check_keys(keys)?;
+            let c = self.h.connected()?;
+            let mut owned = lock_deleting(&c, self.hook)?;
+            let mut out = Vec::with_capacity(keys.len());
+            for batch in keys.chunks(MAX_BATCH) {
+                let req = Request::BatchDelete {
+                    keys: batch.to_vec(),
+                };
+                match c.call(&req, self.hook)? {
+                    Response::BatchDelete(v) if v.len() == batch.len() => {
+                        for (key, status) in batch.iter().zip(&v) {
+                            forget_deleted(&mut owned, key, *status);
+                        }
+                        out.extend(v);
+                    }
+                    other => return Err(Error::unexpected("batch_delete", &other)),
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// The write lock for a delete, once this handler's own registrations are settled (a key it
+/// stored behind must be known before it can be forgotten).
+fn lock_deleting<'c>(c: &'c Connected, hook: &dyn WaitHook) -> Result<MutexGuard<'c, Owned>> {
+    let mut owned = lock_hooked(&c.owned, hook);
+    c.settle_behind(&mut owned, hook, Settle::All);
+    c.check_open()?;
+    Ok(owned)
+}
+
+/// A deleted key of ours frees its page; a pinned key stays, with its page.
+fn forget_deleted(owned: &mut Owned, key: &[u8], status: DeleteStatus) {
+    if status != DeleteStatus::Pinned {
+        owned.forget_key(key);
+    }
+}
