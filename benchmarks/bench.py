@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Maru benchmark through the public Python API (``from maru import MaruConfig, MaruHandler``).
 
-Measures the single-client rows of ``maru bench`` the way users call Maru — store (alloc +
-write + store of a new key), store of an existing key, retrieve (view only), retrieve + copy
+Measures the single-client rows of ``maru bench`` the way users call Maru — store (``store(key,
+data)`` of a new key: Maru copies the value into a fresh page), store of an existing key, retrieve (view only), retrieve + copy
 out, exists (hit, miss), delete, pin, unpin, batch_store / batch_retrieve / batch_exists of 32
 and 256 keys — over TCP and the Unix socket, and the metadata rows again while another Python
 thread burns CPU (``contended``: the GIL switch interval is 5 ms, so any call that gives the
@@ -31,7 +31,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from maru import MaruConfig, MaruHandler
+from maru_up import maru_up
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -239,9 +239,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
                     live.clear()
                 key = next(fresh)
                 t0 = perf()
-                a = hh.alloc(chunk)
-                a.buf[:chunk] = data
-                hh.store(key, handle=a)
+                hh.store(key, data)
                 d = perf() - t0
                 live.append(key)
                 return d
@@ -262,9 +260,7 @@ def rows_for(url: str, iters: int, batch_iters: int, log: Callable[[dict[str, An
 
         def store_existing(_: int) -> int:
             t0 = perf()
-            a = h.alloc(chunk)
-            a.buf[:chunk] = data
-            h.store(existing, handle=a)
+            h.store(existing, data)
             return perf() - t0
 
         add(m("store_existing", chunk, 1, False, n, store_existing, chunk))
@@ -440,37 +436,6 @@ def spinners(on: bool) -> Iterator[None]:
             p.wait()
 
 
-@contextmanager
-def maru_up(maru: str, pool_dir: str, cpus: set[int]) -> Iterator[dict[str, Any]]:
-    """A `maru up` on a temporary pool under pool_dir, on ports the OS picks, on cpus."""
-    work = tempfile.mkdtemp(prefix="maru-bench-py-", dir=pool_dir)
-    ready = os.path.join(work, "ready.json")
-    proc = subprocess.Popen(
-        [maru, "up", "--port", "0", "--rm-port", "0", "--pool-size", "1G", "--pool-dir", work,
-         "--state-dir", os.path.join(work, "state"), "--ready-file", ready, "--log-level", "warn"],
-        stdout=subprocess.DEVNULL,
-        preexec_fn=pinned(cpus),
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(ready):
-            if proc.poll() is not None:
-                sys.exit(f"bench.py: maru up exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                sys.exit("bench.py: maru up was not ready within 30 s")
-            time.sleep(0.02)
-        with open(ready) as f:
-            yield json.load(f)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def floors(maru: str, mode: str) -> dict[str, Any] | None:
     args = [maru, "bench", "--only", "floor", "--json", "-"]
     if mode != "full":
@@ -543,7 +508,9 @@ def main() -> int:
         # the thread that burns CPU in the contended rows) on the first.
         maru = find_maru(a.maru)
         client, server = {ALL_CPUS[0]}, {ALL_CPUS[min(1, len(ALL_CPUS) - 1)]}
-        with spinners(not a.let_cpus_idle), maru_up(maru, a.pool_dir, server) as ready:
+        with spinners(not a.let_cpus_idle), maru_up(
+            maru, pool_size="1G", prefix="maru-bench-py-", parent=a.pool_dir, preexec_fn=pinned(server)
+        ) as (ready, _):
             os.sched_setaffinity(0, client)
             report = run([u for u in (ready.get("tcp"), ready.get("unix")) if u], maru)
     if a.floor_pipe:

@@ -36,11 +36,8 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +51,7 @@ from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.metadata import LMCacheMetadata
 from lmcache.v1.pin_monitor import PinMonitor
 from lmcache.v1.storage_backend import CreateStorageBackends
+from maru_up import maru_up
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -62,39 +60,6 @@ MODEL = "llama-3-8b-shaped"
 #: Pages of the writer's region (32 MiB each).
 PAGES = 32
 perf = time.perf_counter_ns
-
-
-@contextmanager
-def maru_up(maru: str, pool: str) -> Iterator[str]:
-    """A `maru up` on a temporary pool, on a port the OS picks; yields its TCP URL."""
-    work = tempfile.mkdtemp(prefix="maru-bench-lmcache-", dir="/dev/shm")
-    ready = Path(work) / "ready.json"
-    proc = subprocess.Popen(
-        [maru, "up", "--port", "0", "--rm-port", "0", "--pool-size", pool, "--pool-dir", work,
-         "--state-dir", os.path.join(work, "state"), "--ready-file", str(ready), "--log-level", "warn"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        doc = None
-        while doc is None:
-            if proc.poll() is not None:
-                sys.exit(f"lmcache_backend.py: maru up exited with {proc.returncode}")
-            try:
-                doc = json.loads(ready.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                if time.monotonic() > deadline:
-                    sys.exit("lmcache_backend.py: maru up was not ready within 30 s")
-                time.sleep(0.02)
-        yield doc["tcp"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextmanager
@@ -263,8 +228,9 @@ def main() -> None:
     if a.server:
         report = run(a.server, a.iters, a.warmup)
     else:
-        with maru_up(a.maru, "2G") as url:  # the writer's 1 GiB region + the reader's 256 MiB
-            report = run(url, a.iters, a.warmup)
+        # 2G: the writer's 1 GiB region + the reader's 256 MiB.
+        with maru_up(a.maru, pool_size="2G", prefix="maru-bench-lmcache-") as (ready, _):
+            report = run(ready["tcp"], a.iters, a.warmup)
     report["machine"] = {
         "cpus": os.cpu_count(),
         "load_start": " ".join(f"{x:.2f}" for x in load_start),

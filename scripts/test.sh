@@ -19,8 +19,22 @@ trap 'rm -f "$log"' EXIT
 echo "== cargo test (release profile: shares the build above)"
 cargo test --release --workspace --exclude maru-py 2>&1 | tee -a "$log"
 
+# The key index's entry protocol, model-checked with loom. Its own target directory, because
+# `--cfg loom` changes every crate's build and would otherwise throw the main cache away.
+echo "== loom (maru-index)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p maru-index --release --test loom 2>&1 | tee -a "$log"
+
+# A test that hangs must fail the run with its stack, not eat the CI budget: after
+# faulthandler_timeout seconds pytest prints every thread's stack, and `timeout` ends the
+# runner (the suites take 1-10 minutes).
+pytest_bounded() {
+    local limit=$1
+    shift
+    timeout --kill-after=30 "$limit" "$@" -o faulthandler_timeout=300
+}
+
 echo "== pytest"
-MARU_BIN_DIR="$PWD/target/release" .venv/bin/python -m pytest -q tests/python 2>&1 | tee -a "$log"
+MARU_BIN_DIR="$PWD/target/release" pytest_bounded 20m .venv/bin/python -m pytest -q tests/python 2>&1 | tee -a "$log"
 
 # The framework adapters against the real frameworks, each in its own cached venv
 # (scripts/frameworks.sh). A venv that cannot be installed here is a loud skip, never silent.
@@ -41,7 +55,7 @@ while read -r name python reason; do
     [ -n "$present" ] || continue
     echo "== pytest ($name venv):$present"
     # shellcheck disable=SC2086
-    MARU_BIN_DIR="$PWD/target/release" "$python" -m pytest -q -p no:cacheprovider $present </dev/null 2>&1 | tee -a "$log"
+    MARU_BIN_DIR="$PWD/target/release" pytest_bounded 30m "$python" -m pytest -q -p no:cacheprovider $present </dev/null 2>&1 | tee -a "$log"
 done <<<"$envs"
 
 ./scripts/fuzz.sh   # every decoder fuzzed FUZZ_SECONDS (60) each; skips without nightly + cargo-fuzz

@@ -10,9 +10,9 @@
         result = handler.retrieve(key=12345)  # MemoryInfo; result.view is a memoryview
 """
 
+from . import errors
 from ._maru import (
     AllocHandle,
-    MaruError,
     MaruHandle,
     MemoryInfo,
     OwnedRegionManager,
@@ -21,13 +21,33 @@ from ._maru import (
 )
 from ._maru import MaruHandler as MaruHandler
 from .config import MIB, MaruConfig
+from .errors import (
+    ConnectFailedError,
+    ConnectionLostError,
+    ForkedHandlerError,
+    HandlerClosedError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    MapFailedError,
+    MaruError,
+    MaruTimeoutError,
+    NotConnectedError,
+    PermissionDeniedError,
+    PoolExhaustedError,
+    PoolUnhealthyError,
+    ProtocolError,
+    ServerBusyError,
+    ServerError,
+    ServerLostError,
+    WrongPoolError,
+)
 from .types import MappedRegion
 
 __all__ = [
+    *errors.__all__,
     "AllocHandle",
     "MappedRegion",
     "MaruConfig",
-    "MaruError",
     "MaruHandle",
     "MaruHandler",
     "MemoryInfo",

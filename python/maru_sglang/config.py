@@ -3,7 +3,7 @@
 The keys are the original Maru SGLang backend's (``maru_server_url``, ``maru_pool_size``,
 ``maru_chunk_size_bytes``, ``maru_instance_id``, ``maru_timeout_ms``, ``maru_use_async_rpc``,
 ``maru_max_inflight``, ``maru_eager_map``), so existing launch configurations carry over, plus
-``maru_namespace`` and ``maru_pin_ttl_s``. This module does not import SGLang or torch.
+``maru_namespace``, ``maru_pin_ttl_s`` and ``maru_index_reads``. This module does not import SGLang or torch.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from maru import _settings
+
 __all__ = ["MaruSGLangConfig", "parse_size"]
 
 logger = logging.getLogger(__name__)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 #: Every key this backend reads; another ``maru_*`` key is a typo and gets a warning.
 KNOWN_KEYS = frozenset(
@@ -36,28 +34,15 @@ KNOWN_KEYS = frozenset(
         "maru_eager_map",
         "maru_namespace",
         "maru_pin_ttl_s",
+        "maru_index_reads",
     }
 )
 
 
 def parse_size(value: object, name: str = "size") -> int:
-    """Bytes from an int or a string such as ``"4G"``, ``"512MiB"``, ``"1.5g"``, ``"65536"``."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a size, not a bool")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, float) and value.is_integer():
-        n = int(value)
-    elif isinstance(value, str):
-        m = _SIZE.match(value)
-        if m is None:
-            raise ValueError(f"{name}={value!r} is not a size (examples: 4G, 512M, 65536)")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    else:
-        raise ValueError(f"{name} must be a size, not {type(value).__name__}")
-    if n <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return n
+    """Bytes from an int, a float without a fraction or a string such as ``"4G"``,
+    ``"512MiB"``, ``"1.5g"``, ``"65536"``."""
+    return _settings.parse_size(value, name, integral_floats=True)
 
 
 def _as_bool(value: object, name: str) -> bool:
@@ -65,12 +50,9 @@ def _as_bool(value: object, name: str) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in _TRUE:
-            return True
-        if v in _FALSE:
-            return False
+    word = _settings.bool_word(value) if isinstance(value, str) else None
+    if word is not None:
+        return word
     raise ValueError(f"{name}={value!r}: expected true/false (or 1/0, yes/no, on/off)")
 
 
@@ -122,6 +104,10 @@ class MaruSGLangConfig:
     #: How long a pin taken by ``batch_exists`` waits for the ``batch_get_v1`` that uses it
     #: before it is released; 0 turns pins off.
     pin_ttl_s: float = 30.0
+    #: Lookups and copies of contiguous pages from the server's key index in shared memory
+    #: (no round trip, no pin; a page that changed meanwhile is a clean miss) whenever this
+    #: host can read it; False keeps every read on the pin rule.
+    index_reads: bool = True
 
     @staticmethod
     def from_extra_config(extra: dict[str, Any] | None) -> MaruSGLangConfig:
@@ -159,4 +145,5 @@ class MaruSGLangConfig:
             eager_map=_as_bool(extra.get("maru_eager_map", d.eager_map), "maru_eager_map"),
             namespace=namespace,
             pin_ttl_s=_as_seconds(extra.get("maru_pin_ttl_s", d.pin_ttl_s), "maru_pin_ttl_s"),
+            index_reads=_as_bool(extra.get("maru_index_reads", d.index_reads), "maru_index_reads"),
         )

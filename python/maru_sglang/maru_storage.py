@@ -13,10 +13,14 @@ per page between the host pool and a Maru page, nothing in between. Without it S
 generic path calls ``batch_get``/``batch_set`` with flat page tensors; both paths store the
 same bytes under the same keys.
 
-Reads run under pins: ``batch_exists`` pins what it finds in the same round trip (a pin
-answers whether the key exists), ``batch_get_v1`` pins whatever it was not handed, copies
-only pinned keys and unpins them after the copy. A pinned key cannot be deleted, so its page
-cannot be reused while it is copied. See docs/SGLANG.md.
+Where this host can read the server's key index (same host, the default), reads take no
+round trip for lookups: ``batch_exists`` answers from the index, and ``batch_get_v1`` copies
+contiguous pages (MLA) straight from shared memory into the host pool, checking each entry's
+generation afterwards, and other pages (MHA's K and V runs) through one ``batch_retrieve``
+whose views hold their pages while they are copied. A key gone in between is a clean False.
+Otherwise reads run under pins: ``batch_exists`` pins what it finds in the same round trip,
+``batch_get_v1`` pins whatever it was not handed, copies only pinned keys and unpins them
+after the copy. See docs/SGLANG.md.
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from maru import AllocHandle, MaruConfig, MaruError, MaruHandler
+from maru import AllocHandle, InvalidArgumentError, MaruConfig, MaruError, MaruHandler
 
 from .config import MaruSGLangConfig
 from .keys import KeyScheme, rank_tag
-from .pages import ZERO_COPY_LAYOUTS, HostPages, shm_tensor
+from .pages import ZERO_COPY_LAYOUTS, HostPages, shm_tensor, writable_bytes
 from .pins import PinLeases
 from .stats import Counters, MaruStorageMetrics
 
@@ -126,8 +130,8 @@ class MaruStorage(HiCacheStorage):
             eager_map=c.eager_map,
         )
         if c.instance_id is not None:
-            # Every rank is a process with a handler of its own, and an instance id belongs
-            # to one live handler.
+            # An instance id is a label (each handler is a session of its own whatever its
+            # id); the rank tag keeps each rank's line apart in `maru stats`.
             tag = rank_tag(self.storage_config)
             kwargs["instance_id"] = f"{c.instance_id}-{tag}" if tag else c.instance_id
         handler = MaruHandler(MaruConfig(**kwargs))
@@ -254,15 +258,74 @@ class MaruStorage(HiCacheStorage):
 
     # -- reads and writes shared by both interfaces -----------------------------------------
 
-    def _read(self, op: str, full: list[str], copy: Callable[[int, memoryview], None]) -> list[bool]:
-        """Copies each present key's value out with `copy(i, view)`, under a pin when pins
-        are on. True for each key copied."""
+    def _index_reads(self, h: MaruHandler) -> bool:
+        """Whether reads go through the server's key index here: no round trip, no pin."""
+        return self.config.index_reads and h.reads_index()
+
+    def _read(
+        self,
+        op: str,
+        full: list[str],
+        copy: Callable[[int, memoryview], None],
+        into: Callable[[int], memoryview | None] | None = None,
+    ) -> list[bool]:
+        """Copies each present key's value out: `copy(i, view)` from a view of its page, or,
+        where `into(i)` gives key i's destination as contiguous bytes of the value's size,
+        straight from shared memory into it. True for each key copied."""
         n = len(full)
         ok = [False] * n
         h = self._live_handler(op, n)
         if h is None:
             return ok
         self._sweep(h)
+        try:
+            if self._index_reads(h):
+                self._read_from_index(op, h, full, copy, into, ok)
+            else:
+                self._read_pinned(op, h, full, copy, ok)
+        except Exception as e:
+            self.counters.error(op, e, n - sum(ok))
+        hits = sum(ok)
+        self.counters.add("read_hits", hits)
+        self.counters.add("read_misses", n - hits)
+        return ok
+
+    def _read_from_index(
+        self,
+        op: str,
+        h: MaruHandler,
+        full: list[str],
+        copy: Callable[[int, memoryview], None],
+        into: Callable[[int], memoryview | None] | None,
+        ok: list[bool],
+    ) -> None:
+        """Keys with a contiguous destination are copied out of the key index (the copy is
+        checked against the entry's generation afterwards: a page deleted, evicted or
+        reused meanwhile is a miss, never torn bytes); the others through one
+        batch_retrieve, whose views hold their pages while they are copied."""
+        dests = [into(i) if into is not None else None for i in range(len(full))]
+        direct = [i for i, d in enumerate(dests) if d is not None]
+        viewed = [i for i, d in enumerate(dests) if d is None]
+        if direct:
+            try:
+                sizes = h.batch_retrieve_into([full[i] for i in direct], [dests[i] for i in direct])
+            except InvalidArgumentError:
+                # A value larger than its destination: the views' path tells which, per key.
+                viewed, direct, sizes = sorted(viewed + direct), [], []
+            for i, size in zip(direct, sizes, strict=True):
+                want = len(dests[i])  # type: ignore[arg-type]
+                if size is not None and size != want:
+                    self.counters.add("size_mismatches")
+                    self.counters.error(op, f"{full[i]} holds {size} bytes, the destination {want}", 1)
+                ok[i] = size == want
+        if viewed:
+            self._copy_views(op, viewed, h.batch_retrieve([full[i] for i in viewed]), copy, ok)
+
+    def _read_pinned(
+        self, op: str, h: MaruHandler, full: list[str], copy: Callable[[int, memoryview], None], ok: list[bool]
+    ) -> None:
+        """The pin rule: every copy happens while this instance holds a pin on the key."""
+        n = len(full)
         pinned = [False] * n
         try:
             if self._pins is not None:
@@ -276,24 +339,23 @@ class MaruStorage(HiCacheStorage):
                 wanted = [i for i in range(n) if pinned[i]]
             else:
                 wanted = list(range(n))
-            infos = h.batch_retrieve([full[i] for i in wanted]) if wanted else []
-            for i, info in zip(wanted, infos, strict=True):
-                if info is None:
-                    continue
-                try:
-                    copy(i, info.view)
-                    ok[i] = True
-                except Exception as e:
-                    self.counters.error(op, e, 1)
-        except Exception as e:
-            self.counters.error(op, e, n - sum(ok))
+            if wanted:
+                self._copy_views(op, wanted, h.batch_retrieve([full[i] for i in wanted]), copy, ok)
         finally:
             if self._pins is not None:
                 self._unpin(h, [full[i] for i in range(n) if pinned[i]], "pins_released")
-        hits = sum(ok)
-        self.counters.add("read_hits", hits)
-        self.counters.add("read_misses", n - hits)
-        return ok
+
+    def _copy_views(
+        self, op: str, which: list[int], infos: list[Any], copy: Callable[[int, memoryview], None], ok: list[bool]
+    ) -> None:
+        for i, info in zip(which, infos, strict=True):
+            if info is None:
+                continue
+            try:
+                copy(i, info.view)
+                ok[i] = True
+            except Exception as e:
+                self.counters.error(op, e, 1)
 
     def _write(self, op: str, full: list[str], source: Callable[[int], torch.Tensor]) -> list[bool]:
         """Stores `source(i)` under each key not present yet: one alloc'ed Maru page per key,
@@ -368,6 +430,25 @@ class MaruStorage(HiCacheStorage):
 
     # -- zero-copy interface ---------------------------------------------------------------
 
+    def _zero_copy(
+        self,
+        op: str,
+        keys: list[str],
+        host_indices: torch.Tensor,
+        run: Callable[[HostPages, list[int]], list[bool]],
+    ) -> list[bool]:
+        """What both zero-copy calls share: `run(pages, starts)` once the host pool and
+        indices fit, else (and on any error, counted) all False."""
+        n = len(keys)
+        try:
+            found = self._v1_pages(op, keys, host_indices) if n else None
+            if found is None:
+                return [False] * n
+            return run(*found)
+        except Exception as e:
+            self.counters.error(op, e, n)
+            return [False] * n
+
     def batch_get_v1(
         self,
         keys: list[str],
@@ -375,12 +456,8 @@ class MaruStorage(HiCacheStorage):
         extra_info: HiCacheStorageExtraInfo | None = None,
     ) -> list[bool]:
         """Copies each key's page from shared memory straight into its host pool page."""
-        n = len(keys)
-        try:
-            found = self._v1_pages("batch_get_v1", keys, host_indices) if n else None
-            if found is None:
-                return [False] * n
-            pages, starts = found
+
+        def get(pages: HostPages, starts: list[int]) -> list[bool]:
             full = self.keys.keys(keys)
             started = time.perf_counter()
 
@@ -390,12 +467,11 @@ class MaruStorage(HiCacheStorage):
                     raise ValueError(f"{full[i]} holds {len(view)} bytes, a page is {pages.nbytes}")
                 pages.page(starts[i]).copy_(shm_tensor(view, pages.dtype, pages.shape))
 
-            ok = self._read("batch_get_v1", full, copy)
+            ok = self._read("batch_get_v1", full, copy, lambda i: writable_bytes(pages.page(starts[i])))
             self._record("prefetch", sum(ok), started)
             return ok
-        except Exception as e:
-            self.counters.error("batch_get_v1", e, n)
-            return [False] * n
+
+        return self._zero_copy("batch_get_v1", keys, host_indices, get)
 
     def batch_set_v1(
         self,
@@ -404,19 +480,14 @@ class MaruStorage(HiCacheStorage):
         extra_info: HiCacheStorageExtraInfo | None = None,
     ) -> list[bool]:
         """Copies each host page straight into a Maru page and registers them all."""
-        n = len(keys)
-        try:
-            found = self._v1_pages("batch_set_v1", keys, host_indices) if n else None
-            if found is None:
-                return [False] * n
-            pages, starts = found
+
+        def set_(pages: HostPages, starts: list[int]) -> list[bool]:
             started = time.perf_counter()
             ok = self._write("batch_set_v1", self.keys.keys(keys), lambda i: pages.page(starts[i]))
             self._record("backup", sum(ok), started)
             return ok
-        except Exception as e:
-            self.counters.error("batch_set_v1", e, n)
-            return [False] * n
+
+        return self._zero_copy("batch_set_v1", keys, host_indices, set_)
 
     # -- existence -------------------------------------------------------------------------
 
@@ -443,13 +514,16 @@ class MaruStorage(HiCacheStorage):
             return 0
         self._sweep(h)
         full = self.keys.keys(keys)
+        # From the key index no pin is needed: the read that follows is a clean miss for a
+        # key that is gone by then.
+        pin = self._pins is not None and not self._index_reads(h)
         try:
-            flags = h.batch_pin(full) if self._pins is not None else h.batch_exists(full)
+            flags = h.batch_pin(full) if pin else h.batch_exists(full)
         except Exception as e:
             self.counters.error("batch_exists", e, len(keys))
             return 0
         n = _leading(flags)
-        if self._pins is not None:
+        if pin:
             self._pins.add(full[:n])
             self.counters.add("pins_taken", sum(flags))
             # Keys found after the first gap are no use to SGLang (it loads a prefix).
@@ -482,9 +556,11 @@ class MaruStorage(HiCacheStorage):
             self.counters.error("batch_get", f"{len(target_locations)} targets for {n} keys", n)
             return out
         full = self.keys.keys(keys)
+        targets = [None] * n if target_locations is None else list(target_locations)
+        out = list(targets)
 
         def copy(i: int, view: memoryview) -> None:
-            target = None if target_locations is None else target_locations[i]
+            target = targets[i]
             if target is None:
                 out[i] = shm_tensor(view, torch.uint8, torch.Size([len(view)])).clone()
                 return
@@ -494,9 +570,11 @@ class MaruStorage(HiCacheStorage):
                     f"{full[i]} holds {len(view)} bytes, the target {target.numel() * target.element_size()}"
                 )
             target.copy_(shm_tensor(view, target.dtype, target.shape))
-            out[i] = target
 
-        ok = self._read("batch_get", full, copy)
+        def into(i: int) -> memoryview | None:
+            return None if targets[i] is None else writable_bytes(targets[i])
+
+        ok = self._read("batch_get", full, copy, into)
         return [t if good else None for t, good in zip(out, ok, strict=True)]
 
     def set(

@@ -8,13 +8,14 @@ tensor, so one ``copy_`` moves a whole page between the pool and shared memory.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import warnings
 from typing import Any
 
 import torch
 
-__all__ = ["HostPages", "ZERO_COPY_LAYOUTS", "shm_tensor"]
+__all__ = ["HostPages", "ZERO_COPY_LAYOUTS", "shm_tensor", "writable_bytes"]
 
 #: Layouts whose pages are a few contiguous runs, copied by ``batch_get_v1``/``batch_set_v1``.
 ZERO_COPY_LAYOUTS = ("page_first", "page_first_direct")
@@ -45,6 +46,18 @@ def shm_tensor(buf: memoryview, dtype: torch.dtype, shape: torch.Size) -> torch.
     for d in shape:
         count *= d
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
+
+
+def writable_bytes(t: torch.Tensor) -> memoryview | None:
+    """The memory of a contiguous CPU tensor as a writable byte buffer (no copy), for
+    copy-out reads straight into it; None for any other tensor. The buffer is valid while
+    the tensor's storage lives (a host pool keeps its pages for its own lifetime)."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return None
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
 class HostPages:

@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,12 @@ class Cluster:
     rm_addr: str = ""
     tcp_url: str = ""
     unix_url: str = ""
+    #: Extra arguments of the metadata server (e.g. ["--max-clients", "300"]).
+    server_args: list[str] = field(default_factory=list)
+    #: Extra arguments of the resource manager (e.g. ["--metrics-port", "0"]).
+    rm_args: list[str] = field(default_factory=list)
+    #: The resource manager's ready document (its addresses).
+    rm_ready: dict[str, Any] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(self) -> Cluster:
@@ -93,12 +100,14 @@ class Cluster:
                 "--pool", f"shm:{self.dir / 'pool'}:{self.pool_size // MIB}M",
                 "--ready-file", str(self.dir / "rm.ready"),
                 "--log-level", "warn",
+                *self.rm_args,
             ],
             stdout=rm_log.open("wb"),
             stderr=subprocess.STDOUT,
         )
         self.procs.append(rm)
-        self.rm_addr = wait_for_file(self.dir / "rm.ready", rm, rm_log)["tcp"]
+        self.rm_ready = wait_for_file(self.dir / "rm.ready", rm, rm_log)
+        self.rm_addr = self.rm_ready["tcp"]
         srv_log = self.dir / "server.log"
         sock = self.dir / "server.sock"
         srv = subprocess.Popen(
@@ -109,6 +118,7 @@ class Cluster:
                 "--rm-address", self.rm_addr,
                 "--ready-file", str(self.dir / "server.ready"),
                 "--log-level", "warn",
+                *self.server_args,
             ],
             stdout=srv_log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -149,27 +159,30 @@ def new_dir(tag: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"maru-pytest-{tag}-", dir=SHM))
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
-    d = new_dir("session")
-    c = Cluster(d).start()
+@contextmanager
+def running_cluster(tag: str, **options: Any) -> Iterator[Cluster]:
+    """A started cluster in a fresh directory named after `tag`, stopped and removed on exit;
+    `options` are :class:`Cluster` fields (pool_size, server_args, ...)."""
+    d = new_dir(tag)
+    c = Cluster(d, **options).start()
     try:
         yield c
     finally:
         c.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    with running_cluster("session") as c:
+        yield c
 
 
 @pytest.fixture
 def fresh_cluster() -> Iterator[Cluster]:
     """A cluster of its own, for tests that count regions at the resource manager."""
-    d = new_dir("fresh")
-    c = Cluster(d, pool_size=256 * MIB).start()
-    try:
+    with running_cluster("fresh", pool_size=256 * MIB) as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(params=["tcp", "unix"])

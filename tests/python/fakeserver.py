@@ -14,6 +14,8 @@ HEADER = struct.Struct("<IHHHHQI")  # magic, version, type, flags, reserved, req
 HELLO, REQUEST_REGION, LIST_REGIONS = 0x0001, 0x0201, 0x0212
 R_HELLO, R_ERROR, R_REGION = 0x8001, 0x8003, 0x8201
 FLAG_RESPONSE, FLAG_ERROR = 1, 2
+#: The wire protocol version of this build (maru-proto `PROTOCOL_VERSION`).
+PROTOCOL_VERSION = 3
 ERROR_INTERNAL = 21
 
 
@@ -23,16 +25,17 @@ def _str(s: str) -> bytes:
 
 
 def _frame(msg_type: int, flags: int, request_id: int, payload: bytes) -> bytes:
-    return HEADER.pack(MAGIC, 1, msg_type, flags, 0, request_id, len(payload)) + payload
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, msg_type, flags, 0, request_id, len(payload)) + payload
 
 
 class FakeServer:
     """`mode`: "stall" (never answer after the handshake/region) or "error" (answer with
-    ErrorCode::Internal). `region`: a (path, length) file to hand out for RequestRegion, or
+    `error_code`, ErrorCode::Internal by default). `region`: a (path, length) file to hand out for RequestRegion, or
     None to stall/err on it too."""
 
-    def __init__(self, mode: str, region: tuple[Path, int] | None = None) -> None:
+    def __init__(self, mode: str, region: tuple[Path, int] | None = None, error_code: int = ERROR_INTERNAL) -> None:
         self.mode = mode
+        self.error_code = error_code
         self.region = region
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -66,7 +69,8 @@ class FakeServer:
         assert self.region is not None
         path, length = self.region
         handle = struct.pack("<Q", 1) + _str(str(path)) + struct.pack("<QQ", 0, length) + _str("fake:1") + b"\0" * 32
-        access = _str(str(path)) + struct.pack("<QQQ", 0, length, 4096)
+        # No pool UUID (all zeroes): the fake names no pool identity, so nothing is checked.
+        access = _str(str(path)) + struct.pack("<QQQ", 0, length, 4096) + b"\0" * 16
         return handle + access
 
     def _serve(self, conn: socket.socket) -> None:
@@ -81,7 +85,7 @@ class FakeServer:
                 elif msg_type == REQUEST_REGION and self.region is not None:
                     conn.sendall(_frame(R_REGION, FLAG_RESPONSE, rid, self._region_payload()))
                 elif self.mode == "error":
-                    payload = struct.pack("<H", ERROR_INTERNAL) + _str("fake failure")
+                    payload = struct.pack("<H", self.error_code) + _str("fake failure")
                     conn.sendall(_frame(R_ERROR, FLAG_RESPONSE | FLAG_ERROR, rid, payload))
                 # "stall": swallow the request, never answer.
         except (ConnectionError, OSError):

@@ -4,7 +4,6 @@ separate interpreter (a dangling view would be a segfault there, not a failed as
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from maru import MaruConfig, MaruHandler
-from conftest import REPO, Cluster, new_dir, run_python
+from conftest import REPO, Cluster, run_python, running_cluster
 
 # The usage example of the documented Python API (README.md, "Python quick start"), unchanged.
 DOCUMENTED_USAGE = """
@@ -80,13 +79,8 @@ def server_on_5555() -> Iterator[None]:
             pytest.skip("port 5555 is taken by something that is not a Maru server")
         yield
         return
-    d = new_dir("usage")
-    c = Cluster(d, pool_size=512 << 20, server_port=5555).start()
-    try:
+    with running_cluster("usage", pool_size=512 << 20, server_port=5555):
         yield
-    finally:
-        c.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_documented_usage_runs_verbatim(server_on_5555: None) -> None:

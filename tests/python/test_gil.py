@@ -1,14 +1,14 @@
 """The GIL policy, both ways:
 
 - a call blocked on a slow server, and a large batch, let other Python threads run;
-- a single retrieve never gives the GIL away when its reply comes quickly, so it stays at
-  round-trip speed (no 5 ms switch-interval stalls) while another Python thread burns CPU.
+- a call (single or batch) whose reply comes quickly never gives the GIL away, so it does not
+  wait a 5 ms switch interval to get it back while another Python thread burns CPU.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -85,15 +85,16 @@ def test_a_call_blocked_on_a_stalled_server_lets_other_threads_run(stalled: Fake
     assert result is None and took < 5 and gap < 0.25
 
 
-def test_connect_to_a_server_that_stalls_after_hello(tmp_path: Path) -> None:
+def test_first_alloc_from_a_server_that_stalls_after_hello(tmp_path: Path) -> None:
     fake = FakeServer("stall", region=None)  # never answers RequestRegion
     try:
         h = MaruHandler(MaruConfig(server_url=fake.url, timeout_ms=800, auto_connect=False))
-        result, took, gap, _ = run_while_counting(h.connect)
-        assert result is False and 0.7 < took < 5
+        assert h.connect(), "connect asks for no region"
+        result, took, gap, _ = run_while_counting(lambda: h.alloc(1))
+        assert isinstance(result, TimeoutError) and "request_region" in str(result), result
+        assert 0.7 < took < 5
         assert gap < 0.25
-        with pytest.raises(RuntimeError, match="request_region"):
-            h.exists("k")
+        h.close()
     finally:
         fake.close()
 
@@ -136,37 +137,47 @@ def test_a_large_batch_lets_other_threads_run(make_config: ConfigFactory, handle
         assert gap < took / 2, f"this thread stalled {gap * 1e3:.1f} ms of a {took * 1e3:.1f} ms batch"
 
 
-def test_single_retrieves_stay_fast_while_another_thread_burns_cpu(
-    make_config: ConfigFactory, handlers: list[MaruHandler], cluster: Cluster
+@pytest.mark.parametrize("call", ["retrieve", "batch_exists", "batch_retrieve"])
+def test_calls_answered_quickly_keep_the_gil_while_another_thread_burns_cpu(
+    call: str, make_config: ConfigFactory, handlers: list[MaruHandler], cluster: Cluster
 ) -> None:
+    """A call whose reply comes while it waits with the GIL held never waits for the
+    interpreter's switch interval to get the GIL back. Speed is the benchmark's business; this
+    checks the behaviour: most calls end well inside one switch interval although another
+    thread wants the GIL all the time, and that thread still runs."""
     h = MaruHandler(make_config(server_url=cluster.unix_url))
     handlers.append(h)
-    k = f"gil-p99-{os.getpid()}"
-    h.store(k, b"x" * 4096)
+    keys = [f"gil-quick-{os.getpid()}-{i}" for i in range(256)]
+    assert h.batch_store(keys, [b"x" * 4096] * len(keys)) == [True] * len(keys)
+    run: Callable[[], Any] = {
+        "retrieve": lambda: h.retrieve(keys[0]),
+        "batch_exists": lambda: h.batch_exists(keys),
+        "batch_retrieve": lambda: h.batch_retrieve(keys),
+    }[call]
     stop = threading.Event()
+    spins = [0]
 
     def burn() -> None:
-        x = 0
         while not stop.is_set():
-            x += 1
+            spins[0] += 1
 
-    for _ in range(200):  # warm up: connections, mappings, caches
-        h.retrieve(k)
+    for _ in range(200):  # warm up: connections, mappings, the reply clock
+        run()
     burner = threading.Thread(target=burn)
     burner.start()
     try:
         lat = []
-        for _ in range(3000):
+        for _ in range(1000):
             t0 = time.perf_counter_ns()
-            info = h.retrieve(k)
+            assert run()
             lat.append(time.perf_counter_ns() - t0)
-            assert info is not None
     finally:
         stop.set()
         burner.join()
     lat.sort()
-    p50, p99 = lat[len(lat) // 2] / 1e6, lat[len(lat) * 99 // 100] / 1e6
-    print(f"retrieve with a busy thread: p50 {p50 * 1e3:.1f} us, p99 {p99 * 1e3:.1f} us")
-    # Releasing the GIL around each round trip would put p50 near the 5 ms switch interval.
-    assert p50 < 0.5, f"p50 {p50:.3f} ms"
-    assert p99 < 2.0, f"p99 {p99:.3f} ms (p50 {p50:.3f} ms, mean {statistics.mean(lat) / 1e6:.3f} ms)"
+    switch = sys.getswitchinterval()
+    p50 = lat[len(lat) // 2] / 1e9
+    print(f"{call} with a busy thread: p50 {p50 * 1e6:.1f} us, p99 {lat[len(lat) * 99 // 100] / 1e3:.1f} us")
+    # Giving the GIL away around each round trip puts the median at the switch interval.
+    assert p50 < switch / 2, f"p50 {p50 * 1e3:.3f} ms against a {switch * 1e3:.0f} ms switch interval"
+    assert spins[0] > 0, "the other thread never ran"

@@ -127,6 +127,7 @@ def test_batch_store_alloc_handles_like_lmcache(handler: MaruHandler, key: Key) 
 
 
 def test_free(handler: MaruHandler, key: Key) -> None:
+    handler.free(handler.alloc(10))  # the first alloc brings the first region
     alloc = handler.allocator
     assert alloc is not None
     before = alloc.num_allocated
@@ -173,9 +174,11 @@ def test_argument_errors(handler: MaruHandler, key: Key) -> None:
 def test_pool_exhausted_without_auto_expand(make_config: ConfigFactory, handlers: list[MaruHandler]) -> None:
     h = MaruHandler(make_config(pool_size=4 * 64 * KIB, auto_expand=False))
     handlers.append(h)
+    assert h.get_owned_region_ids() == [], "connect takes no region"
+    held = [h.alloc(1)]
     pages = h.get_region_page_count(h.get_owned_region_ids()[0])
     assert pages is not None and pages >= 4
-    held = [h.alloc(1) for _ in range(pages)]
+    held += [h.alloc(1) for _ in range(pages - 1)]
     with pytest.raises(ValueError, match="exhausted"):
         h.alloc(1)
     with pytest.raises(ValueError):
@@ -189,10 +192,12 @@ def test_auto_expand_and_region_callbacks(make_config: ConfigFactory, handlers: 
     handlers.append(h)
     seen: list[tuple[int, int]] = []
     h.set_on_region_added(lambda rid, pages: seen.append((rid, pages)))
+    assert seen == [], "no region before the first alloc"
+    held = [h.alloc(1)]
     first = h.get_owned_region_ids()
-    assert len(first) == 1 and seen == [(first[0], h.get_region_page_count(first[0]))], "replayed"
+    assert len(first) == 1 and seen == [(first[0], h.get_region_page_count(first[0]))], "reported"
     pages = seen[0][1]
-    held = [h.alloc(1) for _ in range(pages + 1)]
+    held += [h.alloc(1) for _ in range(pages)]
     ids = h.get_owned_region_ids()
     assert len(ids) == 2 and len(seen) == 2 and seen[1][0] == ids[1]
     assert held[-1].region_id == ids[1]
@@ -209,6 +214,7 @@ def test_introspection_and_compat_properties(handler: MaruHandler, key: Key) -> 
     assert handler.connected is True
     assert isinstance(handler.instance_id, str) and handler.instance_id
     assert handler.get_chunk_size() == 64 * KIB
+    handler.free(handler.alloc(1))  # the first alloc brings the first region
     ids = handler.get_owned_region_ids()
     assert len(ids) == 1
     ph = handler.pool_handle
@@ -288,7 +294,10 @@ def test_not_connected_and_closed_raise_runtime_error(make_config: ConfigFactory
 
 
 def test_connect_failure_returns_false_with_the_reason(make_config: ConfigFactory) -> None:
-    h = MaruHandler(make_config(server_url=f"tcp://127.0.0.1:{free_port()}", timeout_ms=500))
+    url = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(maru.ConnectFailedError, match="refused"):
+        MaruHandler(make_config(server_url=url, timeout_ms=500))
+    h = MaruHandler(make_config(server_url=url, timeout_ms=500, auto_connect=False))
     assert h.connected is False
     assert h.connect() is False
     with pytest.raises(RuntimeError, match="refused"):
@@ -310,14 +319,20 @@ def test_context_manager_and_auto_connect(make_config: ConfigFactory, key: Key) 
     assert not lazy.connected
 
 
-def test_same_instance_id_is_refused(make_config: ConfigFactory, handlers: list[MaruHandler]) -> None:
+def test_handlers_sharing_an_instance_id_are_separate_sessions(
+    make_config: ConfigFactory, handlers: list[MaruHandler], key: Callable[[str], str]
+) -> None:
     a = MaruHandler(make_config(instance_id="shared-id-test"))
     handlers.append(a)
     b = MaruHandler(make_config(instance_id="shared-id-test"))
     handlers.append(b)
-    assert a.connected and not b.connected
-    with pytest.raises(RuntimeError, match="(?i)session|in use"):
-        b.exists("x")
+    assert a.connected and b.connected, "an instance id is a label, not a lock"
+    assert b.store(key("from-b"), b"B")
+    assert a.pin(key("from-b"))
+    assert not b.unpin(key("from-b")), "a's pin is not b's"
+    b.close()
+    assert a.delete_status(key("from-b")) == "pinned", "a's pin outlives b's session"
+    assert a.unpin(key("from-b")) and a.delete(key("from-b"))
 
 
 def test_server_errors_become_maru_error(tmp_path: Any) -> None:

@@ -94,4 +94,8 @@ pub enum Section {
     Redis,
     /// Server bytes per key and batched registration rate.
     Registry,
+    /// Eviction policies' hit ratios against exact LRU on the same Zipf traces.
+    Eviction,
+    /// The key index in shared memory: Python reads without a round trip, and a restart.
+    Index,
 }

@@ -1,9 +1,11 @@
 //! Connect time: handshake, the first owned region (carved by the resource manager, mapped
 //! and populated for writing) and the eager mapping of live regions — with 100 MiB and 1 GiB
-//! pools, on 4 KiB pages (tmpfs) and, where a hugetlbfs mount exists, on 2 MiB pages.
+//! pools, on 4 KiB pages (tmpfs) and on 2 MiB pages (a hugetlbfs: the machine's, or one
+//! mounted for the run when it runs as root).
 
 use anyhow::Context;
 use maru_client::{MaruConfig, MaruHandler};
+use maru_shm::HugePageMount;
 
 use crate::context::Bench;
 use crate::daemons::{hugetlbfs_mount, Embedded};
@@ -46,25 +48,9 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
     connect_rows(b, t, url, "4 KiB pages (tmpfs)")
 }
 
-/// The same rows on 2 MiB pages: a second embedded pair on the hugetlbfs mount, if any.
+/// The same rows on 2 MiB pages: a second embedded pair on a hugetlbfs — the machine's, or,
+/// as root, a private one with pages reserved for this run (given back after it).
 pub fn run_huge(b: &mut Bench, transports: &[Transport]) -> anyhow::Result<()> {
-    let Some(mount) = hugetlbfs_mount() else {
-        for &t in transports {
-            for &pool in &b.plan.connect_pools.clone() {
-                b.push(
-                    t,
-                    Row::skipped(
-                        "connect",
-                        t.name(),
-                        pool,
-                        "2 MiB pages: no hugetlbfs mount on this machine (reserve pages with \
-                         sysctl vm.nr_hugepages=N and mount -t hugetlbfs as root)",
-                    ),
-                );
-            }
-        }
-        return Ok(());
-    };
     let largest = b
         .plan
         .connect_pools
@@ -72,14 +58,51 @@ pub fn run_huge(b: &mut Bench, transports: &[Transport]) -> anyhow::Result<()> {
         .copied()
         .max()
         .unwrap_or(100 * MIB);
-    let e = Embedded::start(&mount, largest + 64 * MIB, "huge")
+    let pool = largest + 64 * MIB;
+    let private;
+    let (mount, page_note) = match hugetlbfs_mount() {
+        Some(m) => (m, "2 MiB pages (hugetlbfs)".to_owned()),
+        None => match HugePageMount::reserve(&std::env::temp_dir(), pool) {
+            Ok(m) => {
+                private = m;
+                // Untimed: a fresh reservation may be memory the VM never touched.
+                private
+                    .warm()
+                    .context("touching the reserved 2 MiB pages")?;
+                let note = format!(
+                    "2 MiB pages (a private hugetlbfs, {} pages reserved and touched for the run)",
+                    private.pages()
+                );
+                (private.path().to_owned(), note)
+            }
+            Err(why) => {
+                for &t in transports {
+                    for &p in &b.plan.connect_pools.clone() {
+                        b.push(
+                            t,
+                            Row::skipped(
+                                "connect",
+                                t.name(),
+                                p,
+                                &format!("2 MiB pages: no hugetlbfs mount, and {why}"),
+                            ),
+                        );
+                    }
+                }
+                return Ok(());
+            }
+        },
+    };
+    let e = Embedded::start(&mount, pool, "huge")
         .with_context(|| format!("embedded daemons on {}", mount.display()))?;
     for &t in transports {
         let url = match t {
             Transport::Tcp => e.tcp_url.clone(),
             Transport::Unix => e.unix_url.clone(),
         };
-        connect_rows(b, t, &url, "2 MiB pages (hugetlbfs)")?;
+        connect_rows(b, t, &url, &page_note)?;
     }
+    // The daemons go before the mount they use.
+    drop(e);
     Ok(())
 }

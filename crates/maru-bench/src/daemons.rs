@@ -90,6 +90,9 @@ pub struct InProcess {
     server: Option<maru_server::ServerHandle>,
     pub tcp_url: String,
     pub unix_url: String,
+    /// Where the state and the socket live when `dir` is a hugetlbfs (which holds mappable
+    /// files only: it refuses `write`).
+    _side: Option<Scratch>,
 }
 
 impl InProcess {
@@ -98,6 +101,11 @@ impl InProcess {
     pub fn start(dir: &Path, pool_bytes: u64) -> anyhow::Result<InProcess> {
         let pool_bytes = pool_bytes.div_ceil(HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE;
         let pool_path = dir.join("bench.pool");
+        let side = match maru_shm::fs_page_size(dir) {
+            Ok(HUGE_PAGE_SIZE) => Some(Scratch::new(&std::env::temp_dir(), "state")?),
+            _ => None,
+        };
+        let dir = side.as_ref().map_or(dir, |s| s.path.as_path());
         let state = dir.join("state");
         std::fs::create_dir_all(&state)?;
         let spec = format!("shm:{}:{}", pool_path.display(), pool_bytes);
@@ -133,6 +141,7 @@ impl InProcess {
             unix_url: format!("unix://{}", sock.display()),
             rm: Some(rm),
             server: Some(server),
+            _side: side,
         })
     }
 }

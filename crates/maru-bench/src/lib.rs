@@ -9,8 +9,11 @@
 //! Sections: Rust client rows per transport (`rows`), Python rows through the `maru` package
 //! (`python`, `benchmarks/bench.py`), cross-process lazy mapping (`cross`), concurrency
 //! (`concurrency`), connect time (`connect`), Redis side by side (`redis`), and the server's
-//! memory per key and registration rate (`registry`). [`run()`] runs them in that order, then
-//! judges the targets (`targets`) and writes the report (`report`).
+//! memory per key and registration rate (`registry`), and the eviction policies' hit ratios
+//! against exact LRU on the same Zipf traces (`eviction`, over the simulation in `trace`), and
+//! the key index in shared memory (`index`: reads without a round trip, a restart). [`run()`]
+//! runs them in that order, then judges the targets (`targets`) and writes the report
+//! (`report`).
 //!
 //! This crate owns the benchmark and everything only the benchmark needs: floors, CPU
 //! placement, worker processes, the Redis side. It measures Maru from the outside — through
@@ -25,7 +28,9 @@ mod context;
 mod cpu;
 mod cross;
 mod daemons;
+mod eviction;
 mod floor;
+mod index;
 mod plan;
 mod python;
 mod redis;
@@ -36,6 +41,7 @@ mod run;
 mod stats;
 mod table;
 mod targets;
+mod trace;
 mod wire;
 mod worker;
 

@@ -37,45 +37,16 @@ pub fn run(url: &str, n: usize, server_pid: Option<u32>) -> anyhow::Result<Regis
     let own_process = server_pid.is_some();
     let rss = || server_pid.and_then(rss_anon_bytes).unwrap_or(0);
     let url: ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (host, pid, start_time) = local_identity();
-    let id = format!("bench-registry-{pid}");
-    let hello = Hello {
-        role: Role::Client,
-        instance_id: &id,
-        host: &host,
-        pid,
-        start_time,
-        session_token: None,
-    };
-    let mut c = BlockingConn::connect(&url, &hello, Duration::from_secs(30))?;
+    let mut c = connect(&url, &format!("bench-registry-{}", std::process::id()))?;
     let region = match c.call(&Request::RequestRegion { size: 2 << 20 })? {
         Response::Region(r) => r,
         other => bail!("request_region answered {other:?}"),
     };
-    let pages = (region.handle.len / 4096).max(1);
     let first = next_key_ids(n as u64);
     let rss_before = rss();
 
     let t0 = Instant::now();
-    in_batches(first, n, |done, buf| {
-        let m = buf.len() / KEY_LEN;
-        let entries: Vec<RegisterEntry> = buf
-            .chunks(KEY_LEN)
-            .enumerate()
-            .map(|(i, key)| RegisterEntry {
-                key,
-                region_id: region.handle.region_id,
-                // Many keys per page: the server does not care, and the memory per key is
-                // what is measured here.
-                offset: ((done + i) as u64 % pages) * 4096,
-                len: 4096,
-            })
-            .collect();
-        match c.call(&Request::BatchRegister(entries))? {
-            Response::Bools(v) if v.iter().all(|&b| b) && v.len() == m => Ok(()),
-            other => bail!("batch_register answered {other:?}"),
-        }
-    })?;
+    register_keys(&mut c, &region.handle, first, n, 4096)?;
     let reg_time = t0.elapsed();
     let rss_after = rss();
 
@@ -119,6 +90,51 @@ pub fn run(url: &str, n: usize, server_pid: Option<u32>) -> anyhow::Result<Regis
              against --server"
                 .into()
         },
+    })
+}
+
+/// A client session on `url` named `id`, through the raw protocol.
+pub(crate) fn connect(url: &ServerUrl, id: &str) -> anyhow::Result<BlockingConn> {
+    let (host, pid, start_time) = local_identity();
+    let hello = Hello {
+        role: Role::Client,
+        instance_id: id,
+        host: &host,
+        pid,
+        start_time,
+        session_token: None,
+        namespace: "",
+    };
+    Ok(BlockingConn::connect(url, &hello, Duration::from_secs(30))?)
+}
+
+/// Registers the `n` keys from id `first` on into `region`, `len` bytes each, in batches of
+/// [`BATCH`]; many keys per page (the server does not care, and what is measured is the
+/// server's side).
+pub(crate) fn register_keys(
+    c: &mut BlockingConn,
+    region: &maru_proto::Handle,
+    first: u64,
+    n: usize,
+    len: u64,
+) -> anyhow::Result<()> {
+    let pages = (region.len / 4096).max(1);
+    in_batches(first, n, |done, buf| {
+        let m = buf.len() / KEY_LEN;
+        let entries: Vec<RegisterEntry> = buf
+            .chunks(KEY_LEN)
+            .enumerate()
+            .map(|(i, key)| RegisterEntry {
+                key,
+                region_id: region.region_id,
+                offset: ((done + i) as u64 % pages) * 4096,
+                len,
+            })
+            .collect();
+        match c.call(&Request::BatchRegister(entries))? {
+            Response::Bools(v) if v.iter().all(|&b| b) && v.len() == m => Ok(()),
+            other => bail!("batch_register answered {other:?}"),
+        }
     })
 }
 

@@ -7,6 +7,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cpu;
+use crate::eviction::EvictionReport;
 use crate::floor::{CopyFloor, MapFloor, RttFloor};
 use crate::registry::Registration;
 use crate::stats::Row;
@@ -90,6 +91,10 @@ pub struct Report {
     pub bytes_per_key: Option<f64>,
     pub register_keys_per_s: Option<f64>,
     pub registration: Option<Registration>,
+    /// Hit ratios of the eviction policies against exact LRU (`--only eviction`).
+    pub eviction: Option<EvictionReport>,
+    /// The key index's reads and restart (`--only index`).
+    pub index: Option<crate::index::IndexReport>,
     pub redis: Vec<Row>,
     pub notes: Vec<String>,
     pub targets: Vec<Target>,

@@ -17,7 +17,9 @@ use crate::report::{loadavg, FloorReport, Machine, Report};
 use crate::stats::round3;
 use crate::table::{opt, Out};
 use crate::worker::Launcher;
-use crate::{concurrency, connect, cpu, cross, python, redis, registry, rows, targets, wire};
+use crate::{
+    concurrency, connect, cpu, cross, eviction, python, redis, registry, rows, targets, wire,
+};
 
 /// Runs the benchmark `args` describe (or, with `--worker`, one worker of another run).
 ///
@@ -55,7 +57,12 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
     let mut notes = Vec::new();
 
     // The daemons: embedded unless a server was named.
-    let floors_only = !args.only.is_empty() && args.only.iter().all(|s| *s == Section::Floor);
+    // Floors and the eviction simulation need no daemons.
+    let floors_only = !args.only.is_empty()
+        && args
+            .only
+            .iter()
+            .all(|s| matches!(s, Section::Floor | Section::Eviction | Section::Index));
     let embedded = if args.server.is_empty() && !floors_only {
         // Room for the largest connect pool, the 1 GiB cross-process region and the rows'
         // own regions at once; sparse, so only what is populated takes memory.
@@ -214,6 +221,32 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
         registration = Some(reg);
     }
     drop(embedded);
+    let mut index_report = None;
+    if on(Section::Index) {
+        let _ = writeln!(
+            b.out,
+            "\n== Key index in shared memory: reads without a round trip, restart"
+        );
+        let py = python::locate(args.python.as_deref()).ok();
+        let r = crate::index::run(
+            &args.pool_dir,
+            b.plan.registry_keys,
+            py.as_ref().map(|(p, s)| (p.as_path(), s.as_path())),
+            mode != "full",
+            memcpy_out,
+            &mut b.out,
+        )
+        .context("key index benchmark")?;
+        index_report = Some(r);
+    }
+    let mut eviction_report = None;
+    if on(Section::Eviction) {
+        let _ = writeln!(
+            b.out,
+            "\n== Eviction policies against exact LRU, same traces"
+        );
+        eviction_report = Some(eviction::run(mode, &args.pool_dir, &mut b.out));
+    }
 
     let redis_rows = redis::compare(&b.rows, std::mem::take(&mut b.redis));
     redis::print_comparison(&mut b.out, &redis_rows);
@@ -226,7 +259,10 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
         memcpy: b.floors.all_copies(),
         map: b.floors.all_maps(),
     };
-    let targets = targets::check(&b.rows, &redis_rows, &floor, registration.as_ref());
+    let mut targets = targets::check(&b.rows, &redis_rows, &floor, registration.as_ref());
+    if let Some(e) = &eviction_report {
+        targets.extend(eviction::targets(e));
+    }
     targets::print(&mut b.out, &targets);
     for n in &notes {
         let _ = writeln!(b.out, "note: {n}");
@@ -240,6 +276,8 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
         bytes_per_key: registration.as_ref().and_then(|r| r.bytes_per_key),
         register_keys_per_s: registration.as_ref().map(|r| r.register_keys_per_s),
         registration,
+        eviction: eviction_report,
+        index: index_report,
         redis: redis_rows,
         notes,
         targets,

@@ -31,6 +31,18 @@ pub fn section(out: &mut Out, title: &str) {
     let _ = out.flush();
 }
 
+/// A closing section of its own lines (none when `items` is empty): the title, then
+/// `line(item)` for each item.
+pub fn listing<T>(out: &mut Out, title: &str, items: &[T], line: impl Fn(&T) -> String) {
+    if items.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n== {title}");
+    for item in items {
+        let _ = writeln!(out, "{}", line(item));
+    }
+}
+
 pub fn row(out: &mut Out, r: &Row) {
     let who = if r.processes {
         format!("{}p", r.clients)

@@ -3,15 +3,13 @@
 //! retrieve under a millisecond, the server's memory per key and registration rate, and
 //! Redis beaten on metadata. Printed as MET or MISSED and kept in the report.
 
-use std::io::Write;
-
 use serde::Serialize;
 
 use crate::plan::{KIB, MIB};
 use crate::registry::Registration;
 use crate::report::FloorReport;
 use crate::stats::{round3, Row};
-use crate::table::{opt, size, Out};
+use crate::table::{listing, opt, size, Out};
 
 #[derive(Debug, Serialize)]
 pub struct Target {
@@ -189,13 +187,8 @@ pub fn check(
 
 /// Prints the targets' table.
 pub fn print(out: &mut Out, targets: &[Target]) {
-    if targets.is_empty() {
-        return;
-    }
-    let _ = writeln!(out, "\n== Targets");
-    for t in targets {
-        let _ = writeln!(
-            out,
+    listing(out, "Targets", targets, |t| {
+        format!(
             "{} {:<58} {:<6} {:<5} {:>10.3} (limit {:>8.3})  {}",
             if t.met { "MET   " } else { "MISSED" },
             t.target,
@@ -204,8 +197,8 @@ pub fn print(out: &mut Out, targets: &[Target]) {
             t.value,
             t.limit,
             t.detail
-        );
-    }
+        )
+    });
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ pub fn synthetic_region(pool_path: &str) -> RegionInfo {
             offset: 0,
             len: 64 << 20,
             page_size: 4096,
+            pool_uuid: [0; 16],
         },
     }
 }
@@ -62,11 +63,13 @@ pub fn wire_of(op: &str, batch: usize, key: &[u8], region: &RegionInfo) -> Optio
         region: region.clone(),
         offset: 0,
         len: 4096,
+        generation: 1,
     };
     let slot = Slot {
         region_index: 0,
         offset: 0,
         len: 4096,
+        generation: 1,
     };
     let one = |req: Request, resp: Response| {
         let (req, resp) = sizes(&req, &resp);

@@ -4,23 +4,12 @@
 
 use std::process::Command;
 
-use serde_json::Value;
-
 #[test]
 fn maru_bench_runs_the_benchmark_and_its_workers() {
-    let out = Command::new(env!("CARGO_BIN_EXE_maru"))
-        .args(["bench", "--smoke", "--only", "floor,cross", "--no-python"])
-        .args(["--let-cpus-idle", "--json", "-"])
-        .output()
-        .expect("run maru bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "maru bench failed: {}\n{stderr}",
-        out.status
-    );
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one JSON report ({e}); stderr:\n{stderr}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_maru"));
+    cmd.args(["bench", "--smoke", "--only", "floor,cross", "--no-python"])
+        .args(["--let-cpus-idle", "--json", "-"]);
+    let report = maru_testkit::json_output(cmd, "maru bench");
     assert!(report["floor"]["uds_rtt_us"].as_f64().unwrap_or(0.0) > 0.0);
     let rows = report["results"].as_array().expect("results");
     for t in ["tcp", "unix"] {

@@ -32,10 +32,7 @@ fn example_binary(name: &str) -> PathBuf {
 
 #[test]
 fn rust_quickstart_runs_against_maru_up() {
-    let dir = tempfile::Builder::new()
-        .prefix("maru-test-example-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let dir = maru_testkit::temp_dir();
     let up = Up::start(dir.path(), &[]);
     let out = Command::new(example_binary("rust-quickstart"))
         .arg(up.url("unix"))

@@ -15,21 +15,8 @@ use maru_proto::{Hello, RegisterEntry, Request, Response, Role, ServerUrl};
 use maru_transport::{local_identity, BlockingConn};
 
 fn client(url: &str, id: &str) -> BlockingConn {
-    let (host, pid, start_time) = local_identity();
-    let hello = Hello {
-        role: Role::Client,
-        instance_id: id,
-        host: &host,
-        pid,
-        start_time,
-        session_token: None,
-    };
-    BlockingConn::connect(
-        &ServerUrl::parse(url).unwrap(),
-        &hello,
-        Duration::from_secs(5),
-    )
-    .unwrap()
+    let url = ServerUrl::parse(url).unwrap();
+    maru_testkit::wire::connect_as(&url, Role::Client, id, None).unwrap()
 }
 
 fn tcp_port(url: &str) -> u16 {
@@ -38,10 +25,7 @@ fn tcp_port(url: &str) -> u16 {
 
 #[test]
 fn up_serves_stats_and_metrics_then_stops_cleanly() {
-    let dir = tempfile::Builder::new()
-        .prefix("maru-test-up-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let dir = maru_testkit::temp_dir();
     let metrics_port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -98,6 +82,11 @@ fn up_serves_stats_and_metrics_then_stops_cleanly() {
     assert_eq!(pools[0]["path"], pool.as_str());
     assert_eq!(pools[0]["kind"], "shm");
     assert_eq!(pools[0]["total_bytes"], 64u64 << 20);
+    assert_eq!(
+        pools[0]["reserved_bytes"],
+        2u64 << 20,
+        "the pool header's extent"
+    );
     assert_eq!(pools[0]["free_bytes"], (64u64 << 20) - region.handle.len);
     assert_eq!(pools[0]["regions"], 1);
     let clients = stats["clients"].as_array().unwrap();
@@ -149,6 +138,21 @@ fn up_serves_stats_and_metrics_then_stops_cleanly() {
             .map(|(_, v)| *v)
     };
     assert_eq!(get("maru_keys"), Some(3.0), "{body}");
+    // Both daemons' metrics share one page: each family appears once, as strict scrapers
+    // require.
+    let mut families: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let total = families.len();
+    families.sort_unstable();
+    families.dedup();
+    assert_eq!(
+        families.len(),
+        total,
+        "a metric family appears twice: {body}"
+    );
     assert_eq!(get("maru_pinned_keys"), Some(1.0));
     assert_eq!(get("maru_pool_bytes_total"), Some((64u64 << 20) as f64));
     assert!(
@@ -180,10 +184,7 @@ fn up_serves_stats_and_metrics_then_stops_cleanly() {
 
 #[test]
 fn up_keep_leaves_the_pool_file() {
-    let dir = tempfile::Builder::new()
-        .prefix("maru-test-up-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let dir = maru_testkit::temp_dir();
     let up = Up::start(dir.path(), &["--keep", "--no-unix"]);
     assert!(up.ready["unix"].is_null());
     let pool = up.url("pool");
@@ -206,4 +207,21 @@ fn stats_against_no_server_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no Maru server at tcp://127.0.0.1"), "{err}");
+}
+
+#[test]
+fn up_writes_a_private_cluster_secret_that_tcp_clients_can_prove() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = maru_testkit::temp_dir();
+    let up = Up::start(dir.path(), &[]);
+    let path = up.url("secret_file");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{path}");
+    let secret = maru_transport::auth::ClusterSecret::load(Path::new(&path)).unwrap();
+    let (host, pid, start_time) = local_identity();
+    let hello = Hello::sessionless(Role::Admin, &host, pid, start_time);
+    let url = ServerUrl::parse(&up.url("tcp")).unwrap();
+    // With the secret the handshake succeeds; on loopback, a client without one is served too.
+    BlockingConn::connect_with(&url, &hello, Duration::from_secs(5), Some(&secret)).unwrap();
+    BlockingConn::connect(&url, &hello, Duration::from_secs(5)).unwrap();
 }

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use maru_proto::{ServerUrl, MAX_STRING_LEN};
+use maru_proto::{ServerUrl, MAX_NAMESPACE_LEN, MAX_STRING_LEN};
 
 use crate::error::{Error, Result};
 
@@ -14,10 +14,12 @@ pub const MIB: u64 = 1024 * 1024;
 /// Default server address (the original Maru's).
 pub const DEFAULT_SERVER_URL: &str = "tcp://localhost:5555";
 
-/// How long a call waits for its reply while still holding the caller's context (the GIL in
-/// Python) before it hands the rest of the wait to the [`crate::WaitHook`]. A loopback round
-/// trip takes 10–20 µs, so most replies arrive inside this window and the caller never
-/// gives up the GIL (which would cost a 5 ms switch interval when another thread is busy).
+/// The least time a call waits for its reply while still holding the caller's context (the
+/// GIL in Python) before it hands the rest of the wait to the [`crate::WaitHook`]. The
+/// session widens the window to what the replies it measures need (their mean plus four
+/// deviations, up to [`crate::MAX_REPLY_GRACE`]), so that on a slow or loaded machine, too,
+/// ordinary replies arrive inside it and the caller never gives up the GIL (which costs a
+/// 5 ms switch interval when another thread is busy).
 pub const DEFAULT_REPLY_GRACE: Duration = Duration::from_micros(50);
 
 /// Handler configuration. `Default` gives the original Maru's defaults.
@@ -25,9 +27,14 @@ pub const DEFAULT_REPLY_GRACE: Duration = Duration::from_micros(50);
 pub struct MaruConfig {
     /// `tcp://host:port` or `unix:///path` of the metadata server.
     pub server_url: String,
-    /// Identity of this handler at the server; unique per live handler.
+    /// A label for this handler in the server's statistics and logs. Several handlers may
+    /// share one (tensor-parallel workers of one instance): what a handler owns, pins and
+    /// holds belongs to its session, never to its instance id.
     pub instance_id: String,
-    /// Bytes of the first owned region, requested at connect.
+    /// The tenant whose keys this handler sees and writes. "" (the default) is the shared
+    /// namespace; handlers of different namespaces never see each other's keys.
+    pub namespace: String,
+    /// Bytes of the first owned region, requested at the first `alloc` (never at connect).
     pub pool_size: u64,
     /// Size of one page (one KV chunk).
     pub chunk_size_bytes: u64,
@@ -62,13 +69,37 @@ pub struct MaruConfig {
     /// has processed it — call `flush()` before telling them about it. Failures surface from
     /// `flush()`. Off by default: a plain `store` returns once the key is visible to everyone.
     pub write_behind: bool,
+    /// What a handler does in a child made by `fork()` after it connected: refuse every call
+    /// with [`ErrorKind::Forked`](crate::ErrorKind::Forked) (`false`, the default), or leave
+    /// the parent's session alone and connect a session of its own on the child's first call
+    /// (`true`). Either way the child never writes to, shuts down or says goodbye on the
+    /// parent's connections (see `fork.rs`).
+    pub reconnect_after_fork: bool,
+    /// The cluster secret file (see `maru_transport::auth`): over TCP the handler proves it
+    /// holds it, and checks the server does, before anything else. `None`: the
+    /// `MARU_SECRET_FILE` environment variable, else no proof (servers that require one
+    /// refuse the connection with `Unauthenticated`). Unix sockets need none.
+    pub secret_file: Option<String>,
+    /// This host's path of the pool, when it names the pool's file or device differently
+    /// from the resource manager's host (hosts behind one CXL switch each see the device
+    /// under a path of their own): regions are mapped from it instead of the path the server
+    /// reports (for an FS_DAX pool, the pool's directory). `None`: the `MARU_POOL_PATH`
+    /// environment variable, else the server's path. Either way the file's pool header must
+    /// carry the UUID of the pool the region was granted from, or the mapping is refused with
+    /// [`ErrorKind::WrongPool`](crate::ErrorKind::WrongPool).
+    pub pool_path: Option<String>,
 }
+
+/// The environment variable that names this host's path of the pool when
+/// [`MaruConfig::pool_path`] does not.
+pub const POOL_PATH_ENV: &str = "MARU_POOL_PATH";
 
 impl Default for MaruConfig {
     fn default() -> Self {
         MaruConfig {
             server_url: DEFAULT_SERVER_URL.to_owned(),
             instance_id: random_uuid4(),
+            namespace: String::new(),
             pool_size: 100 * MIB,
             chunk_size_bytes: MIB,
             auto_connect: true,
@@ -81,6 +112,9 @@ impl Default for MaruConfig {
             reply_grace: DEFAULT_REPLY_GRACE,
             busy_poll: true,
             write_behind: false,
+            reconnect_after_fork: false,
+            secret_file: None,
+            pool_path: None,
         }
     }
 }
@@ -113,6 +147,12 @@ impl MaruConfig {
                 format!("longer than {MAX_STRING_LEN} bytes"),
             ));
         }
+        if self.namespace.len() > MAX_NAMESPACE_LEN {
+            return Err(invalid(
+                "namespace",
+                format!("longer than {MAX_NAMESPACE_LEN} bytes"),
+            ));
+        }
         if self.chunk_size_bytes == 0 {
             return Err(invalid("chunk_size_bytes", "must be positive"));
         }
@@ -135,6 +175,14 @@ impl MaruConfig {
         if self.max_inflight == 0 {
             return Err(invalid("max_inflight", "must be at least 1"));
         }
+        if let Some(p) = &self.pool_path {
+            if !p.starts_with('/') {
+                return Err(invalid(
+                    "pool_path",
+                    format!("{p:?} is not an absolute path"),
+                ));
+            }
+        }
         if let Some(expand) = self.expand_size {
             if !self.auto_expand {
                 return Err(invalid(
@@ -153,6 +201,30 @@ impl MaruConfig {
             }
         }
         Ok(url)
+    }
+
+    /// The cluster secret to prove over TCP: [`MaruConfig::secret_file`], else the file named
+    /// by `MARU_SECRET_FILE`, else none. A file readable by others, or not a secret, is an
+    /// `InvalidArgument` that says why.
+    pub fn cluster_secret(&self) -> Result<Option<maru_transport::auth::ClusterSecret>> {
+        let path = match &self.secret_file {
+            Some(p) => Some(std::path::PathBuf::from(p)),
+            None => std::env::var_os(maru_transport::auth::SECRET_ENV).map(Into::into),
+        };
+        path.map(|p| maru_transport::auth::ClusterSecret::load(&p))
+            .transpose()
+            .map_err(|e| invalid("secret_file", e))
+    }
+
+    /// This host's path of the pool: [`MaruConfig::pool_path`], else `MARU_POOL_PATH` (an
+    /// empty value counts as unset), else none (the server's path is used).
+    pub fn pool_path_here(&self) -> Option<std::path::PathBuf> {
+        match &self.pool_path {
+            Some(p) => Some(p.into()),
+            None => std::env::var_os(POOL_PATH_ENV)
+                .filter(|v| !v.is_empty())
+                .map(Into::into),
+        }
     }
 
     /// Bytes requested per expansion.
@@ -269,6 +341,13 @@ mod tests {
                 "instance_id",
                 MaruConfig {
                     instance_id: String::new(),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "pool_path",
+                MaruConfig {
+                    pool_path: Some("dev/dax0.0".into()),
                     ..ok.clone()
                 },
             ),

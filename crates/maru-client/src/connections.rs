@@ -5,7 +5,7 @@
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use maru_proto::{
@@ -16,7 +16,8 @@ use maru_transport::busy::{self, Backoff};
 use maru_transport::{FrameBuf, Stream, TransportError};
 
 use crate::error::{Error, Result};
-use crate::wait::{wait_readable, Wait, WaitHook, Waiting};
+use crate::view::ReleaseQueue;
+use crate::wait::{wait_readable, ReplyClock, Wait, WaitHook, Waiting};
 
 /// Whether a failed read is worth trying again: the socket's safety-net timeout passed or a
 /// signal came, and the connection is still fine.
@@ -36,11 +37,18 @@ pub(crate) struct PooledConn {
     next_id: u64,
     /// Whether this connection's waits may busy-poll (see [`wait_readable`]).
     spin: Backoff,
+    /// The session's queued view releases, sent in front of this connection's next request
+    /// (set once the connection has joined the session).
+    releases: Option<Arc<ReleaseQueue>>,
 }
 
 impl PooledConn {
-    fn open(url: &ServerUrl, timeout: Duration) -> Result<PooledConn> {
-        let stream = Stream::connect(url, timeout).map_err(|source| {
+    fn open(
+        url: &ServerUrl,
+        timeout: Duration,
+        secret: Option<&maru_transport::auth::ClusterSecret>,
+    ) -> Result<PooledConn> {
+        let stream = Stream::connect_with(url, timeout, secret).map_err(|source| {
             let e = TransportError::Connect {
                 url: url.to_string(),
                 source,
@@ -54,6 +62,10 @@ impl PooledConn {
         Ok(PooledConn::over(stream))
     }
 
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+
     fn over(stream: Stream) -> PooledConn {
         PooledConn {
             stream,
@@ -61,16 +73,24 @@ impl PooledConn {
             tx: Vec::with_capacity(256),
             next_id: 1,
             spin: Backoff::default(),
+            releases: None,
         }
     }
 
-    /// Sends `req` and waits for its reply. An error reply is an
+    /// Sends `req` and waits for its reply, for a grace that [`Wait::clock`] sets from the
+    /// replies to requests of its size, which this one's joins. An error reply is an
     /// [`ErrorKind::Remote`](crate::ErrorKind::Remote).
     pub fn call(&mut self, req: &Request, w: &Wait) -> Result<Response> {
         let _waiting = Waiting::enter();
         let deadline = Instant::now() + w.timeout;
         let id = self.send(req, w)?;
-        self.recv(id, req.name(), deadline, w)
+        let sent = Sent {
+            at: Instant::now(),
+            frame_len: self.tx.len(),
+        };
+        self.next_reply(id, deadline, w, Some(sent))
+            .map_err(|e| Error::transport(req.name(), e, w.timeout))?
+            .map_err(|e| Error::remote(req.name(), e))
     }
 
     /// Sends `req` without waiting for its reply; returns its request id for
@@ -81,6 +101,16 @@ impl PooledConn {
         let id = self.next_id;
         self.next_id += 1;
         self.tx.clear();
+        // Releases of views dropped since the session's last request leave in the same write,
+        // as frames that ask for no reply.
+        let released = self.releases.as_ref().map(|q| q.take()).unwrap_or_default();
+        for chunk in released.chunks(maru_proto::MAX_BATCH) {
+            let release = Request::ReleaseHolds {
+                pages: chunk.to_vec(),
+            };
+            // Infallible: a batch of pages fits a frame.
+            let _ = encode_request(&mut self.tx, 0, &release);
+        }
         encode_request(&mut self.tx, id, req)
             .map_err(|e| Error::transport(op, e.into(), w.timeout))?;
         self.stream
@@ -105,20 +135,31 @@ impl PooledConn {
         deadline: Instant,
         w: &Wait,
     ) -> Result<Response> {
-        self.next_reply(id, deadline, w)
+        self.next_reply(id, deadline, w, None)
             .map_err(|e| Error::transport(op, e, w.timeout))?
             .map_err(|e| Error::remote(op, e))
     }
 
-    /// The reply to `id`: a response, a typed refusal, or why neither came.
+    /// The reply to `id`: a response, a typed refusal, or why neither came. With `sent`, the
+    /// grace is the clock's for the request and the wait for the reply's first bytes is
+    /// booked on it; without, the grace is the least one.
     fn next_reply(
         &mut self,
         id: u64,
         deadline: Instant,
         w: &Wait,
+        mut sent: Option<Sent>,
     ) -> Result<Result<Response, maru_proto::WireError>, TransportError> {
+        let grace = sent.map_or(w.grace, |s| w.clock.grace(s.frame_len, w.grace));
         loop {
             if let Some((header, payload)) = self.rx.take_frame()? {
+                // Request id 0 carries a refusal of the connection itself (a bad header, a
+                // missing cluster secret): the daemon closes it after this frame.
+                if header.request_id == 0 {
+                    if let Ok(Response::Error(e)) = decode_response(&header, payload) {
+                        return Ok(Err(e));
+                    }
+                }
                 if header.request_id < id {
                     continue;
                 }
@@ -133,7 +174,11 @@ impl PooledConn {
                     other => Ok(other),
                 });
             }
-            wait_readable(self.stream.as_raw_fd(), deadline, w, &mut self.spin)?;
+            let readable =
+                wait_readable(self.stream.as_raw_fd(), deadline, grace, w, &mut self.spin)?;
+            if let Some(s) = sent.take() {
+                w.clock.record(s.frame_len, readable - s.at);
+            }
             match self.rx.read_some(&mut self.stream) {
                 Ok(0) => return Err(TransportError::Closed),
                 Ok(_) => {}
@@ -144,13 +189,45 @@ impl PooledConn {
     }
 }
 
+/// A request on its way: when it went out and how large it was (its reply time's class).
+#[derive(Clone, Copy)]
+struct Sent {
+    at: Instant,
+    frame_len: usize,
+}
+
 /// Who this client is, for every handshake.
 #[derive(Debug, Clone)]
 pub(crate) struct Identity {
     pub instance_id: String,
+    /// The tenant whose keys the session sees ("" is the shared default).
+    pub namespace: String,
     pub host: String,
     pub pid: u32,
     pub start_time: u64,
+    /// Proven to TCP servers before the Hello.
+    pub secret: Option<maru_transport::auth::ClusterSecret>,
+}
+
+impl Identity {
+    /// This identity as the current process presents it: a forked child is another process
+    /// (its own pid and start time), and its session another session, labelled
+    /// `<instance id>/fork-<pid>` so that neither the server nor a person takes it for the
+    /// parent's.
+    pub fn here(&self) -> Identity {
+        if self.pid == std::process::id() {
+            return self.clone();
+        }
+        let (host, pid, start_time) = maru_transport::local_identity();
+        Identity {
+            instance_id: format!("{}/fork-{pid}", self.instance_id),
+            namespace: self.namespace.clone(),
+            host,
+            pid,
+            start_time,
+            secret: self.secret.clone(),
+        }
+    }
 }
 
 /// How the pool's calls wait.
@@ -167,13 +244,18 @@ pub(crate) struct Timing {
 /// The connection pool of one instance session. Connections are taken for one call and put
 /// back, so concurrent callers each get their own and no lock is held across a round trip.
 pub(crate) struct ConnectionPool {
+    /// Releases of dropped views, carried by the session's next request on any connection.
+    pub releases: Arc<ReleaseQueue>,
     url: ServerUrl,
     identity: Identity,
     session: [u8; SESSION_TOKEN_LEN],
+    /// The server's key index, as its hello described it.
+    pub index: Option<maru_proto::IndexInfo>,
     idle: Mutex<Vec<PooledConn>>,
     max_idle: usize,
     closed: AtomicBool,
     timing: Timing,
+    clock: ReplyClock,
 }
 
 fn handshake(
@@ -182,7 +264,7 @@ fn handshake(
     session: Option<[u8; SESSION_TOKEN_LEN]>,
     w: &Wait,
 ) -> Result<(PooledConn, HelloOk)> {
-    let mut conn = PooledConn::open(url, w.timeout)?;
+    let mut conn = PooledConn::open(url, w.timeout, identity.secret.as_ref())?;
     let hello = Request::Hello(Hello {
         role: Role::Client,
         instance_id: &identity.instance_id,
@@ -190,6 +272,7 @@ fn handshake(
         pid: identity.pid,
         start_time: identity.start_time,
         session_token: session,
+        namespace: &identity.namespace,
     });
     match conn.call(&hello, w)? {
         Response::HelloOk(ok) => Ok((conn, ok)),
@@ -222,16 +305,22 @@ impl ConnectionPool {
         timing: Timing,
         hook: &dyn WaitHook,
     ) -> Result<ConnectionPool> {
-        let w = timing.wait(hook);
-        let (conn, server) = handshake(&url, &identity, None, &w)?;
+        let clock = ReplyClock::new();
+        let w = timing.wait(hook, &clock);
+        let (mut conn, server) = handshake(&url, &identity, None, &w)?;
+        let releases = Arc::new(ReleaseQueue::default());
+        conn.releases = Some(releases.clone());
         Ok(ConnectionPool {
+            releases,
             url,
             identity,
             session: server.session_token,
+            index: server.index,
             idle: Mutex::new(vec![conn]),
             max_idle,
             closed: AtomicBool::new(false),
             timing,
+            clock,
         })
     }
 
@@ -247,7 +336,8 @@ impl ConnectionPool {
     }
 
     fn open(&self, w: &Wait) -> Result<PooledConn> {
-        let (conn, _) = handshake(&self.url, &self.identity, Some(self.session), w)?;
+        let (mut conn, _) = handshake(&self.url, &self.identity, Some(self.session), w)?;
+        conn.releases = Some(self.releases.clone());
         Ok(conn)
     }
 
@@ -258,8 +348,8 @@ impl ConnectionPool {
     }
 
     /// The timing of a call through `hook`.
-    pub fn wait<'a>(&self, hook: &'a dyn WaitHook) -> Wait<'a> {
-        self.timing.wait(hook)
+    pub fn wait<'a>(&'a self, hook: &'a dyn WaitHook) -> Wait<'a> {
+        self.timing.wait(hook, &self.clock)
     }
 
     /// A fresh connection joined to the session, handed over whole (the session's watcher
@@ -302,6 +392,15 @@ impl ConnectionPool {
 
     /// Drops every idle connection (the server sees them close); connections still in use
     /// are dropped when their call ends.
+    /// The descriptors of the idle connections (none if another thread held the pool's lock
+    /// when the process forked: that lock is never released in the child).
+    pub fn raw_fds(&self) -> Vec<std::os::fd::RawFd> {
+        match self.idle.try_lock() {
+            Ok(idle) => idle.iter().map(|c| c.raw_fd()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     pub fn close_all(&self) {
         self.closed.store(true, Ordering::Release);
         let conns = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
@@ -312,10 +411,11 @@ impl ConnectionPool {
 }
 
 impl Timing {
-    fn wait<'a>(&self, hook: &'a dyn WaitHook) -> Wait<'a> {
+    fn wait<'a>(&self, hook: &'a dyn WaitHook, clock: &'a ReplyClock) -> Wait<'a> {
         Wait {
             hook,
             grace: self.grace,
+            clock,
             busy_poll: self.busy_poll,
             timeout: self.timeout,
         }
@@ -336,9 +436,11 @@ mod tests {
     }
 
     fn quick() -> Wait<'static> {
+        static CLOCK: ReplyClock = ReplyClock::new();
         Wait {
             hook: &NoHook,
             grace: Duration::from_micros(50),
+            clock: &CLOCK,
             busy_poll: false,
             timeout: Duration::from_secs(5),
         }

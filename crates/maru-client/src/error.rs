@@ -19,6 +19,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum ErrorKind {
     /// The handler is not connected, or closed.
     State,
+    /// The handler's session belongs to the process this one was forked from (see
+    /// [`MaruConfig::reconnect_after_fork`](crate::MaruConfig::reconnect_after_fork)).
+    Forked,
     /// The caller passed something unusable (size above the chunk size, bad key, unknown page).
     InvalidArgument,
     /// No page is free and the handler may not (or could not) get another region.
@@ -34,6 +37,10 @@ pub enum ErrorKind {
     Protocol,
     /// A region could not be mapped.
     Map,
+    /// The file or device a region would be mapped from is not the pool the grant names: its
+    /// header carries another pool's UUID, or none (this host's `pool_path` names the wrong
+    /// device). Nothing was mapped.
+    WrongPool,
 }
 
 /// A failed operation of the client. `Display` is the whole message (with the words of the
@@ -158,6 +165,14 @@ impl Error {
             .unwrap_or_default();
         let message = format!("MaruHandler is not connected; call connect() first{last}");
         Error::new(ErrorKind::State, "", message)
+    }
+
+    pub(crate) fn forked() -> Error {
+        let message = "this MaruHandler was connected in the parent of this forked process; \
+                       its session stays the parent's (create a new handler here, or set \
+                       MaruConfig.reconnect_after_fork to have it reconnect by itself)"
+            .to_owned();
+        Error::new(ErrorKind::Forked, "", message)
     }
 
     pub(crate) fn closed() -> Error {

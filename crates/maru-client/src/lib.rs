@@ -49,13 +49,16 @@ mod alloc;
 mod config;
 mod connections;
 mod error;
+mod fork;
 mod handler;
 mod view;
 mod wait;
 mod watch;
 
 pub use alloc::PageAllocator;
-pub use config::{random_uuid4, MaruConfig, DEFAULT_REPLY_GRACE, DEFAULT_SERVER_URL, MIB};
+pub use config::{
+    random_uuid4, MaruConfig, DEFAULT_REPLY_GRACE, DEFAULT_SERVER_URL, MIB, POOL_PATH_ENV,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use handler::{
     HandlerStats, Hooked, MaruHandler, OwnedRegionStats, RegionCallback, StoreItem, StoreOutcome,
@@ -63,4 +66,4 @@ pub use handler::{
 pub use maru_proto::stats::ServerStats;
 pub use maru_proto::{DeleteStatus, ErrorCode, Handle};
 pub use view::{AllocHandle, PageId, View};
-pub use wait::{NoHook, WaitHook};
+pub use wait::{NoHook, WaitHook, MAX_REPLY_GRACE};

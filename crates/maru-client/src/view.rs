@@ -1,12 +1,19 @@
 //! What the handler hands out: [`View`]s over mapped pages and [`AllocHandle`]s for pages to
 //! be written. Both hold an `Arc<Mapping>`, so the memory they describe stays mapped for as
 //! long as they live, even after the handler is closed.
+//!
+//! A view from `retrieve` also holds its page at the server (docs/ARCHITECTURE.md §8): the
+//! page's bytes are not reused while the view or any clone of it lives. The last clone's drop
+//! queues the release in the session's [`ReleaseQueue`], which the next request of the
+//! session carries (or the watcher within 50 ms).
 
 use std::sync::Arc;
 
+use maru_proto::PageRef;
 use maru_shm::Mapping;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::watch::Inbox;
 
 /// A page of an owned region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -15,8 +22,41 @@ pub struct PageId {
     pub page_index: u64,
 }
 
+/// Page holds whose views are gone, waiting to be told to the server (taking from it costs
+/// one load on every request when there is nothing).
+#[derive(Debug, Default)]
+pub(crate) struct ReleaseQueue {
+    pages: Inbox<PageRef>,
+}
+
+impl ReleaseQueue {
+    fn push(&self, page: PageRef) {
+        self.pages.add([page]);
+    }
+
+    /// Every release queued so far (empty without taking the lock when there is none).
+    pub fn take(&self) -> Vec<PageRef> {
+        self.pages.take()
+    }
+}
+
+/// A view's hold on its page at the server; dropping it (with the view's last clone) queues
+/// the release.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    pub page: PageRef,
+    pub queue: Arc<ReleaseQueue>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.queue.push(self.page);
+    }
+}
+
 /// A byte range of a mapped region: where a key's value is (retrieve), or a page being
-/// written (alloc). Cloning is cheap (one `Arc`).
+/// written (alloc). Cloning is cheap (`Arc`s); a retrieved view's page is held at the server
+/// until its last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct View {
     pub(crate) mapping: Arc<Mapping>,
@@ -25,9 +65,22 @@ pub struct View {
     pub(crate) writable: bool,
     pub(crate) region_id: u64,
     pub(crate) page_index: u64,
+    /// The registration's generation (0 for pages from alloc and raw buffers).
+    pub(crate) generation: u64,
+    pub(crate) hold: Option<Arc<Hold>>,
 }
 
 impl View {
+    /// The generation of the registration this view was retrieved for (0 when the view did
+    /// not come from a lookup): see [`crate::MaruHandler::page_current`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// Whether the view holds its page at the server (views from `retrieve` do).
+    pub fn holds_page(&self) -> bool {
+        self.hold.is_some()
+    }
+
     /// The mapping the view points into; holding it keeps the memory mapped.
     pub fn mapping(&self) -> &Arc<Mapping> {
         &self.mapping
@@ -55,8 +108,9 @@ impl View {
         self.page_index
     }
     /// Address of the first byte. Valid while this view (or any clone of its mapping) lives.
-    /// Other processes may write the memory at any time; read it with care (copy it out, or
-    /// rely on the write-then-register protocol: a registered page is not written again).
+    /// A view from `retrieve` holds its page: the bytes stay those of the value it was
+    /// retrieved for while the view lives. Kept past the view, the address may show a page
+    /// reused for another value (check [`View::generation`] with `page_current`).
     pub fn as_ptr(&self) -> *const u8 {
         self.mapping.as_ptr().wrapping_add(self.offset)
     }

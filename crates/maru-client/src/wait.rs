@@ -1,10 +1,11 @@
 //! Waiting for a reply in two parts: a short bounded wait in the caller's context (polling
 //! the socket without sleeping, or in `ppoll`), then the rest through a [`WaitHook`], which
-//! the Python binding uses to release the GIL.
+//! the Python binding uses to release the GIL. How long the first part lasts (the *grace*)
+//! follows the reply times this session measures ([`ReplyClock`]).
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use maru_transport::busy::{self, poll_readable, Backoff, Spun};
@@ -28,12 +29,97 @@ impl WaitHook for NoHook {
     }
 }
 
+/// The longest grace a measured reply time can ask for. Handing a wait to the hook costs a
+/// Python caller up to the interpreter's switch interval (5 ms) when another thread is busy,
+/// while holding on keeps that thread out for the grace: a fifth of the switch interval
+/// bounds what the other threads lose to a call whose server is slow.
+pub const MAX_REPLY_GRACE: Duration = Duration::from_millis(1);
+
+/// Reply times of one session's calls, smoothed per size class of the request frame (a
+/// 256-key batch takes longer than a single lookup): a mean and a mean deviation, as TCP
+/// estimates its round trip (RFC 6298). The grace of a call is the mean plus four
+/// deviations, so it covers nearly every reply the machine delivers at its present speed —
+/// a fast idle machine and a slow loaded one each get the window they need, where a
+/// constant fits one of them. Updates race benignly (a lost sample changes nothing much).
+pub(crate) struct ReplyClock {
+    classes: [Smoothed; ReplyClock::CLASSES],
+}
+
+/// One size class; zero means no sample yet.
+struct Smoothed {
+    mean_ns: AtomicU64,
+    dev_ns: AtomicU64,
+}
+
+impl ReplyClock {
+    /// Frames below 128 bytes, then one class per doubling up to 128 KiB and more.
+    const CLASSES: usize = 12;
+    /// A sample counts for at most this much (one stall must not pin the grace at its cap
+    /// for long: the deviation then decays by a quarter per call).
+    const SAMPLE_CAP_NS: u64 = 2 * MAX_REPLY_GRACE.as_nanos() as u64;
+
+    pub const fn new() -> ReplyClock {
+        ReplyClock {
+            classes: [const {
+                Smoothed {
+                    mean_ns: AtomicU64::new(0),
+                    dev_ns: AtomicU64::new(0),
+                }
+            }; ReplyClock::CLASSES],
+        }
+    }
+
+    fn class(&self, frame_len: usize) -> &Smoothed {
+        let doublings = (usize::BITS - (frame_len >> 7).leading_zeros()) as usize;
+        &self.classes[doublings.min(Self::CLASSES - 1)]
+    }
+
+    /// The grace for a request of `frame_len` bytes: the mean reply time plus four
+    /// deviations, at least `floor`, at most [`MAX_REPLY_GRACE`] (or `floor` if larger).
+    pub fn grace(&self, frame_len: usize, floor: Duration) -> Duration {
+        let c = self.class(frame_len);
+        let mean = c.mean_ns.load(Ordering::Relaxed);
+        if mean == 0 {
+            return floor;
+        }
+        let want = mean.saturating_add(4 * c.dev_ns.load(Ordering::Relaxed));
+        Duration::from_nanos(want).clamp(floor, MAX_REPLY_GRACE.max(floor))
+    }
+
+    /// Books that a request of `frame_len` bytes had its reply after `took`.
+    pub fn record(&self, frame_len: usize, took: Duration) {
+        let c = self.class(frame_len);
+        let sample = (took.as_nanos() as u64).clamp(1, Self::SAMPLE_CAP_NS);
+        let mean = c.mean_ns.load(Ordering::Relaxed);
+        if mean == 0 {
+            c.mean_ns.store(sample, Ordering::Relaxed);
+            c.dev_ns.store(sample / 2, Ordering::Relaxed);
+            return;
+        }
+        let dev = c.dev_ns.load(Ordering::Relaxed) as i64;
+        let err = sample as i64 - mean as i64;
+        let dev = dev + (err.abs() - dev) / 4;
+        let mean = (mean as i64 + err / 8).max(1);
+        c.dev_ns.store(dev.max(0) as u64, Ordering::Relaxed);
+        c.mean_ns.store(mean as u64, Ordering::Relaxed);
+    }
+}
+
+impl Default for ReplyClock {
+    fn default() -> ReplyClock {
+        ReplyClock::new()
+    }
+}
+
 /// Timing of one call.
 #[derive(Clone, Copy)]
 pub(crate) struct Wait<'a> {
     pub hook: &'a dyn WaitHook,
-    /// How long to wait in the caller's context before handing over to the hook.
+    /// The least grace: how long to wait in the caller's context before handing over to the
+    /// hook while [`Wait::clock`] knows no better.
     pub grace: Duration,
+    /// Reply times measured so far, which set the grace of each call.
+    pub clock: &'a ReplyClock,
     /// Spend the grace polling without sleeping (see [`crate::MaruConfig::busy_poll`]).
     pub busy_poll: bool,
     pub timeout: Duration,
@@ -78,37 +164,47 @@ fn poll_until(fd: RawFd, deadline: Instant) -> io::Result<bool> {
     }
 }
 
-/// Waits for `fd` to become readable before `deadline`: first for the grace in place, then
-/// through the hook. The grace is spent polling without sleeping (`maru_transport::busy`)
+/// Waits for `fd` to become readable before `deadline`: first for `grace` in place, then
+/// through the hook; returns when it saw the socket readable (before the hook's caller got
+/// its context back). The grace is spent polling without sleeping (`maru_transport::busy`)
 /// when `w.busy_poll`, the connection's back-off and [`Waiting::alone`] allow — no timer is
 /// armed and the thread never leaves the CPU, so a reply inside the grace is seen at once,
 /// where a sleeping wait costs a wake-up of 6–15 µs per call — else in `ppoll`.
 pub(crate) fn wait_readable(
     fd: RawFd,
     deadline: Instant,
+    grace: Duration,
     w: &Wait,
     spin: &mut Backoff,
-) -> Result<(), TransportError> {
+) -> Result<Instant, TransportError> {
     let now = Instant::now();
     if now >= deadline {
         return Err(TransportError::Timeout);
     }
-    let grace = w.grace.min(deadline - now);
+    let grace = grace.min(deadline - now);
     let ready = if w.busy_poll && Waiting::alone() && spin.try_spin() {
         let spun = busy::spin_readable(fd, grace, || false)?;
         spin.record(spun);
-        spun == Spun::Came
+        match spun {
+            Spun::Came => true,
+            // Preempted: the rest of the grace is spent asleep, still in the caller's context.
+            Spun::Crowded => {
+                poll_readable(fd, (now + grace).saturating_duration_since(Instant::now()))?
+            }
+            Spun::Missed | Spun::GaveWay => false,
+        }
     } else {
         poll_readable(fd, grace)?
     };
     if ready {
-        return Ok(());
+        return Ok(Instant::now());
     }
-    let mut outcome = Ok(false);
-    w.hook.block(&mut || outcome = poll_until(fd, deadline));
+    let mut outcome = Ok(None);
+    w.hook
+        .block(&mut || outcome = poll_until(fd, deadline).map(|r| r.then(Instant::now)));
     match outcome {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(TransportError::Timeout),
+        Ok(Some(at)) => Ok(at),
+        Ok(None) => Err(TransportError::Timeout),
         Err(e) => Err(TransportError::Io(e)),
     }
 }
@@ -128,13 +224,20 @@ mod tests {
         }
     }
 
+    static CLOCK: ReplyClock = ReplyClock::new();
+
     fn wait(hook: &dyn WaitHook, grace: Duration, busy_poll: bool, timeout: Duration) -> Wait<'_> {
         Wait {
             hook,
             grace,
+            clock: &CLOCK,
             busy_poll,
             timeout,
         }
+    }
+
+    fn wait_for(fd: RawFd, w: &Wait, spin: &mut Backoff) -> Result<Instant, TransportError> {
+        wait_readable(fd, Instant::now() + w.timeout, w.grace, w, spin)
     }
 
     #[test]
@@ -158,7 +261,7 @@ mod tests {
             );
             let started = Instant::now();
             let mut spin = Backoff::default();
-            let r = wait_readable(a.as_raw_fd(), started + w.timeout, &w, &mut spin);
+            let r = wait_readable(a.as_raw_fd(), started + w.timeout, w.grace, &w, &mut spin);
             assert!(matches!(r, Err(TransportError::Timeout)), "{r:?}");
             assert!(started.elapsed() >= Duration::from_millis(30));
             assert_eq!(hook.0.load(Ordering::SeqCst), 1);
@@ -179,7 +282,7 @@ mod tests {
                 Duration::from_secs(1),
             );
             let mut spin = Backoff::default();
-            wait_readable(a.as_raw_fd(), Instant::now() + w.timeout, &w, &mut spin).unwrap();
+            wait_for(a.as_raw_fd(), &w, &mut spin).unwrap();
         }
     }
 
@@ -200,8 +303,49 @@ mod tests {
             b
         });
         let mut spin = Backoff::default();
-        wait_readable(a.as_raw_fd(), Instant::now() + w.timeout, &w, &mut spin).unwrap();
+        let t = Instant::now();
+        let seen = wait_for(a.as_raw_fd(), &w, &mut spin).unwrap();
+        assert!(seen - t >= Duration::from_millis(2), "seen when it came");
         writer.join().unwrap();
-        assert_eq!(spin.skipping(), 0);
+        // A spin that came to its end booked no miss (a preempted one backs off, by design).
+        assert!(spin.skipping() <= Backoff::MIN);
+    }
+
+    #[test]
+    fn the_grace_follows_measured_reply_times_within_its_bounds() {
+        let clock = ReplyClock::new();
+        let floor = Duration::from_micros(50);
+        assert_eq!(clock.grace(64, floor), floor, "no sample: the floor");
+        for _ in 0..64 {
+            clock.record(64, Duration::from_micros(200));
+        }
+        let g = clock.grace(64, floor);
+        assert!(
+            g >= Duration::from_micros(190) && g <= Duration::from_micros(260),
+            "{g:?}"
+        );
+        // Other size classes have their own estimate.
+        assert_eq!(clock.grace(16 * 1024, floor), floor);
+        // Jittery replies widen the window; it never passes the cap.
+        for i in 0..64 {
+            clock.record(
+                64,
+                Duration::from_micros(if i % 2 == 0 { 100 } else { 700 }),
+            );
+        }
+        let g = clock.grace(64, floor);
+        assert!(g > Duration::from_micros(700), "{g:?}");
+        for _ in 0..8 {
+            clock.record(64, Duration::from_secs(1));
+        }
+        assert_eq!(clock.grace(64, floor), MAX_REPLY_GRACE);
+        // Fast replies bring it down to the floor again, quickly.
+        for _ in 0..64 {
+            clock.record(64, Duration::from_micros(5));
+        }
+        assert_eq!(clock.grace(64, floor), floor);
+        // A floor above the cap wins (a configured grace is never cut).
+        let big = Duration::from_millis(3);
+        assert_eq!(clock.grace(64, big), big);
     }
 }

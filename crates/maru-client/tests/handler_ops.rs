@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use maru_client::{DeleteStatus, ErrorKind, MaruConfig, MaruHandler, StoreItem, StoreOutcome, MIB};
 
@@ -46,10 +48,15 @@ fn store_retrieve_exists_delete_round_trip() {
     assert!(!h.exists(b"nope").unwrap());
     assert!(h.retrieve(b"nope").unwrap().is_none());
 
-    // Delete frees our page.
+    // Delete takes the key away at once; the page comes back once no view holds it.
     assert_eq!(h.delete(b"k1").unwrap(), DeleteStatus::Deleted);
-    assert_eq!(h.owned_regions()[0].allocated_pages, before - 1);
     assert!(!h.exists(b"k1").unwrap());
+    assert_eq!(v.to_vec(), b"hello world", "a held page is not reused");
+    assert_eq!(h.owned_regions()[0].allocated_pages, before);
+    drop(v);
+    wait_until("the page to come back", Duration::from_secs(5), || {
+        h.owned_regions()[0].allocated_pages == before - 1
+    });
     assert_eq!(h.delete(b"k1").unwrap(), DeleteStatus::NotFound);
 
     // Pins.
@@ -62,6 +69,9 @@ fn store_retrieve_exists_delete_round_trip() {
     assert_eq!(h.delete(b"k2").unwrap(), DeleteStatus::Deleted);
 
     assert!(h.healthcheck());
+    wait_until("every page to come back", Duration::from_secs(5), || {
+        h.owned_regions()[0].allocated_pages == 0
+    });
     let stats = h.stats().unwrap();
     assert_eq!(stats.regions.len(), 1);
     assert_eq!(stats.regions[0].allocated_pages, 0);

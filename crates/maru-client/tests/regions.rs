@@ -20,10 +20,15 @@ fn exhaustion_and_auto_expand() {
         auto_expand: false,
         ..c.config()
     });
+    assert!(
+        fixed.owned_regions().is_empty(),
+        "connect takes no region; the first alloc does"
+    );
+    let mut pages = vec![fixed.alloc(chunk).unwrap()];
     // The resource manager rounds regions up to its alignment: use the real page count.
     let count = fixed.owned_regions()[0].page_count;
     assert!(count >= 4);
-    let pages: Vec<_> = (0..count).map(|_| fixed.alloc(chunk).unwrap()).collect();
+    pages.extend((1..count).map(|_| fixed.alloc(chunk).unwrap()));
     let e = fixed.alloc(1).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
     fixed.free(pages[2].page()).unwrap();
@@ -44,9 +49,14 @@ fn exhaustion_and_auto_expand() {
     growing.set_on_region_added(Some(Arc::new(move |id, pages| {
         s2.lock().unwrap().push((id, pages))
     })));
-    assert_eq!(seen.lock().unwrap().len(), 1, "existing region replayed");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "no region before the first alloc"
+    );
+    let mut handles = vec![growing.alloc(chunk).unwrap()];
+    assert_eq!(seen.lock().unwrap().len(), 1, "the first region reported");
     let first = growing.owned_regions()[0].page_count;
-    let handles: Vec<_> = (0..=first).map(|_| growing.alloc(chunk).unwrap()).collect();
+    handles.extend((1..=first).map(|_| growing.alloc(chunk).unwrap()));
     let regions = growing.owned_regions();
     assert_eq!(regions.len(), 2);
     assert!(regions[1].page_count >= 3);
@@ -80,8 +90,7 @@ fn other_instances_read_only_and_deferred_freeing() {
         eager_map: false,
         ..c.config()
     });
-    let regions_before = c.rm_allocations();
-    assert_eq!(regions_before, 2);
+    assert_eq!(c.rm_allocations(), 0, "connecting takes no region");
     for i in 0..8u8 {
         a.store_bytes(format!("key-{i}").as_bytes(), &[], &[i; 1000])
             .unwrap();
@@ -105,7 +114,7 @@ fn other_instances_read_only_and_deferred_freeing() {
     );
     assert_eq!(
         c.rm_allocations(),
-        2,
+        1,
         "A's region lives while keys reference it"
     );
     let keys: Vec<Vec<u8>> = (0..8).map(|i| format!("key-{i}").into_bytes()).collect();
@@ -115,10 +124,13 @@ fn other_instances_read_only_and_deferred_freeing() {
         .unwrap()
         .iter()
         .all(|s| *s == DeleteStatus::Deleted));
-    wait_until("A's region to be freed", Duration::from_secs(10), || {
-        c.rm_allocations() == 1
-    });
+    // B's views still hold their pages: the region stays until they are gone.
+    assert_eq!(c.rm_allocations(), 1, "held pages keep their region");
+    assert_eq!(views[0].to_vec(), vec![0; 1000]);
     drop(views);
+    wait_until("A's region to be freed", Duration::from_secs(10), || {
+        c.rm_allocations() == 0
+    });
 }
 
 #[test]
@@ -182,4 +194,47 @@ fn concurrent_readers_use_their_own_connections() {
         .unwrap();
     // One of them is the session's watcher.
     assert!(me.connections > 2, "readers ran on several connections");
+}
+
+#[test]
+fn a_reader_connects_reads_pins_and_deletes_on_a_full_pool() {
+    let c = InProcessCluster::with(
+        |dir, rm| rm.pools = vec![maru_testkit::shm_pool(dir, "p0", 4 * MIB)],
+        |_, _| {},
+    );
+    let writer = c.handler(MaruConfig {
+        pool_size: 4 * MIB,
+        auto_expand: false,
+        ..c.config()
+    });
+    writer.store_bytes(b"a", b"", b"first").unwrap();
+    writer.store_bytes(b"b", b"", b"second").unwrap();
+    assert_eq!(c.rm_allocations(), 1);
+    // The writer's region is the whole pool; a reader needs none to connect.
+    let reader = c.handler(c.config());
+    assert!(reader.is_connected());
+    assert_eq!(reader.retrieve(b"a").unwrap().unwrap().to_vec(), b"first");
+    assert!(reader.pin(b"a").unwrap());
+    assert_eq!(reader.delete(b"a").unwrap(), DeleteStatus::Pinned);
+    assert_eq!(reader.delete(b"b").unwrap(), DeleteStatus::Deleted);
+    assert!(reader.unpin(b"a").unwrap());
+    // Pinned again, "a" keeps the writer's region: no region can be taken back.
+    assert!(reader.pin(b"a").unwrap());
+    let e = reader.alloc(1).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
+    assert!(e.to_string().contains("pool exhausted"), "{e}");
+    assert!(e.to_string().contains("pinned keys"), "{e}");
+    assert!(
+        reader.is_connected(),
+        "a refused alloc leaves the handler usable"
+    );
+    assert!(reader.exists(b"a").unwrap());
+    // Unpinned, the writer's region is taken back (the writer is idle: its watcher gives it
+    // back): its key goes, and the reader gets a page.
+    assert!(reader.unpin(b"a").unwrap());
+    let page = reader.alloc(1).unwrap();
+    assert!(!reader.exists(b"a").unwrap());
+    assert!(writer.owned_regions().is_empty());
+    assert_eq!(c.rm_allocations(), 1);
+    reader.free(page.page()).unwrap();
 }

@@ -16,6 +16,7 @@
 //! which does nothing in a normal run and becomes the child's main loop when the
 //! [`CHILD_ENV`] variable is set.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
@@ -43,7 +44,48 @@ pub struct ChildProc {
 impl ChildProc {
     /// Starts this test binary as a child running the `child_role` test.
     pub fn spawn(name: &str) -> ChildProc {
-        let mut cmd = maru_testkit::rerun_test("child_role");
+        Self::spawn_with(name, maru_testkit::rerun_test("child_role"))
+    }
+
+    /// Starts it through a launcher: `launcher` (e.g. `ip netns exec NS`, which execs what
+    /// follows) with the `child_role` test binary and its arguments appended.
+    pub fn spawn_via(name: &str, mut launcher: std::process::Command) -> ChildProc {
+        let test = maru_testkit::rerun_test("child_role");
+        launcher.arg(test.get_program()).args(test.get_args());
+        Self::spawn_with(name, launcher)
+    }
+
+    /// Starts a child (as [`ChildProc::spawn`]) whose handler is connected to `url`.
+    pub fn spawn_connected(
+        name: &str,
+        url: &str,
+        pool_size: u64,
+        chunk: u64,
+        timeout_ms: u64,
+        timeout: Duration,
+    ) -> ChildProc {
+        let mut p = Self::spawn(name);
+        p.connect(url, pool_size, chunk, timeout_ms, timeout);
+        p
+    }
+
+    /// Connects the child's handler to `url` with that pool size, chunk size and
+    /// `timeout_ms`; panics when the child answers with an error.
+    pub fn connect(
+        &mut self,
+        url: &str,
+        pool_size: u64,
+        chunk: u64,
+        timeout_ms: u64,
+        timeout: Duration,
+    ) {
+        self.ok(
+            &format!("connect {url} {pool_size} {chunk} {timeout_ms}"),
+            timeout,
+        );
+    }
+
+    fn spawn_with(name: &str, mut cmd: std::process::Command) -> ChildProc {
         maru_testkit::process::die_with_parent(&mut cmd);
         let mut child = cmd
             .env(CHILD_ENV, name)
@@ -165,6 +207,48 @@ pub fn num(answer: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no numeric field {name} in {answer:?}"))
 }
 
+/// The comma-separated `ids` field of an answer (region ids), empty when absent.
+pub fn ids(answer: &str) -> BTreeSet<u64> {
+    field(answer, "ids")
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
+/// How many values a check found intact, zeroed and corrupt.
+#[derive(Default)]
+struct Tally {
+    intact: u64,
+    zeros: u64,
+    corrupt: u64,
+}
+
+impl Tally {
+    fn add(&mut self, c: Check) {
+        match c {
+            Check::Intact => self.intact += 1,
+            Check::Zeros => self.zeros += 1,
+            Check::Corrupt => self.corrupt += 1,
+        }
+    }
+}
+
+/// A call's failure as the answer line reports it: its kind and message.
+type Failure = (ErrorKind, String);
+
+/// Stores `key`'s self-checking value (its length chosen by [`len_for`]).
+fn store_value(h: &MaruHandler, key: &[u8], chunk: usize) -> Result<(), Failure> {
+    h.store_bytes(key, b"", &payload(key, len_for(key, chunk)))
+        .map(drop)
+        .map_err(|e| (e.kind(), e.to_string()))
+}
+
+fn retrieve(h: &MaruHandler, key: &[u8]) -> Result<Option<View>, Failure> {
+    h.retrieve(key).map_err(|e| (e.kind(), e.to_string()))
+}
+
 fn key(prefix: &str, i: u64) -> Vec<u8> {
     format!("{prefix}-{i}").into_bytes()
 }
@@ -179,8 +263,9 @@ fn keys_in(prefix: &str, from: u64, n: u64) -> Vec<Vec<u8>> {
 struct ChildState {
     h: Option<MaruHandler>,
     chunk: usize,
-    /// Pages allocated and written but never stored (kept so nothing frees them).
-    pending: Vec<AllocHandle>,
+    /// Pages allocated and written but not stored (kept so nothing frees them), with the key
+    /// whose value they hold.
+    pending: Vec<(Vec<u8>, AllocHandle)>,
     held: Vec<(Vec<u8>, View)>,
     workers: Vec<Worker>,
 }
@@ -267,19 +352,35 @@ impl ChildState {
                     .map_err(|e| err_line(e.kind(), &e, "op=alloc"))?;
                 a.write_at(0, &v).map_err(|e| format!("err write: {e}"))?;
                 let line = format!("ok region={} page={}", a.region_id(), a.page_index());
-                self.pending.push(a);
+                self.pending.push((k, a));
                 Ok(line)
             }
             // write_pending BYTE: overwrite every pending page with BYTE (a writer that does
             // not know its session is gone)
             "write_pending" => {
                 let b = n(1)? as u8;
-                for a in &self.pending {
+                for (_, a) in &self.pending {
                     let fill = vec![b; a.size() as usize];
                     a.write_at(0, &fill)
                         .map_err(|e| format!("err write: {e}"))?;
                 }
                 Ok(format!("ok pages={}", self.pending.len()))
+            }
+            // store_pending: stores every pending page under the key it was written for; how
+            // many were stored, and whether each still held its own bytes just before
+            "store_pending" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let (mut stored, mut t) = (0, Tally::default());
+                for (k, a) in std::mem::take(&mut self.pending) {
+                    t.add(check(&k, &a.view().to_vec()));
+                    h.store_handle(&k, &a)
+                        .map_err(|e| err_line(e.kind(), &e, "op=store_handle"))?;
+                    stored += 1;
+                }
+                Ok(format!(
+                    "ok stored={stored} intact={} zeros={} corrupt={}",
+                    t.intact, t.zeros, t.corrupt
+                ))
             }
             // batch_loop PREFIX BATCH: batch_store of BATCH keys, again and again, until an
             // error; "batch I" before each call, "done I" after
@@ -321,16 +422,13 @@ impl ChildState {
             }
             // check_held: what the held views show now
             "check_held" => {
-                let (mut intact, mut zeros, mut corrupt) = (0, 0, 0);
+                let mut t = Tally::default();
                 for (k, v) in &self.held {
-                    match check(k, &v.to_vec()) {
-                        Check::Intact => intact += 1,
-                        Check::Zeros => zeros += 1,
-                        Check::Corrupt => corrupt += 1,
-                    }
+                    t.add(check(k, &v.to_vec()));
                 }
                 Ok(format!(
-                    "ok intact={intact} zeros={zeros} corrupt={corrupt}"
+                    "ok intact={} zeros={} corrupt={}",
+                    t.intact, t.zeros, t.corrupt
                 ))
             }
             // verify PREFIX FROM N: batch_retrieve and check every value
@@ -340,23 +438,34 @@ impl ChildState {
                 let views = h
                     .batch_retrieve(&key_refs(&keys))
                     .map_err(|e| err_line(e.kind(), &e, "op=batch_retrieve"))?;
-                let (mut found, mut missing, mut zeros, mut corrupt) = (0, 0, 0, 0);
+                let (mut found, mut missing, mut t) = (0, 0, Tally::default());
                 for (k, v) in keys.iter().zip(views) {
-                    match v {
-                        None => missing += 1,
-                        Some(v) => {
-                            found += 1;
-                            let right_len = v.len() == len_for(k, self.chunk);
-                            match check(k, &v.to_vec()) {
-                                Check::Intact if right_len => {}
-                                Check::Zeros => zeros += 1,
-                                _ => corrupt += 1,
-                            }
-                        }
-                    }
+                    let Some(v) = v else {
+                        missing += 1;
+                        continue;
+                    };
+                    found += 1;
+                    t.add(match check(k, &v.to_vec()) {
+                        // The right bytes at the wrong length are not the value stored.
+                        Check::Intact if v.len() != len_for(k, self.chunk) => Check::Corrupt,
+                        c => c,
+                    });
                 }
                 Ok(format!(
-                    "ok found={found} missing={missing} zeros={zeros} corrupt={corrupt}"
+                    "ok found={found} missing={missing} zeros={} corrupt={}",
+                    t.zeros, t.corrupt
+                ))
+            }
+            // pin PREFIX FROM N (batch_pin): how many were found and pinned
+            "pin" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let keys = keys_in(s(1)?, n(2)?, n(3)?);
+                let found = h
+                    .batch_pin(&key_refs(&keys))
+                    .map_err(|e| err_line(e.kind(), &e, "op=batch_pin"))?;
+                Ok(format!(
+                    "ok pinned={}",
+                    found.iter().filter(|f| **f).count()
                 ))
             }
             // delete PREFIX FROM N (batch_delete)
@@ -391,10 +500,7 @@ impl ChildState {
                 let h = self.h.as_ref().ok_or_else(not_connected)?;
                 let k = key(s(1)?, n(2)?);
                 let t = Instant::now();
-                let r = h
-                    .store_bytes(&k, b"", &payload(&k, len_for(&k, self.chunk)))
-                    .map_err(|e| (e.kind(), e.to_string()))
-                    .and_then(|_| h.retrieve(&k).map_err(|e| (e.kind(), e.to_string())));
+                let r = store_value(h, &k, self.chunk).and_then(|()| retrieve(h, &k));
                 let ms = t.elapsed().as_millis();
                 match r {
                     Ok(Some(v)) if check(&k, &v.to_vec()) == Check::Intact => {
@@ -415,15 +521,7 @@ impl ChildState {
                     let k = key(s(1)?, i);
                     i += 1;
                     let t = Instant::now();
-                    let r = h
-                        .store_bytes(&k, b"", &payload(&k, len_for(&k, self.chunk)))
-                        .map(drop)
-                        .map_err(|e| (e.kind(), e.to_string()))
-                        .and_then(|()| {
-                            h.retrieve(&k)
-                                .map(drop)
-                                .map_err(|e| (e.kind(), e.to_string()))
-                        });
+                    let r = store_value(h, &k, self.chunk).and_then(|()| retrieve(h, &k).map(drop));
                     if let Err((kind, e)) = r {
                         let ms = t.elapsed().as_millis();
                         return Err(err_line(kind, e, &format!("elapsed_ms={ms} ops={i}")));
@@ -443,11 +541,8 @@ impl ChildState {
                     let k = key(s(1)?, i);
                     i += 1;
                     let t = Instant::now();
-                    let r = h
-                        .store_bytes(&k, b"", &payload(&k, len_for(&k, self.chunk)))
-                        .map(drop)
-                        .map_err(|e| (e.kind(), e.to_string()))
-                        .and_then(|()| h.retrieve(&k).map_err(|e| (e.kind(), e.to_string())))
+                    let r = store_value(h, &k, self.chunk)
+                        .and_then(|()| retrieve(h, &k))
                         .and_then(|v| match v.map(|v| check(&k, &v.to_vec())) {
                             Some(Check::Intact) => Ok(()),
                             other => Err((ErrorKind::Protocol, format!("read back {other:?}"))),

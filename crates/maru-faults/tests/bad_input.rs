@@ -13,7 +13,7 @@ use maru_client::MaruHandler;
 use maru_faults::{observable_state, small_handler, wait_until, MIB};
 use maru_proto::{
     decode_response, msg_type, Header, Hello, Request, Response, Role, FLAG_RESPONSE, HEADER_LEN,
-    MAX_BATCH, MAX_FRAME, MAX_KEY_LEN, MAX_STRING_LEN,
+    MAX_BATCH, MAX_FRAME, MAX_KEY_LEN, MAX_STRING_LEN, PROTOCOL_VERSION,
 };
 use maru_testkit::wire::{header, request};
 use maru_testkit::{BinaryCluster, ClusterOpts};
@@ -58,6 +58,7 @@ fn hello(d: Daemon, instance: &str) -> Vec<u8> {
             pid: std::process::id(),
             start_time: 0,
             session_token: None,
+            namespace: "",
         }),
     )
 }
@@ -163,14 +164,14 @@ fn cases(d: Daemon) -> Vec<Case> {
     let mut bad_role = hello(d, "probe");
     bad_role[HEADER_LEN] = 9;
     let mut wrong_version = hello(d, "probe");
-    wrong_version[4..6].copy_from_slice(&2u16.to_le_bytes());
+    wrong_version[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
     let mut trailing = stats.clone();
     trailing.extend_from_slice(&[0, 0, 0]);
     let plen = (trailing.len() - HEADER_LEN) as u32;
     trailing[20..24].copy_from_slice(&plen.to_le_bytes());
     let mut as_response = stats.clone();
     as_response[8..10].copy_from_slice(&FLAG_RESPONSE.to_le_bytes());
-    let mut truncated_payload = header(1, msg_type::EXISTS, 0, 3, 100);
+    let mut truncated_payload = header(PROTOCOL_VERSION, msg_type::EXISTS, 0, 3, 100);
     truncated_payload.extend_from_slice(&[1; 10]);
     // A key one byte over the limit, and a batch one item over it, spelled out on the wire
     // (the encoder refuses to produce them).
@@ -178,7 +179,7 @@ fn cases(d: Daemon) -> Vec<Case> {
         let mut p = Vec::new();
         p.extend_from_slice(&((MAX_KEY_LEN + 1) as u32).to_le_bytes());
         p.extend(std::iter::repeat_n(b'k', MAX_KEY_LEN + 1));
-        let mut f = header(1, msg_type::EXISTS, 0, 4, p.len() as u32);
+        let mut f = header(PROTOCOL_VERSION, msg_type::EXISTS, 0, 4, p.len() as u32);
         f.extend(p);
         f
     };
@@ -189,7 +190,13 @@ fn cases(d: Daemon) -> Vec<Case> {
             p.extend_from_slice(&1u32.to_le_bytes());
             p.push(b'k');
         }
-        let mut f = header(1, msg_type::BATCH_EXISTS, 0, 5, p.len() as u32);
+        let mut f = header(
+            PROTOCOL_VERSION,
+            msg_type::BATCH_EXISTS,
+            0,
+            5,
+            p.len() as u32,
+        );
         f.extend(p);
         f
     };
@@ -222,11 +229,11 @@ fn cases(d: Daemon) -> Vec<Case> {
         case(
             "header announcing MAX_FRAME + 1 bytes",
             true,
-            header(1, msg_type::EXISTS, 0, 6, MAX_FRAME + 1),
+            header(PROTOCOL_VERSION, msg_type::EXISTS, 0, 6, MAX_FRAME + 1),
             "error FrameTooLarge (request id 0), connection closed",
         ),
         case(
-            "hello with protocol version 2",
+            "hello with the next protocol version",
             false,
             wrong_version,
             "error UnsupportedVersion (request id 1)",
@@ -246,7 +253,7 @@ fn cases(d: Daemon) -> Vec<Case> {
         case(
             "unknown message type 0x7777",
             true,
-            header(1, 0x7777, 0, 7, 0),
+            header(PROTOCOL_VERSION, 0x7777, 0, 7, 0),
             "error UnknownMessage (request id 7), connection kept",
         ),
         case(
@@ -264,7 +271,7 @@ fn cases(d: Daemon) -> Vec<Case> {
         case(
             "reserved header bits set",
             true,
-            header(1, msg_type::STATS, 0x80, 8, 0),
+            header(PROTOCOL_VERSION, msg_type::STATS, 0x80, 8, 0),
             "error BadFrame (request id 0), connection closed",
         ),
         case(
@@ -343,7 +350,7 @@ fn cases(d: Daemon) -> Vec<Case> {
                     p.push(1);
                     p.extend_from_slice(&(long_pool.len() as u32).to_le_bytes());
                     p.extend_from_slice(long_pool.as_bytes());
-                    let mut f = header(1, msg_type::RM_ALLOC, 0, 13, p.len() as u32);
+                    let mut f = header(PROTOCOL_VERSION, msg_type::RM_ALLOC, 0, 13, p.len() as u32);
                     f.extend(p);
                     f
                 },

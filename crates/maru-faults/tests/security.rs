@@ -16,8 +16,7 @@ use std::time::Duration;
 use maru_client::{ErrorKind, MaruConfig, MaruHandler};
 use maru_faults::{free_port, mode_of, observable_state, small_handler, temp_dir, wait_until, MIB};
 use maru_proto::{
-    ErrorCode, Handle, RegionInfo, RegisterEntry, Request, Response, Role, ServerUrl,
-    SESSION_TOKEN_LEN,
+    ErrorCode, RegionInfo, RegisterEntry, Request, Response, Role, ServerUrl, SESSION_TOKEN_LEN,
 };
 use maru_resource_manager::RmClient;
 use maru_testkit::{wire, BinaryCluster, ClusterOpts, Daemon, RmSpec, ServerSpec, TIMEOUT};
@@ -65,6 +64,8 @@ fn handles_learned_from_the_server_cannot_be_freed_altered_or_replayed_at_the_rm
         Response::Lookup(Some(loc)) => loc.region.handle,
         other => panic!("{other:?}"),
     };
+    // Its session ends with the connection, and with it the hold its lookup took.
+    drop(snoop);
     let before = observable_state(&c);
 
     // At the resource manager, as itself: may map (readers do), may not free.
@@ -74,22 +75,10 @@ fn handles_learned_from_the_server_cannot_be_freed_altered_or_replayed_at_the_rm
     assert_eq!(e.code(), Some(ErrorCode::NotOwner), "{e}");
     println!("free of the server's region by another process: {e}");
     // Altered or forged: refused for mapping and freeing alike.
-    let mut altered: Vec<(&str, Handle)> = Vec::new();
-    let mut a = h.clone();
-    a.len *= 8;
-    altered.push(("a longer region", a));
-    let mut a = h.clone();
-    a.offset += 2 * MIB;
-    altered.push(("another offset", a));
+    let mut altered = wire::altered_handles(&h);
     let mut a = h.clone();
     a.owner = format!("probe:{}", std::process::id());
     altered.push(("the caller as owner", a));
-    let mut a = h.clone();
-    a.token[31] ^= 0x40;
-    altered.push(("one token bit flipped", a));
-    let mut a = h.clone();
-    a.token = [0x5a; 32];
-    altered.push(("a made-up token", a));
     for (what, bad) in &altered {
         assert_eq!(
             rm.get_access(bad).unwrap_err().code(),
@@ -124,6 +113,7 @@ fn handles_learned_from_the_server_cannot_be_freed_altered_or_replayed_at_the_rm
     assert_eq!(rm.free(&h).unwrap_err().code(), Some(ErrorCode::DoubleFree));
     // A new region at the same place has a new id, so the old handle never matches it.
     let again = handler(&c);
+    again.alloc(1).unwrap(); // its first region comes with its first page
     let fresh = again.owned_regions()[0].handle.clone();
     assert_eq!(fresh.offset, h.offset, "first fit reuses the extent");
     assert_ne!(fresh.region_id, h.region_id);
@@ -203,9 +193,18 @@ fn an_instance_cannot_use_or_take_over_another_instances_regions() {
         "batch half applied"
     );
 
-    // Taking over x's session: without its token, with a wrong one.
-    let e = client_conn(&url, "x", None).err().and_then(|e| e.code());
-    assert_eq!(e, Some(ErrorCode::SessionConflict));
+    // Taking over x's session: with x's instance id but no token it is a session of its
+    // own, which owns nothing of x's; with a wrong token it is refused.
+    let mut impostor = client_conn(&url, "x", None).unwrap();
+    assert_eq!(
+        code(impostor.call(&reg(b"impostor-in-x", rx))),
+        Some(ErrorCode::NotOwner)
+    );
+    assert_eq!(
+        code(impostor.call(&Request::ReturnRegion { region_id: rx })),
+        Some(ErrorCode::NotOwner)
+    );
+    drop(impostor);
     let mut wrong = token_x;
     wrong[0] ^= 1;
     let e = client_conn(&url, "x", Some(wrong))
@@ -255,8 +254,10 @@ fn limits_hold_through_the_client_library() {
         ..MaruConfig::default()
     })
     .unwrap();
-    let e = greedy.connect().unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Remote(ErrorCode::PoolExhausted), "{e}");
+    greedy.connect().unwrap(); // connecting takes no region
+    let e = greedy.alloc(1).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
+    assert!(e.to_string().contains("larger than any pool"), "{e}");
     println!("a region larger than the pool: {e}");
     assert_eq!(observable_state(&c), before);
     h.close();
@@ -282,6 +283,7 @@ fn start_with_umask_zero(dir: &Path) -> (Daemon, Daemon, std::path::PathBuf) {
         unix: Some(sock.clone()),
         ..ServerSpec::new(format!("127.0.0.1:{}", rm_spec.port))
     }
+    .with_index_at(&dir.join("server.index"))
     .command();
     // SAFETY: as above.
     unsafe {
@@ -306,6 +308,12 @@ fn state_files_secret_and_pool_are_not_open_to_others_even_with_umask_zero() {
     rows.push(("pool file", mode_of(&dir.path().join("pools/p0"))));
     assert!(rm.terminate().success());
     rows.push(("checkpoint", mode_of(&state.join("checkpoint"))));
+    // The key index and its namespace table: clients read them, only the server writes.
+    for f in ["server.index", "server.index.namespaces"] {
+        let mode = mode_of(&dir.path().join(f));
+        assert_eq!(mode, 0o644, "{f} ({mode:o})");
+        rows.push((f, mode));
+    }
     for (what, mode) in &rows {
         println!("{what}: {mode:o}");
         assert_eq!(mode & 0o002, 0, "{what} is world-writable ({mode:o})");
@@ -329,15 +337,11 @@ fn unix_socket_is_not_world_writable_even_with_umask_zero() {
     assert_eq!(mode & 0o002, 0, "socket mode {mode:o}");
 }
 
-/// The resource manager trusts the identity a Hello claims (maru-resource-manager README: "The identity in
-/// a Hello is not authenticated"). The pid and start time of the metadata server are public
-/// (/proc), and the handles of its regions are handed to every client by lookups.
+/// The pid and start time of the metadata server are public (/proc), and the handles of its
+/// regions are handed to every client by lookups. A process of the same host that claims the
+/// server's identity in its Hello is refused: over TCP it does not hold the connection, and
+/// on the Unix socket the kernel names the real caller. Nothing changes.
 #[test]
-#[ignore = "BUG: maru-resource-manager authenticates handles but not callers: a local process that claims \
-            the metadata server's host, pid and start time (all readable from /proc) in its \
-            Hello can free any region the server holds (handles come with every lookup), \
-            freeing memory under live keys. Expected: owner identity proven (SO_PEERCRED on \
-            a Unix socket, or a per-owner secret issued at the first hello)"]
 fn a_process_claiming_the_servers_identity_cannot_free_its_regions() {
     let c = BinaryCluster::start(ClusterOpts::default());
     let owner = handler(&c);
@@ -346,12 +350,21 @@ fn a_process_claiming_the_servers_identity_cannot_free_its_regions() {
     let pid = c.server.pid();
     let start = maru_transport::process_start_time(pid).unwrap();
     let host = maru_transport::local_identity().0;
-    let mut impostor =
-        RmClient::connect_as(&c.rm_url(), Role::Server, &host, pid, start, TIMEOUT).unwrap();
-    let r = impostor.free(&h);
-    assert!(
-        r.is_err(),
-        "an impostor freed region {} under a live key",
-        h.region_id
-    );
+    let before = c.rm_list();
+    let unix = maru_proto::ServerUrl::Unix(c.rm_spec.unix_socket());
+    for url in [c.rm_url(), unix] {
+        match RmClient::connect_as(&url, Role::Server, &host, pid, start, TIMEOUT) {
+            Ok(mut impostor) => {
+                let r = impostor.free(&h);
+                panic!("an impostor on {url} was taken for the metadata server (free: {r:?})");
+            }
+            Err(e) => assert_eq!(
+                e.code(),
+                Some(maru_proto::ErrorCode::Unauthenticated),
+                "{url}: {e}"
+            ),
+        }
+    }
+    assert_eq!(c.rm_list(), before, "a refused Hello changed the table");
+    assert!(owner.retrieve(b"victim").unwrap().is_some());
 }

@@ -22,12 +22,7 @@ fn child_role() {
 }
 
 fn connect(name: &str, url: &str) -> ChildProc {
-    let mut p = ChildProc::spawn(name);
-    p.ok(
-        &format!("connect {url} {} {} {CLIENT_TIMEOUT_MS}", 2 * MIB, 16 * KIB),
-        T,
-    );
-    p
+    ChildProc::spawn_connected(name, url, 2 * MIB, 16 * KIB, CLIENT_TIMEOUT_MS, T)
 }
 
 #[test]

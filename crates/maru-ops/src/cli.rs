@@ -38,6 +38,8 @@ struct Cli<X: Subcommand> {
     command: Commands<X>,
 }
 
+// Parsed once per process: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Commands<X: Subcommand> {
     #[command(flatten)]

@@ -24,6 +24,42 @@ pub fn duration_s(s: f64) -> String {
     }
 }
 
+/// Where a cell sits in its column: text to the left, numbers to the right.
+#[derive(Debug, Clone, Copy)]
+pub enum Align {
+    Left,
+    Right,
+}
+
+/// Writes one line of a text table: every cell padded to its column's `(width, align)`,
+/// one space between columns.
+pub fn table_line<S: AsRef<str>>(out: &mut String, columns: &[(usize, Align)], cells: &[S]) {
+    for (i, ((width, align), cell)) in columns.iter().zip(cells).enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let cell = cell.as_ref();
+        match align {
+            Align::Left => out.push_str(&format!("{cell:<width$}")),
+            Align::Right => out.push_str(&format!("{cell:>width$}")),
+        }
+    }
+    out.push('\n');
+}
+
+/// A text table: the line of column names, then one line per row.
+pub fn table<R: AsRef<[String]>>(
+    out: &mut String,
+    columns: &[(usize, Align)],
+    names: &[&str],
+    rows: impl IntoIterator<Item = R>,
+) {
+    table_line(out, columns, names);
+    for row in rows {
+        table_line(out, columns, row.as_ref());
+    }
+}
+
 /// Parses sizes like `512M`, `8G`, `1.5GiB`, `4096`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();

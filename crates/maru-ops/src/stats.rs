@@ -9,7 +9,36 @@ use maru_proto::stats::ServerStats;
 use maru_proto::{Request, Response, ServerUrl};
 use maru_transport::BlockingConn;
 
-use crate::format::{bytes, duration_s};
+use crate::format::{bytes, duration_s, table, table_line, Align};
+
+use Align::{Left as L, Right as R};
+
+/// Columns of the tables `render_text` draws: width and alignment.
+const POOLS: &[(usize, Align)] = &[(44, L), (8, L), (10, R), (10, R), (8, R)];
+const NAMESPACES: &[(usize, Align)] = &[
+    (14, L),
+    (10, R),
+    (8, R),
+    (10, R),
+    (6, R),
+    (10, R),
+    (10, R),
+    (8, R),
+    (10, R),
+];
+const CLIENTS: &[(usize, Align)] = &[
+    (24, L),
+    (7, R),
+    (10, R),
+    (9, R),
+    (8, R),
+    (10, R),
+    (6, R),
+    (10, R),
+    (8, R),
+    (10, R),
+];
+const OPS: &[(usize, Align)] = &[(18, L), (12, R), (8, R), (10, R), (10, R)];
 
 /// Where operator tools look for a server unless told otherwise.
 pub const DEFAULT_SERVER: &str = "tcp://127.0.0.1:5555";
@@ -98,55 +127,132 @@ pub fn render_text(s: &ServerStats) -> String {
         s.regions,
         bytes(s.region_bytes)
     );
+    let e = &s.eviction;
+    let _ = writeln!(
+        out,
+        "eviction {} · high {:.2} low {:.2} of {} · keys hold {} · {} evicted ({})",
+        e.policy,
+        e.high,
+        e.low,
+        if e.pool_bytes == 0 {
+            "the pool (size unknown)".to_owned()
+        } else {
+            bytes(e.pool_bytes)
+        },
+        bytes(e.key_bytes),
+        e.evictions,
+        bytes(e.evicted_bytes)
+    );
     let _ = writeln!(out);
     if let Some(err) = &s.rm_error {
         let _ = writeln!(out, "pools: unavailable ({err})");
     } else {
-        let _ = writeln!(
-            out,
-            "{:<44} {:<8} {:>10} {:>10} {:>8}",
-            "POOL", "KIND", "TOTAL", "FREE", "REGIONS"
+        table_line(
+            &mut out,
+            POOLS,
+            &["POOL", "KIND", "TOTAL", "FREE", "REGIONS"],
         );
         for p in &s.pools {
-            let _ = writeln!(
-                out,
-                "{:<44} {:<8} {:>10} {:>10} {:>8}",
-                p.path,
-                p.kind,
+            let cells = [
+                p.path.clone(),
+                p.kind.clone(),
                 bytes(p.total_bytes),
                 bytes(p.free_bytes),
-                p.regions
-            );
+                p.regions.to_string(),
+            ];
+            table_line(&mut out, POOLS, &cells);
+            if !p.uuid.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  uuid {}, header {} (not in TOTAL)",
+                    p.uuid,
+                    bytes(p.reserved_bytes)
+                );
+            }
+            if let Some(problem) = &p.problem {
+                let _ = writeln!(out, "  UNHEALTHY: {problem}");
+            }
         }
     }
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "{:<38} {:>8} {:>10} {:>10}",
-        "CLIENT", "REGIONS", "BYTES", "CONNECTED"
+    table(
+        &mut out,
+        NAMESPACES,
+        &[
+            "NAMESPACE",
+            "QUOTA",
+            "KEYS",
+            "HELD",
+            "PINS",
+            "HITS",
+            "MISSES",
+            "EVICTED",
+            "EVICTED B",
+        ],
+        s.namespaces.iter().map(|n| {
+            let name = if n.namespace.is_empty() {
+                "(default)"
+            } else {
+                &n.namespace
+            };
+            [
+                name.to_owned(),
+                n.quota.map_or_else(|| "-".to_owned(), bytes),
+                n.keys.to_string(),
+                bytes(n.bytes),
+                n.pins.to_string(),
+                n.hits.to_string(),
+                n.misses.to_string(),
+                n.evictions.to_string(),
+                bytes(n.evicted_bytes),
+            ]
+        }),
     );
-    for c in &s.clients {
-        let _ = writeln!(
-            out,
-            "{:<38} {:>8} {:>10} {:>10}",
-            c.instance_id,
-            c.regions,
-            bytes(c.bytes),
-            if c.connected { "yes" } else { "no" }
-        );
-    }
-    let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "{:<18} {:>12} {:>8} {:>10} {:>10}",
-        "OP", "COUNT", "ERRORS", "P50 µs", "P99 µs"
+    out.push('\n');
+    table(
+        &mut out,
+        CLIENTS,
+        &[
+            "CLIENT",
+            "REGIONS",
+            "BYTES",
+            "CONNECTED",
+            "KEYS",
+            "HELD",
+            "PINS",
+            "HITS",
+            "EVICTED",
+            "EVICTED B",
+        ],
+        s.clients.iter().map(|c| {
+            [
+                c.instance_id.clone(),
+                c.regions.to_string(),
+                bytes(c.bytes),
+                (if c.connected { "yes" } else { "no" }).to_owned(),
+                c.keys.to_string(),
+                bytes(c.key_bytes),
+                c.pins.to_string(),
+                c.hits.to_string(),
+                c.evictions.to_string(),
+                bytes(c.evicted_bytes),
+            ]
+        }),
     );
-    for (name, op) in &s.ops {
-        let _ = writeln!(
-            out,
-            "{:<18} {:>12} {:>8} {:>10.1} {:>10.1}",
-            name, op.count, op.errors, op.p50_us, op.p99_us
-        );
-    }
+    out.push('\n');
+    table(
+        &mut out,
+        OPS,
+        &["OP", "COUNT", "ERRORS", "P50 µs", "P99 µs"],
+        s.ops.iter().map(|(name, op)| {
+            [
+                name.clone(),
+                op.count.to_string(),
+                op.errors.to_string(),
+                format!("{:.1}", op.p50_us),
+                format!("{:.1}", op.p99_us),
+            ]
+        }),
+    );
     out
 }

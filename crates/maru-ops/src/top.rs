@@ -80,7 +80,7 @@ pub fn render(f: &mut Frame, st: &TopState) {
     let area = f.area();
     let pools = st.stats.as_ref().map_or(1, |s| s.pools.len().max(1)) as u16;
     let [head, pool_area, body, foot] = Layout::vertical([
-        Constraint::Length(3),
+        Constraint::Length(4),
         Constraint::Length(pools.min(4) + 2),
         Constraint::Min(6),
         Constraint::Length(1),
@@ -93,16 +93,28 @@ pub fn render(f: &mut Frame, st: &TopState) {
             format!("server unreachable: {err}"),
             Style::new().fg(Color::Red),
         )],
-        (Some(s), None) => vec![Line::from(format!(
-            "up {} · keys {} · pinned {} · {} referenced · {} regions ({}) · {} clients",
-            duration_s(s.uptime_s),
-            s.keys,
-            s.pinned_keys,
-            bytes(s.bytes),
-            s.regions,
-            bytes(s.region_bytes),
-            s.clients.iter().filter(|c| c.connected).count()
-        ))],
+        (Some(s), None) => vec![
+            Line::from(format!(
+                "up {} · keys {} · pinned {} · {} referenced · {} regions ({}) · {} clients",
+                duration_s(s.uptime_s),
+                s.keys,
+                s.pinned_keys,
+                bytes(s.bytes),
+                s.regions,
+                bytes(s.region_bytes),
+                s.clients.iter().filter(|c| c.connected).count(),
+            )),
+            Line::from(format!(
+                "{} {}/{} · hits {} · misses {} · evicted {} ({})",
+                s.eviction.policy,
+                s.eviction.high,
+                s.eviction.low,
+                s.namespaces.iter().map(|n| n.hits).sum::<u64>(),
+                s.namespaces.iter().map(|n| n.misses).sum::<u64>(),
+                s.eviction.evictions,
+                bytes(s.eviction.evicted_bytes),
+            )),
+        ],
         (None, None) => vec![Line::from("connecting…")],
     };
     f.render_widget(
@@ -143,7 +155,7 @@ pub fn render(f: &mut Frame, st: &TopState) {
     }
 
     let [clients_area, ops_area] =
-        Layout::horizontal([Constraint::Percentage(45), Constraint::Percentage(55)]).areas(body);
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(body);
     render_clients(f, clients_area, st);
     render_ops(f, ops_area, st);
 
@@ -154,64 +166,63 @@ pub fn render(f: &mut Frame, st: &TopState) {
 }
 
 fn render_clients(f: &mut Frame, area: Rect, st: &TopState) {
-    let rows: Vec<Row> = st
-        .stats
-        .iter()
-        .flat_map(|s| s.clients.iter())
-        .map(|c| {
-            let id: String = c.instance_id.chars().take(14).collect();
-            let mark = if c.connected { "" } else { " (gone)" };
-            Row::new(vec![
-                format!("{id}{mark}"),
-                c.regions.to_string(),
-                bytes(c.bytes),
-            ])
-        })
-        .collect();
-    let table = Table::new(
-        rows,
-        [
-            Constraint::Min(12),
-            Constraint::Length(4),
-            Constraint::Length(10),
-        ],
-    )
-    .header(
-        Row::new(vec!["client", "regs", "bytes"]).style(Style::new().add_modifier(Modifier::BOLD)),
-    )
-    .block(Block::default().borders(Borders::ALL).title(" clients "));
-    f.render_widget(table, area);
+    let rows = st.stats.iter().flat_map(|s| s.clients.iter()).map(|c| {
+        let id: String = c.instance_id.chars().take(14).collect();
+        let mark = if c.connected { "" } else { " (gone)" };
+        vec![
+            format!("{id}{mark}"),
+            bytes(c.bytes),
+            c.keys.to_string(),
+            c.hits.to_string(),
+            c.evictions.to_string(),
+        ]
+    });
+    let columns = [
+        ("client", Constraint::Min(10)),
+        ("bytes", Constraint::Length(9)),
+        ("keys", Constraint::Length(5)),
+        ("hits", Constraint::Length(5)),
+        ("evict", Constraint::Length(5)),
+    ];
+    boxed_table(f, area, " clients ", &columns, rows);
 }
 
 fn render_ops(f: &mut Frame, area: Rect, st: &TopState) {
-    let rows: Vec<Row> = st
+    let rows = st
         .stats
         .iter()
         .flat_map(|s| s.ops.iter())
         .map(|(name, op)| {
             let rate = st.rates.get(name).copied().unwrap_or(0.0);
-            Row::new(vec![
+            vec![
                 name.clone(),
                 format!("{rate:.0}"),
                 format!("{:.1}", op.p50_us),
                 format!("{:.1}", op.p99_us),
-            ])
-        })
-        .collect();
-    let table = Table::new(
-        rows,
-        [
-            Constraint::Min(12),
-            Constraint::Length(8),
-            Constraint::Length(7),
-            Constraint::Length(7),
-        ],
-    )
-    .header(
-        Row::new(vec!["op", "ops/s", "p50µs", "p99µs"])
-            .style(Style::new().add_modifier(Modifier::BOLD)),
-    )
-    .block(Block::default().borders(Borders::ALL).title(" operations "));
+            ]
+        });
+    let columns = [
+        ("op", Constraint::Min(12)),
+        ("ops/s", Constraint::Length(8)),
+        ("p50µs", Constraint::Length(7)),
+        ("p99µs", Constraint::Length(7)),
+    ];
+    boxed_table(f, area, " operations ", &columns, rows);
+}
+
+/// A bordered table with a bold header: each column's name and width.
+fn boxed_table(
+    f: &mut Frame,
+    area: Rect,
+    title: &str,
+    columns: &[(&str, Constraint)],
+    rows: impl Iterator<Item = Vec<String>>,
+) {
+    let header = Row::new(columns.iter().map(|&(name, _)| name))
+        .style(Style::new().add_modifier(Modifier::BOLD));
+    let table = Table::new(rows.map(Row::new), columns.iter().map(|&(_, w)| w))
+        .header(header)
+        .block(Block::default().borders(Borders::ALL).title(title));
     f.render_widget(table, area);
 }
 
@@ -251,7 +262,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use maru_proto::stats::{ClientStats, OpStats, PoolStats};
+    use maru_proto::stats::{ClientStats, EvictionStats, NamespaceStats, OpStats, PoolStats};
     use ratatui::backend::TestBackend;
     use ratatui::Terminal;
 
@@ -262,6 +273,7 @@ mod tests {
             keys: 1234,
             bytes: 5 << 20,
             pinned_keys: 7,
+            pins_expired: 0,
             regions: 2,
             region_bytes: 64 << 20,
             clients: vec![ClientStats {
@@ -270,6 +282,10 @@ mod tests {
                 connections: 1,
                 regions: 2,
                 bytes: 64 << 20,
+                keys: 1234,
+                hits: 4321,
+                evictions: 17,
+                ..ClientStats::default()
             }],
             pools: vec![PoolStats {
                 path: "/dev/shm/maru/maru-5555.pool".into(),
@@ -280,6 +296,8 @@ mod tests {
                 page_size: 4096,
                 regions: 2,
                 largest_free_extent: 192 << 20,
+                problem: None,
+                ..PoolStats::default()
             }],
             rm_error: None,
             ops: [(
@@ -293,6 +311,19 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            eviction: EvictionStats {
+                policy: "sieve".into(),
+                high: 0.9,
+                low: 0.8,
+                evictions: 17,
+                evicted_bytes: 17 << 20,
+                ..EvictionStats::default()
+            },
+            namespaces: vec![NamespaceStats {
+                hits: 4321,
+                misses: 99,
+                ..NamespaceStats::default()
+            }],
         }
     }
 
@@ -325,6 +356,10 @@ mod tests {
             "maru-5555.pool",
             "64.0 MiB/256.0 MiB",
             "producer-a",
+            "sieve 0.9/0.8",
+            "hits 4321",
+            "misses 99",
+            "evicted 17 (17.0 MiB)",
             "exists",
             "1000",
             "12.5",

@@ -13,6 +13,7 @@ use maru_shm::{fs_page_size, HUGE_PAGE_SIZE};
 
 use crate::format::{bytes, parse_size};
 use maru_telemetry::process::{write_ready_file, StopSignals};
+use maru_transport::auth::{ClusterSecret, TcpAuth};
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
@@ -58,6 +59,20 @@ pub struct UpArgs {
     /// docs/ARCHITECTURE.md §6).
     #[arg(long, default_value_t = 50, value_name = "US")]
     pub busy_poll_us: u64,
+    #[command(flatten)]
+    pub eviction: Box<maru_server::cli::EvictionArgs>,
+    /// The key index: default <pool-dir>/maru-<port>.index, beside the pool and removed
+    /// with it unless --keep.
+    #[command(flatten)]
+    pub index: Box<maru_server::cli::IndexArgs>,
+    /// Cluster secret for TCP clients. Default: a fresh one written to
+    /// <state-dir>/cluster-secret (0600) at every start. Required of TCP clients when --host
+    /// is not a loopback address; optional on loopback.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Serve TCP in plaintext without authentication, on any address (no secret written).
+    #[arg(long, conflicts_with = "secret_file")]
+    pub insecure_tcp: bool,
 }
 
 /// Names this embedded instance's files: by port, or by pid when the port is chosen by the OS
@@ -95,7 +110,24 @@ struct Ready {
     pool: String,
     pool_bytes: u64,
     huge_pages: bool,
+    /// The cluster secret TCP clients prove they hold (`None` with --insecure-tcp).
+    secret_file: Option<String>,
     pid: u32,
+}
+
+/// The cluster secret of this instance and whether TCP clients must prove it.
+fn tcp_auth(args: &UpArgs, state_dir: &Path, loopback: bool) -> anyhow::Result<TcpAuth> {
+    if args.insecure_tcp {
+        return Ok(TcpAuth::Insecure);
+    }
+    let secret = match &args.secret_file {
+        Some(path) => ClusterSecret::load(path)?,
+        None => ClusterSecret::generate(&state_dir.join("cluster-secret"))?,
+    };
+    Ok(TcpAuth::Secret {
+        secret,
+        required: !loopback,
+    })
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -139,6 +171,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         vec![spec.parse().map_err(|e| anyhow::anyhow!("{e}"))?],
     );
     rm_cfg.listen = SocketAddr::new(ip, args.rm_port);
+    let auth = tcp_auth(&args, &state_dir, ip.is_loopback())?;
+    let secret_file = match &auth {
+        TcpAuth::Secret { secret, .. } => Some(secret.path.display().to_string()),
+        _ => None,
+    };
+    rm_cfg.tcp_auth = auth.clone();
     let rm = maru_resource_manager::start(rm_cfg).context("resource manager failed to start")?;
 
     let unix = if args.no_unix {
@@ -154,6 +192,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         unix: unix.clone(),
         rm_url: rm.url(),
         busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
+        eviction: match args.eviction.config() {
+            Ok(c) => c,
+            Err(e) => {
+                rm.shutdown();
+                return Err(e.into());
+            }
+        },
+        tcp_auth: auth.clone(),
+        index: args.index.config((
+            args.pool_dir
+                .join(format!("{}-{tag}.index", naming.prefix())),
+            !args.keep,
+        )),
         ..Default::default()
     };
     let server = match maru_server::start(server_cfg) {
@@ -194,6 +245,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         pool: pool_path.display().to_string(),
         pool_bytes: pool_size,
         huge_pages: huge,
+        secret_file,
         pid: std::process::id(),
     };
     println!("maru up: resource manager + metadata server (embedded)");
@@ -214,6 +266,18 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         println!("  server      {u}   (same-host clients: fastest)");
     }
     println!("  rm          {}", ready.rm);
+    match (&ready.secret_file, &auth) {
+        (Some(path), TcpAuth::Secret { required, .. }) => println!(
+            "  secret      {path}   (TCP clients: MaruConfig(secret_file=...) or \
+             MARU_SECRET_FILE; {})",
+            if *required {
+                "required"
+            } else {
+                "optional on loopback"
+            }
+        ),
+        _ => println!("  secret      none (--insecure-tcp: TCP is plaintext, unauthenticated)"),
+    }
     if let Some(m) = &ready.metrics {
         println!("  metrics     {m}");
     }

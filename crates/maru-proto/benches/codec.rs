@@ -3,7 +3,10 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use maru_proto::{
     decode_frame, encode_request, encode_response, Access, Handle, Location, RegionInfo,
     RegisterEntry, Request, Response, Slot,
@@ -28,8 +31,20 @@ fn region() -> RegionInfo {
             offset: 64 << 20,
             len: 64 << 20,
             page_size: 4096,
+            pool_uuid: [7; 16],
         },
     }
+}
+
+/// Benchmarks decoding the frame `encode` writes.
+fn bench_decode(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    encode: impl FnOnce(&mut Vec<u8>),
+) {
+    let mut frame = Vec::new();
+    encode(&mut frame);
+    g.bench_function(id, |b| b.iter(|| decode_frame(black_box(&frame)).unwrap()));
 }
 
 fn single(c: &mut Criterion) {
@@ -44,6 +59,7 @@ fn single(c: &mut Criterion) {
         region: region(),
         offset: 8192,
         len: 4096,
+        generation: 1,
     }));
     let mut g = c.benchmark_group("single");
     let mut buf = Vec::with_capacity(4096);
@@ -57,11 +73,8 @@ fn single(c: &mut Criterion) {
                 encode_request(&mut buf, 1, black_box(&req)).unwrap();
             })
         });
-        buf.clear();
-        encode_request(&mut buf, 1, &req).unwrap();
-        let frame = buf.clone();
-        g.bench_function(BenchmarkId::new("decode_request", name), |b| {
-            b.iter(|| decode_frame(black_box(&frame)).unwrap())
+        bench_decode(&mut g, BenchmarkId::new("decode_request", name), |f| {
+            encode_request(f, 1, &req).unwrap()
         });
     }
     g.bench_function("encode_response/lookup", |b| {
@@ -70,11 +83,8 @@ fn single(c: &mut Criterion) {
             encode_response(&mut buf, 1, black_box(&loc)).unwrap();
         })
     });
-    buf.clear();
-    encode_response(&mut buf, 1, &loc).unwrap();
-    let frame = buf.clone();
-    g.bench_function("decode_response/lookup", |b| {
-        b.iter(|| decode_frame(black_box(&frame)).unwrap())
+    bench_decode(&mut g, BenchmarkId::new("decode_response", "lookup"), |f| {
+        encode_response(f, 1, &loc).unwrap()
     });
     g.finish();
 }
@@ -93,11 +103,8 @@ fn batches(c: &mut Criterion) {
                 encode_request(&mut buf, 1, black_box(&req)).unwrap();
             })
         });
-        buf.clear();
-        encode_request(&mut buf, 1, &req).unwrap();
-        let frame = buf.clone();
-        g.bench_function(BenchmarkId::new("decode_batch_lookup", n), |b| {
-            b.iter(|| decode_frame(black_box(&frame)).unwrap())
+        bench_decode(&mut g, BenchmarkId::new("decode_batch_lookup", n), |f| {
+            encode_request(f, 1, &req).unwrap()
         });
         let resp = Response::BatchLookup {
             regions: vec![region()],
@@ -107,16 +114,16 @@ fn batches(c: &mut Criterion) {
                         region_index: 0,
                         offset: i as u64 * 4096,
                         len: 4096,
+                        generation: i as u64,
                     })
                 })
                 .collect(),
         };
-        buf.clear();
-        encode_response(&mut buf, 1, &resp).unwrap();
-        let frame = buf.clone();
-        g.bench_function(BenchmarkId::new("decode_batch_lookup_reply", n), |b| {
-            b.iter(|| decode_frame(black_box(&frame)).unwrap())
-        });
+        bench_decode(
+            &mut g,
+            BenchmarkId::new("decode_batch_lookup_reply", n),
+            |f| encode_response(f, 1, &resp).unwrap(),
+        );
         let entries: Vec<RegisterEntry> = refs
             .iter()
             .enumerate()
@@ -128,11 +135,8 @@ fn batches(c: &mut Criterion) {
             })
             .collect();
         let req = Request::BatchRegister(entries);
-        buf.clear();
-        encode_request(&mut buf, 1, &req).unwrap();
-        let frame = buf.clone();
-        g.bench_function(BenchmarkId::new("decode_batch_register", n), |b| {
-            b.iter(|| decode_frame(black_box(&frame)).unwrap())
+        bench_decode(&mut g, BenchmarkId::new("decode_batch_register", n), |f| {
+            encode_request(f, 1, &req).unwrap()
         });
     }
     g.finish();

@@ -1,6 +1,7 @@
 //! Every message type, listed once: its variant and fields, wire number, name (requests),
-//! which daemon answers it (requests) and how its payload decodes. The message enums, the
-//! [`msg_type`] numbers, [`request_name`], [`SERVER_REQUESTS`], [`RM_REQUESTS`] and the decode
+//! which daemon answers it (requests) and how its payload decodes (nothing, for a request
+//! whose fields decode by their types in the order listed: see [`Field`]). The message enums,
+//! the [`msg_type`] numbers, [`request_name`], [`SERVER_REQUESTS`], [`RM_REQUESTS`] and the decode
 //! dispatch are generated from this table; the encoders match on the enums, so the compiler
 //! holds them to it too.
 
@@ -12,8 +13,9 @@ use crate::response::{
     get_region_records, get_regions, get_rm_allocations, get_wire_error,
 };
 use crate::types::{
-    delete_status, get_access, get_entry, get_handle, get_keys, get_region, Access, DeleteStatus,
-    Handle, Hello, HelloOk, Location, RegionInfo, RegionRecord, RegisterEntry, RmAllocation, Slot,
+    delete_status, get_access, get_entry, get_handle, get_keys, get_pages, get_region, Access,
+    DeleteStatus, Handle, Hello, HelloOk, Location, PageRef, RegionInfo, RegionRecord,
+    RegisterEntry, RmAllocation, Slot,
 };
 
 /// Which daemon answers a request.
@@ -34,6 +36,78 @@ impl AnsweredBy {
     }
 }
 
+/// A request's payload decoded: by its explicit decoder when the catalog gives one, else field
+/// by field in the order listed, each by its type ([`Field`]).
+macro_rules! decode_request {
+    ($r:ident, $var:ident [$($f:ident),*] $decode:expr) => {
+        $decode
+    };
+    ($r:ident, $var:ident [$($f:ident),+]) => {
+        Request::$var { $($f: Field::decode($r)?),+ }
+    };
+    ($r:ident, $var:ident []) => {
+        Request::$var
+    };
+}
+
+/// A request field whose type says how it decodes: integers as themselves, a byte slice as
+/// a key, a list of byte slices as a batch of keys, a handle, a page or a list of them, an
+/// optional string.
+trait Field<'a>: Sized {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError>;
+}
+
+impl<'a> Field<'a> for u32 {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        r.u32()
+    }
+}
+
+impl<'a> Field<'a> for u64 {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        r.u64()
+    }
+}
+
+impl<'a> Field<'a> for &'a [u8] {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        r.key()
+    }
+}
+
+impl<'a> Field<'a> for Vec<&'a [u8]> {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        get_keys(r)
+    }
+}
+
+impl<'a> Field<'a> for Option<&'a str> {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        get_optional_str(r)
+    }
+}
+
+impl<'a> Field<'a> for Handle {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        get_handle(r)
+    }
+}
+
+impl<'a> Field<'a> for PageRef {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        Ok(PageRef {
+            region_id: r.u64()?,
+            offset: r.u64()?,
+        })
+    }
+}
+
+impl<'a> Field<'a> for Vec<PageRef> {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        get_pages(r)
+    }
+}
+
 macro_rules! catalog {
     (
         $(#[$req_meta:meta])*
@@ -41,7 +115,7 @@ macro_rules! catalog {
             $(
                 $(#[$rmeta:meta])*
                 $rvar:ident $(($($rtuple:ty),+))? $({ $($rfield:ident: $rfty:ty),+ $(,)? })?
-                    = $rconst:ident $rnum:literal $rname:literal $by:ident => $rdecode:expr,
+                    = $rconst:ident $rnum:literal $rname:literal $by:ident $(=> $rdecode:expr)?,
             )*
         }
 
@@ -107,7 +181,9 @@ macro_rules! catalog {
             $rr: &mut Reader<$lt>,
         ) -> Result<Request<$lt>, DecodeError> {
             Ok(match t {
-                $(msg_type::$rconst => $rdecode,)*
+                $(msg_type::$rconst => decode_request!(
+                    $rr, $rvar [$($($rfield),+)?] $($rdecode)?
+                ),)*
                 other => return Err(DecodeError::UnknownMessage(other)),
             })
         }
@@ -130,55 +206,60 @@ catalog! {
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Request<'a>, decoded from r {
         Hello(Hello<'a>) = HELLO 0x0001 "hello" Both => Request::Hello(get_hello(r)?),
-        Heartbeat = HEARTBEAT 0x0002 "heartbeat" Both => Request::Heartbeat,
+        Heartbeat = HEARTBEAT 0x0002 "heartbeat" Both,
         /// The sender is leaving on purpose: its regions may be released (deferred freeing).
-        Goodbye = GOODBYE 0x0003 "goodbye" Both => Request::Goodbye,
+        Goodbye = GOODBYE 0x0003 "goodbye" Both,
         /// Allocate a region for the connection's owner (from its [`Hello`]).
-        RmAlloc { size: u64, pool: Option<&'a str> } = RM_ALLOC 0x0101 "rm_alloc" Rm
-            => Request::RmAlloc { size: r.u64()?, pool: get_optional_str(r)? },
-        RmFree { handle: Handle } = RM_FREE 0x0102 "rm_free" Rm
-            => Request::RmFree { handle: get_handle(r)? },
-        RmGetAccess { handle: Handle } = RM_GET_ACCESS 0x0103 "rm_get_access" Rm
-            => Request::RmGetAccess { handle: get_handle(r)? },
-        RmStats = RM_STATS 0x0104 "rm_stats" Rm => Request::RmStats,
-        RmList = RM_LIST 0x0105 "rm_list" Rm => Request::RmList,
+        RmAlloc { size: u64, pool: Option<&'a str> } = RM_ALLOC 0x0101 "rm_alloc" Rm,
+        RmFree { handle: Handle } = RM_FREE 0x0102 "rm_free" Rm,
+        RmGetAccess { handle: Handle } = RM_GET_ACCESS 0x0103 "rm_get_access" Rm,
+        RmStats = RM_STATS 0x0104 "rm_stats" Rm,
+        RmList = RM_LIST 0x0105 "rm_list" Rm,
         /// A client asks for a new region of `size` bytes; the reply says how to map it.
-        RequestRegion { size: u64 } = REQUEST_REGION 0x0201 "request_region" Server
-            => Request::RequestRegion { size: r.u64()? },
+        RequestRegion { size: u64 } = REQUEST_REGION 0x0201 "request_region" Server,
         /// A client gives back one of its regions (freed once no key references it).
-        ReturnRegion { region_id: u64 } = RETURN_REGION 0x0202 "return_region" Server
-            => Request::ReturnRegion { region_id: r.u64()? },
+        ReturnRegion { region_id: u64 } = RETURN_REGION 0x0202 "return_region" Server,
+        /// A client whose regions have no free page and that got no new region asks for room
+        /// in its own regions: the server evicts up to `pages` victims there (policy order, no
+        /// pins, no holds) and answers with the pages it freed ([`Response::ReturnPages`],
+        /// possibly empty).
+        MakeRoom { pages: u32 } = MAKE_ROOM 0x0230 "make_room" Server,
         Register(RegisterEntry<'a>) = REGISTER 0x0203 "register" Server
             => Request::Register(get_entry(r)?),
         BatchRegister(Vec<RegisterEntry<'a>>) = BATCH_REGISTER 0x0204 "batch_register" Server
             => Request::BatchRegister(get_entries(r)?),
-        Lookup { key: &'a [u8] } = LOOKUP 0x0205 "lookup" Server
-            => Request::Lookup { key: r.key()? },
-        BatchLookup { keys: Vec<&'a [u8]> } = BATCH_LOOKUP 0x0206 "batch_lookup" Server
-            => Request::BatchLookup { keys: get_keys(r)? },
-        Exists { key: &'a [u8] } = EXISTS 0x0207 "exists" Server
-            => Request::Exists { key: r.key()? },
-        BatchExists { keys: Vec<&'a [u8]> } = BATCH_EXISTS 0x0208 "batch_exists" Server
-            => Request::BatchExists { keys: get_keys(r)? },
-        Delete { key: &'a [u8] } = DELETE 0x0209 "delete" Server
-            => Request::Delete { key: r.key()? },
-        BatchDelete { keys: Vec<&'a [u8]> } = BATCH_DELETE 0x020A "batch_delete" Server
-            => Request::BatchDelete { keys: get_keys(r)? },
-        Pin { key: &'a [u8] } = PIN 0x020B "pin" Server
-            => Request::Pin { key: r.key()? },
-        BatchPin { keys: Vec<&'a [u8]> } = BATCH_PIN 0x020C "batch_pin" Server
-            => Request::BatchPin { keys: get_keys(r)? },
-        Unpin { key: &'a [u8] } = UNPIN 0x020D "unpin" Server
-            => Request::Unpin { key: r.key()? },
-        BatchUnpin { keys: Vec<&'a [u8]> } = BATCH_UNPIN 0x020E "batch_unpin" Server
-            => Request::BatchUnpin { keys: get_keys(r)? },
-        ListAllocations = LIST_ALLOCATIONS 0x020F "list_allocations" Server
-            => Request::ListAllocations,
-        Stats = STATS 0x0210 "stats" Server => Request::Stats,
-        GetRegion { region_id: u64 } = GET_REGION 0x0211 "get_region" Server
-            => Request::GetRegion { region_id: r.u64()? },
+        Lookup { key: &'a [u8] } = LOOKUP 0x0205 "lookup" Server,
+        BatchLookup { keys: Vec<&'a [u8]> } = BATCH_LOOKUP 0x0206 "batch_lookup" Server,
+        Exists { key: &'a [u8] } = EXISTS 0x0207 "exists" Server,
+        BatchExists { keys: Vec<&'a [u8]> } = BATCH_EXISTS 0x0208 "batch_exists" Server,
+        Delete { key: &'a [u8] } = DELETE 0x0209 "delete" Server,
+        BatchDelete { keys: Vec<&'a [u8]> } = BATCH_DELETE 0x020A "batch_delete" Server,
+        Pin { key: &'a [u8] } = PIN 0x020B "pin" Server,
+        BatchPin { keys: Vec<&'a [u8]> } = BATCH_PIN 0x020C "batch_pin" Server,
+        Unpin { key: &'a [u8] } = UNPIN 0x020D "unpin" Server,
+        BatchUnpin { keys: Vec<&'a [u8]> } = BATCH_UNPIN 0x020E "batch_unpin" Server,
+        ListAllocations = LIST_ALLOCATIONS 0x020F "list_allocations" Server,
+        Stats = STATS 0x0210 "stats" Server,
+        GetRegion { region_id: u64 } = GET_REGION 0x0211 "get_region" Server,
         /// Every live region (for clients that map everything at connect, `eager_map`).
-        ListRegions = LIST_REGIONS 0x0212 "list_regions" Server => Request::ListRegions,
+        ListRegions = LIST_REGIONS 0x0212 "list_regions" Server,
+        /// Moves the deadline of every pin of the session to now + the pin TTL.
+        RenewPins = RENEW_PINS 0x0213 "renew_pins" Server,
+        /// Makes this connection the session's watch connection, where the server sends its
+        /// notices ([`Response::ReturnPages`], request id 0); answered (`Ok`) on it after
+        /// every notice queued before the request, so a client can wait for them.
+        Watch = WATCH 0x0214 "watch" Server,
+        /// The session's views of these pages are gone (one hold each). Answered with
+        /// nothing: it travels in front of the session's next request.
+        ReleaseHolds { pages: Vec<PageRef> } = RELEASE_HOLDS 0x0215 "release_holds" Server,
+        /// Whether the page still holds the registration of that generation (for readers
+        /// that kept only an address).
+        PageCurrent { page: PageRef, generation: u64 } = PAGE_CURRENT 0x0216 "page_current"
+            Server,
+        /// The owner gives back a region the server asked for ([`Response::Reclaim`]), once
+        /// none of its pages is in the owner's hands. Sent on the watch connection and
+        /// answered with nothing, like [`Request::ReleaseHolds`].
+        GiveBack { region_id: u64 } = GIVE_BACK 0x0217 "give_back" Server,
     }
 
     /// Every response. Errors travel as [`Response::Error`] with [`crate::FLAG_ERROR`] set.
@@ -195,7 +276,7 @@ catalog! {
             => Response::RmAllocations(get_rm_allocations(r)?),
         Region(RegionInfo) = R_REGION 0x8201 => Response::Region(get_region(r)?),
         /// Register: whether the key was new. Exists / Pin: whether the key exists.
-        /// Unpin: whether the key was pinned.
+        /// Unpin: whether this session had pinned the key.
         Bool(bool) = R_BOOL 0x8202 => Response::Bool(r.bool()?),
         Bools(Vec<bool>) = R_BOOLS 0x8203 => Response::Bools(get_bools(r)?),
         Lookup(Option<Location>) = R_LOOKUP 0x8204 => Response::Lookup(get_location(r)?),
@@ -210,6 +291,15 @@ catalog! {
         /// JSON of [`crate::stats::ServerStats`].
         Stats(String) = R_STATS 0x8209 => Response::Stats(get_json(r)?),
         Regions(Vec<RegionInfo>) = R_REGIONS 0x820A => Response::Regions(get_regions(r)?),
+        /// Notice to a region's owner (on its watch connection, request id 0): these pages
+        /// are free again — their key is gone and no view holds them.
+        ReturnPages(Vec<PageRef>) = R_RETURN_PAGES 0x820B
+            => Response::ReturnPages(get_pages(r)?),
+        /// Notice to a region's owner (on its watch connection, request id 0): the pool is
+        /// full and the server evicted this region's keys; give the region back
+        /// ([`Request::GiveBack`]) once no page of it is allocated.
+        Reclaim { region_id: u64 } = R_RECLAIM 0x820C
+            => Response::Reclaim { region_id: r.u64()? },
     }
 }
 
@@ -264,7 +354,7 @@ mod tests {
                 "rm_list"
             ]
         );
-        assert_eq!(SERVER_REQUESTS.len(), 21);
+        assert_eq!(SERVER_REQUESTS.len(), 27);
         assert!(SERVER_REQUESTS[..3] == RM_REQUESTS[..3]);
         assert!(SERVER_REQUESTS[3..]
             .iter()

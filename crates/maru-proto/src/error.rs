@@ -98,6 +98,9 @@ error_codes! {
     SessionConflict = 19: "instance id already in use by another session",
     Storage = 20: "state could not be made durable",
     Internal = 21: "internal error",
+    PoolUnhealthy = 22: "the pool's file or device is gone or unusable",
+    Unauthenticated = 23: "the peer could not prove who it is",
+    IndexFull = 24: "the key index is full",
 }
 
 impl fmt::Display for ErrorCode {
@@ -120,5 +123,20 @@ impl WireError {
             code,
             message: message.into(),
         }
+    }
+
+    /// `Err(BatchTooLarge)` when a listing of `len` `what` does not fit one reply
+    /// ([`MAX_BATCH`](crate::MAX_BATCH) entries), naming where the totals are instead.
+    pub fn check_listing(len: usize, what: &str, totals: &str) -> Result<(), WireError> {
+        if len <= crate::MAX_BATCH {
+            return Ok(());
+        }
+        Err(WireError::new(
+            ErrorCode::BatchTooLarge,
+            format!(
+                "{len} {what} exceed the {} one reply may list; use {totals} for totals",
+                crate::MAX_BATCH
+            ),
+        ))
     }
 }

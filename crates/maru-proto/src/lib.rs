@@ -9,9 +9,12 @@
 //! of the request it answers.
 //!
 //! Every message type is listed once, in `catalog.rs`: its variant, wire number, name, the
-//! daemon that answers it and its decoder. This crate is the wire format only: no I/O, no
-//! sockets, no libc. Reading frames from a stream, connections, waits and process identity
-//! belong to `maru-transport`.
+//! daemon that answers it and its decoder.
+//!
+//! It owns the wire format: the header, the messages and the value types they carry, the
+//! bounded codec, server URLs and the statistics documents. It may not touch I/O — no
+//! sockets, no files, no libc: reading frames from a stream, connections, waits and process
+//! identity belong to `maru-transport`, and what a message means to a daemon is the daemon's.
 //!
 //! ```
 //! use maru_proto::{encode_request, decode_frame, Body, Request};
@@ -41,14 +44,14 @@ pub use header::{Header, FLAG_ERROR, FLAG_RESPONSE, HEADER_LEN, MAGIC};
 pub use request::{decode_request, encode_request};
 pub use response::{decode_response, encode_error, encode_response};
 pub use types::{
-    Access, DeleteStatus, Handle, Hello, HelloOk, Location, RegionInfo, RegionRecord,
-    RegisterEntry, RmAllocation, Role, Slot,
+    Access, DeleteStatus, Handle, Hello, HelloOk, IndexInfo, Location, PageRef, RegionInfo,
+    RegionRecord, RegisterEntry, RmAllocation, Role, Slot,
 };
 pub use url::{ServerUrl, UrlError};
 
 /// The protocol version this build speaks. A peer with another version is refused at the
 /// handshake with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest payload a decoder accepts. Big enough for a full batch of maximal keys.
 pub const MAX_FRAME: u32 = 8 * 1024 * 1024;
@@ -61,6 +64,9 @@ pub const MAX_BATCH: usize = 4096;
 
 /// Longest string field (paths, owners, instance ids, messages).
 pub const MAX_STRING_LEN: usize = 4096;
+
+/// Longest namespace (tenant name) a hello may carry, in bytes.
+pub const MAX_NAMESPACE_LEN: usize = 255;
 
 /// Length of an auth token (a keyed BLAKE3 hash).
 pub const TOKEN_LEN: usize = 32;

@@ -7,7 +7,7 @@ use crate::error::{DecodeError, EncodeError};
 use crate::frame::{check_version, encode_with};
 use crate::header::Header;
 use crate::types::{
-    get_entry, put_entry, put_handle, put_keys, Hello, RegisterEntry, Role, MIN_KEY,
+    get_entry, put_entry, put_handle, put_keys, put_pages, Hello, RegisterEntry, Role, MIN_KEY,
 };
 
 /// Appends a request frame to `buf`. On error `buf` is left as it was.
@@ -50,6 +50,7 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
                 }
                 None => w.bool(false),
             }
+            w.str(h.namespace)?;
         }
         Request::Heartbeat
         | Request::Goodbye
@@ -57,7 +58,15 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         | Request::RmList
         | Request::ListAllocations
         | Request::Stats
-        | Request::ListRegions => {}
+        | Request::ListRegions
+        | Request::RenewPins
+        | Request::Watch => {}
+        Request::ReleaseHolds { pages } => put_pages(w, pages)?,
+        Request::PageCurrent { page, generation } => {
+            w.u64(page.region_id);
+            w.u64(page.offset);
+            w.u64(*generation);
+        }
         Request::RmAlloc { size, pool } => {
             w.u64(*size);
             match pool {
@@ -70,7 +79,10 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         }
         Request::RmFree { handle } | Request::RmGetAccess { handle } => put_handle(w, handle)?,
         Request::RequestRegion { size } => w.u64(*size),
-        Request::ReturnRegion { region_id } | Request::GetRegion { region_id } => w.u64(*region_id),
+        Request::MakeRoom { pages } => w.u32(*pages),
+        Request::ReturnRegion { region_id }
+        | Request::GetRegion { region_id }
+        | Request::GiveBack { region_id } => w.u64(*region_id),
         Request::Register(e) => put_entry(w, e)?,
         Request::BatchRegister(entries) => {
             w.count(entries.len())?;
@@ -100,6 +112,13 @@ pub(crate) fn get_hello<'a>(r: &mut Reader<'a>) -> Result<Hello<'a>, DecodeError
         pid: r.u32()?,
         start_time: r.u64()?,
         session_token: if r.bool()? { Some(r.fixed()?) } else { None },
+        namespace: {
+            let ns = r.str()?;
+            if ns.len() > crate::MAX_NAMESPACE_LEN {
+                return Err(DecodeError::InvalidField("namespace"));
+            }
+            ns
+        },
     })
 }
 

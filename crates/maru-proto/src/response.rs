@@ -6,8 +6,9 @@ use crate::error::{DecodeError, EncodeError, ErrorCode, WireError};
 use crate::frame::{check_version, encode_with};
 use crate::header::{Header, FLAG_ERROR, FLAG_RESPONSE};
 use crate::types::{
-    delete_status, get_handle, get_region, put_access, put_handle, put_region, DeleteStatus,
-    HelloOk, Location, RegionInfo, RegionRecord, RmAllocation, Slot, MIN_HANDLE, MIN_REGION,
+    delete_status, get_handle, get_region, put_access, put_handle, put_pages, put_region,
+    DeleteStatus, HelloOk, Location, RegionInfo, RegionRecord, RmAllocation, Slot, MIN_HANDLE,
+    MIN_REGION,
 };
 
 /// Appends a response frame to `buf`. On error `buf` is left as it was.
@@ -59,6 +60,10 @@ fn encode_response_payload(w: &mut Writer, resp: &Response) -> Result<(), Encode
             w.str(&h.server)?;
             w.str(&h.hostname)?;
             w.raw(&h.session_token);
+            if let Some(ix) = &h.index {
+                w.str(&ix.path)?;
+                w.u32(ix.namespace);
+            }
         }
         Response::Ok => {}
         Response::Error(e) => {
@@ -92,6 +97,7 @@ fn encode_response_payload(w: &mut Writer, resp: &Response) -> Result<(), Encode
                 put_region(w, &l.region)?;
                 w.u64(l.offset);
                 w.u64(l.len);
+                w.u64(l.generation);
             }
             None => w.bool(false),
         },
@@ -108,6 +114,7 @@ fn encode_response_payload(w: &mut Writer, resp: &Response) -> Result<(), Encode
                         w.u32(s.region_index);
                         w.u64(s.offset);
                         w.u64(s.len);
+                        w.u64(s.generation);
                     }
                     None => w.bool(false),
                 }
@@ -135,6 +142,8 @@ fn encode_response_payload(w: &mut Writer, resp: &Response) -> Result<(), Encode
                 put_region(w, region)?;
             }
         }
+        Response::ReturnPages(pages) => put_pages(w, pages)?,
+        Response::Reclaim { region_id } => w.u64(*region_id),
     }
     Ok(())
 }
@@ -144,6 +153,15 @@ pub(crate) fn get_hello_ok(r: &mut Reader) -> Result<HelloOk, DecodeError> {
         server: r.str()?.to_owned(),
         hostname: r.str()?.to_owned(),
         session_token: r.fixed()?,
+        // A reply without the index fields is a daemon that keeps no index.
+        index: if r.remaining() == 0 {
+            None
+        } else {
+            Some(crate::IndexInfo {
+                path: r.str()?.to_owned(),
+                namespace: r.u32()?,
+            })
+        },
     })
 }
 
@@ -191,6 +209,7 @@ pub(crate) fn get_location(r: &mut Reader) -> Result<Option<Location>, DecodeErr
         region: get_region(r)?,
         offset: r.u64()?,
         len: r.u64()?,
+        generation: r.u64()?,
     }))
 }
 
@@ -207,6 +226,7 @@ pub(crate) fn get_batch_lookup(r: &mut Reader) -> Result<Response, DecodeError> 
                 region_index: r.u32()?,
                 offset: r.u64()?,
                 len: r.u64()?,
+                generation: r.u64()?,
             };
             if slot.region_index as usize >= regions.len() {
                 return Err(DecodeError::InvalidField("region index"));

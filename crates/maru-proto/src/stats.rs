@@ -26,6 +26,16 @@ pub struct PoolStats {
     pub page_size: u64,
     pub regions: u64,
     pub largest_free_extent: u64,
+    /// Why no region can come from the pool now (its file or device is gone), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// UUID of the pool's header (what clients check the file they map against).
+    #[serde(default)]
+    pub uuid: String,
+    /// Bytes at the start of the pool that hold its header and are never allocated (not in
+    /// `total_bytes`).
+    #[serde(default)]
+    pub reserved_bytes: u64,
 }
 
 /// Resource-manager statistics.
@@ -43,14 +53,62 @@ pub struct RmStats {
     pub ops: BTreeMap<String, OpStats>,
 }
 
-/// Per-instance usage, as the metadata server sees it.
+/// Per-instance usage, as the metadata server sees it. Key counts are of the keys in the
+/// instance's regions; `hits` are reads answered from them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClientStats {
     pub instance_id: String,
     pub connected: bool,
     pub connections: u64,
     pub regions: u64,
+    /// Bytes of the instance's regions.
     pub bytes: u64,
+    pub keys: u64,
+    /// Bytes referenced by the keys in the instance's regions.
+    pub key_bytes: u64,
+    /// Pins on those keys.
+    pub pins: u64,
+    pub hits: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+}
+
+/// One namespace (tenant): its keys, reads and evictions. The empty name is the default
+/// namespace.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NamespaceStats {
+    pub namespace: String,
+    /// Byte quota (`--quota`), if any.
+    pub quota: Option<u64>,
+    pub keys: u64,
+    pub bytes: u64,
+    /// Pins held by the namespace's sessions.
+    pub pins: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+}
+
+/// How the metadata server manages capacity (its settings and where it stands).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvictionStats {
+    /// `--evict-policy`.
+    pub policy: String,
+    /// `--evict-high` and `--evict-low`, fractions of the pool.
+    pub high: f64,
+    pub low: f64,
+    /// Bytes of the pools regions come from (0 while unknown).
+    pub pool_bytes: u64,
+    /// Bytes referenced by every key, compared with the watermarks.
+    pub key_bytes: u64,
+    /// Keys the policy orders (every registered key).
+    pub tracked_keys: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
 }
 
 /// Metadata-server statistics (`maru stats --json` prints this document).
@@ -63,6 +121,9 @@ pub struct ServerStats {
     /// Bytes referenced by registered keys.
     pub bytes: u64,
     pub pinned_keys: u64,
+    /// Pins dropped by the lease clock because their deadline passed (since start).
+    #[serde(default)]
+    pub pins_expired: u64,
     pub regions: u64,
     pub region_bytes: u64,
     pub clients: Vec<ClientStats>,
@@ -70,4 +131,8 @@ pub struct ServerStats {
     pub pools: Vec<PoolStats>,
     pub rm_error: Option<String>,
     pub ops: BTreeMap<String, OpStats>,
+    #[serde(default)]
+    pub eviction: EvictionStats,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceStats>,
 }

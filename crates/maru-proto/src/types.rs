@@ -43,8 +43,28 @@ pub struct Hello<'a> {
     /// Start time of the peer process in clock ticks since boot (`/proc/PID/stat` field 22);
     /// 0 lets a same-host resource manager read it itself.
     pub start_time: u64,
-    /// Present when attaching another connection to an existing instance session.
+    /// Present when attaching another connection to an existing session (from
+    /// [`HelloOk::session_token`]); absent, the hello starts a new session.
     pub session_token: Option<[u8; SESSION_TOKEN_LEN]>,
+    /// The tenant whose keys the session sees ("": the shared default namespace). At most
+    /// [`crate::MAX_NAMESPACE_LEN`] bytes.
+    pub namespace: &'a str,
+}
+
+impl<'a> Hello<'a> {
+    /// A hello that names no instance, starts no session and sees the default namespace:
+    /// what administrators and a resource manager's clients send.
+    pub fn sessionless(role: Role, host: &'a str, pid: u32, start_time: u64) -> Self {
+        Hello {
+            role,
+            instance_id: "",
+            host,
+            pid,
+            start_time,
+            session_token: None,
+            namespace: "",
+        }
+    }
 }
 
 /// Answer to [`Hello`].
@@ -53,8 +73,21 @@ pub struct HelloOk {
     /// Name and version of the answering daemon, for people.
     pub server: String,
     pub hostname: String,
-    /// Secret that lets further connections of the same instance join its session.
+    /// Secret that lets further connections of the same handler join its session.
     pub session_token: [u8; SESSION_TOKEN_LEN],
+    /// The metadata server's key index in shared memory, for clients that can map it
+    /// (`None`: the server keeps none, or the daemon is a resource manager).
+    pub index: Option<IndexInfo>,
+}
+
+/// Where a metadata server's key index is and how a session finds its keys in it: a client
+/// that can open `path` answers existence checks and copy-out reads without a round trip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexInfo {
+    /// The index file, as the server's host names it.
+    pub path: String,
+    /// The session's namespace's number in the index.
+    pub namespace: u32,
 }
 
 /// A region as handed out by the resource manager. The token is a keyed hash over every
@@ -80,6 +113,9 @@ pub struct Access {
     pub len: u64,
     /// Page size backing the file (4 KiB on tmpfs, 2 MiB on hugetlbfs).
     pub page_size: u64,
+    /// UUID in the header of the pool the region is in: a client checks that the file it
+    /// maps belongs to that pool. All zeroes: the granting daemon names no pool identity.
+    pub pool_uuid: [u8; 16],
 }
 
 /// A region with what a client needs to map it, in one message.
@@ -95,6 +131,9 @@ pub struct Location {
     pub region: RegionInfo,
     pub offset: u64,
     pub len: u64,
+    /// The registration's generation: a number the server never gives another registration
+    /// (see [`Request::PageCurrent`](crate::Request::PageCurrent)).
+    pub generation: u64,
 }
 
 /// One entry of a batch lookup: an index into the reply's region table.
@@ -103,6 +142,15 @@ pub struct Slot {
     pub region_index: u32,
     pub offset: u64,
     pub len: u64,
+    pub generation: u64,
+}
+
+/// A page of a region, by the region's id and the page's byte offset in it: what view holds
+/// are released for, and what page returns name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageRef {
+    pub region_id: u64,
+    pub offset: u64,
 }
 
 /// Registration of a key at a location inside a region the caller owns.
@@ -174,6 +222,7 @@ pub(crate) fn put_access(w: &mut Writer, a: &Access) -> Result<(), EncodeError> 
     w.u64(a.offset);
     w.u64(a.len);
     w.u64(a.page_size);
+    w.raw(&a.pool_uuid);
     Ok(())
 }
 
@@ -183,6 +232,7 @@ pub(crate) fn get_access(r: &mut Reader) -> Result<Access, DecodeError> {
         offset: r.u64()?,
         len: r.u64()?,
         page_size: r.u64()?,
+        pool_uuid: r.fixed()?,
     })
 }
 
@@ -231,6 +281,27 @@ pub(crate) fn get_entry<'a>(r: &mut Reader<'a>) -> Result<RegisterEntry<'a>, Dec
         offset: r.u64()?,
         len: r.u64()?,
     })
+}
+
+pub(crate) fn put_pages(w: &mut Writer, pages: &[PageRef]) -> Result<(), EncodeError> {
+    w.count(pages.len())?;
+    for p in pages {
+        w.u64(p.region_id);
+        w.u64(p.offset);
+    }
+    Ok(())
+}
+
+pub(crate) fn get_pages(r: &mut Reader) -> Result<Vec<PageRef>, DecodeError> {
+    let n = r.count(16)?;
+    (0..n)
+        .map(|_| {
+            Ok(PageRef {
+                region_id: r.u64()?,
+                offset: r.u64()?,
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn delete_status(v: u8) -> Result<DeleteStatus, DecodeError> {

@@ -32,17 +32,26 @@ fn handle() -> impl Strategy<Value = Handle> {
         })
 }
 fn region() -> impl Strategy<Value = RegionInfo> {
-    (handle(), s(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-        |(handle, path, offset, len, page_size)| RegionInfo {
-            handle,
-            access: Access {
-                path,
-                offset,
-                len,
-                page_size,
-            },
-        },
+    (
+        handle(),
+        s(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<[u8; 16]>(),
     )
+        .prop_map(
+            |(handle, path, offset, len, page_size, pool_uuid)| RegionInfo {
+                handle,
+                access: Access {
+                    path,
+                    offset,
+                    len,
+                    page_size,
+                    pool_uuid,
+                },
+            },
+        )
 }
 fn delete_status() -> impl Strategy<Value = DeleteStatus> {
     prop_oneof![
@@ -79,13 +88,14 @@ proptest! {
         let ks = refs(&ks);
         let entries: Vec<RegisterEntry> = ks.iter().map(|k| RegisterEntry { key: k, region_id: n, offset: m, len: n ^ m }).collect();
         let all = vec![
-            Request::Hello(Hello { role: Role::Client, instance_id: &name, host: &name, pid, start_time: n, session_token: tok }),
-            Request::Hello(Hello { role: Role::Admin, instance_id: "", host: "h", pid, start_time: 0, session_token: None }),
+            Request::Hello(Hello { role: Role::Client, instance_id: &name, host: &name, pid, start_time: n, session_token: tok, namespace: if n % 2 == 0 { "" } else { &name } }),
+            Request::Hello(Hello { role: Role::Admin, instance_id: "", host: "h", pid, start_time: 0, session_token: None, namespace: "" }),
             Request::Heartbeat, Request::Goodbye,
             Request::RmAlloc { size: n, pool: Some(&name) }, Request::RmAlloc { size: m, pool: None },
             Request::RmFree { handle: h.clone() }, Request::RmGetAccess { handle: h.clone() },
             Request::RmStats, Request::RmList,
             Request::RequestRegion { size: n }, Request::ReturnRegion { region_id: m },
+            Request::MakeRoom { pages: n as u32 },
             Request::Register(RegisterEntry { key: &k, region_id: n, offset: m, len: 7 }),
             Request::BatchRegister(entries),
             Request::Lookup { key: &k }, Request::BatchLookup { keys: ks.clone() },
@@ -107,9 +117,10 @@ proptest! {
                            sts in proptest::collection::vec(delete_status(), 0..20),
                            slots in proptest::collection::vec(proptest::option::of((0u32..1, any::<u64>(), any::<u64>())), 0..20)) {
         let code = ErrorCode::all()[(n as usize) % ErrorCode::all().len()];
-        let entries = slots.into_iter().map(|o| o.map(|(region_index, offset, len)| Slot { region_index, offset, len })).collect();
+        let entries = slots.into_iter().map(|o| o.map(|(region_index, offset, len)| Slot { region_index, offset, len, generation: offset + 1 })).collect();
         let all = vec![
-            Response::HelloOk(HelloOk { server: name.clone(), hostname: name.clone(), session_token: [7; 16] }),
+            Response::HelloOk(HelloOk { server: name.clone(), hostname: name.clone(), session_token: [7; 16], index: None }),
+            Response::HelloOk(HelloOk { server: name.clone(), hostname: name.clone(), session_token: [7; 16], index: Some(maru_proto::IndexInfo { path: name.clone(), namespace: 9 }) }),
             Response::Ok,
             Response::Error(WireError::new(code, name.clone())),
             Response::Handle(h.clone()),
@@ -119,7 +130,7 @@ proptest! {
             Response::Region(r.clone()),
             Response::Bool(n % 2 == 0),
             Response::Bools(bools),
-            Response::Lookup(Some(Location { region: r.clone(), offset: n, len: 9 })),
+            Response::Lookup(Some(Location { region: r.clone(), offset: n, len: 9, generation: n + 7 })),
             Response::Lookup(None),
             Response::BatchLookup { regions, entries },
             Response::Delete(st),
@@ -213,12 +224,12 @@ fn wrong_magic_version_and_type_are_typed() {
     assert!(matches!(decode_frame(&bad), Err(DecodeError::BadMagic(_))));
 
     let mut v2 = buf.clone();
-    v2[4] = 2;
+    v2[4] = (PROTOCOL_VERSION + 1) as u8;
     let err = decode_frame(&v2).unwrap_err();
     assert_eq!(
         err,
         DecodeError::UnsupportedVersion {
-            got: 2,
+            got: PROTOCOL_VERSION + 1,
             ours: PROTOCOL_VERSION
         }
     );

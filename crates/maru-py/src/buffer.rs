@@ -5,7 +5,7 @@
 use std::ffi::c_int;
 use std::mem::MaybeUninit;
 use std::os::raw::{c_char, c_void};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use maru_client::View;
 use pyo3::exceptions::PyBufferError;
@@ -22,6 +22,10 @@ pub struct ShmBuffer {
     /// Exports the whole mapping `view` points into instead of `view`'s own bytes (the
     /// region-wide exporter that `batch_retrieve`'s views are slices of).
     whole: bool,
+    /// The other views whose pages the exported memory shows (a region-wide exporter's
+    /// slices): their page holds last as long as the exporter, i.e. until the last buffer
+    /// over any of its slices is released.
+    held: Mutex<Vec<View>>,
 }
 
 impl ShmBuffer {
@@ -112,7 +116,14 @@ impl ShmBuffer {
 
 /// A `memoryview` over `view`, sized exactly to it (no Python-level slicing).
 pub fn memoryview(py: Python<'_>, view: View) -> PyResult<Bound<'_, PyMemoryView>> {
-    let exporter = Bound::new(py, ShmBuffer { view, whole: false })?;
+    let exporter = Bound::new(
+        py,
+        ShmBuffer {
+            view,
+            whole: false,
+            held: Mutex::new(Vec::new()),
+        },
+    )?;
     PyMemoryView::from(exporter.as_any())
 }
 
@@ -124,7 +135,12 @@ pub struct RegionViews<'py> {
     py: Python<'py>,
     /// (mapping address, writable) -> region-wide memoryview. Few entries (one per instance
     /// whose region a call touches), so a scan with the last hit first is enough.
-    regions: Vec<(*const (), bool, Bound<'py, PyMemoryView>)>,
+    regions: Vec<(
+        *const (),
+        bool,
+        Bound<'py, PyMemoryView>,
+        Bound<'py, ShmBuffer>,
+    )>,
     last: usize,
 }
 
@@ -140,21 +156,42 @@ impl<'py> RegionViews<'py> {
     /// A memoryview of exactly `view`'s bytes.
     pub fn view(&mut self, view: View) -> PyResult<Bound<'py, PyAny>> {
         let key = (Arc::as_ptr(view.mapping()).cast::<()>(), view.is_writable());
-        let hit = |r: &(*const (), bool, Bound<'py, PyMemoryView>)| (r.0, r.1) == key;
+        type Entry<'p> = (
+            *const (),
+            bool,
+            Bound<'p, PyMemoryView>,
+            Bound<'p, ShmBuffer>,
+        );
+        let hit = |r: &Entry<'py>| (r.0, r.1) == key;
         let i = if self.regions.get(self.last).is_some_and(hit) {
             self.last
         } else if let Some(i) = self.regions.iter().position(hit) {
             i
         } else {
             let (start, len) = (view.offset(), view.len());
-            let exporter = Bound::new(self.py, ShmBuffer { view, whole: true })?;
+            let exporter = Bound::new(
+                self.py,
+                ShmBuffer {
+                    view,
+                    whole: true,
+                    held: Mutex::new(Vec::new()),
+                },
+            )?;
             let mv = PyMemoryView::from(exporter.as_any())?;
-            self.regions.push((key.0, key.1, mv));
+            self.regions.push((key.0, key.1, mv, exporter));
             self.last = self.regions.len() - 1;
             return self.slice(self.last, start, len);
         };
         self.last = i;
-        self.slice(i, view.offset(), view.len())
+        let (start, len) = (view.offset(), view.len());
+        self.regions[i]
+            .3
+            .get()
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(view);
+        self.slice(i, start, len)
     }
 
     fn slice(&self, i: usize, start: usize, len: usize) -> PyResult<Bound<'py, PyAny>> {
@@ -208,6 +245,39 @@ impl RawBuf {
         // buffer is held, i.e. until our drop. Other threads may write the memory meanwhile
         // (Python gives no exclusivity); we only ever copy these bytes out.
         unsafe { std::slice::from_raw_parts(self.view.buf as *const u8, len) }
+    }
+}
+
+impl RawBuf {
+    /// A writable contiguous byte view of `obj` (bytearray, writable memoryview, numpy or
+    /// torch CPU tensor) for a copy out; read-only objects raise BufferError.
+    pub fn get_writable(obj: &Bound<'_, PyAny>) -> PyResult<RawBuf> {
+        let mut view: Box<MaybeUninit<ffi::Py_buffer>> = Box::new(MaybeUninit::zeroed());
+        // SAFETY: as in `get`; PyBUF_WRITABLE makes read-only exporters refuse.
+        let rc = unsafe {
+            ffi::PyObject_GetBuffer(
+                obj.as_ptr(),
+                view.as_mut_ptr(),
+                ffi::PyBUF_SIMPLE | ffi::PyBUF_WRITABLE,
+            )
+        };
+        if rc != 0 {
+            return Err(PyErr::fetch(obj.py()));
+        }
+        // SAFETY: PyObject_GetBuffer returned 0, so it filled the whole struct.
+        let view = unsafe { Box::from_raw(Box::into_raw(view).cast::<ffi::Py_buffer>()) };
+        Ok(RawBuf { view })
+    }
+
+    /// The bytes of a buffer from [`RawBuf::get_writable`], to copy into.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = usize::try_from(self.view.len).unwrap_or(0);
+        if len == 0 || self.view.buf.is_null() || self.view.readonly != 0 {
+            return &mut [];
+        }
+        // SAFETY: the exporter guarantees `len` contiguous writable bytes at `buf` while the
+        // buffer is held (until our drop); `&mut self` keeps this the only slice we make.
+        unsafe { std::slice::from_raw_parts_mut(self.view.buf as *mut u8, len) }
     }
 }
 

@@ -1,19 +1,23 @@
-//! `maru.MaruHandler`: the seed's API over [`maru_client::MaruHandler`].
+//! `maru.MaruHandler`: the documented Python API over [`maru_client::MaruHandler`].
 //!
-//! GIL policy: single-key calls run with the GIL held and a [`PyHook`], so the reply is
-//! awaited briefly with the GIL held and the GIL is released only when the server is slow.
-//! Batch calls and copies of more than [`DETACH_COPY_BYTES`] release the GIL from the start.
+//! GIL policy: calls, single-key and batches alike, run with the GIL held and a [`PyHook`], so
+//! the reply is awaited for a grace with the GIL held (its length follows the reply times the
+//! session measures) and the GIL is released only when the server is slow. Copies of more
+//! than [`DETACH_COPY_BYTES`] release it from the start.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
-use maru_client::{DeleteStatus, MaruConfig, MaruHandler, PageId, RegionCallback, StoreItem, View};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use maru_client::{DeleteStatus, Hooked, MaruHandler, PageId, RegionCallback, StoreItem, View};
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString};
+use pyo3::types::{PyDict, PyList};
 
+use crate::args::{
+    alloc_size, buffer, key_bytes, keys_vec, page_of, read_config, some, store_source, with_keys,
+    writable, StoreSource,
+};
 use crate::buffer::{memoryview, RawBuf, RegionViews};
-use crate::errors::{py_err, to_py};
+use crate::errors::{invalid, py_err, raise};
 use crate::types::{
     region_stats_dict, store_regions_dict, AllocHandle, MaruHandle, MemoryInfo, OwnedRegionManager,
     PagedMemoryAllocator,
@@ -23,111 +27,6 @@ use crate::PyHook;
 /// Copies larger than this release the GIL for the whole call: at ~10 GB/s, 64 KiB is
 /// ~6 µs, about what releasing and re-taking the GIL may cost when nobody else wants it.
 pub const DETACH_COPY_BYTES: usize = 64 * 1024;
-
-/// A key as bytes: `str` (UTF-8), `bytes`, or `int` (its decimal string, so `key=12345`
-/// works as in the seed).
-fn key_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
-    if let Ok(s) = obj.cast::<PyString>() {
-        return Ok(Cow::Borrowed(s.to_str()?.as_bytes()));
-    }
-    if obj.is_instance_of::<PyInt>() {
-        return Ok(Cow::Owned(obj.str()?.to_str()?.as_bytes().to_vec()));
-    }
-    if let Ok(b) = obj.cast::<PyBytes>() {
-        return Ok(Cow::Borrowed(b.as_bytes()));
-    }
-    Err(PyTypeError::new_err(format!(
-        "key must be str or int, not {}",
-        obj.get_type().name()?
-    )))
-}
-
-fn keys_vec(keys: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
-    keys.try_iter()?
-        .map(|k| Ok(key_bytes(&k?)?.into_owned()))
-        .collect()
-}
-
-/// Region, page and size of an `AllocHandle` (ours, or any object with those attributes:
-/// integrations build handles from a region id and page index to free them).
-fn page_of(obj: &Bound<'_, PyAny>) -> PyResult<(PageId, u64)> {
-    if let Ok(h) = obj.cast::<AllocHandle>() {
-        let h = h.borrow();
-        return Ok((
-            PageId {
-                region_id: h.region_id,
-                page_index: h.page_index,
-            },
-            h.size,
-        ));
-    }
-    let get = |a: &str, b: &str| -> PyResult<u64> {
-        match obj.getattr(a) {
-            Ok(v) => v.extract(),
-            Err(_) => obj.getattr(b)?.extract(),
-        }
-    };
-    Ok((
-        PageId {
-            region_id: get("region_id", "_region_id")?,
-            page_index: get("page_index", "_page_index")?,
-        },
-        get("size", "_size").unwrap_or(0),
-    ))
-}
-
-/// The object whose bytes to store: a MemoryInfo's view, or the object itself.
-fn data_object<'py>(obj: &Bound<'py, PyAny>) -> Bound<'py, PyAny> {
-    match obj.cast::<MemoryInfo>() {
-        Ok(info) => info.borrow().view.bind(obj.py()).clone(),
-        Err(_) => obj.clone(),
-    }
-}
-
-fn attr<'py, T: for<'a> FromPyObject<'a, 'py>>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<T> {
-    let v = obj
-        .getattr(name)
-        .map_err(|e| PyValueError::new_err(format!("config has no {name}: {e}")))?;
-    v.extract::<T>()
-        .map_err(|e| PyValueError::new_err(format!("invalid {name}: {}", Into::<PyErr>::into(e))))
-}
-
-/// Reads a `maru.MaruConfig` (or any object with its attributes) into the Rust config.
-fn read_config(obj: &Bound<'_, PyAny>) -> PyResult<MaruConfig> {
-    let mut c = MaruConfig {
-        server_url: attr(obj, "server_url")?,
-        instance_id: attr(obj, "instance_id")?,
-        pool_size: attr(obj, "pool_size")?,
-        chunk_size_bytes: attr(obj, "chunk_size_bytes")?,
-        auto_connect: attr(obj, "auto_connect")?,
-        timeout_ms: attr(obj, "timeout_ms")?,
-        use_async_rpc: attr(obj, "use_async_rpc")?,
-        max_inflight: attr(obj, "max_inflight")?,
-        eager_map: attr(obj, "eager_map")?,
-        auto_expand: attr(obj, "auto_expand")?,
-        expand_size: attr(obj, "expand_size")?,
-        ..MaruConfig::default()
-    };
-    // Maru's own field: a configuration object of the original Maru does not have it.
-    if obj.hasattr("busy_poll")? {
-        c.busy_poll = attr(obj, "busy_poll")?;
-    }
-    if obj.hasattr("write_behind")? {
-        c.write_behind = attr(obj, "write_behind")?;
-    }
-    if let Ok(us) = std::env::var("MARU_REPLY_GRACE_US") {
-        let us: u64 = us.trim().parse().map_err(|_| {
-            PyValueError::new_err(format!("MARU_REPLY_GRACE_US={us:?} is not a number"))
-        })?;
-        c.reply_grace = std::time::Duration::from_micros(us);
-    }
-    Ok(c)
-}
-
-/// An optional argument, with an explicit None treated as absent.
-fn some<'py>(o: Option<&Bound<'py, PyAny>>) -> Option<Bound<'py, PyAny>> {
-    o.filter(|x| !x.is_none()).cloned()
-}
 
 fn warn(py: Python<'_>, msg: &str) {
     let logged = py
@@ -141,6 +40,7 @@ fn warn(py: Python<'_>, msg: &str) {
 
 fn memory_info(py: Python<'_>, view: View) -> PyResult<Py<MemoryInfo>> {
     let (region_id, page_index) = (view.region_id(), view.page_index());
+    let generation = view.generation();
     let mv = memoryview(py, view)?;
     Py::new(
         py,
@@ -148,12 +48,15 @@ fn memory_info(py: Python<'_>, view: View) -> PyResult<Py<MemoryInfo>> {
             view: mv.into_any().unbind(),
             region_id: Some(region_id),
             page_index: Some(page_index),
+            generation: Some(generation),
         },
     )
 }
 
 /// Main interface: stores, retrieves and deletes KV-cache chunks in shared memory through a
-/// Maru metadata server. Reads run concurrently; writes are serialised.
+/// Maru metadata server. Reads run concurrently; writes are serialised. Errors are the
+/// classes of `maru.errors`. After `os.fork()` the handler stays the parent's: the child's
+/// calls raise ForkedHandlerError unless `MaruConfig(reconnect_after_fork=True)`.
 #[pyclass(module = "maru", name = "MaruHandler", subclass)]
 pub struct PyMaruHandler {
     h: Arc<MaruHandler>,
@@ -163,6 +66,31 @@ pub struct PyMaruHandler {
 impl PyMaruHandler {
     fn hook<'py>(py: Python<'py>) -> PyHook<'py> {
         PyHook(py)
+    }
+
+    /// Runs `op` on the handler with waits that release the GIL; its error as the Python
+    /// exception of its kind.
+    fn call<T>(
+        &self,
+        py: Python<'_>,
+        op: impl FnOnce(&Hooked<'_>) -> maru_client::Result<T>,
+    ) -> PyResult<T> {
+        op(&self.h.with_hook(&Self::hook(py))).map_err(py_err(py))
+    }
+
+    /// [`call`](Self::call) of an operation on one key (any key form Python passes).
+    fn keyed<T>(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        op: impl FnOnce(&Hooked<'_>, &[u8]) -> maru_client::Result<T>,
+    ) -> PyResult<T> {
+        let key = key_bytes(key)?;
+        self.call(py, |h| op(h, &key))
+    }
+
+    fn delete_with_status(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<DeleteStatus> {
+        self.keyed(py, key, |h, k| h.delete(k))
     }
 }
 
@@ -177,24 +105,34 @@ impl PyMaruHandler {
         };
         let cfg = read_config(&config)?;
         let auto_connect = cfg.auto_connect;
-        let h = MaruHandler::new(cfg).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let h = MaruHandler::new(cfg).map_err(py_err(py))?;
         let me = PyMaruHandler {
             h: Arc::new(h),
             auto_connect,
         };
         if auto_connect {
-            me.connect(py)?;
+            // A handler that could not connect is not handed out half-made.
+            me.h.with_hook(&Self::hook(py))
+                .connect()
+                .map_err(py_err(py))?;
         }
         Ok(me)
     }
 
-    /// Connects to the server and takes the first owned region. True on success; False (with
-    /// a warning on the `maru` logger) when the server cannot be reached or refuses.
+    /// Connects to the server. No region is taken yet (the first `alloc` or `store` takes one
+    /// of `pool_size` bytes), so a handler connects to a full pool and reads there. True on
+    /// success; False (with a warning on the `maru` logger, and the reason in later calls'
+    /// NotConnectedError) when the server cannot be reached or refuses. `MaruHandler(config)`
+    /// with `auto_connect` raises ConnectFailedError instead.
+    ///
+    /// After `os.fork()` a connected handler belongs to the parent: in the child every call
+    /// raises ForkedHandlerError (the parent's session and sockets are never touched), or,
+    /// with `MaruConfig(reconnect_after_fork=True)`, the child's first call connects a
+    /// session of its own.
     fn connect(&self, py: Python<'_>) -> PyResult<bool> {
         if self.h.is_closed() {
-            return Err(PyRuntimeError::new_err(
-                "MaruHandler is closed; create a new handler",
-            ));
+            let msg = "MaruHandler is closed; create a new handler".to_owned();
+            return Err(raise(py, "HandlerClosedError", msg, None, "connect"));
         }
         match self.h.with_hook(&Self::hook(py)).connect() {
             Ok(()) => Ok(true),
@@ -218,14 +156,9 @@ impl PyMaruHandler {
     }
 
     /// Allocates a page; write into `handle.buf`, then `store(key, handle=handle)`.
-    fn alloc(&self, py: Python<'_>, size: i64) -> PyResult<AllocHandle> {
-        let size = u64::try_from(size)
-            .map_err(|_| PyValueError::new_err(format!("size must be >= 0, got {size}")))?;
-        let handle = self
-            .h
-            .with_hook(&Self::hook(py))
-            .alloc(size)
-            .map_err(py_err(py))?;
+    fn alloc(&self, py: Python<'_>, size: &Bound<'_, PyAny>) -> PyResult<AllocHandle> {
+        let size = alloc_size(size, self.h.chunk_size())?;
+        let handle = self.call(py, |h| h.alloc(size))?;
         let (region_id, page_index) = (handle.region_id(), handle.page_index());
         let buf = memoryview(py, handle.view().clone())?;
         Ok(AllocHandle {
@@ -239,11 +172,8 @@ impl PyMaruHandler {
     /// Frees a page from alloc() (before store: discard; after: eviction, which also deletes
     /// the key so no reader sees the page reused). ValueError if the page is not tracked.
     fn free(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
-        let (page, _) = page_of(handle)?;
-        self.h
-            .with_hook(&Self::hook(py))
-            .free(page)
-            .map_err(py_err(py))
+        let (page, _) = page_of(handle, "free: handle")?;
+        self.call(py, |h| h.free(page))
     }
 
     /// Stores `key`. With `handle` (zero copy) only the key is registered; otherwise the
@@ -261,26 +191,12 @@ impl PyMaruHandler {
         handle: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         let key = key_bytes(key)?;
-        let handle = some(handle).or_else(|| {
-            // An AllocHandle passed positionally is a zero-copy store too.
-            some(info).filter(|i| i.is_instance_of::<AllocHandle>())
-        });
-        if let Some(handle) = handle {
-            let (page, size) = page_of(&handle)?;
-            return self
-                .h
-                .with_hook(&Self::hook(py))
-                .store_page(&key, page, size)
-                .map(|_| true)
-                .map_err(py_err(py));
-        }
-        let src = some(data)
-            .or_else(|| some(info))
-            .ok_or_else(|| PyValueError::new_err("store() needs data, info or handle"))?;
-        let data = RawBuf::get(&data_object(&src))?;
-        let prefix = match some(prefix) {
-            Some(p) => Some(RawBuf::get(&p)?),
-            None => None,
+        let (data, prefix) = match store_source(some(info), some(prefix), some(data), some(handle))?
+        {
+            StoreSource::Page(page, size) => {
+                return self.call(py, |h| h.store_page(&key, page, size).map(|_| true));
+            }
+            StoreSource::Copy { data, prefix } => (data, prefix),
         };
         let (d, p) = (
             data.as_slice(),
@@ -299,53 +215,69 @@ impl PyMaruHandler {
     /// instances' regions), or None if the key does not exist.
     fn retrieve(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<Option<Py<MemoryInfo>>> {
         let key = key_bytes(key)?;
-        match self
-            .h
-            .with_hook(&Self::hook(py))
-            .retrieve(&key)
-            .map_err(py_err(py))?
-        {
+        match self.call(py, |h| h.retrieve(&key))? {
             Some(view) => Ok(Some(memory_info(py, view)?)),
             None => Ok(None),
         }
     }
 
     fn exists(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let key = key_bytes(key)?;
-        self.h
-            .with_hook(&Self::hook(py))
-            .exists(&key)
-            .map_err(py_err(py))
+        self.keyed(py, key, |h, k| h.exists(k))
     }
 
-    /// Deletes `key` and frees its page if it is ours. False if the key did not exist or is
-    /// pinned.
+    /// Deletes `key`. False if the key did not exist or is pinned; `delete_status` tells
+    /// which.
     fn delete(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let key = key_bytes(key)?;
-        let status = self
-            .h
-            .with_hook(&Self::hook(py))
-            .delete(&key)
-            .map_err(py_err(py))?;
-        Ok(status == DeleteStatus::Deleted)
+        Ok(self.delete_with_status(py, key)? == DeleteStatus::Deleted)
     }
 
-    /// Pins `key` against deletion. False if the key does not exist.
+    /// Deletes `key` and says what happened: "deleted", "not_found", or "pinned" (a handler
+    /// holds a pin on it; the key stays).
+    fn delete_status(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+        Ok(match self.delete_with_status(py, key)? {
+            DeleteStatus::Deleted => "deleted",
+            DeleteStatus::NotFound => "not_found",
+            DeleteStatus::Pinned => "pinned",
+        })
+    }
+
+    /// Whether `info` (a MemoryInfo from retrieve, or any object with region_id, page_index
+    /// and generation) still describes the registration it was read for. A retrieved view
+    /// needs no check — it holds its page while any buffer over it lives — but a reader that
+    /// kept only the address reads through it and then asks this.
+    fn generation_matches(&self, py: Python<'_>, info: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let field = |name: &str| -> PyResult<u64> {
+            info.getattr(name)
+                .and_then(|v| v.extract::<u64>())
+                .map_err(|_| crate::errors::invalid(format!("info has no integer {name}")))
+        };
+        let (region_id, page_index, generation) = (
+            field("region_id")?,
+            field("page_index")?,
+            field("generation")?,
+        );
+        let offset = page_index
+            .checked_mul(self.h.config().page_stride())
+            .ok_or_else(|| crate::errors::invalid("info.page_index is out of range"))?;
+        self.call(py, |h| h.page_current(region_id, offset, generation))
+    }
+
+    /// Renews every pin this handler holds (a pin is a lease: it ends when the server's pin
+    /// TTL passes without a renewal).
+    fn renew_pins(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |h| h.renew_pins())
+    }
+
+    /// Pins `key` against deletion and eviction, for this handler, until `unpin`, `close` or
+    /// the server's pin TTL (renew with `renew_pins`). False if the key does not exist.
     fn pin(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let key = key_bytes(key)?;
-        self.h
-            .with_hook(&Self::hook(py))
-            .pin(&key)
-            .map_err(py_err(py))
+        self.keyed(py, key, |h, k| h.pin(k))
     }
 
-    /// Unpins `key`. False if it was not pinned.
+    /// Takes away one of this handler's pins of `key`. False if it holds none (another
+    /// handler's pins are never affected).
     fn unpin(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let key = key_bytes(key)?;
-        self.h
-            .with_hook(&Self::hook(py))
-            .unpin(&key)
-            .map_err(py_err(py))
+        self.keyed(py, key, |h, k| h.unpin(k))
     }
 
     /// Waits until every write-behind store (`MaruConfig(write_behind=True)`) has been
@@ -353,10 +285,7 @@ impl PyMaruHandler {
     /// that failed since the last flush (those keys are not stored). Without write-behind
     /// there is nothing to wait for.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        self.h
-            .with_hook(&Self::hook(py))
-            .flush()
-            .map_err(py_err(py))
+        self.call(py, |h| h.flush())
     }
 
     /// Connected, and the server answered a heartbeat.
@@ -367,11 +296,7 @@ impl PyMaruHandler {
     /// Server statistics in the original's shape (`kv_manager`, `allocation_manager`,
     /// `store_regions`, `allocator`), plus the full server document under `server`.
     fn get_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let stats = self
-            .h
-            .with_hook(&Self::hook(py))
-            .stats()
-            .map_err(py_err(py))?;
+        let stats = self.call(py, |h| h.stats())?;
         let s = &stats.server;
         let out = PyDict::new(py);
         let kv = PyDict::new(py);
@@ -395,7 +320,7 @@ impl PyMaruHandler {
         Ok(out)
     }
 
-    /// One round trip for all keys (per 4096); the GIL is released for the whole call.
+    /// One round trip for all keys (per 4096); the GIL is released only if the reply is late.
     fn batch_retrieve<'py>(
         &self,
         py: Python<'py>,
@@ -403,8 +328,7 @@ impl PyMaruHandler {
     ) -> PyResult<Bound<'py, PyList>> {
         let keys = keys_vec(keys)?;
         let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-        let h = &self.h;
-        let views = py.detach(|| h.batch_retrieve(&refs)).map_err(py_err(py))?;
+        let views = self.call(py, |h| h.batch_retrieve(&refs))?;
         // One exporter and memoryview per region touched; each key's view is a slice of it.
         let mut regions = RegionViews::new(py);
         let mut out = Vec::with_capacity(views.len());
@@ -412,10 +336,12 @@ impl PyMaruHandler {
             out.push(match v {
                 Some(view) => {
                     let (region_id, page_index) = (view.region_id(), view.page_index());
+                    let generation = view.generation();
                     let info = MemoryInfo {
                         view: regions.view(view)?.unbind(),
                         region_id: Some(region_id),
                         page_index: Some(page_index),
+                        generation: Some(generation),
                     };
                     Bound::new(py, info)?.into_any()
                 }
@@ -443,18 +369,12 @@ impl PyMaruHandler {
             (Some(infos), None) => (infos, false),
             (None, Some(handles)) => (handles, true),
             (Some(_), Some(_)) => {
-                return Err(PyValueError::new_err(
-                    "batch_store: pass infos or handles, not both",
-                ))
+                return Err(invalid("batch_store: pass infos or handles, not both"))
             }
-            (None, None) => {
-                return Err(PyValueError::new_err(
-                    "batch_store() needs infos or handles",
-                ))
-            }
+            (None, None) => return Err(invalid("batch_store: needs infos or handles")),
         };
         if all_pages && some(prefixes).is_some() {
-            return Err(PyValueError::new_err(
+            return Err(invalid(
                 "batch_store: handles are stored as they are; prefixes need infos",
             ));
         }
@@ -464,7 +384,7 @@ impl PyMaruHandler {
             None => Vec::new(),
         };
         if keys.len() != infos.len() || (!prefixes.is_empty() && prefixes.len() != keys.len()) {
-            return Err(PyValueError::new_err(format!(
+            return Err(invalid(format!(
                 "batch_store: {} keys, {} infos and {} prefixes do not match",
                 keys.len(),
                 infos.len(),
@@ -477,16 +397,29 @@ impl PyMaruHandler {
         }
         let mut srcs = Vec::with_capacity(infos.len());
         for (i, info) in infos.iter().enumerate() {
+            let prefix = prefixes.get(i).filter(|p| !p.is_none());
             if all_pages || info.is_instance_of::<AllocHandle>() {
-                let (page, size) = page_of(info)?;
+                if prefix.is_some() {
+                    return Err(invalid(format!(
+                        "batch_store: infos[{i}] is a handle, stored as written; prefixes[{i}] \
+                         must be None"
+                    )));
+                }
+                let (page, size) = page_of(info, &format!("batch_store: handles[{i}]"))?;
                 srcs.push(Src::Page(page, size));
                 continue;
             }
-            let prefix = match prefixes.get(i).filter(|p| !p.is_none()) {
-                Some(p) => Some(RawBuf::get(p)?),
-                None => None,
-            };
-            srcs.push(Src::Copy(RawBuf::get(&data_object(info))?, prefix));
+            let data = buffer(info, &format!("batch_store: infos[{i}]"))?;
+            let prefix = prefix
+                .map(|p| buffer(p, &format!("batch_store: prefixes[{i}]")))
+                .transpose()?;
+            if data.as_slice().is_empty() && prefix.as_ref().is_none_or(|p| p.as_slice().is_empty())
+            {
+                return Err(invalid(format!(
+                    "batch_store: infos[{i}] is empty (a value has at least 1 byte)"
+                )));
+            }
+            srcs.push(Src::Copy(data, prefix));
         }
         let items: Vec<(&[u8], StoreItem<'_>)> = keys
             .iter()
@@ -505,32 +438,83 @@ impl PyMaruHandler {
                 (k.as_slice(), item)
             })
             .collect();
+        let copied: usize = items
+            .iter()
+            .map(|(_, item)| match item {
+                StoreItem::Bytes { prefix, data } => prefix.len() + data.len(),
+                StoreItem::Page { .. } => 0,
+            })
+            .sum();
         let h = &self.h;
-        let outcomes = py.detach(|| h.batch_store(&items)).map_err(py_err(py))?;
+        let outcomes = if copied > DETACH_COPY_BYTES {
+            py.detach(|| h.batch_store(&items))
+        } else {
+            h.with_hook(&Self::hook(py)).batch_store(&items)
+        }
+        .map_err(py_err(py))?;
         drop(items);
         drop(srcs);
         Ok(vec![true; outcomes.len()])
     }
 
     fn batch_exists(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<bool>> {
+        with_keys(keys, |refs| self.call(py, |h| h.batch_exists(refs)))
+    }
+
+    /// How many leading keys of `keys` exist (a prefix match stops at the first miss).
+    fn prefix_len(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<usize> {
+        with_keys(keys, |refs| self.call(py, |h| h.prefix_len(refs)))
+    }
+
+    /// Whether exists, batch_exists, prefix_len and the *_into reads are answered from the
+    /// server's key index in shared memory (no round trip) rather than asked.
+    fn reads_index(&self) -> bool {
+        self.h.reads_index()
+    }
+
+    /// Copies `key`'s value into `buffer` (a writable buffer: bytearray, numpy array, …, at
+    /// least the value's size); returns the bytes copied, or None for a missing key.
+    fn retrieve_into(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        buffer: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<usize>> {
+        let mut buf = writable(buffer)?;
+        self.keyed(py, key, |h, k| h.retrieve_into(k, buf.as_mut_slice()))
+    }
+
+    /// `retrieve_into` for many keys, `buffers[i]` for `keys[i]`.
+    fn batch_retrieve_into(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        buffers: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Option<usize>>> {
         let keys = keys_vec(keys)?;
         let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let mut bufs = Vec::with_capacity(refs.len());
+        for b in buffers.try_iter()? {
+            bufs.push(writable(&b?)?);
+        }
+        let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        let total: usize = slices.iter().map(|s| s.len()).sum();
         let h = &self.h;
-        py.detach(|| h.batch_exists(&refs)).map_err(py_err(py))
+        let result = if total > DETACH_COPY_BYTES {
+            py.detach(|| h.batch_retrieve_into(&refs, &mut slices))
+        } else {
+            h.with_hook(&Self::hook(py))
+                .batch_retrieve_into(&refs, &mut slices)
+        };
+        result.map_err(py_err(py))
     }
 
     fn batch_pin(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<bool>> {
-        let keys = keys_vec(keys)?;
-        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-        let h = &self.h;
-        py.detach(|| h.batch_pin(&refs)).map_err(py_err(py))
+        with_keys(keys, |refs| self.call(py, |h| h.batch_pin(refs)))
     }
 
     fn batch_unpin(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<bool>> {
-        let keys = keys_vec(keys)?;
-        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-        let h = &self.h;
-        py.detach(|| h.batch_unpin(&refs)).map_err(py_err(py))
+        with_keys(keys, |refs| self.call(py, |h| h.batch_unpin(refs)))
     }
 
     fn get_chunk_size(&self) -> u64 {
@@ -625,7 +609,10 @@ impl PyMaruHandler {
         {
             let me = slf.borrow();
             if me.auto_connect && !me.h.is_connected() && !me.h.is_closed() {
-                me.connect(slf.py())?;
+                let py = slf.py();
+                me.h.with_hook(&Self::hook(py))
+                    .connect()
+                    .map_err(py_err(py))?;
             }
         }
         Ok(slf)
@@ -653,9 +640,4 @@ impl Drop for PyMaruHandler {
         // release the GIL): compat objects may keep the Rust handler alive longer.
         Python::attach(|py| self.h.with_hook(&PyHook(py)).close());
     }
-}
-
-/// Errors of helper calls that are not handler operations.
-pub fn helper_err(py: Python<'_>, e: impl std::fmt::Display) -> PyErr {
-    to_py(py, maru_client::ErrorKind::Transport, e.to_string())
 }

@@ -2,15 +2,21 @@
 //! `python/maru`). It exposes `MaruHandler`, `AllocHandle`, `MemoryInfo`, the compat
 //! introspection classes, `MaruError`, the console scripts' entry (`run_cli`) and two
 //! operator helpers (`server_stats`, `rm_stats`).
+//!
+//! It owns the conversion between Python and Rust: argument parsing in the original API's
+//! shapes, the buffer protocol over pages, the GIL around waits, Python exceptions for error
+//! kinds. It may not touch what the handler does (that is `maru-client`'s) and may not depend
+//! on the benchmark or the `maru` binary (maru-bench, maru-cli): the console scripts run
+//! maru-ops, so importing `maru._maru` carries only the client and the operator commands.
 
 use std::time::Duration;
 
 use maru_client::WaitHook;
 use maru_proto::{Request, Response, ServerUrl};
 use maru_transport::BlockingConn;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+mod args;
 mod buffer;
 mod errors;
 mod handler;
@@ -54,44 +60,40 @@ fn run_cli(py: Python<'_>, args: Vec<String>) -> i32 {
     })
 }
 
-fn admin_call(
+/// The statistics document (JSON text) a `Stats` or `RmStats` request answers, over an admin
+/// connection of its own.
+fn stats_document(
     py: Python<'_>,
     url: &str,
     req: Request<'static>,
     timeout_ms: u64,
-) -> PyResult<Response> {
-    let url = ServerUrl::parse(url).map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let result = py.detach(|| {
+) -> PyResult<String> {
+    let url = ServerUrl::parse(url).map_err(|e| errors::invalid(format!("url: {e}")))?;
+    let reply = py.detach(|| {
         let mut conn = BlockingConn::connect_admin(&url, Duration::from_millis(timeout_ms))?;
         conn.call(&req)
     });
-    result.map_err(|e| handler::helper_err(py, e))
+    match reply.map_err(|e| errors::helper_err(py, e))? {
+        Response::Stats(json) | Response::RmStats(json) => Ok(json),
+        other => Err(errors::helper_err(
+            py,
+            format!("unexpected reply {other:?}"),
+        )),
+    }
 }
 
 /// The metadata server's statistics document (JSON text).
 #[pyfunction]
 #[pyo3(signature = (url, timeout_ms=2000))]
 fn server_stats(py: Python<'_>, url: &str, timeout_ms: u64) -> PyResult<String> {
-    match admin_call(py, url, Request::Stats, timeout_ms)? {
-        Response::Stats(json) => Ok(json),
-        other => Err(handler::helper_err(
-            py,
-            format!("unexpected reply {other:?}"),
-        )),
-    }
+    stats_document(py, url, Request::Stats, timeout_ms)
 }
 
 /// The resource manager's statistics document (JSON text).
 #[pyfunction]
 #[pyo3(signature = (url, timeout_ms=2000))]
 fn rm_stats(py: Python<'_>, url: &str, timeout_ms: u64) -> PyResult<String> {
-    match admin_call(py, url, Request::RmStats, timeout_ms)? {
-        Response::RmStats(json) => Ok(json),
-        other => Err(handler::helper_err(
-            py,
-            format!("unexpected reply {other:?}"),
-        )),
-    }
+    stats_document(py, url, Request::RmStats, timeout_ms)
 }
 
 #[pymodule]
@@ -105,7 +107,6 @@ fn _maru(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::PagedMemoryAllocator>()?;
     m.add_class::<types::OwnedRegionManager>()?;
     m.add_class::<buffer::ShmBuffer>()?;
-    m.add("MaruError", m.py().get_type::<errors::MaruError>())?;
     m.add_function(wrap_pyfunction!(run_cli, m)?)?;
     m.add_function(wrap_pyfunction!(server_stats, m)?)?;
     m.add_function(wrap_pyfunction!(rm_stats, m)?)?;

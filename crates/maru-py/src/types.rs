@@ -81,16 +81,20 @@ pub struct MemoryInfo {
     pub region_id: Option<u64>,
     #[pyo3(get, set)]
     pub page_index: Option<u64>,
+    /// The registration's generation, from a lookup (see `MaruHandler.generation_matches`).
+    #[pyo3(get, set)]
+    pub generation: Option<u64>,
 }
 
 #[pymethods]
 impl MemoryInfo {
     #[new]
-    #[pyo3(signature = (view, region_id=None, page_index=None))]
+    #[pyo3(signature = (view, region_id=None, page_index=None, generation=None))]
     fn new(
         view: &Bound<'_, PyAny>,
         region_id: Option<u64>,
         page_index: Option<u64>,
+        generation: Option<u64>,
     ) -> PyResult<Self> {
         // Anything with the buffer protocol is accepted and kept as a memoryview.
         let view = if view.is_instance_of::<PyMemoryView>() {
@@ -102,6 +106,7 @@ impl MemoryInfo {
             view: view.unbind(),
             region_id,
             page_index,
+            generation,
         })
     }
     fn __repr__(&self, py: Python<'_>) -> String {

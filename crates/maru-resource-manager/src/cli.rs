@@ -42,31 +42,59 @@ struct Args {
     /// (SIGHUP rescans).
     #[arg(long = "pool", value_name = "SPEC")]
     pools: Vec<PoolSpec>,
-    /// Once listening, write {"tcp":ADDR,"unix":null,"metrics":ADDR|null,"pid":N} here
+    /// Unix socket for this host's processes (the metadata server: `--rm-address
+    /// unix://PATH`), whose callers the kernel identifies [default: STATE_DIR/rm.sock].
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// No Unix socket (TCP only).
+    #[arg(long, conflicts_with = "unix")]
+    no_unix: bool,
+    /// Once listening, write {"tcp":ADDR,"unix":PATH|null,"metrics":ADDR|null,"pid":N} here
     /// (atomically).
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
     /// Serve Prometheus metrics on this port (same host), at /metrics.
     #[arg(long)]
     metrics_port: Option<u16>,
+    #[command(flatten)]
+    tcp: maru_transport::flags::TcpFlags,
 }
 
 /// Runs the daemon with `args` (`args[0]` is the program name) until SIGINT or SIGTERM.
 /// Returns the process exit code.
 pub fn main(args: Vec<String>) -> i32 {
-    let args = match Args::try_parse_from(&args) {
+    daemon_main(
+        "maru-resource-manager",
+        args,
+        |a: &Args| &a.log_level,
+        run,
+        |_| 1,
+    )
+}
+
+/// What a daemon's `main` does: parses `args` (a usage error exits 2, `--help` 0), starts
+/// logging at the level they give, runs, and on failure prints `program: error: cause`
+/// (each cause once) and exits 1.
+pub fn daemon_main<A: Parser>(
+    program: &str,
+    args: Vec<String>,
+    log_level: fn(&A) -> &String,
+    run: fn(A) -> anyhow::Result<()>,
+    exit_code: fn(&anyhow::Error) -> i32,
+) -> i32 {
+    let args = match A::try_parse_from(&args) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    maru_telemetry::init_logging(&args.log_level);
+    maru_telemetry::init_logging(log_level(&args));
     match run(args) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("maru-resource-manager: {}", describe(&e));
-            1
+            eprintln!("{program}: {}", describe(&e));
+            exit_code(&e)
         }
     }
 }
@@ -96,8 +124,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| maru_shm::naming::Naming::default().default_state_dir());
     let mut cfg = RmConfig::new(state_dir, args.pools.clone());
     cfg.listen = SocketAddr::new(args.host, args.port);
+    cfg.unix = match (&args.unix, args.no_unix) {
+        (_, true) => None,
+        (Some(p), false) => Some(p.clone()),
+        (None, false) => Some(cfg.state_dir.join("rm.sock")),
+    };
     cfg.grace_period = Duration::from_secs_f64(args.grace_period);
     cfg.max_clients = args.max_clients;
+    cfg.dead_peer_after = args.tcp.dead_peer_after();
+    cfg.tcp_auth = args.tcp.auth()?;
     cfg.metrics = args.metrics_port.map(|p| SocketAddr::new(args.host, p));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -112,7 +147,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.ready_file {
         let ready = serde_json::json!({
             "tcp": rm.addr().to_string(),
-            "unix": null,
+            "unix": rm.unix_url().map(|u| match u {
+                maru_proto::ServerUrl::Unix(p) => p.display().to_string(),
+                other => other.to_string(),
+            }),
             "metrics": rm.metrics_addr().map(|a| a.to_string()),
             "pid": std::process::id(),
         });

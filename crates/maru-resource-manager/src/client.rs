@@ -24,8 +24,22 @@ fn unexpected(r: Response) -> RmClientError {
 impl RmClient {
     /// Connects as this process ([`maru_transport::local_identity`]).
     pub fn connect(url: &ServerUrl, role: Role, timeout: Duration) -> Result<Self, RmClientError> {
+        Self::connect_with(url, role, timeout, None)
+    }
+
+    /// [`RmClient::connect`], proving first on TCP that this process holds the cluster
+    /// secret (a resource manager that requires it refuses everyone else).
+    pub fn connect_with(
+        url: &ServerUrl,
+        role: Role,
+        timeout: Duration,
+        secret: Option<&maru_transport::auth::ClusterSecret>,
+    ) -> Result<Self, RmClientError> {
         let (host, pid, start_time) = maru_transport::local_identity();
-        Self::connect_as(url, role, &host, pid, start_time, timeout)
+        let hello = Hello::sessionless(role, &host, pid, start_time);
+        Ok(RmClient {
+            conn: BlockingConn::connect_with(url, &hello, timeout, secret)?,
+        })
     }
 
     /// Connects under an explicit identity. Tests use it to play a remote host or a process
@@ -38,14 +52,7 @@ impl RmClient {
         start_time: u64,
         timeout: Duration,
     ) -> Result<Self, RmClientError> {
-        let hello = Hello {
-            role,
-            instance_id: "",
-            host,
-            pid,
-            start_time,
-            session_token: None,
-        };
+        let hello = Hello::sessionless(role, host, pid, start_time);
         Ok(RmClient {
             conn: BlockingConn::connect(url, &hello, timeout)?,
         })

@@ -21,6 +21,8 @@ pub enum RmError {
         spec: String,
         source: maru_shm::PoolError,
     },
+    #[error("pool {path}: {reason}")]
+    PoolHeader { path: String, reason: String },
     #[error("state directory {path}: {source}")]
     StateDir { path: PathBuf, source: io::Error },
     #[error(
@@ -53,8 +55,12 @@ pub enum RmError {
     Secret { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on the Unix socket {path}: {source}")]
+    BindUnix { path: PathBuf, source: io::Error },
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Why a [`crate::RmClient`] call failed.

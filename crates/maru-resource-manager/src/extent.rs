@@ -24,7 +24,10 @@ pub enum ExtentError {
 /// Free-space map of one pool.
 #[derive(Debug, Clone)]
 pub struct ExtentAllocator {
+    /// Allocatable bytes: `[start, end)`.
     capacity: u64,
+    /// First allocatable byte (after what [`ExtentAllocator::set_aside_start`] took).
+    start: u64,
     align: u64,
     free: BTreeMap<u64, u64>,
     free_bytes: u64,
@@ -42,14 +45,37 @@ impl ExtentAllocator {
         }
         ExtentAllocator {
             capacity,
+            start: 0,
             align,
             free,
             free_bytes: capacity,
         }
     }
 
+    /// Bytes that can be allocated (the range set aside at the start excluded).
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// Takes `len` bytes (rounded up to the alignment) at the start of the range out of the
+    /// pool for good: they are neither free nor allocated, and not part of the capacity (the
+    /// pool header's extent; a pool smaller than that has no capacity left). The range must
+    /// be free. Idempotent for the same length.
+    pub fn set_aside_start(&mut self, len: u64) -> Result<(), ExtentError> {
+        let end = self.start + self.capacity;
+        let len = match self.rounded(len) {
+            Some(l) => l.min(end),
+            None if len == 0 => 0,
+            None => end,
+        };
+        if len <= self.start {
+            return Ok(());
+        }
+        let extra = len - self.start;
+        self.reserve(self.start, extra)?;
+        self.start = len;
+        self.capacity -= extra;
+        Ok(())
     }
     pub fn align(&self) -> u64 {
         self.align
@@ -101,7 +127,7 @@ impl ExtentAllocator {
             });
         }
         match offset.checked_add(len) {
-            Some(end) if end <= self.capacity => Ok(end),
+            Some(end) if offset >= self.start && end <= self.start + self.capacity => Ok(end),
             _ => Err(ExtentError::OutOfRange {
                 offset,
                 len,
@@ -216,5 +242,34 @@ mod tests {
             vec![(0, 2 * A), (4 * A, 3 * A)]
         );
         assert_eq!(x.alloc(3 * A), Some((4 * A, 3 * A)));
+    }
+
+    #[test]
+    fn a_range_set_aside_at_the_start_is_never_handed_out_nor_counted() {
+        let mut x = ExtentAllocator::new(4 * A, A);
+        x.set_aside_start(1).unwrap();
+        x.set_aside_start(A).unwrap();
+        assert_eq!(
+            (x.capacity(), x.free_bytes(), x.used_bytes()),
+            (3 * A, 3 * A, 0)
+        );
+        assert_eq!(x.free_extents().collect::<Vec<_>>(), vec![(A, 3 * A)]);
+        assert_eq!(x.alloc(A), Some((A, A)));
+        assert!(matches!(x.free(0, A), Err(ExtentError::OutOfRange { .. })));
+        assert!(x.reserve(0, A).is_err());
+        assert_eq!(x.alloc(3 * A), None, "only 2 units are left");
+        x.free(A, A).unwrap();
+        assert_eq!(x.alloc(3 * A), Some((A, 3 * A)));
+        // A start already in use cannot be set aside.
+        let mut y = ExtentAllocator::new(4 * A, A);
+        y.alloc(A).unwrap();
+        assert!(matches!(
+            y.set_aside_start(A),
+            Err(ExtentError::NotFree { .. })
+        ));
+        assert_eq!(y.capacity(), 4 * A);
+        let mut small = ExtentAllocator::new(A, A);
+        small.set_aside_start(A).unwrap();
+        assert_eq!((small.capacity(), small.alloc(1)), (0, None));
     }
 }

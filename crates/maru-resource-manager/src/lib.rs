@@ -36,13 +36,17 @@ pub mod cli;
 mod client;
 mod error;
 pub mod extent;
+mod health;
+mod identity;
 mod manager;
+mod pool_header;
 mod reaper;
 mod server;
+mod unix_socket;
 pub mod wal;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -76,6 +80,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RmConfig {
     /// Where to accept connections (port 0: the OS picks, see [`RmHandle::addr`]).
     pub listen: SocketAddr,
+    /// A Unix-socket listener besides TCP, for processes of this host: the kernel says who
+    /// they are (`SO_PEERCRED`) and only this process's uid and root are served.
+    pub unix: Option<PathBuf>,
     /// WAL, checkpoint, secret and lock live here; one resource manager per directory.
     pub state_dir: PathBuf,
     /// Pools to carve from. Empty: discover DEV_DAX devices and FS_DAX mounts.
@@ -98,6 +105,13 @@ pub struct RmConfig {
     /// How long a new connection may take to complete its Hello before it is closed
     /// (default [`HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
+    /// How long a TCP peer's host may stay unreachable before its connections are dropped
+    /// (default [`maru_transport::DEAD_PEER_AFTER`]); a remote owner's grace period starts
+    /// then.
+    pub dead_peer_after: Duration,
+    /// What TCP peers must prove ([`maru_transport::auth`]): by default nothing, and only a
+    /// loopback address may be bound.
+    pub tcp_auth: maru_transport::auth::TcpAuth,
 }
 
 impl RmConfig {
@@ -106,6 +120,7 @@ impl RmConfig {
     pub fn new(state_dir: PathBuf, pools: Vec<PoolSpec>) -> Self {
         RmConfig {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT),
+            unix: None,
             state_dir,
             pools,
             grace_period: Duration::from_secs(30),
@@ -116,6 +131,8 @@ impl RmConfig {
             metrics: None,
             stall_timeout: Duration::from_secs(10),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            dead_peer_after: maru_transport::DEAD_PEER_AFTER,
+            tcp_auth: maru_transport::auth::TcpAuth::default(),
         }
     }
 }
@@ -124,7 +141,9 @@ impl RmConfig {
 pub struct RmHandle {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    unix: Option<PathBuf>,
     accept: Option<JoinHandle<()>>,
+    accept_unix: Option<JoinHandle<()>>,
     reaper: Option<JoinHandle<()>>,
     metrics: Option<MetricsServer>,
     stopped: bool,
@@ -142,6 +161,7 @@ pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
     if specs.is_empty() {
         return Err(RmError::NoPool);
     }
+    let tcp_auth = cfg.tcp_auth.acceptor(cfg.listen).map_err(RmError::Auth)?;
     let manager = Manager::open(&cfg.state_dir, &specs, cfg.checkpoint_every)?;
     let listener = TcpListener::bind(cfg.listen).map_err(|source| RmError::Bind {
         addr: cfg.listen,
@@ -151,6 +171,13 @@ pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
         addr: cfg.listen,
         source,
     })?;
+    let unix = match &cfg.unix {
+        Some(path) => Some(unix_socket::bind(path).map_err(|source| RmError::BindUnix {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
     let hostname = cfg
         .hostname
         .clone()
@@ -158,11 +185,14 @@ pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
     let shared = Arc::new(Shared {
         manager: Mutex::new(manager),
         hostname,
+        uid: maru_transport::effective_uid(),
         grace_period: cfg.grace_period,
         reap_interval: cfg.reap_interval.max(Duration::from_millis(1)),
         max_clients: cfg.max_clients,
         stall_timeout: cfg.stall_timeout,
         handshake_timeout: cfg.handshake_timeout,
+        dead_peer_after: cfg.dead_peer_after,
+        tcp_auth,
         discovered,
         ops: OpTable::new(&server::op_names()),
         stop: AtomicBool::new(false),
@@ -179,25 +209,31 @@ pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
     let mut handle = RmHandle {
         shared: shared.clone(),
         addr,
+        unix: cfg.unix.clone(),
         accept: None,
+        accept_unix: None,
         reaper: None,
         metrics: None,
         stopped: false,
     };
     let s2 = shared.clone();
-    handle.accept = Some(
-        std::thread::Builder::new()
-            .name("maru-rm-accept".into())
-            .spawn(move || server::accept_loop(s2, listener))
-            .map_err(RmError::Thread)?,
-    );
+    handle.accept = Some(thread("maru-rm-accept", move || {
+        server::accept_loop(s2, |shared| {
+            let (stream, _) = listener.accept()?;
+            Ok(Some(server::accepted_tcp(shared, stream)))
+        })
+    })?);
+    if let Some(listener) = unix {
+        let s2 = shared.clone();
+        handle.accept_unix = Some(thread("maru-rm-accept-unix", move || {
+            server::accept_loop(s2, |_| {
+                let (stream, _) = listener.accept()?;
+                Ok(server::accepted_unix(stream))
+            })
+        })?);
+    }
     let s3 = shared.clone();
-    handle.reaper = Some(
-        std::thread::Builder::new()
-            .name("maru-rm-reaper".into())
-            .spawn(move || reaper::run(s3))
-            .map_err(RmError::Thread)?,
-    );
+    handle.reaper = Some(thread("maru-rm-reaper", move || reaper::run(s3))?);
     if let Some(maddr) = cfg.metrics {
         let s4 = shared.clone();
         handle.metrics = Some(
@@ -233,6 +269,11 @@ impl RmHandle {
     /// `tcp://ADDR` of [`RmHandle::addr`].
     pub fn url(&self) -> ServerUrl {
         ServerUrl::Tcp(self.addr.to_string())
+    }
+
+    /// `unix://PATH` of the Unix-socket listener, when there is one.
+    pub fn unix_url(&self) -> Option<ServerUrl> {
+        self.unix.clone().map(ServerUrl::Unix)
     }
 
     /// Address of the metrics endpoint, when one was asked for.
@@ -290,17 +331,15 @@ impl RmHandle {
         let shared = &self.shared;
         shared.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop with a connection of our own.
-        let wake = match self.addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => {
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.addr.port())
-            }
-            IpAddr::V6(ip) if ip.is_unspecified() => {
-                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), self.addr.port())
-            }
-            _ => self.addr,
-        };
+        let wake = maru_transport::connectable(self.addr);
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.accept_unix.take() {
+            if let Some(path) = &self.unix {
+                let _ = std::os::unix::net::UnixStream::connect(path);
+            }
             let _ = t.join();
         }
         {
@@ -311,7 +350,7 @@ impl RmHandle {
             let _ = t.join();
         }
         for s in lock(&shared.conns).values() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = s.shutdown();
         }
         let threads = std::mem::take(&mut *lock(&shared.threads));
         for t in threads {
@@ -331,77 +370,78 @@ impl Drop for RmHandle {
     }
 }
 
+/// A named thread of the resource manager.
+fn thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, RmError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(RmError::Thread)
+}
+
 fn render_metrics(shared: &Shared) -> String {
     let stats = shared.stats();
     let mut w = PromWriter::new();
-    w.family(
-        "maru_pool_bytes_total",
-        "gauge",
-        "Bytes a pool can hand out",
+    w.per_rows(
+        &stats.pools,
+        |p| [("pool", &p.path), ("kind", &p.kind)],
+        &[
+            (
+                "maru_pool_bytes_total",
+                "gauge",
+                "Bytes a pool can hand out",
+                |p| p.total_bytes as f64,
+            ),
+            (
+                "maru_pool_bytes_free",
+                "gauge",
+                "Bytes of a pool not allocated",
+                |p| p.free_bytes as f64,
+            ),
+        ],
     );
-    for p in &stats.pools {
-        w.sample(
-            "maru_pool_bytes_total",
-            &[("pool", &p.path), ("kind", &p.kind)],
-            p.total_bytes as f64,
-        );
-    }
-    w.family(
-        "maru_pool_bytes_free",
-        "gauge",
-        "Bytes of a pool not allocated",
+    w.per_rows(
+        &stats.pools,
+        |p| [("pool", &p.path)],
+        &[
+            (
+                "maru_pool_healthy",
+                "gauge",
+                "Whether a pool's file or device is there (0: no new regions come from it)",
+                |p| p.problem.is_none() as u8 as f64,
+            ),
+            (
+                "maru_pool_regions",
+                "gauge",
+                "Regions allocated in a pool",
+                |p| p.regions as f64,
+            ),
+        ],
     );
-    for p in &stats.pools {
-        w.sample(
-            "maru_pool_bytes_free",
-            &[("pool", &p.path), ("kind", &p.kind)],
-            p.free_bytes as f64,
-        );
-    }
-    w.family("maru_pool_regions", "gauge", "Regions allocated in a pool");
-    for p in &stats.pools {
-        w.sample("maru_pool_regions", &[("pool", &p.path)], p.regions as f64);
-    }
-    w.family(
-        "maru_rm_allocations",
-        "gauge",
-        "Regions allocated in all pools",
+    w.singles(&[
+        (
+            "maru_rm_allocations",
+            "gauge",
+            "Regions allocated in all pools",
+            stats.allocations as f64,
+        ),
+        (
+            "maru_rm_reclaimed_regions_total",
+            "counter",
+            "Regions taken back from dead owners since start",
+            stats.reclaimed_regions as f64,
+        ),
+        (
+            "maru_rm_connected_clients",
+            "gauge",
+            "Open connections",
+            stats.connected_clients as f64,
+        ),
+    ]);
+    w.ops(
+        &shared.ops,
+        shared.ops.names(),
+        ("maru_rm_ops_total", "Requests served, by operation"),
+        ("maru_rm_op_seconds", "Request latency, by operation"),
     );
-    w.sample("maru_rm_allocations", &[], stats.allocations as f64);
-    w.family(
-        "maru_rm_reclaimed_regions_total",
-        "counter",
-        "Regions taken back from dead owners since start",
-    );
-    w.sample(
-        "maru_rm_reclaimed_regions_total",
-        &[],
-        stats.reclaimed_regions as f64,
-    );
-    w.family("maru_rm_connected_clients", "gauge", "Open connections");
-    w.sample(
-        "maru_rm_connected_clients",
-        &[],
-        stats.connected_clients as f64,
-    );
-    w.family(
-        "maru_rm_ops_total",
-        "counter",
-        "Requests served, by operation",
-    );
-    for name in shared.ops.names() {
-        let n = shared.ops.get(name).map_or(0, |h| h.count());
-        w.sample("maru_rm_ops_total", &[("op", name)], n as f64);
-    }
-    w.family(
-        "maru_rm_op_seconds",
-        "histogram",
-        "Request latency, by operation",
-    );
-    for name in shared.ops.names() {
-        if let Some(h) = shared.ops.get(name) {
-            w.histogram("maru_rm_op_seconds", &[("op", name)], h);
-        }
-    }
     w.finish()
 }

@@ -1,4 +1,5 @@
-//! Takes regions back from dead owners.
+//! Takes regions back from dead owners (and, on the same beat, checks the pools' files and
+//! devices, see `health`).
 //!
 //! - A local owner (same hostname) is dead when `/proc/PID` is gone or the process there
 //!   started at another time than the one recorded (the pid was reused).
@@ -28,6 +29,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
             break;
         }
         reap_once(&shared);
+        lock(&shared.manager).check_pools();
         shared.reap_passes.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -35,14 +37,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 /// Why `owner` is dead, or `None` while it lives.
 fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
     if owner.host == shared.hostname {
-        return match maru_transport::process_start_time(owner.pid) {
-            None => Some("process is gone".into()),
-            Some(t) if owner.start_time != 0 && t != owner.start_time => Some(format!(
-                "pid was reused (start time {t}, recorded {})",
-                owner.start_time
-            )),
-            Some(_) => None,
-        };
+        return local_verdict(owner);
     }
     let presence = lock(&shared.presence);
     let since = match presence.get(&(owner.host.clone(), owner.pid)) {
@@ -58,6 +53,19 @@ fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
             shared.grace_period.as_secs_f64()
         )
     })
+}
+
+/// Why the local process `owner` names is dead, or `None` while it lives: gone, or its pid
+/// now belongs to a process that started at another time.
+fn local_verdict(owner: &Owner) -> Option<String> {
+    match maru_transport::process_start_time(owner.pid) {
+        None => Some("process is gone".into()),
+        Some(t) if owner.start_time != 0 && t != owner.start_time => Some(format!(
+            "pid was reused (start time {t}, recorded {})",
+            owner.start_time
+        )),
+        Some(_) => None,
+    }
 }
 
 /// One pass over every owner.
@@ -90,5 +98,29 @@ pub(crate) fn reap_once(shared: &Shared) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_start_time_that_differs_means_the_pid_was_reused() {
+        let (host, pid, start) = maru_transport::local_identity();
+        let owner = |start_time| Owner {
+            host: host.clone(),
+            pid,
+            start_time,
+        };
+        assert_eq!(local_verdict(&owner(start)), None);
+        assert!(local_verdict(&owner(start + 1000))
+            .unwrap()
+            .contains("pid was reused"));
+        let gone = Owner {
+            pid: u32::MAX,
+            ..owner(start)
+        };
+        assert_eq!(local_verdict(&gone).as_deref(), Some("process is gone"));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -15,8 +15,9 @@ use maru_proto::{
     Request, Response, RmAllocation, Role, WireError, HEADER_LEN, RM_REQUESTS,
 };
 use maru_telemetry::OpTable;
-use maru_transport::{FrameBuf, FrameReadError};
+use maru_transport::{FrameBuf, FrameReadError, Stream};
 
+use crate::identity::{self, Caller};
 use crate::manager::Manager;
 use crate::wal::Owner;
 
@@ -52,12 +53,18 @@ pub(crate) struct Presence {
 pub(crate) struct Shared {
     pub manager: Mutex<Manager>,
     pub hostname: String,
+    /// This process's effective uid: the one uid (besides root) the Unix socket serves.
+    pub uid: u32,
     pub grace_period: Duration,
     pub reap_interval: Duration,
     pub max_clients: usize,
     pub stall_timeout: Duration,
     /// How long a connection may stay without a completed Hello.
     pub handshake_timeout: Duration,
+    /// See [`crate::RmConfig::dead_peer_after`].
+    pub dead_peer_after: Duration,
+    /// What TCP connections must prove before their first frame (`None`: nothing).
+    pub tcp_auth: Option<maru_transport::auth::Acceptor>,
     /// Pools came from discovery, so SIGHUP rescans.
     pub discovered: bool,
     pub ops: OpTable,
@@ -66,7 +73,7 @@ pub(crate) struct Shared {
     /// Keyed by (host, pid).
     pub presence: Mutex<HashMap<(String, u32), Presence>>,
     /// Open connections (clones of their sockets, to shut them down on stop).
-    pub conns: Mutex<HashMap<u64, TcpStream>>,
+    pub conns: Mutex<HashMap<u64, Stream>>,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
     pub next_conn: AtomicU64,
     pub active: AtomicUsize,
@@ -129,14 +136,43 @@ impl Shared {
     }
 }
 
-/// The accept loop; returns when `stop` is set (and the listener woken).
-pub(crate) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
-    for conn in listener.incoming() {
+/// A TCP connection as the accept loop takes it: set up for small messages and dead peers,
+/// with what the kernel says about its other end.
+pub(crate) fn accepted_tcp(shared: &Shared, stream: TcpStream) -> (Stream, Caller) {
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = maru_transport::set_dead_peer_timeout(&stream, shared.dead_peer_after) {
+        tracing::debug!("no dead-peer timeout on a connection: {e}");
+    }
+    let caller = Caller::of_tcp(&stream);
+    (Stream::Tcp(stream), caller)
+}
+
+/// A Unix-socket connection with its peer's credentials (`None` when the kernel cannot
+/// say: the connection is then closed).
+pub(crate) fn accepted_unix(stream: std::os::unix::net::UnixStream) -> Option<(Stream, Caller)> {
+    match maru_transport::unix_peer_cred(&stream) {
+        Ok(cred) => Some((Stream::Unix(stream), Caller::Unix(cred))),
+        Err(e) => {
+            tracing::warn!("no credentials for a Unix-socket peer ({e}); closing");
+            None
+        }
+    }
+}
+
+/// An accept loop (TCP or Unix: `accept` gives the next connection, `Ok(None)` for one to
+/// skip); returns when `stop` is set (and the listener woken).
+pub(crate) fn accept_loop(
+    shared: Arc<Shared>,
+    mut accept: impl FnMut(&Shared) -> std::io::Result<Option<(Stream, Caller)>>,
+) {
+    loop {
+        let conn = accept(&shared);
         if shared.stop.load(Ordering::SeqCst) {
             break;
         }
-        let stream = match conn {
-            Ok(s) => s,
+        let (stream, caller) = match conn {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 // Out of descriptors or similar: do not spin.
@@ -174,7 +210,7 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         }
         let s2 = shared.clone();
         let spawned = shared.spawn("maru-rm-conn", move || {
-            serve(&s2, stream);
+            serve(&s2, stream, caller);
             lock(&s2.conns).remove(&id);
             s2.active.fetch_sub(1, Ordering::SeqCst);
         });
@@ -188,7 +224,7 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 
 /// Answers the first request of a connection over the limit with `TooManyClients`, within a
 /// bounded time whatever the peer does, and closes it.
-fn reject(mut stream: TcpStream, max: usize) {
+fn reject(mut stream: Stream, max: usize) {
     let deadline = Instant::now() + REJECT_DEADLINE;
     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
     let _ = stream.set_write_timeout(Some(REJECT_DEADLINE));
@@ -217,23 +253,36 @@ fn reject(mut stream: TcpStream, max: usize) {
         ),
     );
     let _ = stream.write_all(&tx);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = stream.shutdown();
 }
 
 /// Per-connection state.
 struct ConnState {
     owner: Option<Owner>,
     role: Role,
+    caller: Caller,
 }
 
 /// Serves one connection until it closes, misbehaves beyond repair or the daemon stops.
-fn serve(shared: &Arc<Shared>, stream: TcpStream) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    let _ = stream.set_nodelay(true);
-    set_keepalive(&stream);
+fn serve(shared: &Arc<Shared>, mut stream: Stream, caller: Caller) {
+    let hello_by = Instant::now() + shared.handshake_timeout;
+    // A TCP peer proves it holds the cluster secret before its first frame; Unix-socket
+    // peers are named by the kernel.
+    if let (Some(auth), Stream::Tcp(tcp)) = (&shared.tcp_auth, &mut stream) {
+        if let Err(e) = auth.accept(tcp, hello_by) {
+            tracing::warn!("closing a TCP connection: {e}");
+            let _ = stream.shutdown();
+            return;
+        }
+    }
+    let peer = match (&stream, &caller) {
+        (Stream::Tcp(s), _) => s
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into()),
+        (Stream::Unix(_), Caller::Unix(cred)) => format!("pid {} (uid {})", cred.pid, cred.uid),
+        (Stream::Unix(_), _) => "unix peer".into(),
+    };
     let _ = stream.set_read_timeout(Some(POLL));
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut rx = FrameBuf::new();
@@ -241,9 +290,8 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
     let mut conn = ConnState {
         owner: None,
         role: Role::Admin,
+        caller,
     };
-    let mut reader = &stream;
-    let hello_by = Instant::now() + shared.handshake_timeout;
     loop {
         // Until its Hello, a connection has a deadline (a silent one would hold its slot
         // for ever); a frame begun before it must be finished by it too.
@@ -259,7 +307,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
             }
             rx.max_stall = rx.max_stall.min(left);
         }
-        let (header, payload) = match rx.read_frame(&mut reader) {
+        let (header, payload) = match rx.read_frame(&mut stream) {
             Ok(f) => f,
             Err(FrameReadError::Idle) => {
                 if shared.stop.load(Ordering::SeqCst) {
@@ -277,7 +325,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
                 tracing::warn!("{peer}: bad frame header ({e}); closing");
                 tx.clear();
                 encode_error(&mut tx, 0, &WireError::new(e.code(), e.to_string()));
-                let _ = (&stream).write_all(&tx);
+                let _ = stream.write_all(&tx);
                 shared.ops.record("invalid", Duration::ZERO, false);
                 break;
             }
@@ -320,7 +368,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
             }
         };
         shared.ops.record(name, t0.elapsed(), ok);
-        if (&stream).write_all(&tx).is_err() || close {
+        if stream.write_all(&tx).is_err() || close {
             break;
         }
     }
@@ -333,42 +381,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
             }
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-}
-
-/// TCP keepalive: idle time before the first probe, interval between probes, probes lost
-/// before the connection counts as dead (about 25 s in all).
-const KEEPALIVE: (libc::c_int, libc::c_int, libc::c_int) = (10, 5, 3);
-
-/// Lets the kernel notice a peer host that vanished without closing its connection (power
-/// loss, partition). Without it, a read on that connection would wait for ever, the remote
-/// owner would look connected for ever and its regions would never be reclaimed.
-fn set_keepalive(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let fd = stream.as_raw_fd();
-    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
-        // SAFETY: setsockopt on a socket this thread owns, with a pointer to a live c_int and
-        // its exact size; the kernel copies the value before returning.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(
-                "setsockopt({level}, {name}): {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE.0);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE.1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE.2);
+    let _ = stream.shutdown();
 }
 
 pub(crate) fn is_rm_request(t: u16) -> bool {
@@ -405,16 +418,8 @@ fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Re
                     "Hello must name the peer's host and pid",
                 ));
             }
-            let start_time = if h.start_time == 0 && h.host == shared.hostname {
-                maru_transport::process_start_time(h.pid).unwrap_or(0)
-            } else {
-                h.start_time
-            };
-            let owner = Owner {
-                host: h.host.to_owned(),
-                pid: h.pid,
-                start_time,
-            };
+            let owner = identity::owner_of(&conn.caller, &h, &shared.hostname, shared.uid)
+                .inspect_err(|e| tracing::warn!("hello refused: {}", e.message))?;
             {
                 let mut presence = lock(&shared.presence);
                 let p = presence
@@ -432,6 +437,7 @@ fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Re
                 server: format!("maru-resource-manager {}", env!("CARGO_PKG_VERSION")),
                 hostname: shared.hostname.clone(),
                 session_token: [0; maru_proto::SESSION_TOKEN_LEN],
+                index: None,
             }))
         }
         Request::Heartbeat | Request::Goodbye => Ok(Response::Ok),
@@ -467,16 +473,7 @@ fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Re
             .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string())),
         Request::RmList => {
             let list = shared.list();
-            if list.len() > maru_proto::MAX_BATCH {
-                return Err(WireError::new(
-                    ErrorCode::BatchTooLarge,
-                    format!(
-                        "{} allocations do not fit one reply (at most {}); use RmStats for totals",
-                        list.len(),
-                        maru_proto::MAX_BATCH
-                    ),
-                ));
-            }
+            WireError::check_listing(list.len(), "allocations", "RmStats")?;
             Ok(Response::RmAllocations(list))
         }
         other => Err(WireError::new(

@@ -102,9 +102,7 @@ proptest! {
 
 #[test]
 fn every_region_is_aligned_and_disjoint() {
-    let d = temp_dir();
-    let rm = start_default(d.path());
-    let mut c = client(&rm);
+    let (_d, rm, mut c) = default_rm();
     let mut got = Vec::new();
     for size in [1, 4096, 2 * MIB - 1, 2 * MIB, 2 * MIB + 1, 5 * MIB, 7] {
         let h = c.alloc(size, None).unwrap();

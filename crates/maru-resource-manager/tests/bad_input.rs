@@ -24,14 +24,7 @@ fn raw(rm: &RmHandle) -> TcpStream {
 
 fn hello_frame(id: u64) -> Vec<u8> {
     let (host, pid, start) = maru_transport::local_identity();
-    let hello = Hello {
-        role: Role::Server,
-        instance_id: "",
-        host: &host,
-        pid,
-        start_time: start,
-        session_token: None,
-    };
+    let hello = Hello::sessionless(Role::Server, &host, pid, start);
     request(id, &Request::Hello(hello))
 }
 
@@ -67,9 +60,7 @@ fn still_serves(rm: &RmHandle, before: &[maru_resource_manager::RmAllocation]) {
 
 #[test]
 fn malformed_frames_get_errors_and_the_stream_continues_when_it_can() {
-    let d = temp_dir();
-    let rm = start_default(d.path());
-    let mut c = client(&rm);
+    let (_d, rm, mut c) = default_rm();
     c.alloc(2 * MIB, None).unwrap();
     let before = c.list().unwrap();
 
@@ -199,9 +190,7 @@ fn peer_stalling_mid_frame_is_disconnected() {
 
 #[test]
 fn bad_requests_get_typed_errors_and_change_nothing() {
-    let d = temp_dir();
-    let rm = start_default(d.path());
-    let mut c = client(&rm);
+    let (_d, rm, mut c) = default_rm();
     let h = c.alloc(2 * MIB, None).unwrap();
     let gone = c.alloc(2 * MIB, None).unwrap();
     c.free(&gone).unwrap();

@@ -8,9 +8,7 @@ use maru_shm::{MapMode, Mapping};
 
 #[test]
 fn alloc_access_map_free_and_stats() {
-    let d = temp_dir();
-    let rm = start_default(d.path());
-    let mut c = client(&rm);
+    let (d, rm, mut c) = default_rm();
     let h = c.alloc(3 * MIB, None).unwrap();
     assert_eq!(h.len, 4 * MIB, "rounded up to the 2 MiB alignment");
     assert_eq!(h.offset % (2 * MIB), 0);
@@ -46,9 +44,7 @@ fn alloc_access_map_free_and_stats() {
 
 #[test]
 fn allocations_and_handles_survive_a_restart() {
-    let d = temp_dir();
-    let rm = start_default(d.path());
-    let mut c = client(&rm);
+    let (d, rm, mut c) = default_rm();
     let hs: Vec<_> = (0..4).map(|_| c.alloc(MIB, None).unwrap()).collect();
     c.free(&hs[1]).unwrap();
     let before = c.list().unwrap();
@@ -88,9 +84,7 @@ fn pool_preference_and_no_such_pool() {
 
 #[test]
 fn abandoned_daemon_recovers_from_its_log_alone() {
-    let d = temp_dir();
-    let rm = start_default(d.path());
-    let mut c = client(&rm);
+    let (d, rm, mut c) = default_rm();
     let hs: Vec<_> = (0..6)
         .map(|i| c.alloc((i + 1) * MIB, None).unwrap())
         .collect();

@@ -31,11 +31,8 @@ fn help_lists_the_flags() {
 #[test]
 fn invalid_pool_spec_is_a_usage_error() {
     let d = temp_dir();
-    let out = rm_command(d.path(), &["shm:/dev/shm/x".into()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = failed_start(d.path(), &["shm:/dev/shm/x".into()]);
+    assert_eq!(code, Some(2));
     assert!(err.contains("shm:PATH:SIZE"), "{err}");
 }
 
@@ -44,9 +41,8 @@ fn a_start_up_error_is_printed_once_with_its_cause_once() {
     let d = temp_dir();
     // The state directory's path is taken by a file.
     std::fs::write(state_dir(d.path()), b"not a directory").unwrap();
-    let out = rm_command(d.path(), &pool_args(d.path())).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = failed_start(d.path(), &pool_args(d.path()));
+    assert_eq!(code, Some(1));
     assert_eq!(err.matches("state directory").count(), 1, "{err}");
     assert_eq!(err.matches("(os error").count(), 1, "{err}");
 }
@@ -58,9 +54,8 @@ fn without_pools_on_a_machine_without_dax_it_says_how_to_add_one() {
         return;
     }
     let d = temp_dir();
-    let out = rm_command(d.path(), &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = failed_start(d.path(), &[]);
+    assert_eq!(code, Some(1));
     assert!(err.contains("--pool shm:"), "{err}");
 }
 
@@ -69,12 +64,13 @@ fn ready_file_and_metrics_endpoint() {
     let d = temp_dir();
     let mut rm = spawn_rm(d.path(), &pool_args(d.path()), &["--metrics-port", "0"]);
     assert_eq!(rm.ready["pid"].as_u64(), Some(rm.pid() as u64));
-    assert!(rm.ready["unix"].is_null());
+    let unix = rm.ready["unix"].as_str().expect("unix socket path");
+    assert!(unix.ends_with("rm.sock"), "{unix}");
     let metrics = rm.ready["metrics"]
         .as_str()
         .expect("metrics address")
         .to_owned();
-    let mut c = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).unwrap();
+    let mut c = connect(&rm.url());
     c.alloc(3 * MIB, None).unwrap();
     let text = maru_testkit::wire::http_get(&metrics, "/metrics");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");

@@ -340,10 +340,7 @@ fn sigkill_mid_workload_loses_nothing_and_hands_out_nothing_twice() {
             &free_in_flight,
         );
         let ids: Vec<u64> = model.live.keys().copied().collect();
-        let new = RmClient::connect(&rm.url(), Role::Server, TIMEOUT)
-            .unwrap()
-            .alloc(MIB, None)
-            .unwrap();
+        let new = connect(&rm.url()).alloc(MIB, None).unwrap();
         assert!(
             new.region_id > *ids.iter().max().unwrap_or(&0) && new.region_id > max_id_seen,
             "region id reused"
@@ -373,10 +370,8 @@ fn sigkill_mid_workload_loses_nothing_and_hands_out_nothing_twice() {
 
 #[test]
 fn torn_wal_tail_is_cut_and_startup_succeeds() {
-    let d = temp_dir();
-    let pools = pool_args(d.path());
-    let mut rm = spawn_rm(d.path(), &pools, &[]);
-    let mut c = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).unwrap();
+    let (d, pools, mut rm) = spawn_default();
+    let mut c = connect(&rm.url());
     let hs: Vec<_> = (0..5).map(|_| c.alloc(2 * MIB, None).unwrap()).collect();
     drop(c);
     rm.kill();
@@ -403,7 +398,7 @@ fn torn_wal_tail_is_cut_and_startup_succeeds() {
         rm.stderr_text()
     );
     // And the daemon works on.
-    let mut c = RmClient::connect(&rm.url(), Role::Server, TIMEOUT).unwrap();
+    let mut c = connect(&rm.url());
     c.free(&hs[0]).unwrap();
     c.alloc(2 * MIB, None).unwrap();
     drop(c);
@@ -412,13 +407,8 @@ fn torn_wal_tail_is_cut_and_startup_succeeds() {
 
 #[test]
 fn corrupt_checkpoint_is_refused_never_reset() {
-    let d = temp_dir();
-    let pools = pool_args(d.path());
-    let mut rm = spawn_rm(d.path(), &pools, &[]);
-    RmClient::connect(&rm.url(), Role::Server, TIMEOUT)
-        .unwrap()
-        .alloc(MIB, None)
-        .unwrap();
+    let (d, pools, mut rm) = spawn_default();
+    connect(&rm.url()).alloc(MIB, None).unwrap();
     assert!(rm.terminate().success());
     let ckpt = state_dir(d.path()).join("checkpoint");
     let mut bytes = std::fs::read(&ckpt).expect("checkpoint written at shutdown");
@@ -426,9 +416,8 @@ fn corrupt_checkpoint_is_refused_never_reset() {
     bytes[n - 2] ^= 0xff;
     std::fs::write(&ckpt, &bytes).unwrap();
 
-    let out = rm_command(d.path(), &pools).output().unwrap();
-    assert!(!out.status.success(), "started on a corrupt checkpoint");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = failed_start(d.path(), &pools);
+    assert_ne!(code, Some(0), "started on a corrupt checkpoint");
     assert!(
         err.contains("corrupt") && err.contains("refusing"),
         "unclear error: {err}"
@@ -442,12 +431,9 @@ fn corrupt_checkpoint_is_refused_never_reset() {
 
 #[test]
 fn one_state_dir_serves_one_resource_manager() {
-    let d = temp_dir();
-    let pools = pool_args(d.path());
-    let mut rm = spawn_rm(d.path(), &pools, &[]);
-    let out = rm_command(d.path(), &pools).output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (d, pools, mut rm) = spawn_default();
+    let (code, err) = failed_start(d.path(), &pools);
+    assert_ne!(code, Some(0));
     assert!(err.contains("in use by another resource manager"), "{err}");
     rm.kill();
 }

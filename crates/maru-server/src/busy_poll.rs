@@ -10,8 +10,9 @@
 //! server's latest request spins — so one thread at a time — and it stops as soon as another
 //! connection gets a request (that thread needs the CPU more: with 4–32 clients, spinners that
 //! did not give way took p99 from ~1–2 ms to 5–10 ms); and a connection whose next request
-//! keeps not coming within the window backs off to sleeping (8…1024 requests), so sparse
-//! traffic costs no CPU.
+//! keeps not coming within the window, or whose thread is preempted while it spins (more
+//! threads want the CPUs than there are), backs off to sleeping (8…1024 requests), so sparse
+//! traffic costs no CPU and a crowded machine's CPUs go to the threads with work.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,13 +79,16 @@ mod tests {
         wait_for_next(&mut b, a.as_raw_fd(), Duration::from_secs(10), last);
         // It returned because the request is there, or because another test's server counted
         // a request meanwhile and it gave way; never after the whole window, never a miss.
+        // Or it was preempted while spinning, and backed off.
         assert!(
             maru_transport::busy::readable_now(a.as_raw_fd()).unwrap()
-                || REQUESTS.load(Ordering::Acquire) != last,
+                || REQUESTS.load(Ordering::Acquire) != last
+                || b.skipping() == Backoff::MIN,
             "returned before the request came, without a reason to give way"
         );
         let _w = writer.join().unwrap();
         assert!(t.elapsed() < Duration::from_secs(5));
-        assert_eq!(b.skipping(), 0);
+        // No miss; a preempted spinner (a loaded machine) backs off once.
+        assert!(b.skipping() <= Backoff::MIN);
     }
 }

@@ -6,10 +6,13 @@ use std::time::Duration;
 
 use maru_proto::ServerUrl;
 
+use crate::eviction::EvictionConfig;
+
 /// How long a new connection may take to complete its Hello before it is closed and its
-/// slot freed: without a bound, `max_clients` connections that never speak lock every real
-/// client out. Handshaken connections may stay idle (clients keep pooled connections).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// pre-hello slot freed (see `admission`). A client says hello microseconds after it
+/// connects; the bound leaves room for a loaded machine. Handshaken connections may stay idle
+/// (clients keep pooled connections).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How to run a metadata server.
 #[derive(Debug, Clone)]
@@ -23,7 +26,9 @@ pub struct ServerConfig {
     /// Pools to allocate regions from, in order of preference: the next pool is tried only
     /// when the previous one has no room. Empty: the resource manager chooses.
     pub pools: Vec<String>,
-    /// Most connections served at once (all roles).
+    /// Most clients (sessions: one per handler, whatever its number of connections) served
+    /// at once. Operator tools and connections still before their Hello have slots of their
+    /// own (see `admission`).
     pub max_clients: usize,
     /// Name reported to clients in the handshake (default: this machine's hostname).
     pub hostname: Option<String>,
@@ -35,6 +40,52 @@ pub struct ServerConfig {
     /// After answering, how long a connection thread polls for the next request before it
     /// sleeps (see `busy_poll`; default [`BUSY_POLL`]). Zero: never spin.
     pub busy_poll: Duration,
+    /// How long a pin lives unless its session renews it (`--pin-ttl`; default
+    /// [`crate::PIN_TTL`]).
+    pub pin_ttl: Duration,
+    /// Watermarks, policy and quotas of eviction.
+    pub eviction: EvictionConfig,
+    /// How long a TCP client's host may stay unreachable before its connections are dropped
+    /// and its session ends (default [`maru_transport::DEAD_PEER_AFTER`]).
+    pub dead_peer_after: Duration,
+    /// What TCP clients must prove ([`maru_transport::auth`]): by default nothing, and only
+    /// a loopback address may be bound.
+    pub tcp_auth: maru_transport::auth::TcpAuth,
+    /// The key index in shared memory the server writes through to and clients read
+    /// (`None`: keys live in the server's memory only).
+    pub index: Option<IndexConfig>,
+}
+
+/// Where the key index is and how large a new one is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexConfig {
+    /// The index file; created when missing, re-attached when present.
+    pub path: PathBuf,
+    /// Keys a new index has room for (an existing one keeps its size).
+    pub capacity: u64,
+    /// Bytes a new index keeps for keys longer than 16 bytes.
+    pub key_area_bytes: u64,
+    /// The index goes with the server: removed at shutdown, and every region goes back to
+    /// the resource manager. Otherwise the index and the regions its keys name outlive a
+    /// shutdown, for the next start to re-attach.
+    pub ephemeral: bool,
+}
+
+/// Default of [`IndexConfig::capacity`]: an 8 GiB pool of 4 KiB pages.
+pub const INDEX_KEYS: u64 = 2 << 20;
+/// Default of [`IndexConfig::key_area_bytes`]: 64 bytes per key on average.
+pub const INDEX_KEY_BYTES: u64 = INDEX_KEYS * 64;
+
+impl IndexConfig {
+    /// An index at `path` of the default size.
+    pub fn at(path: impl Into<PathBuf>) -> IndexConfig {
+        IndexConfig {
+            path: path.into(),
+            capacity: INDEX_KEYS,
+            key_area_bytes: INDEX_KEY_BYTES,
+            ephemeral: false,
+        }
+    }
 }
 
 /// Default of [`ServerConfig::busy_poll`]: a 1 MiB copy plus a store call fits in it.
@@ -52,6 +103,11 @@ impl Default for ServerConfig {
             metrics: None,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             busy_poll: BUSY_POLL,
+            pin_ttl: crate::PIN_TTL,
+            eviction: EvictionConfig::default(),
+            dead_peer_after: maru_transport::DEAD_PEER_AFTER,
+            tcp_auth: maru_transport::auth::TcpAuth::default(),
+            index: None,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use maru_proto::{encode_error, WireError};
 use maru_transport::{FrameBuf, FrameReadError, Stream};
 
+use crate::admission::standing;
 use crate::busy_poll::{count_request, wait_for_next};
 use crate::server::Shared;
 use crate::service::{handle_frame, ConnCtx};
@@ -26,12 +27,22 @@ const FLUSH_AT: usize = 256 * 1024;
 const KEEP_CAPACITY: usize = 1024 * 1024;
 
 /// Serves requests until the peer leaves, misbehaves, or the server shuts down.
-pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
+/// `id` is the connection's number in `admission`, whose limits a hello or goodbye may hit.
+pub(crate) fn serve(shared: &Shared, mut stream: Stream, id: u64) {
+    // A TCP peer proves it holds the cluster secret before its first frame (Unix-socket
+    // peers are named by the kernel and the socket's mode).
+    if let (Some(auth), Stream::Tcp(tcp)) = (&shared.tcp_auth, &mut stream) {
+        if let Err(e) = auth.accept(tcp, Instant::now() + shared.handshake_timeout) {
+            tracing::warn!("closing a TCP connection: {e}");
+            let _ = stream.shutdown();
+            return;
+        }
+    }
     let state = &shared.state;
     state.connections.fetch_add(1, Ordering::Relaxed);
     let mut rx = FrameBuf::new();
     let mut out = Vec::with_capacity(4096);
-    let mut ctx = ConnCtx::default();
+    let mut ctx = ConnCtx::new(stream.try_clone().ok());
     let mut spin = maru_transport::busy::Backoff::default();
     // This connection's latest request, as numbered by `count_request`.
     let mut last_request: u64;
@@ -59,7 +70,18 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream) {
         match rx.read_frame(&mut stream) {
             Ok((header, payload)) => {
                 last_request = count_request();
-                handle_frame(state, &mut ctx, &header, payload, &mut out)
+                let (before, mark) = (standing(&ctx.peer), out.len());
+                handle_frame(state, &mut ctx, &header, payload, &mut out);
+                let now = standing(&ctx.peer);
+                if now != before {
+                    if let Err(e) = shared.take_standing(id, now) {
+                        // Over a limit: the hello is answered with the refusal instead.
+                        out.truncate(mark);
+                        encode_error(&mut out, header.request_id, &e);
+                        let _ = stream.write_all(&out);
+                        break;
+                    }
+                }
             }
             Err(FrameReadError::Idle) => {
                 if shared.is_shutting_down() {

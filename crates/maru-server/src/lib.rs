@@ -39,6 +39,7 @@
 //! * `conn` — a connection's thread; `busy_poll` — its wait for the next request;
 //! * `server` — start and shutdown; `config`; `admission` — accept loops and the client limit;
 //!   `unix_socket`; `maintenance` — retries, pings and reconciles between requests;
+//!   `evictor` — keeps the pool between the eviction watermarks ([`eviction`]);
 //! * `resource_manager` — the resource manager behind a small trait;
 //! * `metrics`; [`cli`].
 
@@ -47,6 +48,7 @@ mod busy_poll;
 pub mod cli;
 mod config;
 mod conn;
+mod evictor;
 mod maintenance;
 mod metrics;
 pub mod registry;
@@ -57,9 +59,13 @@ mod service;
 mod state;
 mod unix_socket;
 
-pub use config::{ServerConfig, BUSY_POLL, HANDSHAKE_TIMEOUT};
+pub use config::{
+    IndexConfig, ServerConfig, BUSY_POLL, HANDSHAKE_TIMEOUT, INDEX_KEYS, INDEX_KEY_BYTES,
+};
 pub use resource_manager::RmCallError;
 pub use server::{start, ServerError, ServerHandle};
+pub use state::eviction;
+pub use state::{IndexOpenError, Restored, PIN_TTL};
 
 #[cfg(test)]
 mod testing;

@@ -1,4 +1,5 @@
-//! The maintenance thread: what the server does on its own, between requests — retrying frees
+//! The maintenance thread: what the server does on its own, between requests — the lease clock
+//! (expired pins are dropped), retrying frees
 //! the resource manager could not take, noticing when it goes away, and reconciling its list
 //! of this server's regions with the region table.
 
@@ -24,17 +25,23 @@ pub(crate) fn maintenance_loop(shared: &Shared) {
     let mut rm_up = shared.state.ping_rm(true);
     let mut last_ping = Instant::now();
     let mut last_reconcile = Instant::now();
+    let mut last_retry = Instant::now();
+    let tick = shared.state.lease_tick().min(RETRY_EVERY);
     let mut stop = lock.lock().unwrap_or_else(|e| e.into_inner());
     while !*stop {
         let (guard, _) = cvar
-            .wait_timeout(stop, RETRY_EVERY)
+            .wait_timeout(stop, tick)
             .unwrap_or_else(|e| e.into_inner());
         stop = guard;
         if *stop {
             break;
         }
         drop(stop);
-        shared.state.retry_pending_frees();
+        shared.state.expire_leases(Instant::now());
+        if last_retry.elapsed() >= RETRY_EVERY {
+            shared.state.retry_pending_frees();
+            last_retry = Instant::now();
+        }
         if last_ping.elapsed() >= PING_EVERY {
             rm_up = shared.state.ping_rm(rm_up);
             last_ping = Instant::now();

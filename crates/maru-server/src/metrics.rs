@@ -1,7 +1,8 @@
 //! The Prometheus exposition of a server's state.
 
 use maru_proto::request_name;
-use maru_telemetry::PromWriter;
+use maru_proto::stats::{ClientStats, NamespaceStats, ServerStats};
+use maru_telemetry::{PromWriter, RowFamily};
 
 use crate::state::{ServerState, OP_NAMES};
 
@@ -10,38 +11,52 @@ use crate::state::{ServerState, OP_NAMES};
 pub(crate) fn render(state: &ServerState) -> String {
     let s = state.stats();
     let mut w = PromWriter::new();
-    w.family("maru_keys", "gauge", "Registered keys")
-        .sample("maru_keys", &[], s.keys as f64);
-    w.family(
-        "maru_key_bytes",
-        "gauge",
-        "Bytes referenced by registered keys",
-    )
-    .sample("maru_key_bytes", &[], s.bytes as f64);
-    w.family("maru_pinned_keys", "gauge", "Keys with at least one pin")
-        .sample("maru_pinned_keys", &[], s.pinned_keys as f64);
-    w.family("maru_regions", "gauge", "Live regions")
-        .sample("maru_regions", &[], s.regions as f64);
-    w.family("maru_region_bytes", "gauge", "Bytes in live regions")
-        .sample("maru_region_bytes", &[], s.region_bytes as f64);
-    w.family("maru_clients", "gauge", "Connected client instances")
-        .sample("maru_clients", &[], state.session_count() as f64);
-    w.family("maru_connections", "gauge", "Open connections (all roles)")
-        .sample(
+    w.singles(&[
+        ("maru_keys", "gauge", "Registered keys", s.keys as f64),
+        (
+            "maru_key_bytes",
+            "gauge",
+            "Bytes referenced by registered keys",
+            s.bytes as f64,
+        ),
+        (
+            "maru_pinned_keys",
+            "gauge",
+            "Keys with at least one pin",
+            s.pinned_keys as f64,
+        ),
+        (
+            "maru_pins_expired_total",
+            "counter",
+            "Pins dropped because their lease ran out",
+            s.pins_expired as f64,
+        ),
+        ("maru_regions", "gauge", "Live regions", s.regions as f64),
+        (
+            "maru_region_bytes",
+            "gauge",
+            "Bytes in live regions",
+            s.region_bytes as f64,
+        ),
+        (
+            "maru_clients",
+            "gauge",
+            "Connected client instances",
+            state.session_count() as f64,
+        ),
+        (
             "maru_connections",
-            &[],
+            "gauge",
+            "Open connections (all roles)",
             state.connections.load(std::sync::atomic::Ordering::Relaxed) as f64,
-        );
-    w.family(
-        "maru_ops_total",
-        "counter",
-        "Requests answered, by operation",
+        ),
+    ]);
+    w.ops(
+        &state.ops,
+        OP_NAMES.iter().map(|t| request_name(*t)),
+        ("maru_ops_total", "Requests answered, by operation"),
+        ("maru_op_seconds", "Time to answer a request, by operation"),
     );
-    for t in OP_NAMES {
-        let op = request_name(*t);
-        let count = state.ops.get(op).map_or(0, |h| h.count());
-        w.sample("maru_ops_total", &[("op", op)], count as f64);
-    }
     w.family(
         "maru_op_errors_total",
         "counter",
@@ -50,50 +65,161 @@ pub(crate) fn render(state: &ServerState) -> String {
     for (op, o) in &s.ops {
         w.sample("maru_op_errors_total", &[("op", op)], o.errors as f64);
     }
-    w.family(
-        "maru_op_seconds",
-        "histogram",
-        "Time to answer a request, by operation",
-    );
-    for t in OP_NAMES {
-        let op = request_name(*t);
-        if let Some(h) = state.ops.get(op) {
-            if h.count() > 0 {
-                w.histogram("maru_op_seconds", &[("op", op)], h);
-            }
-        }
-    }
-    w.family(
+    capacity(&mut w, &s);
+    w.single(
         "maru_rm_up",
         "gauge",
         "Whether the resource manager answered",
-    )
-    .sample("maru_rm_up", &[], s.rm_error.is_none() as u8 as f64);
+        s.rm_error.is_none() as u8 as f64,
+    );
     if s.rm_error.is_none() {
-        w.family("maru_pool_total_bytes", "gauge", "Size of each pool");
-        for p in &s.pools {
-            w.sample(
-                "maru_pool_total_bytes",
-                &[("pool", &p.path)],
-                p.total_bytes as f64,
-            );
-        }
-        w.family("maru_pool_free_bytes", "gauge", "Free bytes in each pool");
-        for p in &s.pools {
-            w.sample(
-                "maru_pool_free_bytes",
-                &[("pool", &p.path)],
-                p.free_bytes as f64,
-            );
-        }
-        w.family(
-            "maru_pool_regions",
-            "gauge",
-            "Regions carved from each pool",
+        w.per_rows(
+            &s.pools,
+            |p| [("pool", &p.path)],
+            &[
+                ("maru_pool_total_bytes", "gauge", "Size of each pool", |p| {
+                    p.total_bytes as f64
+                }),
+                (
+                    "maru_pool_free_bytes",
+                    "gauge",
+                    "Free bytes in each pool",
+                    |p| p.free_bytes as f64,
+                ),
+            ],
         );
-        for p in &s.pools {
-            w.sample("maru_pool_regions", &[("pool", &p.path)], p.regions as f64);
-        }
     }
     w.finish()
+}
+
+/// Capacity management: the watermarks, and per namespace and per instance what keys hold,
+/// how reads went and what was evicted.
+fn capacity(w: &mut PromWriter, s: &ServerStats) {
+    let e = &s.eviction;
+    w.family(
+        "maru_evict_high_ratio",
+        "gauge",
+        "Fraction of the pool above which the evictor starts (--evict-high)",
+    )
+    .sample("maru_evict_high_ratio", &[("policy", &e.policy)], e.high);
+    w.family(
+        "maru_evict_low_ratio",
+        "gauge",
+        "Fraction of the pool below which the evictor stops (--evict-low)",
+    )
+    .sample("maru_evict_low_ratio", &[("policy", &e.policy)], e.low);
+    w.single(
+        "maru_capacity_bytes",
+        "gauge",
+        "Bytes of the pools this server allocates from (0 while unknown)",
+        e.pool_bytes as f64,
+    );
+
+    let per_namespace: [RowFamily<NamespaceStats>; 7] = [
+        (
+            "maru_namespace_keys",
+            "gauge",
+            "Keys of each namespace",
+            |n| n.keys as f64,
+        ),
+        (
+            "maru_namespace_bytes",
+            "gauge",
+            "Bytes referenced by each namespace's keys",
+            |n| n.bytes as f64,
+        ),
+        (
+            "maru_namespace_pins",
+            "gauge",
+            "Pins held by each namespace's sessions",
+            |n| n.pins as f64,
+        ),
+        (
+            "maru_hits_total",
+            "counter",
+            "Reads that found their key, by namespace",
+            |n| n.hits as f64,
+        ),
+        (
+            "maru_misses_total",
+            "counter",
+            "Reads that found no key, by namespace",
+            |n| n.misses as f64,
+        ),
+        (
+            "maru_evictions_total",
+            "counter",
+            "Keys evicted, by namespace",
+            |n| n.evictions as f64,
+        ),
+        (
+            "maru_evicted_bytes_total",
+            "counter",
+            "Bytes of evicted keys, by namespace",
+            |n| n.evicted_bytes as f64,
+        ),
+    ];
+    w.per_rows(
+        &s.namespaces,
+        |n| [("namespace", &n.namespace)],
+        &per_namespace,
+    );
+    w.family(
+        "maru_namespace_quota_bytes",
+        "gauge",
+        "Byte quota of each namespace that has one (--quota)",
+    );
+    for n in &s.namespaces {
+        if let Some(q) = n.quota {
+            w.sample(
+                "maru_namespace_quota_bytes",
+                &[("namespace", &n.namespace)],
+                q as f64,
+            );
+        }
+    }
+
+    let per_instance: [RowFamily<ClientStats>; 6] = [
+        (
+            "maru_instance_keys",
+            "gauge",
+            "Keys in each instance's regions",
+            |c| c.keys as f64,
+        ),
+        (
+            "maru_instance_key_bytes",
+            "gauge",
+            "Bytes referenced by the keys in each instance's regions",
+            |c| c.key_bytes as f64,
+        ),
+        (
+            "maru_instance_pins",
+            "gauge",
+            "Pins on the keys in each instance's regions",
+            |c| c.pins as f64,
+        ),
+        (
+            "maru_instance_hits_total",
+            "counter",
+            "Reads answered from each instance's keys",
+            |c| c.hits as f64,
+        ),
+        (
+            "maru_instance_evictions_total",
+            "counter",
+            "Keys of each instance evicted",
+            |c| c.evictions as f64,
+        ),
+        (
+            "maru_instance_evicted_bytes_total",
+            "counter",
+            "Bytes of each instance's evicted keys",
+            |c| c.evicted_bytes as f64,
+        ),
+    ];
+    w.per_rows(
+        &s.clients,
+        |c| [("instance", &c.instance_id)],
+        &per_instance,
+    );
 }

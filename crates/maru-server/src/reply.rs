@@ -10,7 +10,7 @@
 
 use maru_proto::{
     encode_error, encode_response, msg_type, ErrorCode, Header, RegionInfo, Response, WireError,
-    FLAG_RESPONSE, HEADER_LEN, MAX_BATCH, MAX_FRAME,
+    FLAG_RESPONSE, HEADER_LEN, MAX_FRAME,
 };
 
 /// The payload of a `Response::Region` for `info`, i.e. the protocol's region encoding.
@@ -86,12 +86,12 @@ pub(crate) fn region(buf: &mut Vec<u8>, request_id: u64, wire: &[u8]) {
     r.finish();
 }
 
-/// `Response::Lookup`: `found` is the region's wire form, offset and length.
-pub(crate) fn lookup(buf: &mut Vec<u8>, request_id: u64, found: Option<(&[u8], u64, u64)>) {
+/// `Response::Lookup`: `found` is the region's wire form, offset, length and generation.
+pub(crate) fn lookup(buf: &mut Vec<u8>, request_id: u64, found: Option<(&[u8], u64, u64, u64)>) {
     let mut r = Reply::begin(buf, msg_type::R_LOOKUP, request_id);
     match found {
-        Some((wire, offset, len)) => {
-            r.u8(1).raw(wire).u64(offset).u64(len);
+        Some((wire, offset, len, generation)) => {
+            r.u8(1).raw(wire).u64(offset).u64(len).u64(generation);
         }
         None => {
             r.u8(0);
@@ -101,13 +101,14 @@ pub(crate) fn lookup(buf: &mut Vec<u8>, request_id: u64, found: Option<(&[u8], u
 }
 
 /// `Response::BatchLookup` from a deduplicated region table and per-key slots
-/// `(region_index, offset, len)`. Both lists are at most [`MAX_BATCH`] long (callers pass
-/// one entry per key of a decoded batch, and at most one region per entry).
+/// `(region_index, offset, len, generation)`. Both lists are at most
+/// [`MAX_BATCH`](maru_proto::MAX_BATCH) long (callers pass one entry per key of a decoded
+/// batch, and at most one region per entry).
 pub(crate) fn batch_lookup<'w>(
     buf: &mut Vec<u8>,
     request_id: u64,
     regions: impl ExactSizeIterator<Item = &'w [u8]>,
-    entries: &[Option<(u32, u64, u64)>],
+    entries: &[Option<(u32, u64, u64, u64)>],
 ) {
     let mut r = Reply::begin(buf, msg_type::R_BATCH_LOOKUP, request_id);
     r.u32(regions.len() as u32);
@@ -117,8 +118,8 @@ pub(crate) fn batch_lookup<'w>(
     r.u32(entries.len() as u32);
     for e in entries {
         match e {
-            Some((index, offset, len)) => {
-                r.u8(1).u32(*index).u64(*offset).u64(*len);
+            Some((index, offset, len, generation)) => {
+                r.u8(1).u32(*index).u64(*offset).u64(*len).u64(*generation);
             }
             None => {
                 r.u8(0);
@@ -134,18 +135,8 @@ pub(crate) fn regions<'w>(
     request_id: u64,
     regions: impl ExactSizeIterator<Item = &'w [u8]>,
 ) {
-    if regions.len() > MAX_BATCH {
-        encode_error(
-            buf,
-            request_id,
-            &WireError::new(
-                ErrorCode::BatchTooLarge,
-                format!(
-                    "{} live regions exceed the {MAX_BATCH} one reply may list",
-                    regions.len()
-                ),
-            ),
-        );
+    if let Err(e) = WireError::check_listing(regions.len(), "live regions", "stats") {
+        encode_error(buf, request_id, &e);
         return;
     }
     let mut r = Reply::begin(buf, msg_type::R_REGIONS, request_id);
@@ -159,7 +150,7 @@ pub(crate) fn regions<'w>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use maru_proto::{decode_frame, Access, Body, Handle, Location, Slot};
+    use maru_proto::{decode_frame, Access, Body, Handle, Location, Slot, MAX_BATCH};
 
     fn info(id: u64, path: &str) -> RegionInfo {
         RegionInfo {
@@ -176,6 +167,7 @@ mod tests {
                 offset: id * 4096,
                 len: 1 << 20,
                 page_size: 4096,
+                pool_uuid: [0; 16],
             },
         }
     }
@@ -199,13 +191,14 @@ mod tests {
         same(buf, &Response::Region(a.clone()));
 
         let mut buf = Vec::new();
-        lookup(&mut buf, 9, Some((&wb, 8192, 77)));
+        lookup(&mut buf, 9, Some((&wb, 8192, 77, 12)));
         same(
             buf,
             &Response::Lookup(Some(Location {
                 region: b.clone(),
                 offset: 8192,
                 len: 77,
+                generation: 12,
             })),
         );
         let mut buf = Vec::new();
@@ -213,7 +206,7 @@ mod tests {
         same(buf, &Response::Lookup(None));
 
         let mut buf = Vec::new();
-        let entries = [Some((1, 0, 5)), None, Some((0, 4096, 6))];
+        let entries = [Some((1, 0, 5, 8)), None, Some((0, 4096, 6, 9))];
         batch_lookup(&mut buf, 9, [&wa[..], &wb[..]].into_iter(), &entries);
         same(
             buf,
@@ -222,10 +215,11 @@ mod tests {
                 entries: entries
                     .iter()
                     .map(|e| {
-                        e.map(|(region_index, offset, len)| Slot {
+                        e.map(|(region_index, offset, len, generation)| Slot {
                             region_index,
                             offset,
                             len,
+                            generation,
                         })
                     })
                     .collect(),

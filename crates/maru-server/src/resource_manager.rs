@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use maru_proto::stats::RmStats;
-use maru_proto::{ErrorCode, Handle, RegionInfo, Role, ServerUrl, WireError};
+use maru_proto::{Access, ErrorCode, Handle, RegionInfo, Role, ServerUrl, WireError};
 use maru_resource_manager::{RmClient, RmClientError};
 
 /// Why a resource-manager call failed.
@@ -48,6 +48,9 @@ pub(crate) trait RegionSource: Send + Sync {
     /// Every region the resource manager has allocated to this source's owner identity (this
     /// process), whether or not the server knows about it.
     fn list_owned(&self) -> Result<Vec<Handle>, RmCallError>;
+    /// How to map a region this owner holds (a restarted server describes the regions its
+    /// key index names).
+    fn access(&self, handle: &Handle) -> Result<Access, RmCallError>;
     /// Keeps the connection warm (and notices a lost one early).
     fn ping(&self) -> Result<(), RmCallError> {
         self.stats().map(|_| ())
@@ -66,6 +69,8 @@ pub(crate) struct RemoteRm {
     timeout: Duration,
     /// This process's identity, as every connection's Hello gives it.
     me: (String, u32, u64),
+    /// The cluster secret, when this server has one (see [`RemoteRm::with_secret`]).
+    secret: Option<maru_transport::auth::ClusterSecret>,
     /// One connection, used by one call at a time. Region requests are rare next to key
     /// operations (a region holds many chunks) and never hold any lock a lookup needs, so a
     /// pool of connections would buy nothing measurable.
@@ -77,9 +82,17 @@ impl RemoteRm {
         RemoteRm {
             url,
             timeout,
+            secret: None,
             me: maru_transport::local_identity(),
             conn: Mutex::new(None),
         }
+    }
+
+    /// Proves this server holds the cluster secret when it reaches the resource manager
+    /// over TCP.
+    pub fn with_secret(mut self, secret: Option<maru_transport::auth::ClusterSecret>) -> Self {
+        self.secret = secret;
+        self
     }
 
     fn unreachable(&self, source: RmClientError) -> RmCallError {
@@ -115,8 +128,13 @@ impl RemoteRm {
             let client = match guard.as_mut() {
                 Some(c) => c,
                 None => {
-                    let c = RmClient::connect(&self.url, Role::Server, self.timeout)
-                        .map_err(|e| self.unreachable(e))?;
+                    let c = RmClient::connect_with(
+                        &self.url,
+                        Role::Server,
+                        self.timeout,
+                        self.secret.as_ref(),
+                    )
+                    .map_err(|e| self.unreachable(e))?;
                     guard.insert(c)
                 }
             };
@@ -192,6 +210,10 @@ impl RegionSource for RemoteRm {
             })
             .map(|a| a.handle)
             .collect())
+    }
+
+    fn access(&self, handle: &Handle) -> Result<Access, RmCallError> {
+        self.with_client(true, |c| c.get_access(handle))
     }
 
     fn ping(&self) -> Result<(), RmCallError> {

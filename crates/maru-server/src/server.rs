@@ -7,7 +7,7 @@
 //! `max_clients` bounds the threads.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,10 +18,11 @@ use std::time::Duration;
 use maru_proto::stats::ServerStats;
 use maru_proto::ServerUrl;
 use maru_telemetry::MetricsServer;
-use maru_transport::Stream;
+use maru_transport::{connectable, Stream};
 
 use crate::admission::{accept_loop, Conns};
 use crate::config::ServerConfig;
+use crate::evictor::evictor_loop;
 use crate::maintenance::maintenance_loop;
 use crate::resource_manager::{RegionSource, RemoteRm};
 use crate::state::ServerState;
@@ -45,6 +46,26 @@ pub enum ServerError {
     Metrics { addr: SocketAddr, source: io::Error },
     #[error("cannot start a thread: {0}")]
     Spawn(io::Error),
+    #[error(transparent)]
+    Eviction(#[from] crate::eviction::ConfigError),
+    #[error("{0}")]
+    Auth(String),
+    /// The key index exists but is not a valid one: refused, left as it is.
+    #[error("refusing to start: {0}")]
+    IndexCorrupt(crate::state::IndexOpenError),
+    #[error("key index: {0}")]
+    Index(String),
+}
+
+impl ServerError {
+    /// The process exit code for this error: 3 for a key index refused as corrupt (an
+    /// operator must look at the file), 1 for anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServerError::IndexCorrupt(_) => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// What every thread of a server shares.
@@ -57,6 +78,8 @@ pub(crate) struct Shared {
     pub handshake_timeout: Duration,
     /// See [`ServerConfig::busy_poll`].
     pub busy_poll: Duration,
+    /// What TCP connections must prove before their first frame (`None`: nothing).
+    pub tcp_auth: Option<maru_transport::auth::Acceptor>,
     pub conns: Mutex<Conns>,
     /// Wakes the maintenance thread early at shutdown.
     pub maintenance: (Mutex<bool>, Condvar),
@@ -85,7 +108,11 @@ pub struct ServerHandle {
 /// Starts a server: binds every listener (so an address in use is an error here, not later),
 /// then serves on background threads.
 pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
-    let rm = RemoteRm::new(cfg.rm_url.clone(), RM_TIMEOUT);
+    let secret = match &cfg.tcp_auth {
+        maru_transport::auth::TcpAuth::Secret { secret, .. } => Some(secret.clone()),
+        _ => None,
+    };
+    let rm = RemoteRm::new(cfg.rm_url.clone(), RM_TIMEOUT).with_secret(secret);
     start_with(cfg, Box::new(rm))
 }
 
@@ -96,6 +123,7 @@ pub(crate) fn start_with(
     if cfg.tcp.is_none() && cfg.unix.is_none() {
         return Err(ServerError::NoListener);
     }
+    cfg.eviction.validate()?;
     let tcp = match cfg.tcp {
         Some(addr) => {
             Some(TcpListener::bind(addr).map_err(|source| ServerError::BindTcp { addr, source })?)
@@ -113,6 +141,10 @@ pub(crate) fn start_with(
         })?),
         None => None,
     };
+    let tcp_auth = match tcp_addr {
+        Some(addr) => cfg.tcp_auth.acceptor(addr).map_err(ServerError::Auth)?,
+        None => None,
+    };
     let unix = match &cfg.unix {
         Some(path) => Some(bind_unix(path)?),
         None => None,
@@ -121,12 +153,31 @@ pub(crate) fn start_with(
         .hostname
         .clone()
         .unwrap_or_else(|| maru_transport::local_identity().0);
+    let mut state = ServerState::new(rm, cfg.pools.clone(), hostname, cfg.pin_ttl)
+        .with_eviction(cfg.eviction.clone());
+    if let Some(ix) = &cfg.index {
+        let t0 = std::time::Instant::now();
+        state = state.with_index(open_index(ix)?);
+        let attached = t0.elapsed();
+        let restored = state.restore_from_index().map_err(ServerError::Index)?;
+        if restored != Default::default() {
+            tracing::info!(
+                keys = restored.keys,
+                regions = restored.regions,
+                dropped = restored.dropped,
+                attach_s = attached.as_secs_f64(),
+                rebuild_s = (t0.elapsed() - attached).as_secs_f64(),
+                "keys restored from the key index (dropped: their regions are gone)"
+            );
+        }
+    }
     let shared = Arc::new(Shared {
-        state: ServerState::new(rm, cfg.pools.clone(), hostname),
+        state,
         shutting_down: AtomicBool::new(false),
         max_clients: cfg.max_clients.max(1),
         handshake_timeout: cfg.handshake_timeout,
         busy_poll: cfg.busy_poll,
+        tcp_auth,
         conns: Mutex::new(Conns::default()),
         maintenance: (Mutex::new(false), Condvar::new()),
     });
@@ -145,10 +196,14 @@ pub(crate) fn start_with(
             .listener_wakers
             .push(listener.try_clone().map_err(ServerError::Spawn)?.into());
         let s = shared.clone();
+        let dead_peer_after = cfg.dead_peer_after;
         handle.spawn("maru-accept-tcp", move || {
             accept_loop(&s, || {
                 let (stream, _) = listener.accept()?;
                 stream.set_nodelay(true)?;
+                if let Err(e) = maru_transport::set_dead_peer_timeout(&stream, dead_peer_after) {
+                    tracing::debug!("no dead-peer timeout on a connection: {e}");
+                }
                 Ok(Stream::Tcp(stream))
             })
         })?;
@@ -164,6 +219,8 @@ pub(crate) fn start_with(
     }
     let s = shared.clone();
     handle.spawn("maru-maintenance", move || maintenance_loop(&s))?;
+    let s = shared.clone();
+    handle.spawn("maru-evictor", move || evictor_loop(&s))?;
     if let Some(addr) = cfg.metrics {
         let s = shared.clone();
         let metrics = maru_telemetry::serve_metrics(addr, move || crate::metrics::render(&s.state))
@@ -177,6 +234,14 @@ pub(crate) fn start_with(
         "metadata server listening"
     );
     Ok(handle)
+}
+
+fn open_index(cfg: &crate::config::IndexConfig) -> Result<crate::state::KeyIndex, ServerError> {
+    use crate::state::IndexOpenError;
+    crate::state::KeyIndex::open(cfg).map_err(|e| match e {
+        IndexOpenError::Corrupt(_) => ServerError::IndexCorrupt(e),
+        IndexOpenError::Unusable(m) => ServerError::Index(m),
+    })
 }
 
 impl ServerHandle {
@@ -223,7 +288,8 @@ impl ServerHandle {
     }
 
     /// Stops serving: closes every client connection (their instances are gone), returns
-    /// every region to the resource manager, removes the Unix socket file, joins all threads.
+    /// every region to the resource manager (with a key index that outlives the server: every
+    /// region no key names), removes the Unix socket file, joins all threads.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -246,6 +312,7 @@ impl ServerHandle {
             *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
             cvar.notify_all();
         }
+        shared.state.capacity.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -253,7 +320,7 @@ impl ServerHandle {
         for t in shared.close_connections() {
             let _ = t.join();
         }
-        shared.state.free_everything();
+        shared.state.shut_down_regions();
         self.metrics = None;
         if let Some(path) = &self.unix_path {
             let _ = std::fs::remove_file(path);
@@ -265,18 +332,5 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// An address a local client can connect to: a wildcard listener is reached on loopback.
-fn connectable(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
-        }
-        _ => addr,
     }
 }

@@ -4,9 +4,11 @@
 use std::time::Instant;
 
 use maru_proto::{
-    decode_request, encode_error, encode_response, request_name, ErrorCode, Header, Request,
-    Response, WireError, FLAG_ERROR,
+    decode_request, encode_error, encode_response, request_name, ErrorCode, Header, RegisterEntry,
+    Request, Response, WireError, FLAG_ERROR,
 };
+
+use maru_transport::Stream;
 
 use crate::reply;
 use crate::state::{Peer, Scratch, ServerState};
@@ -15,14 +17,24 @@ use crate::state::{Peer, Scratch, ServerState};
 pub(crate) struct ConnCtx {
     pub peer: Peer,
     scratch: Scratch,
+    /// A second descriptor of the connection's socket, for it to become its session's watch
+    /// connection (where notices are written from other threads).
+    watch_socket: Option<Stream>,
+}
+
+impl ConnCtx {
+    pub fn new(watch_socket: Option<Stream>) -> Self {
+        ConnCtx {
+            peer: Peer::New,
+            scratch: Scratch::default(),
+            watch_socket,
+        }
+    }
 }
 
 impl Default for ConnCtx {
     fn default() -> Self {
-        ConnCtx {
-            peer: Peer::New,
-            scratch: Scratch::default(),
-        }
+        ConnCtx::new(None)
     }
 }
 
@@ -46,10 +58,11 @@ pub(crate) fn handle_frame(
         out.truncate(before);
         encode_error(out, id, &e);
     }
-    let ok = out
-        .get(before + 8..before + 10)
-        .map(|f| u16::from_le_bytes([f[0], f[1]]) & FLAG_ERROR == 0)
-        .unwrap_or(false);
+    // No reply is an answered request too (release_holds; watch answers on its own path).
+    let ok = out.len() == before
+        || out
+            .get(before + 8..before + 10)
+            .is_some_and(|f| u16::from_le_bytes([f[0], f[1]]) & FLAG_ERROR == 0);
     state
         .ops
         .record(request_name(header.msg_type), started.elapsed(), ok);
@@ -99,12 +112,19 @@ fn dispatch(
         }
         _ => {}
     }
-    let ConnCtx { peer, scratch } = ctx;
+    let ConnCtx {
+        peer,
+        scratch,
+        watch_socket,
+    } = ctx;
+    let peer: &Peer = peer;
     let session = match peer {
-        Peer::Client(s) => Some(&*s),
+        Peer::Client(s) => Some(&**s),
         _ => None,
     };
     let client = || session.ok_or_else(read_only);
+    // Keys travel bare; the registry knows them behind the peer's namespace prefix.
+    let scope = peer.scope();
     match req {
         Request::Hello(_) | Request::Goodbye => Err(WireError::new(
             ErrorCode::Internal,
@@ -123,7 +143,10 @@ fn dispatch(
             ),
         )),
         Request::RequestRegion { size } => {
-            let region = state.request_region(client()?, *size)?;
+            let Peer::Client(s) = peer else {
+                return Err(read_only());
+            };
+            let region = state.request_region(s, *size)?;
             reply::region(out, id, region.wire());
             Ok(())
         }
@@ -132,66 +155,111 @@ fn dispatch(
             respond(out, id, &Response::Ok)
         }
         Request::Register(e) => {
-            let new = state.register(client()?, e)?;
+            let s = client()?;
+            let e = RegisterEntry {
+                key: scratch.scoped(scope, e.key),
+                ..*e
+            };
+            let new = state.register(s, &e)?;
             respond(out, id, &Response::Bool(new))
         }
         Request::BatchRegister(entries) => {
-            let news = state.batch_register(client()?, entries)?;
+            let s = client()?;
+            let keys: Vec<&[u8]> = entries.iter().map(|e| e.key).collect();
+            let (keys, _) = scratch.scoped_all(scope, &keys);
+            let scoped: Vec<RegisterEntry> = entries
+                .iter()
+                .zip(keys)
+                .map(|(e, key)| RegisterEntry { key, ..*e })
+                .collect();
+            let news = state.batch_register(s, &scoped)?;
             respond(out, id, &Response::Bools(news))
         }
         Request::Lookup { key } => {
-            state.write_lookup(out, id, key);
+            state.write_lookup(out, id, session, scratch.scoped(scope, key));
             Ok(())
         }
         Request::BatchLookup { keys } => {
-            state.write_batch_lookup(out, id, keys, scratch);
+            let (keys, rest) = scratch.scoped_all(scope, keys);
+            state.write_batch_lookup(out, id, session, &keys, rest);
             Ok(())
         }
-        Request::Exists { key } => respond(out, id, &Response::Bool(state.exists(key))),
-        Request::BatchExists { keys } => respond(
-            out,
-            id,
-            &Response::Bools(keys.iter().map(|k| state.exists(k)).collect()),
-        ),
+        Request::Exists { key } => {
+            let found = state.exists(scratch.scoped(scope, key));
+            respond(out, id, &Response::Bool(found))
+        }
+        Request::BatchExists { keys } => {
+            let (keys, _) = scratch.scoped_all(scope, keys);
+            let found = keys.iter().map(|k| state.exists(k)).collect();
+            respond(out, id, &Response::Bools(found))
+        }
         Request::Delete { key } => {
             client()?;
-            respond(out, id, &Response::Delete(state.delete(key)))
+            let status = state.delete(scratch.scoped(scope, key));
+            respond(out, id, &Response::Delete(status))
         }
         Request::BatchDelete { keys } => {
             client()?;
-            let statuses = keys.iter().map(|k| state.delete(k)).collect();
+            let (keys, _) = scratch.scoped_all(scope, keys);
+            let statuses = state.batch_delete(&keys);
             respond(out, id, &Response::BatchDelete(statuses))
         }
         Request::Pin { key } => {
-            client()?;
-            respond(out, id, &Response::Bool(state.pin(key)))
+            let found = state.pin(client()?, scratch.scoped(scope, key))?;
+            respond(out, id, &Response::Bool(found))
         }
         Request::BatchPin { keys } => {
-            client()?;
-            let found = keys.iter().map(|k| state.pin(k)).collect();
+            let s = client()?;
+            let (keys, _) = scratch.scoped_all(scope, keys);
+            let found = keys
+                .iter()
+                .map(|k| state.pin(s, k))
+                .collect::<Result<Vec<_>, _>>()?;
             respond(out, id, &Response::Bools(found))
         }
         Request::Unpin { key } => {
-            client()?;
-            respond(out, id, &Response::Bool(state.unpin(key)))
+            let was = state.unpin(client()?, scratch.scoped(scope, key));
+            respond(out, id, &Response::Bool(was))
         }
         Request::BatchUnpin { keys } => {
-            client()?;
-            let was = keys.iter().map(|k| state.unpin(k)).collect();
+            let s = client()?;
+            let (keys, _) = scratch.scoped_all(scope, keys);
+            let was = keys.iter().map(|k| state.unpin(s, k)).collect();
             respond(out, id, &Response::Bools(was))
+        }
+        Request::RenewPins => {
+            state.renew_pins(client()?);
+            respond(out, id, &Response::Ok)
+        }
+        Request::Watch => {
+            let Peer::Client(s) = peer else {
+                return Err(read_only());
+            };
+            // Answered on the session's watch connection, in order with its notices.
+            state.watch(s, watch_socket.take(), id);
+            Ok(())
+        }
+        Request::MakeRoom { pages } => {
+            let freed = state.make_room(client()?, *pages);
+            respond(out, id, &Response::ReturnPages(freed))
+        }
+        Request::ReleaseHolds { pages } => {
+            // No reply: releases travel in front of other requests.
+            state.release_holds(client()?, pages);
+            Ok(())
+        }
+        Request::GiveBack { region_id } => {
+            // No reply, like release_holds: it travels on the watch connection.
+            state.give_back(client()?, *region_id);
+            Ok(())
+        }
+        Request::PageCurrent { page, generation } => {
+            let current = state.page_current(*page, *generation);
+            respond(out, id, &Response::Bool(current))
         }
         Request::ListAllocations => {
             let list = state.allocations();
-            if list.len() > maru_proto::MAX_BATCH {
-                return Err(WireError::new(
-                    ErrorCode::BatchTooLarge,
-                    format!(
-                        "{} regions exceed the {} one reply may list; use stats",
-                        list.len(),
-                        maru_proto::MAX_BATCH
-                    ),
-                ));
-            }
+            WireError::check_listing(list.len(), "regions", "stats")?;
             respond(out, id, &Response::Allocations(list))
         }
         Request::Stats => {

@@ -85,6 +85,7 @@ impl RegionSource for FakeRm {
                 offset: id << 30,
                 len: size,
                 page_size: 4096,
+                pool_uuid: [0; 16],
             },
         })
     }
@@ -103,6 +104,9 @@ impl RegionSource for FakeRm {
             )));
         }
         self.freed.lock().unwrap().push(handle.region_id);
+        if let Some(room) = self.room.lock().unwrap().get_mut(&handle.pool) {
+            *room += handle.len;
+        }
         Ok(())
     }
 
@@ -123,6 +127,23 @@ impl RegionSource for FakeRm {
         let handles = self.handles.lock().unwrap();
         Ok(live.iter().map(|id| handles[id].clone()).collect())
     }
+
+    fn access(&self, handle: &Handle) -> Result<Access, RmCallError> {
+        self.check_up()?;
+        if !self.live.lock().unwrap().contains(&handle.region_id) {
+            return Err(RmCallError::Remote(WireError::new(
+                ErrorCode::UnknownRegion,
+                "no such region",
+            )));
+        }
+        Ok(Access {
+            path: handle.pool.clone(),
+            offset: handle.offset,
+            len: handle.len,
+            page_size: 4096,
+            pool_uuid: [0; 16],
+        })
+    }
 }
 
 /// Lets a test keep a handle on the fake after giving the server a `Box<dyn RegionSource>`.
@@ -138,5 +159,8 @@ impl RegionSource for std::sync::Arc<FakeRm> {
     }
     fn list_owned(&self) -> Result<Vec<Handle>, RmCallError> {
         (**self).list_owned()
+    }
+    fn access(&self, handle: &Handle) -> Result<Access, RmCallError> {
+        (**self).access(handle)
     }
 }

@@ -65,7 +65,10 @@ fn real_server_and_resource_manager_work_together() {
     let region = writer.region(2 * MIB);
     assert!(region.access.path.ends_with("p0"));
     assert!(writer.register(b"k", region.handle.region_id, 4096, 10));
-    let loc = reader.lookup(b"k").expect("shared key");
+    // An admin's lookup takes no hold on the page (a client's would keep it until released).
+    let mut admin = Client::connect_role(&server.url(), Role::Admin, "admin", None).unwrap();
+    let loc = admin.lookup(b"k").expect("shared key");
+    assert!(reader.lookup(b"missing").is_none());
     assert_eq!(
         (loc.region.clone(), loc.offset, loc.len),
         (region.clone(), 4096, 10)
@@ -160,4 +163,50 @@ fn bad_flags_are_refused_with_a_clear_exit_code() {
             "--metrics-port",
         ],
     );
+}
+
+/// A key index that does not validate is refused, with the check it failed and exit code 3,
+/// and left byte for byte as it was; a file that is no index at all likewise.
+#[test]
+fn a_corrupt_key_index_is_refused_with_a_clear_message_and_left_as_it_is() {
+    let dir = maru_testkit::temp_dir();
+    let path = dir.path().join("keys.index");
+    {
+        let mut w = maru_index::IndexWriter::create(
+            &path,
+            maru_index::CreateOptions {
+                capacity: 1000,
+                key_area_bytes: 64 << 10,
+            },
+        )
+        .unwrap();
+        let at = maru_index::Location {
+            region: 1,
+            offset: 0,
+            len: 10,
+        };
+        w.insert_if_absent(0, b"k", at).unwrap();
+    }
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[20] ^= 0xff; // inside the checksummed geometry
+    std::fs::write(&path, &bytes).unwrap();
+    let not_an_index = dir.path().join("other.index");
+    std::fs::write(&not_an_index, vec![7u8; 8192]).unwrap();
+
+    let bin = env!("CARGO_BIN_EXE_maru-server");
+    for (file, says) in [(&path, "checksum"), (&not_an_index, "not a Maru key index")] {
+        let before = std::fs::read(file).unwrap();
+        let out = Command::new(bin)
+            .args(["--port", "0", "--rm-address", "127.0.0.1:9", "--index"])
+            .arg(file)
+            .env_remove("MARU_LOG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        assert!(stderr.contains("refusing to start"), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+        assert_eq!(std::fs::read(file).unwrap(), before, "never reset");
+    }
 }

@@ -144,6 +144,9 @@ fn mutated_frames_never_take_the_server_down() {
     let mut owner = c.client("owner");
     let region = owner.region(2 * MIB).handle.region_id;
     assert!(owner.register(b"chunk-a", region, 0, 10));
+    // Pinned (and renewed every round): the keys mutated sessions leave behind fill the pool,
+    // and the evictor may take any unpinned key.
+    assert!(owner.bool(&Request::Pin { key: b"chunk-a" }));
     let ServerUrl::Tcp(addr) = c.url() else {
         unreachable!()
     };
@@ -170,6 +173,7 @@ fn mutated_frames_never_take_the_server_down() {
                     pid: 1,
                     start_time: 0,
                     session_token: None,
+                    namespace: "",
                 }),
             )
             .unwrap();
@@ -196,6 +200,7 @@ fn mutated_frames_never_take_the_server_down() {
             rest = &rest[total..];
             answered += 1;
         }
+        owner.call(&Request::RenewPins).unwrap();
         // The owner is unaffected, every round.
         assert_eq!(
             owner.lookup(b"chunk-a").map(|l| l.region.handle.region_id),

@@ -119,8 +119,10 @@ fn goodbye_with_live_keys_defers_freeing_until_the_last_delete() {
     assert_eq!(allocs[0].instance_id, "owner");
     assert_eq!(allocs[0].ref_count, 2);
     assert!(!allocs[0].owner_connected);
-    // Readers still find the keys.
-    assert_eq!(b.lookup(b"k1").unwrap().region.handle.region_id, kept);
+    // Readers still find the keys (a reader's lookup holds the page until its session ends).
+    let mut reader = c.client("reader");
+    assert_eq!(reader.lookup(b"k1").unwrap().region.handle.region_id, kept);
+    reader.goodbye();
 
     assert_eq!(b.delete(b"k1"), DeleteStatus::Deleted);
     assert_eq!(c.rm().stats().allocations, 1, "one key still references it");
@@ -190,20 +192,28 @@ fn returned_regions_are_freed_once_unreferenced() {
 }
 
 #[test]
-fn connections_of_one_instance_share_its_session() {
+fn connections_of_one_handler_share_its_session() {
     let c = InProcessCluster::start();
     let mut first = c.client("inst");
     let region = first.region(MIB).handle.region_id;
     let url = c.url();
-    // Without the token, or with a wrong one: refused.
-    for token in [None, Some([9u8; 16])] {
-        let e = Client::connect_role(&url, Role::Client, "inst", token).err();
-        assert_eq!(
-            e.and_then(|e| e.code()),
-            Some(ErrorCode::SessionConflict),
-            "token {token:?}"
-        );
-    }
+    // A wrong token joins nothing.
+    let e = Client::connect_role(&url, Role::Client, "inst", Some([9u8; 16])).err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::SessionConflict));
+    // The same instance id without a token is a session of its own: it owns nothing of the
+    // first's.
+    let mut other = Client::connect_role(&url, Role::Client, "inst", None).unwrap();
+    assert_ne!(other.token, first.token);
+    assert_eq!(
+        other.fails(&Request::Register(RegisterEntry {
+            key: b"theirs",
+            region_id: region,
+            offset: 0,
+            len: 1,
+        })),
+        ErrorCode::NotOwner
+    );
+    drop(other);
     let mut second = Client::connect_role(&url, Role::Client, "inst", Some(first.token)).unwrap();
     assert_eq!(second.token, first.token);
     assert!(second.register(b"k", region, 0, 1), "same owner");
@@ -428,6 +438,14 @@ fn stats_and_metrics_report_keys_regions_clients_and_ops() {
         "maru_rm_up 1\n",
         "maru_pool_total_bytes{pool=",
         "maru_pool_free_bytes{pool=",
+        "maru_evict_high_ratio{policy=\"sieve\"} 0.9\n",
+        "maru_namespace_keys{namespace=\"\"} 2\n",
+        "maru_namespace_pins{namespace=\"\"} 1\n",
+        "maru_misses_total{namespace=\"\"} 0\n",
+        "maru_instance_keys{instance=\"a\"} 2\n",
+        "maru_instance_key_bytes{instance=\"a\"} 150\n",
+        "maru_instance_pins{instance=\"a\"} 1\n",
+        "maru_instance_evictions_total{instance=\"a\"} 0\n",
     ] {
         assert!(m.contains(line), "missing {line:?} in\n{m}");
     }
@@ -492,7 +510,7 @@ fn a_connection_without_hello_is_closed_after_the_handshake_timeout_and_its_slot
             s.handshake_timeout = bound;
         },
     );
-    assert_eq!(maru_server::HANDSHAKE_TIMEOUT, Duration::from_secs(10));
+    assert_eq!(maru_server::HANDSHAKE_TIMEOUT, Duration::from_secs(3));
     assert_eq!(
         maru_server::ServerConfig::default().handshake_timeout,
         maru_server::HANDSHAKE_TIMEOUT

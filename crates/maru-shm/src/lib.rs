@@ -11,9 +11,13 @@
 //! `Access` description `maru-proto` defines), and it never reads or writes a KV chunk's
 //! bytes on anyone's behalf: callers copy through a [`Mapping`] themselves.
 
+mod huge_pages;
 mod mapping;
 pub mod naming;
 pub mod pool;
+mod stream_copy;
 
+pub use huge_pages::HugePageMount;
 pub use mapping::{fs_page_size, system_page_size, MapMode, Mapping, ShmError, HUGE_PAGE_SIZE};
 pub use pool::{discover, parse_size, Pool, PoolError, PoolKind, PoolSpec, SpecError};
+pub use stream_copy::{copy_to_shared, STREAM_COPY_MIN};

@@ -89,14 +89,18 @@ impl Mapping {
                 path: path.to_owned(),
                 source,
             })?;
-        let file_len = file
-            .metadata()
-            .map_err(|source| ShmError::Io {
-                path: path.to_owned(),
-                source,
-            })?
-            .len();
-        if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        let meta = file.metadata().map_err(|source| ShmError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file_len = meta.len();
+        // A file's length bounds the range; a device (DEV_DAX) reports none, and its own
+        // mmap refuses a range beyond it.
+        let bounded = !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type());
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| bounded && end > file_len)
+        {
             return Err(ShmError::Invalid(format!(
                 "range {offset}+{len} is outside {} ({file_len} bytes)",
                 path.display()
@@ -236,16 +240,25 @@ impl Mapping {
         Ok(())
     }
 
-    /// Copies `src` into the mapping at `offset`.
+    /// Copies `src` into the mapping at `offset`; large copies bypass the cache
+    /// ([`crate::copy_to_shared`]).
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<(), ShmError> {
         if self.mode != MapMode::ReadWrite {
             return Err(ShmError::Invalid("write to a read-only mapping".into()));
         }
         self.check(offset, src.len())?;
-        // SAFETY: bounds checked above; the mapping is writable; `src` is a Rust slice and so
-        // cannot overlap the shared mapping unless the caller built it from our own pointer,
-        // which `copy` (memmove semantics) tolerates.
-        unsafe { std::ptr::copy(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len()) };
+        // SAFETY: bounds checked above; the mapping is writable.
+        let dst = unsafe { self.ptr.as_ptr().add(offset) };
+        let (s, d) = (src.as_ptr() as usize, dst as usize);
+        if s < d + src.len() && d < s + src.len() {
+            // `src` is a Rust slice and so overlaps the mapping only if the caller built it
+            // from our own pointer: `copy` has memmove semantics.
+            // SAFETY: both ranges are valid for `src.len()` bytes (checked above).
+            unsafe { std::ptr::copy(src.as_ptr(), dst, src.len()) };
+        } else {
+            // SAFETY: both ranges are valid for `src.len()` bytes and do not overlap.
+            unsafe { crate::copy_to_shared(dst, src.as_ptr(), src.len()) };
+        }
         Ok(())
     }
 
@@ -310,6 +323,18 @@ mod tests {
             r.write_at(0, b"x").is_err(),
             "read-only mapping accepted a write"
         );
+    }
+
+    /// A device reports no length (DEV_DAX, here /dev/zero): the range is the device's to
+    /// check, a file's is checked against its length.
+    #[test]
+    fn a_device_is_mapped_without_a_length_check_a_file_is_not() {
+        let m = Mapping::map(Path::new("/dev/zero"), 0, 8192, MapMode::ReadOnly, false).unwrap();
+        let mut out = [1u8; 4];
+        m.read_at(4096, &mut out).unwrap();
+        assert_eq!(out, [0; 4]);
+        let f = file_of(8192);
+        assert!(Mapping::map(f.path(), 4096, 8192, MapMode::ReadOnly, false).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, MetricEnco
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::Histogram;
+use crate::{Histogram, OpTable};
 
 /// Upper bounds (seconds) of the latency histogram buckets exported to Prometheus.
 pub const LATENCY_BOUNDS_S: &[f64] = &[
@@ -21,6 +21,9 @@ pub const LATENCY_BOUNDS_S: &[f64] = &[
 
 /// The `Content-Type` of what [`PromWriter::finish`] returns.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// A metric family drawn from one row type: name, kind, help and the row's value.
+pub type RowFamily<T> = (&'static str, &'static str, &'static str, fn(&T) -> f64);
 
 /// Collects metric families for one scrape, then encodes them.
 ///
@@ -95,6 +98,76 @@ impl PromWriter {
             help: help.to_owned(),
             samples: Vec::new(),
         });
+        self
+    }
+
+    /// A family of one sample without labels: a value of the whole process.
+    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) -> &mut Self {
+        self.family(name, kind, help).sample(name, &[], value)
+    }
+
+    /// Families of one sample each without labels, from `(name, kind, help, value)` rows.
+    pub fn singles(&mut self, rows: &[(&str, &str, &str, f64)]) -> &mut Self {
+        for (name, kind, help, value) in rows {
+            self.single(name, kind, help, *value);
+        }
+        self
+    }
+
+    /// The two families of a daemon's request table, labelled `op`: the counter `total`
+    /// (every operation of `names`, zero when unseen) and the latency histogram `seconds`
+    /// (operations seen at least once). Each is a `(name, help)` pair.
+    pub fn ops<'n>(
+        &mut self,
+        table: &OpTable,
+        names: impl IntoIterator<Item = &'n str>,
+        total: (&str, &str),
+        seconds: (&str, &str),
+    ) -> &mut Self {
+        let names: Vec<&str> = names.into_iter().collect();
+        self.family(total.0, "counter", total.1);
+        for &op in &names {
+            let count = table.get(op).map_or(0, |h| h.count());
+            self.sample(total.0, &[("op", op)], count as f64);
+        }
+        self.family(seconds.0, "histogram", seconds.1);
+        for op in names {
+            if let Some(h) = table.get(op).filter(|h| h.count() > 0) {
+                self.histogram(seconds.0, &[("op", op)], h);
+            }
+        }
+        self
+    }
+
+    /// A family with one sample per row of `rows` (a pool, a namespace, an instance),
+    /// labelled by `labels(row)` and valued by `value(row)`.
+    pub fn per_row<T, const N: usize>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        rows: &[T],
+        labels: fn(&T) -> [(&'static str, &str); N],
+        value: impl Fn(&T) -> f64,
+    ) -> &mut Self {
+        self.family(name, kind, help);
+        for row in rows {
+            self.sample(name, &labels(row), value(row));
+        }
+        self
+    }
+
+    /// One [`per_row`](Self::per_row) family for each `(name, kind, help, value)` of
+    /// `families`, all over the same rows and labels.
+    pub fn per_rows<T, const N: usize>(
+        &mut self,
+        rows: &[T],
+        labels: fn(&T) -> [(&'static str, &str); N],
+        families: &[RowFamily<T>],
+    ) -> &mut Self {
+        for (name, kind, help, value) in families {
+            self.per_row(name, kind, help, rows, labels, value);
+        }
         self
     }
 

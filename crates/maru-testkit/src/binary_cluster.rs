@@ -90,12 +90,15 @@ impl BinaryCluster {
             ..rm_spec
         };
         let sock = dir.path().join("server.sock");
+        // The metadata server reaches its resource manager over the latter's Unix socket (in
+        // the state directory), as on a production host: the kernel vouches for its pid.
         let server_spec = ServerSpec {
             port: free_port(),
             unix: Some(sock.clone()),
             extra: opts.server_extra,
-            ..ServerSpec::new(format!("127.0.0.1:{rm_port}"))
-        };
+            ..ServerSpec::new(format!("unix://{}", rm_spec.unix_socket().display()))
+        }
+        .with_index_at(&dir.path().join("server.index"));
         let mut s2 = server_spec.clone();
         let (server, sport) =
             spawn_on_fixed_port(dir.path(), "server", server_spec.port, false, |p| {
@@ -179,9 +182,10 @@ impl BinaryCluster {
         self.rm_list().iter().map(|a| a.handle.region_id).collect()
     }
 
-    /// An operator connection to the metadata server.
+    /// An operator connection to the metadata server, over its Unix socket (which needs no
+    /// cluster secret, whatever its TCP listener requires).
     pub fn server_admin(&self) -> BlockingConn {
-        admin_conn(&ServerUrl::Tcp(self.server_addr()))
+        admin_conn(&ServerUrl::Unix(self.sock.clone()))
     }
 
     pub fn server_stats(&self) -> ServerStats {

@@ -116,6 +116,12 @@ impl RmSpec {
         }
     }
 
+    /// Where the resource manager's Unix socket is (its default place, in the state
+    /// directory).
+    pub fn unix_socket(&self) -> PathBuf {
+        self.state_dir.join("rm.sock")
+    }
+
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(binary("maru-resource-manager"));
         cmd.arg("--port")
@@ -173,8 +179,26 @@ impl ServerSpec {
         cmd
     }
 
-    /// Starts it in `dir` as the daemon `name`.
+    /// The spec with its key index at `path`, unless `extra` already says where (or
+    /// `--no-index`): the server's default, in the user's state directory, would outlast
+    /// the test.
+    pub fn with_index_at(mut self, path: &Path) -> ServerSpec {
+        if !self
+            .extra
+            .iter()
+            .any(|a| a == "--index" || a == "--no-index")
+        {
+            let at = ["--index".to_owned(), path.display().to_string()];
+            self.extra.splice(0..0, at);
+        }
+        self
+    }
+
+    /// Starts it in `dir` as the daemon `name`, its key index in `dir` too.
     pub fn spawn(&self, dir: &Path, name: &str) -> Result<Daemon, String> {
-        Daemon::spawn(self.command(), dir, name)
+        let spec = self
+            .clone()
+            .with_index_at(&dir.join(format!("{name}.index")));
+        Daemon::spawn(spec.command(), dir, name)
     }
 }

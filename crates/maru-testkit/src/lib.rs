@@ -9,7 +9,8 @@
 //! and one metadata server on a shm pool in a temp dir, either started in-process on
 //! ephemeral ports ([`InProcessCluster`]) or as the real binaries on fixed ports so they can
 //! be killed and restarted on the same address ([`BinaryCluster`], [`Daemon`]); and the
-//! hand-made frames and raw exchanges of the bad-input tests ([`wire`]).
+//! hand-made frames and raw exchanges of the bad-input tests ([`wire`]); several hosts on one
+//! pool, as network namespaces on a bridge ([`hosts`]).
 //!
 //! May not touch: any daemon's or the client's internals. It starts the daemons through
 //! their public entry points (`maru_resource_manager::start`, `maru_server::start`) or their
@@ -22,6 +23,7 @@
 
 pub mod binary_cluster;
 pub mod daemon;
+pub mod hosts;
 pub mod in_process;
 pub mod process;
 pub mod wire;
@@ -34,7 +36,7 @@ use maru_shm::PoolSpec;
 pub use binary_cluster::{BinaryCluster, ClusterOpts};
 pub use daemon::{Daemon, RmSpec, ServerSpec};
 pub use in_process::InProcessCluster;
-pub use process::{binary, free_port, rerun_test, spawn_ready, terminate, Started};
+pub use process::{binary, free_port, json_output, rerun_test, spawn_ready, terminate, Started};
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;

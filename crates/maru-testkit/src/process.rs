@@ -182,3 +182,20 @@ pub fn assert_help_lists(bin: &Path, flags: &[&str]) {
         assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
     }
 }
+
+/// Runs `cmd` (named `what` in failures), which must succeed and print one JSON document on
+/// stdout: that document. A failure shows the command's stderr.
+pub fn json_output(mut cmd: Command, what: &str) -> serde_json::Value {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{stderr}",
+        out.status
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("stdout of {what} is not one JSON document ({e}); stderr:\n{stderr}")
+    })
+}

@@ -6,8 +6,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use maru_proto::{
-    decode_response, encode_request, ErrorCode, Header, Hello, Request, Response, Role, ServerUrl,
-    SESSION_TOKEN_LEN,
+    decode_response, encode_request, ErrorCode, Handle, Header, Hello, Request, Response, Role,
+    ServerUrl, SESSION_TOKEN_LEN,
 };
 use maru_transport::{read_frame, BlockingConn, CallError};
 
@@ -33,6 +33,30 @@ pub fn frame(version: u16, msg_type: u16, flags: u16, id: u64, payload: &[u8]) -
     out
 }
 
+/// `h` altered in each way a forger could try, named: its token changed (one bit at either
+/// end, zeroed, made up) or another field changed under its token (length, offset, owner,
+/// pool). The resource manager must refuse every one with `BadToken`.
+pub fn altered_handles(h: &Handle) -> Vec<(&'static str, Handle)> {
+    let with = |change: &dyn Fn(&mut Handle)| {
+        let mut a = h.clone();
+        change(&mut a);
+        a
+    };
+    vec![
+        ("first token bit flipped", with(&|a| a.token[0] ^= 1)),
+        ("one token bit flipped", with(&|a| a.token[31] ^= 0x40)),
+        ("zero token", with(&|a| a.token = [0; 32])),
+        ("a made-up token", with(&|a| a.token = [0x5a; 32])),
+        ("a longer region", with(&|a| a.len *= 2)),
+        ("another offset", with(&|a| a.offset += a.len)),
+        ("another owner", with(&|a| a.owner = "somebody:1".into())),
+        (
+            "another pool",
+            with(&|a| a.pool = "/dev/shm/elsewhere".into()),
+        ),
+    ]
+}
+
 /// A connection that has said hello as `instance` with `role` (host "probe", this pid), with
 /// `token` to join an existing session.
 pub fn connect_as(
@@ -48,6 +72,7 @@ pub fn connect_as(
         pid: std::process::id(),
         start_time: 0,
         session_token: token,
+        namespace: "",
     };
     BlockingConn::connect(url, &hello, crate::TIMEOUT)
 }

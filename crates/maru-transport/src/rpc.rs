@@ -79,9 +79,22 @@ impl BlockingConn {
         hello: &Hello,
         timeout: Duration,
     ) -> Result<BlockingConn, CallError> {
-        let stream = Stream::connect(url, timeout).map_err(|source| TransportError::Connect {
-            url: url.to_string(),
-            source,
+        Self::connect_with(url, hello, timeout, None)
+    }
+
+    /// [`BlockingConn::connect`], proving first that this side holds the cluster secret
+    /// when `secret` is given and the connection is TCP ([`Stream::connect_with`]).
+    pub fn connect_with(
+        url: &ServerUrl,
+        hello: &Hello,
+        timeout: Duration,
+        secret: Option<&crate::auth::ClusterSecret>,
+    ) -> Result<BlockingConn, CallError> {
+        let stream = Stream::connect_with(url, timeout, secret).map_err(|source| {
+            TransportError::Connect {
+                url: url.to_string(),
+                source,
+            }
         })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
@@ -96,6 +109,7 @@ impl BlockingConn {
                 server: String::new(),
                 hostname: String::new(),
                 session_token: [0; 16],
+                index: None,
             },
             url: url.clone(),
         };
@@ -110,14 +124,7 @@ impl BlockingConn {
     /// tables; no session) with this process's identity.
     pub fn connect_admin(url: &ServerUrl, timeout: Duration) -> Result<BlockingConn, CallError> {
         let (host, pid, start_time) = local_identity();
-        let hello = Hello {
-            role: Role::Admin,
-            instance_id: "",
-            host: &host,
-            pid,
-            start_time,
-            session_token: None,
-        };
+        let hello = Hello::sessionless(Role::Admin, &host, pid, start_time);
         BlockingConn::connect(url, &hello, timeout)
     }
 
@@ -139,6 +146,13 @@ impl BlockingConn {
         encode_request(&mut self.tx, id, req)?;
         self.stream.write_all(&self.tx)?;
         let (header, payload) = self.rx.read_frame(&mut self.stream)?;
+        // Request id 0 carries a refusal of the connection itself (a bad header, a missing
+        // cluster secret): the daemon closes it after this frame.
+        if header.request_id == 0 {
+            if let Ok(Response::Error(e)) = decode_response(&header, payload) {
+                return Err(CallError::Remote(e));
+            }
+        }
         if header.request_id != id {
             return Err(TransportError::Mismatch {
                 expected: id,

@@ -36,6 +36,21 @@ def _ptrs(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.uint64)
 
 
+def _host_pool_args(layout: str, ratio: float) -> dict[str, Any]:
+    """What both host pools are given: a CPU pool of `ratio` times the device's tokens."""
+    return dict(
+        host_to_device_ratio=ratio,
+        host_size=0,
+        page_size=PAGE_SIZE,
+        layout=layout,
+        pin_memory=False,
+        device="cpu",
+        device_capacity_tokens=DEVICE_TOKENS,
+        start_layer=0,
+        end_layer=LAYERS,
+    )
+
+
 def mha_host_pool(layout: str, ratio: float = 2.0) -> MHATokenToKVPoolHost:
     """SGLang's MHA host pool (page size 4, 3 layers, 2 heads of 32, bf16)."""
     k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=DTYPE) for _ in range(LAYERS))
@@ -49,18 +64,7 @@ def mha_host_pool(layout: str, ratio: float = 2.0) -> MHATokenToKVPoolHost:
         dtype=DTYPE,
         device=torch.device("cpu"),
     )
-    return MHATokenToKVPoolHost(
-        info,
-        host_to_device_ratio=ratio,
-        host_size=0,
-        page_size=PAGE_SIZE,
-        layout=layout,
-        pin_memory=False,
-        device="cpu",
-        device_capacity_tokens=DEVICE_TOKENS,
-        start_layer=0,
-        end_layer=LAYERS,
-    )
+    return MHATokenToKVPoolHost(info, **_host_pool_args(layout, ratio))
 
 
 def mla_host_pool(layout: str, ratio: float = 2.0) -> MLATokenToKVPoolHost:
@@ -79,19 +83,7 @@ def mla_host_pool(layout: str, ratio: float = 2.0) -> MLATokenToKVPoolHost:
         dtype=DTYPE,
         device=torch.device("cpu"),
     )
-    return MLATokenToKVPoolHost(
-        info,
-        host_to_device_ratio=ratio,
-        host_size=0,
-        page_size=PAGE_SIZE,
-        layout=layout,
-        pin_memory=False,
-        device="cpu",
-        device_capacity_tokens=DEVICE_TOKENS,
-        start_layer=0,
-        end_layer=LAYERS,
-        target_layer_num=LAYERS,
-    )
+    return MLATokenToKVPoolHost(info, **_host_pool_args(layout, ratio), target_layer_num=LAYERS)
 
 
 def storage_config(

@@ -45,6 +45,27 @@ def op_count(up: MaruUp, op: str) -> int:
     return int(up.stats()["ops"].get(op, {}).get("count", 0))
 
 
+def stored(up: MaruUp, backends, host_pool, tag: str, n: int, seed: int, **kw):
+    """`n` pages of a writer's page-first host pool (from `host_pool(layout)`) stored under
+    new hashes, then a reader on a host pool of its own (connected after the store, so it
+    maps the writer's region at connect)."""
+    src, dst = host_pool("page_first"), host_pool("page_first")
+    writer = backends(up.unix_url, src, **kw)
+    hashes = kit.page_hashes(tag, n)
+    idx = kit.alloc_pages(src, n)
+    kit.fill_pages(src, idx, seed=seed)
+    assert writer.batch_set_v1(hashes, idx) == [True] * n
+    reader = backends(up.unix_url, dst, **kw)
+    return writer, reader, src, dst, hashes, idx
+
+
+def flip_stored_bytes(writer: MaruStorage, page_hash: str) -> memoryview:
+    """Inverts the first 8 bytes of the writer's stored page, in shared memory; the view."""
+    view = writer.handler.retrieve(writer.keys.key(page_hash)).view  # the writer's own page
+    view[:8] = bytes(x ^ 0xFF for x in view[:8])
+    return view
+
+
 def test_the_dynamic_factory_builds_maru_storage_from_sglangs_extra_config(maru_up, backends):
     pool = kit.mha_host_pool("page_first")
     b = backends(
@@ -100,9 +121,9 @@ def test_set_get_and_batch_round_trips_return_the_stored_bytes(maru_up, backends
     assert maru_up.stats()["pinned_keys"] == 0, "reads release their pins"
 
 
-def test_batch_exists_counts_the_leading_present_keys_in_one_round_trip(maru_up, backends):
+def test_without_index_reads_batch_exists_pins_the_leading_present_keys_in_one_round_trip(maru_up, backends):
     pool = kit.mha_host_pool("page_first")
-    b = backends(maru_up.unix_url, pool)
+    b = backends(maru_up.unix_url, pool, index_reads=False)
     hashes = kit.page_hashes("ex", 5)
     idx = kit.alloc_pages(pool, 5)
     kit.fill_pages(pool, idx, seed=3)
@@ -128,7 +149,7 @@ def test_batch_exists_counts_the_leading_present_keys_in_one_round_trip(maru_up,
 
 def test_pins_no_read_comes_for_expire(maru_up, backends):
     pool = kit.mha_host_pool("page_first")
-    b = backends(maru_up.unix_url, pool, pin_ttl_s=0.2)
+    b = backends(maru_up.unix_url, pool, pin_ttl_s=0.2, index_reads=False)
     hashes = kit.page_hashes("ttl", 3)
     idx = kit.alloc_pages(pool, 3)
     kit.fill_pages(pool, idx, seed=4)
@@ -143,10 +164,10 @@ def test_pins_no_read_comes_for_expire(maru_up, backends):
     wait_for(released, "the expired pins to be released")
     assert b.get_stats().maru["pins_expired"] == 3
 
-    off = backends(maru_up.unix_url, pool, pin_ttl_s=0)
-    before = op_count(maru_up, "batch_exists")
+    off = backends(maru_up.unix_url, pool, pin_ttl_s=0, index_reads=False)
+    before = op_count(maru_up, "batch_pin")
     assert off.batch_exists(hashes) == 3
-    assert op_count(maru_up, "batch_exists") == before + 1
+    assert op_count(maru_up, "batch_pin") == before
     assert maru_up.stats()["pinned_keys"] == 0, "maru_pin_ttl_s 0: no pins"
 
 
@@ -155,7 +176,7 @@ def test_a_pinned_key_outlives_its_writers_delete_and_an_unpinned_one_that_vanis
 ):
     pool = kit.mha_host_pool("page_first")
     writer = backends(maru_up.unix_url, pool)
-    reader = backends(maru_up.unix_url, pool)
+    reader = backends(maru_up.unix_url, pool, index_reads=False)
     unpinned = backends(maru_up.unix_url, pool, pin_ttl_s=0)
     idx = kit.alloc_pages(pool, 2)
     kit.fill_pages(pool, idx, seed=13)
@@ -198,10 +219,10 @@ def test_v1_copies_pages_between_host_pools_and_a_key_missing_in_the_middle_is_f
     assert maru_up.stats()["keys"] == 3
     after = {op: op_count(maru_up, op) for op in ops}
     assert after == {
-        "batch_exists": ops["batch_exists"] + 1,
+        "batch_exists": ops["batch_exists"],
         "batch_register": ops["batch_register"] + 1,
         "register": ops["register"],
-    }, "one query and one registration for the batch"
+    }, "one registration for the batch; which keys are present comes from the key index"
 
     out = kit.alloc_pages(dst, 4)
     sentinel = kit.digests(dst, out)[2]
@@ -282,15 +303,8 @@ def test_two_namespaces_do_not_see_each_other(maru_up, backends):
 
 
 def test_bytes_altered_in_shared_memory_change_what_get_returns(maru_up, backends):
-    src, dst = kit.mha_host_pool("page_first"), kit.mha_host_pool("page_first")
-    writer = backends(maru_up.unix_url, src)
-    reader = backends(maru_up.unix_url, dst)
-    hashes = kit.page_hashes("neg", 1)
-    idx = kit.alloc_pages(src, 1)
-    kit.fill_pages(src, idx, seed=11)
-    assert writer.batch_set_v1(hashes, idx) == [True]
-    view = writer.handler.retrieve(writer.keys.key(hashes[0])).view  # the writer's own page
-    view[:8] = bytes(x ^ 0xFF for x in view[:8])
+    writer, reader, src, dst, hashes, idx = stored(maru_up, backends, kit.mha_host_pool, "neg", 1, seed=11)
+    view = flip_stored_bytes(writer, hashes[0])
     out = kit.alloc_pages(dst, 1)
     assert reader.batch_get_v1(hashes, out) == [True]
     got = dst.get_data_page(kit.page_starts(dst, out)[0], flat=True).view(torch.uint8)
@@ -346,3 +360,51 @@ def test_storage_metrics_report_pages_and_bandwidth(maru_up, backends):
     assert m.backup_pgs == [2] and m.prefetch_pgs == [2]
     assert m.backup_bandwidth[0] > 0 and m.prefetch_bandwidth[0] > 0
     assert b.get_stats().prefetch_pgs == [], "per-batch lists are drained by each call"
+
+
+READ_OPS = ("exists", "batch_exists", "pin", "batch_pin", "unpin", "batch_unpin", "lookup", "batch_lookup")
+
+
+def read_round_trips(up: MaruUp) -> int:
+    return sum(op_count(up, op) for op in READ_OPS)
+
+
+def test_with_the_key_index_lookups_and_contiguous_page_copies_take_no_round_trip(maru_up, backends):
+    writer, reader, src, dst, hashes, idx = stored(maru_up, backends, kit.mla_host_pool, "ix", 3, seed=21, mla=True)
+    ps = src.page_size
+    assert reader.handler.reads_index()
+
+    before = read_round_trips(maru_up)
+    assert reader.batch_exists(hashes + kit.page_hashes("ix-absent", 1)) == 3
+    out = kit.alloc_pages(dst, 3)
+    assert reader.batch_get_v1(hashes, out) == [True] * 3
+    assert kit.digests(dst, out) == kit.digests(src, idx)
+    assert read_round_trips(maru_up) == before, "lookups and copies came from shared memory"
+    assert maru_up.stats()["pinned_keys"] == 0
+
+    # Negative control: what the reader copies is what shared memory holds now.
+    view = flip_stored_bytes(writer, hashes[0])
+    assert reader.batch_get_v1(hashes[:1], out[:ps]) == [True]
+    assert kit.digests(dst, out)[0] != kit.digests(src, idx)[0]
+    del view
+
+    # Gone between the lookup and the read: a clean miss, the host pages left as they were.
+    assert reader.batch_exists(hashes) == 3
+    writer.clear()
+    untouched = kit.digests(dst, out)
+    assert reader.batch_get_v1(hashes, out) == [False] * 3
+    assert kit.digests(dst, out) == untouched
+    m = reader.get_stats().maru
+    assert (m["read_hits"], m["read_misses"], m["failed_keys"], m["errors"]) == (4, 3, 0, {})
+
+
+def test_with_the_key_index_pages_in_two_runs_are_read_through_one_lookup_without_pins(maru_up, backends):
+    _, reader, src, dst, hashes, idx = stored(maru_up, backends, kit.mha_host_pool, "ix-mha", 2, seed=22)
+    before = {op: op_count(maru_up, op) for op in ("batch_exists", "batch_pin", "batch_lookup", "batch_unpin")}
+    assert reader.batch_exists(hashes) == 2
+    out = kit.alloc_pages(dst, 2)
+    assert reader.batch_get_v1(hashes, out) == [True, True]
+    assert kit.digests(dst, out) == kit.digests(src, idx)
+    after = {op: op_count(maru_up, op) for op in before}
+    assert after == {**before, "batch_lookup": before["batch_lookup"] + 1}, "one lookup, no pins"
+    assert maru_up.stats()["pinned_keys"] == 0

@@ -26,6 +26,7 @@ def test_the_original_backends_keys_carry_over():
             "maru_eager_map": "0",
             "maru_namespace": "prod.v2",
             "maru_pin_ttl_s": 2.5,
+            "maru_index_reads": "off",
         }
     )
     assert c.server_url == "tcp://10.0.0.7:5555"
@@ -37,7 +38,7 @@ def test_the_original_backends_keys_carry_over():
         8,
         False,
     )
-    assert (c.namespace, c.pin_ttl_s) == ("prod.v2", 2.5)
+    assert (c.namespace, c.pin_ttl_s, c.index_reads) == ("prod.v2", 2.5, False)
     assert MaruSGLangConfig.from_extra_config(None) == MaruSGLangConfig()
 
 
@@ -52,6 +53,7 @@ def test_the_original_backends_keys_carry_over():
         ({"maru_namespace": "a/b"}, "maru_namespace"),
         ({"maru_namespace": ""}, "maru_namespace"),
         ({"maru_pin_ttl_s": -1}, "maru_pin_ttl_s"),
+        ({"maru_index_reads": "sometimes"}, "maru_index_reads"),
         ({"maru_server_url": 5555}, "maru_server_url"),
         ({"maru_instance_id": ""}, "maru_instance_id"),
     ],

@@ -5,7 +5,6 @@
 //! so the comparison is the servers and the data path, not the client libraries. Each Redis
 //! row is measured in blocks alternating with the matching Maru call.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,7 +14,7 @@ use crate::floor::{copy_iters, Transport};
 use crate::plan::keys;
 use crate::rows::{handler, prefill, refs, FreshStores};
 use crate::stats::{round3, Row, Samples};
-use crate::table::{opt, size, Out};
+use crate::table::{listing, opt, size, Out};
 
 mod conn;
 mod server;
@@ -313,13 +312,9 @@ pub fn compare(maru: &[Row], redis: Vec<Row>) -> Vec<Row> {
 
 /// Prints the Maru / Redis table.
 pub fn print_comparison(out: &mut Out, rows: &[Row]) {
-    if rows.is_empty() {
-        return;
-    }
-    let _ = writeln!(out, "\n== Maru / Redis (p50; below 1.00 Maru is faster)");
-    for r in rows {
-        let _ = writeln!(
-            out,
+    let title = "Maru / Redis (p50; below 1.00 Maru is faster)";
+    listing(out, title, rows, |r| {
+        format!(
             "{:<7} {:<5} {:>5} x{:<4} redis {:>9.2} us   vs {:<36} ratio {}",
             r.op,
             r.transport,
@@ -328,6 +323,6 @@ pub fn print_comparison(out: &mut Out, rows: &[Row]) {
             r.p50_us,
             r.floor,
             opt(r.ratio, 2)
-        );
-    }
+        )
+    });
 }

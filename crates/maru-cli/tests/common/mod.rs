@@ -55,11 +55,8 @@ impl Up {
     pub fn stop(mut self) -> String {
         use std::io::Read;
         let mut child = self.child.take().expect("running");
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = wait_for("maru up to exit", Duration::from_secs(20), || {
-            child.try_wait().unwrap()
-        });
+        let status = maru_testkit::terminate(&mut child, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("maru up: {e}"));
         assert!(status.success(), "maru up exited with {status}");
         let mut out = String::new();
         child

@@ -8,15 +8,18 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use maru_proto::{Request, Response};
 
+use super::index_read::ClientIndex;
 use super::mapped::MappedRegion;
-use super::owned::{Owned, RegionFor};
+use super::owned::Owned;
+use super::pool_check::PoolCheck;
 use super::write_behind::Settle;
 use super::{during, lock_hooked, read, write, Added, Hooked, Lifecycle};
 use crate::config::MaruConfig;
 use crate::connections::{ConnectionPool, Timing};
 use crate::error::{Error, Result};
+use crate::fork::{self, Birth};
 use crate::wait::WaitHook;
-use crate::watch::{Fence, Watcher};
+use crate::watch::{Fence, WatchLink, Watcher};
 
 pub(super) struct Connected {
     pub conns: ConnectionPool,
@@ -33,14 +36,38 @@ pub(super) struct Connected {
     pub fence: Arc<Fence>,
     /// Watches the session's own connection for the server's loss; stopped by close().
     pub watcher: Mutex<Option<Watcher>>,
+    /// The watch connection's shared side: pages returned to us, syncs, releases.
+    pub link: Arc<WatchLink>,
     /// Write-behind registrations in flight (`Owned::behind.inflight.len()`, readable without
     /// the write lock, so that reads wait for them only when there are any).
     pub unsettled: AtomicUsize,
+    /// The process generation the session was opened in (see `fork.rs`).
+    pub birth: Birth,
+    /// The server's key index, mapped read-only when this host can open it (see
+    /// `index_read`).
+    pub index: Option<ClientIndex>,
+    /// This host's path of the pool and the pools whose headers were checked (see
+    /// `pool_check`).
+    pub pools: PoolCheck,
 }
 
 impl Connected {
     pub fn chunk(&self) -> u64 {
         self.config.chunk_size_bytes
+    }
+
+    /// Gives up a session inherited through `fork()` without touching the parent's
+    /// connections (see `fork.rs`). Locks another thread held at the fork stay held in the
+    /// child, so each is only tried: what it guards is then left open, not waited for.
+    pub fn abandon_after_fork(self: Arc<Self>) {
+        let mut fds = self.conns.raw_fds();
+        if let Ok(Some(w)) = self.watcher.try_lock().as_deref() {
+            fds.extend(w.raw_fds());
+        }
+        if let Ok(owned) = self.owned.try_lock() {
+            fds.extend(owned.behind.raw_fd());
+        }
+        fork::abandon(self, fds);
     }
 
     pub fn check_open(&self) -> Result<()> {
@@ -118,43 +145,51 @@ impl Hooked<'_> {
         };
         let conns = ConnectionPool::establish(
             h.url.clone(),
-            h.identity.clone(),
+            h.identity.here(),
             h.config.max_inflight as usize,
             timing,
             self.hook,
         )?;
+        // The watcher, on a connection of its own joined to the session. No region yet: the
+        // first comes with the first alloc.
+        let fence = Arc::new(Fence::default());
+        let started = conns.open_stream(self.hook).and_then(|stream| {
+            Watcher::start(stream, fence.clone(), conns.releases.clone())
+                .map_err(|e| Error::io("watch", e))
+        });
+        let (watcher, link) = match started {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = conns.call(&Request::Goodbye, self.hook);
+                conns.close_all();
+                return Err(e);
+            }
+        };
+        let index = conns.index.as_ref().and_then(ClientIndex::open);
         let c = Arc::new(Connected {
+            index,
             conns,
             stride: h.config.page_stride(),
             config: h.config.clone(),
             owned: Mutex::new(Owned::default()),
             mapped: RwLock::new(HashMap::new()),
             closing: AtomicBool::new(false),
-            fence: Arc::new(Fence::default()),
+            fence,
             watcher: Mutex::new(None),
+            link,
             unsettled: AtomicUsize::new(0),
+            birth: Birth::now(),
+            pools: PoolCheck::new(h.config.pool_path_here()),
         });
-        // The first region, then the watcher (on a connection of its own, joined to the
-        // session): a server that fails the region request is reported as such.
-        let started = c
-            .new_owned_region(h.config.pool_size, self.hook, RegionFor::Connect)
-            .and_then(|first| {
-                let stream = c.conns.open_stream(self.hook)?;
-                let watcher =
-                    Watcher::start(stream, c.fence.clone()).map_err(|e| Error::io("watch", e))?;
-                Ok((first, watcher))
-            });
-        let (first, watcher) = match started {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = c.conns.call(&Request::Goodbye, self.hook);
-                c.conns.close_all();
-                return Err(e);
-            }
-        };
         *c.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
-        let added = vec![(first.region_id(), first.alloc.page_count())];
-        lock_hooked(&c.owned, self.hook).regions.push(first);
+        // Regions the server asks back go back from the watcher's thread, so an idle handler
+        // gives them back too. Weak: the watcher must not keep the handler alive (close()
+        // stops it first).
+        let weak = Arc::downgrade(&c);
+        c.link.reclaims.set_action(Box::new(move || {
+            weak.upgrade().is_some_and(|c| c.give_back_reclaimed())
+        }));
+        let added = Vec::new();
         if h.config.eager_map {
             c.map_all(self.hook);
         }
@@ -166,6 +201,10 @@ impl Hooked<'_> {
         let _transition = lock_hooked(&h.transition, self.hook);
         let prev = std::mem::replace(&mut *write(&h.lifecycle), Lifecycle::Closed);
         if let Lifecycle::Connected(c) = prev {
+            if c.birth.inherited() {
+                c.abandon_after_fork();
+                return;
+            }
             c.closing.store(true, Ordering::Release);
             // Stop watching first: the watched connection closing now is no server loss.
             let watcher = c.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -1,16 +1,15 @@
 //! Mapped regions: this handler's own (read-write, populated) and other instances' (mapped
 //! read-only on first use, never populated), and the views handed out into them.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use maru_proto::RegionInfo;
+use maru_proto::{PageRef, RegionInfo};
 use maru_shm::{MapMode, Mapping};
 
 use super::connected::Connected;
 use super::{read, write, Hooked};
 use crate::error::{Error, ErrorKind, Result};
-use crate::view::View;
+use crate::view::{Hold, View};
 
 /// A mapped region: one of ours (read-write, populated) or another instance's (read-only).
 pub(super) struct MappedRegion {
@@ -49,11 +48,36 @@ impl MappedRegion {
             writable: self.owned,
             region_id: self.id(),
             page_index: offset / stride,
+            generation: 0,
+            hold: None,
         })
     }
 }
 
 impl Connected {
+    /// A view of a key's value that the server holds the page of for this session (the
+    /// lookup took the hold): the hold's release is queued when the view's last clone goes.
+    pub fn held_view(
+        &self,
+        region: &MappedRegion,
+        offset: u64,
+        len: u64,
+        generation: u64,
+    ) -> Result<View> {
+        let hold = Arc::new(Hold {
+            page: PageRef {
+                region_id: region.id(),
+                offset,
+            },
+            queue: self.conns.releases.clone(),
+        });
+        // The hold exists from here: a view refused below still releases it.
+        let mut view = region.view(offset, len, self.stride)?;
+        view.generation = generation;
+        view.hold = Some(hold);
+        Ok(view)
+    }
+
     /// The mapping of `info`'s region: cached, or mapped read-only now (never populated:
     /// mapping is microseconds whatever the size).
     pub fn region_for(&self, info: &RegionInfo) -> Result<Arc<MappedRegion>> {
@@ -71,8 +95,9 @@ impl Connected {
                 return Err(redescribed());
             }
         }
+        let path = self.pools.region_file(info, "lookup")?;
         let mapping = Mapping::map(
-            Path::new(&info.access.path),
+            &path,
             info.access.offset,
             info.access.len,
             MapMode::ReadOnly,

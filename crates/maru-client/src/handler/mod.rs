@@ -23,8 +23,10 @@
 //! holder needs the GIL back to finish.
 
 mod connected;
+mod index_read;
 mod mapped;
 mod owned;
+mod pool_check;
 mod read;
 mod stats;
 mod store;
@@ -127,13 +129,16 @@ impl MaruHandler {
     /// A handler for `config` (validated here), not connected yet.
     pub fn new(config: MaruConfig) -> Result<MaruHandler> {
         let url = config.validate()?;
+        let secret = config.cluster_secret()?;
         let (host, pid, start_time) = local_identity();
         Ok(MaruHandler {
             identity: Identity {
                 instance_id: config.instance_id.clone(),
+                namespace: config.namespace.clone(),
                 host,
                 pid,
                 start_time,
+                secret,
             },
             config,
             url,
@@ -159,7 +164,8 @@ impl MaruHandler {
     }
     /// Connected, not closing, and the server was not lost.
     pub fn is_connected(&self) -> bool {
-        matches!(&*read(&self.lifecycle), Lifecycle::Connected(c) if c.check_open().is_ok())
+        matches!(&*read(&self.lifecycle),
+            Lifecycle::Connected(c) if c.check_open().is_ok() && !c.birth.inherited())
     }
     pub fn is_closed(&self) -> bool {
         matches!(&*read(&self.lifecycle), Lifecycle::Closed)
@@ -168,13 +174,36 @@ impl MaruHandler {
     /// The live state, for an operation that needs a connected handler.
     fn connected(&self) -> Result<Arc<Connected>> {
         match &*read(&self.lifecycle) {
+            Lifecycle::Connected(c) if c.birth.inherited() => {}
             Lifecycle::Connected(c) => {
                 c.check_open()?;
-                Ok(c.clone())
+                return Ok(c.clone());
             }
-            Lifecycle::Idle { last_error } => Err(Error::not_connected(last_error.as_deref())),
-            Lifecycle::Closed => Err(Error::closed()),
+            Lifecycle::Idle { last_error } => {
+                return Err(Error::not_connected(last_error.as_deref()))
+            }
+            Lifecycle::Closed => return Err(Error::closed()),
         }
+        self.after_fork()
+    }
+
+    /// In a forked child: the session is the parent's. Refused, or (with
+    /// `reconnect_after_fork`) given up and replaced by a session of the child's own.
+    fn after_fork(&self) -> Result<Arc<Connected>> {
+        if !self.config.reconnect_after_fork {
+            return Err(Error::forked());
+        }
+        {
+            let mut life = write(&self.lifecycle);
+            if matches!(&*life, Lifecycle::Connected(c) if c.birth.inherited()) {
+                let idle = Lifecycle::Idle { last_error: None };
+                if let Lifecycle::Connected(c) = std::mem::replace(&mut *life, idle) {
+                    c.abandon_after_fork();
+                }
+            }
+        }
+        self.connect()?;
+        self.connected()
     }
 
     fn callback(&self) -> Option<RegionCallback> {
@@ -210,12 +239,17 @@ macro_rules! forward {
 }
 
 forward! {
-    /// Connects: handshake, first owned region of `pool_size` bytes (mapped and populated),
-    /// and with `eager_map` every live region. Connecting a connected handler does nothing.
+    /// Connects: handshake, the session's watcher and, with `eager_map`, every live region.
+    /// No owned region yet (the first `alloc` asks for one of `pool_size` bytes), so a
+    /// handler connects to a full pool and reads, pins and deletes there. Connecting a
+    /// connected handler does nothing.
     fn connect(&self) -> Result<()>;
-    /// Takes a page for a value of `size` bytes (at most the chunk size).
+    /// Takes a page for a value of `size` bytes (at most the chunk size). With no free page,
+    /// asks the server for a region; an [`ErrorKind::Exhausted`](crate::ErrorKind) error when
+    /// the pool has none.
     fn alloc(&self, size: u64) -> Result<AllocHandle>;
-    /// Returns a page. If a key of ours still points at it, the key is deleted first.
+    /// Returns a page. A page never stored goes back at once; a stored one is freed by
+    /// deleting its key, and comes back (from the server) once no view holds it.
     fn free(&self, page: PageId) -> Result<()>;
     /// Registers an alloc'ed, written page under `key` (one round trip, no copy).
     fn store_handle(&self, key: &[u8], handle: &AllocHandle) -> Result<StoreOutcome>;
@@ -232,14 +266,36 @@ forward! {
     fn batch_retrieve(&self, keys: &[&[u8]]) -> Result<Vec<Option<View>>>;
     fn exists(&self, key: &[u8]) -> Result<bool>;
     fn batch_exists(&self, keys: &[&[u8]]) -> Result<Vec<bool>>;
-    /// Deletes `key` (a pinned key stays) and frees its page if it is one of ours.
+    /// How many leading keys of `keys` exist (a prefix match stops at the first miss).
+    fn prefix_len(&self, keys: &[&[u8]]) -> Result<usize>;
+    /// Copies `key`'s value into `buf`: its length, or `None` if the key does not exist.
+    /// From the server's key index without a round trip when this host maps it (see
+    /// [`Hooked::retrieve_into`]); takes no hold (the copy is checked instead).
+    fn retrieve_into(&self, key: &[u8], buf: &mut [u8]) -> Result<Option<usize>>;
+    /// [`MaruHandler::retrieve_into`] for many keys, each into its own buffer.
+    fn batch_retrieve_into(&self, keys: &[&[u8]], bufs: &mut [&mut [u8]]) -> Result<Vec<Option<usize>>>;
+    /// Whether existence checks and copy-out reads are answered from the server's key index
+    /// (mapped on this host) rather than by a round trip.
+    fn reads_index(&self) -> bool;
+    /// Deletes `key`. The status says what happened: [`DeleteStatus::Deleted`],
+    /// [`DeleteStatus::NotFound`], or [`DeleteStatus::Pinned`] (some session holds a pin on
+    /// it; the key stays).
     fn delete(&self, key: &[u8]) -> Result<DeleteStatus>;
     fn batch_delete(&self, keys: &[&[u8]]) -> Result<Vec<DeleteStatus>>;
-    /// Pins `key` against deletion; false if it does not exist.
+    /// Pins `key` against deletion and eviction for this handler's session, as a lease: it
+    /// ends with [`MaruHandler::unpin`], with the session, or when the server's pin TTL
+    /// passes without [`MaruHandler::renew_pins`]. False if the key does not exist.
     fn pin(&self, key: &[u8]) -> Result<bool>;
     fn batch_pin(&self, keys: &[&[u8]]) -> Result<Vec<bool>>;
-    /// Unpins `key`; false if it was not pinned.
+    /// Takes away one of this handler's pins of `key`; false if it holds none (another
+    /// handler's pins are never affected).
     fn unpin(&self, key: &[u8]) -> Result<bool>;
+    /// Renews every pin of this handler's session (see [`MaruHandler::pin`]).
+    fn renew_pins(&self) -> Result<()>;
+    /// Whether the page at `offset` of `region_id` still holds the registration of
+    /// `generation` ([`View::generation`]). A view from `retrieve` needs no such check (it
+    /// holds its page); a reader that kept only an address asks this after reading.
+    fn page_current(&self, region_id: u64, offset: u64, generation: u64) -> Result<bool>;
     fn batch_unpin(&self, keys: &[&[u8]]) -> Result<Vec<bool>>;
     /// Connected and the server answers a heartbeat.
     fn healthcheck(&self) -> bool;

@@ -3,10 +3,9 @@
 //! handler's write lock ([`Connected::owned`]).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
-use maru_proto::{DeleteStatus, ErrorCode, Request, Response};
+use maru_proto::{DeleteStatus, ErrorCode, PageRef, Request, Response};
 use maru_shm::{MapMode, Mapping, ShmError};
 
 use super::connected::Connected;
@@ -25,6 +24,9 @@ type FastHash = foldhash::fast::RandomState;
 pub(super) struct OwnedRegion {
     pub region: Arc<MappedRegion>,
     pub alloc: PageAllocator,
+    /// The server asked for the region back: no page of it is handed out, and it goes back
+    /// once every page is free (see [`Connected::give_back_reclaimed`]).
+    pub retiring: bool,
 }
 
 impl OwnedRegion {
@@ -46,6 +48,8 @@ pub(super) struct Owned {
     pub stored: HashMap<Arc<[u8]>, PageId, FastHash>,
     pub keys: HashMap<PageId, Arc<[u8]>, FastHash>,
     pub behind: WriteBehind,
+    /// Regions with `retiring` set.
+    pub retiring: usize,
 }
 
 impl Owned {
@@ -69,11 +73,32 @@ impl Owned {
         ))
     }
 
-    /// Forgets a key that no longer exists at the server and frees its page.
+    /// Forgets a key that no longer exists at the server. Its page stays allocated: the server
+    /// returns it once no view holds it ([`Owned::absorb_returns`]).
     pub fn forget_key(&mut self, key: &[u8]) {
         if let Some(page) = self.stored.remove(key) {
             self.keys.remove(&page);
-            let _ = self.free_page(page);
+        }
+    }
+
+    /// Puts pages the server returned back on their free lists (forgetting the keys that
+    /// pointed at them, when another handler deleted them).
+    pub fn absorb_returns(&mut self, pages: Vec<PageRef>, stride: u64) {
+        for p in pages {
+            let page = PageId {
+                region_id: p.region_id,
+                page_index: p.offset / stride,
+            };
+            if let Some(key) = self.keys.remove(&page) {
+                self.stored.remove(&key[..]);
+            }
+            if self.free_page(page).is_err() {
+                tracing::debug!(
+                    "the server returned page {} of region {}, which is not allocated here",
+                    page.page_index,
+                    page.region_id
+                );
+            }
         }
     }
 
@@ -101,6 +126,15 @@ impl Owned {
     /// Books the outcome of registering `key` at `page`: a new key points at the page; a key
     /// that existed already (keys are write-once) leaves the page free again.
     pub fn book(&mut self, key: &[u8], page: PageId, is_new: bool) -> StoreOutcome {
+        if is_new && self.retiring > 0 {
+            // A key stored into a region asked back (from a page taken before the request
+            // came) keeps the region: the give-back is declined, and its pages are used again.
+            if let Some(r) = self.region_mut(page.region_id) {
+                if std::mem::take(&mut r.retiring) {
+                    self.retiring -= 1;
+                }
+            }
+        }
         if is_new {
             let key: Arc<[u8]> = Arc::from(key);
             self.stored.insert(key.clone(), page);
@@ -116,32 +150,36 @@ impl Owned {
 /// Why a region is requested; its failures are told in those words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RegionFor {
-    /// The first region, at connect.
-    Connect,
+    /// The first region, at the first `alloc` (connect needs no free space).
+    First,
     /// Another region, because every owned page is taken.
     Expansion,
 }
 
 impl RegionFor {
     fn request_failed(self, e: Error) -> Error {
-        match self {
-            RegionFor::Connect => e,
-            RegionFor::Expansion => {
-                // The server had no room either: the pool is exhausted.
-                let kind = match e.kind() {
-                    ErrorKind::Remote(ErrorCode::PoolExhausted) => ErrorKind::Exhausted,
-                    k => k,
-                };
-                let message =
-                    format!("cannot allocate a page: pool exhausted and expansion failed: {e}");
-                e.recast(kind, message)
+        // The server had no room: the pool is exhausted.
+        let kind = match e.kind() {
+            ErrorKind::Remote(ErrorCode::PoolExhausted) => ErrorKind::Exhausted,
+            k => k,
+        };
+        let message = match (self, kind) {
+            (RegionFor::First, ErrorKind::Exhausted) => {
+                format!("cannot allocate a page: pool exhausted: {e}")
             }
-        }
+            (RegionFor::Expansion, ErrorKind::Exhausted) => {
+                format!("cannot allocate a page: pool exhausted and expansion failed: {e}")
+            }
+            _ => format!("cannot allocate a page: no new region could be had: {e}"),
+        };
+        e.recast(kind, message)
     }
 
     fn unmappable(self, region_id: u64, e: ShmError) -> Error {
         let message = match self {
-            RegionFor::Connect => format!("cannot map region {region_id}: {e}"),
+            RegionFor::First => {
+                format!("cannot allocate a page: region {region_id} cannot be mapped: {e}")
+            }
             RegionFor::Expansion => format!(
                 "cannot allocate a page: expansion region {region_id} cannot be mapped: {e}"
             ),
@@ -151,7 +189,7 @@ impl RegionFor {
 
     fn unusable(self, why: String) -> Error {
         let message = match self {
-            RegionFor::Connect => format!("unusable region from the server: {why}"),
+            RegionFor::First => format!("cannot allocate a page: unusable region: {why}"),
             RegionFor::Expansion => {
                 format!("cannot allocate a page: unusable expansion region: {why}")
             }
@@ -188,14 +226,17 @@ impl Connected {
         } else {
             None
         };
-        let mapped = match bad {
+        let file = match bad {
             Some(msg) => Err(why.unusable(msg)),
-            None => {
+            None => self.pools.region_file(&info, "request_region"),
+        };
+        let mapped = match file {
+            Err(e) => Err(e),
+            Ok(path) => {
                 let mut out: Option<Result<Mapping, ShmError>> = None;
-                let path = Path::new(&info.access.path);
                 let (offset, len) = (info.access.offset, info.access.len);
                 hook.block(&mut || {
-                    out = Some(Mapping::map(path, offset, len, MapMode::ReadWrite, true))
+                    out = Some(Mapping::map(&path, offset, len, MapMode::ReadWrite, true))
                 });
                 match out {
                     Some(Ok(m)) => Ok(m),
@@ -222,10 +263,13 @@ impl Connected {
         Ok(OwnedRegion {
             region,
             alloc: PageAllocator::new(pages as u32),
+            retiring: false,
         })
     }
 
-    /// Takes a page: active region, then any other owned region, then a new region.
+    /// Takes a page: active region, then any other owned region, then a new region (the
+    /// first one, or an expansion), then room the server makes in the owned regions by
+    /// evicting their victims (a full pool).
     /// Regions added on the way are appended to `added`.
     pub fn alloc_page(
         &self,
@@ -233,19 +277,17 @@ impl Connected {
         hook: &dyn WaitHook,
         added: &mut Vec<(u64, u64)>,
     ) -> Result<(Arc<MappedRegion>, u64)> {
-        if let Some(r) = owned.regions.get_mut(owned.active) {
-            if let Some(p) = r.alloc.alloc() {
-                return Ok((r.region.clone(), p));
-            }
+        self.take_returns(owned);
+        if let Some(found) = take_free_page(owned) {
+            return Ok(found);
         }
-        let active = owned.active;
-        for (i, r) in owned.regions.iter_mut().enumerate() {
-            if i == active {
-                continue;
-            }
-            if let Some(p) = r.alloc.alloc() {
-                owned.active = i;
-                return Ok((r.region.clone(), p));
+        // Pages deleted a moment ago may be on their way back: the server returns them on the
+        // watch connection before it answers the delete, so one sync there brings every page
+        // it has returned so far.
+        if !owned.regions.is_empty() && self.link.sync(hook, self.config.timeout()) {
+            self.take_returns(owned);
+            if let Some(found) = take_free_page(owned) {
+                return Ok(found);
             }
         }
         let exhausted = || {
@@ -255,11 +297,22 @@ impl Connected {
                 "cannot allocate a page: pool exhausted and auto_expand is disabled",
             )
         };
-        if !self.config.auto_expand {
-            return Err(exhausted());
-        }
-        let mut region =
-            self.new_owned_region(self.config.expand_bytes(), hook, RegionFor::Expansion)?;
+        // The first region comes with the first alloc, never with connect: a handler that
+        // only reads needs no free space, and connects to a full pool.
+        let (size, why) = if owned.regions.is_empty() {
+            (self.config.pool_size, RegionFor::First)
+        } else if self.config.auto_expand {
+            (self.config.expand_bytes(), RegionFor::Expansion)
+        } else {
+            return self.room_in_own_regions(owned, hook, exhausted());
+        };
+        let mut region = match self.new_owned_region(size, hook, why) {
+            // The pool has no region left: room comes from this handler's own keys.
+            Err(e) if why == RegionFor::Expansion && e.kind() == ErrorKind::Exhausted => {
+                return self.room_in_own_regions(owned, hook, e)
+            }
+            r => r?,
+        };
         added.push((region.region_id(), region.alloc.page_count()));
         let page = region.alloc.alloc().ok_or_else(exhausted)?;
         let r = region.region.clone();
@@ -267,6 +320,128 @@ impl Connected {
         owned.active = owned.regions.len() - 1;
         Ok((r, page))
     }
+}
+
+impl Connected {
+    /// Asks the server to evict victims of this handler's own regions (`MakeRoom`) and takes
+    /// one of the pages it frees. `otherwise` is the error when it frees none: everything
+    /// left in these regions is pinned or viewed.
+    fn room_in_own_regions(
+        &self,
+        owned: &mut Owned,
+        hook: &dyn WaitHook,
+        otherwise: Error,
+    ) -> Result<(Arc<MappedRegion>, u64)> {
+        let pages: u64 = owned.regions.iter().map(|r| r.alloc.page_count()).sum();
+        let want = (pages / ROOM_SHARE).clamp(1, ROOM_MAX);
+        let freed = match self.call(&Request::MakeRoom { pages: want as u32 }, hook) {
+            Ok(Response::ReturnPages(freed)) => freed,
+            Ok(other) => return Err(Error::unexpected("make_room", &other)),
+            // A server that does not know the request has nothing to give.
+            Err(e) if e.kind() == ErrorKind::Remote(ErrorCode::UnknownMessage) => {
+                return Err(otherwise)
+            }
+            Err(e) => return Err(e),
+        };
+        owned.absorb_returns(freed, self.stride);
+        take_free_page(owned).ok_or_else(|| {
+            let (kind, message) = (otherwise.kind(), otherwise.to_string());
+            otherwise.recast(
+                kind,
+                format!(
+                    "{message}; nothing in this handler's regions could be evicted (every key \
+                     left there is pinned or viewed)"
+                ),
+            )
+        })
+    }
+}
+
+impl Connected {
+    /// Puts the pages the server returned back on their free lists, after marking the regions
+    /// it asked back (taken in that order, see [`crate::watch::Reclaims::take`]), and gives
+    /// back those of them that are wholly free now.
+    pub fn take_returns(&self, owned: &mut Owned) {
+        let pages = self.link.returns.take();
+        let asked = self.link.reclaims.take();
+        for id in asked {
+            if let Some(r) = owned.region_mut(id) {
+                if !std::mem::replace(&mut r.retiring, true) {
+                    owned.retiring += 1;
+                }
+            }
+        }
+        owned.absorb_returns(pages, self.stride);
+        if owned.retiring > 0 {
+            self.give_back_free(owned);
+        }
+    }
+
+    /// Gives back every region asked back whose pages are all on its free list: none is in
+    /// the application's hands (an `alloc` handle not yet stored or freed) and none holds a
+    /// key, so no one may write or read it through this handler any more. The region leaves
+    /// the books and the mapped set and its mapping is detached from the pool *before* the
+    /// server hears of it, so it is carved for another owner only once nothing here can
+    /// write it.
+    fn give_back_free(&self, owned: &mut Owned) {
+        let mut i = 0;
+        while i < owned.regions.len() {
+            let r = &owned.regions[i];
+            if !(r.retiring && r.alloc.allocated_pages() == 0) {
+                i += 1;
+                continue;
+            }
+            let region_id = r.region_id();
+            owned.regions.remove(i);
+            owned.retiring -= 1;
+            if owned.active > i || owned.active >= owned.regions.len() {
+                owned.active = owned.active.saturating_sub(1);
+            }
+            write(&self.mapped).remove(&region_id);
+            self.fence.forget(region_id);
+            self.link.give_back(region_id);
+            tracing::debug!(region = region_id, "gave a region back to the server");
+        }
+    }
+
+    /// What the watcher calls when the server asks for regions back, and on its ticks while
+    /// one still waits: acts only when the write lock is free now (a caller holding it acts
+    /// itself, in its next `alloc`). True while a region asked back waits for its pages.
+    pub fn give_back_reclaimed(&self) -> bool {
+        let Ok(mut owned) = self.owned.try_lock() else {
+            return true;
+        };
+        self.take_returns(&mut owned);
+        owned.retiring > 0
+    }
+}
+
+/// A handler that must make room asks for this share of its pages at once (so one request
+/// serves the next stores too), and at most [`ROOM_MAX`].
+const ROOM_SHARE: u64 = 16;
+const ROOM_MAX: u64 = 128;
+
+/// A free page of an owned region that is not being given back: the active region first,
+/// then the others.
+fn take_free_page(owned: &mut Owned) -> Option<(Arc<MappedRegion>, u64)> {
+    if let Some(r) = owned.regions.get_mut(owned.active) {
+        if !r.retiring {
+            if let Some(p) = r.alloc.alloc() {
+                return Some((r.region.clone(), p));
+            }
+        }
+    }
+    let active = owned.active;
+    for (i, r) in owned.regions.iter_mut().enumerate() {
+        if i == active || r.retiring {
+            continue;
+        }
+        if let Some(p) = r.alloc.alloc() {
+            owned.active = i;
+            return Some((r.region.clone(), p));
+        }
+    }
+    None
 }
 
 impl Hooked<'_> {
@@ -299,6 +474,8 @@ impl Hooked<'_> {
                     writable: true,
                     region_id: region.info.handle.region_id,
                     page_index: page,
+                    generation: 0,
+                    hold: None,
                 },
             })
         })
@@ -311,7 +488,8 @@ impl Hooked<'_> {
             c.settle_behind(&mut owned, self.hook, Settle::All);
             c.check_open()?;
             if let Some(key) = owned.keys.get(&page).cloned() {
-                // Take the key away first, so no reader can find the page once it is reused.
+                // A stored page is freed by deleting its key: the server returns the page once
+                // no view holds it (a reader's view never sees it rewritten).
                 match c.call(&Request::Delete { key: &key[..] }, self.hook)? {
                     Response::Delete(DeleteStatus::Pinned) => {
                         return Err(Error::invalid(
@@ -325,6 +503,7 @@ impl Hooked<'_> {
                     Response::Delete(_) => {
                         owned.stored.remove(&key[..]);
                         owned.keys.remove(&page);
+                        return Ok(());
                     }
                     other => return Err(Error::unexpected("delete", &other)),
                 }
@@ -360,6 +539,7 @@ pub(super) mod tests {
                 offset: 0,
                 len,
                 page_size: 4096,
+                pool_uuid: [0; 16],
             },
         };
         let region = Arc::new(MappedRegion {
@@ -368,7 +548,14 @@ pub(super) mod tests {
             owned: true,
         });
         let alloc = PageAllocator::new(pages);
-        (dir, OwnedRegion { region, alloc })
+        (
+            dir,
+            OwnedRegion {
+                region,
+                alloc,
+                retiring: false,
+            },
+        )
     }
 
     /// Books holding one owned region of `pages` pages (see [`owned_region`]).
@@ -417,10 +604,30 @@ pub(super) mod tests {
         assert_eq!(owned.book(b"k", b, false), StoreOutcome::Deduplicated);
         assert!(!owned.regions[0].alloc.is_allocated(b.page_index));
 
+        // A forgotten key's page stays taken until the server returns it.
         owned.forget_key(b"k");
         assert!(owned.stored.is_empty() && owned.keys.is_empty());
-        assert!(!owned.regions[0].alloc.is_allocated(a.page_index));
+        assert!(owned.regions[0].alloc.is_allocated(a.page_index));
         owned.forget_key(b"unknown");
+        owned.absorb_returns(
+            vec![PageRef {
+                region_id: 1,
+                offset: a.page_index * 4096,
+            }],
+            4096,
+        );
+        assert!(!owned.regions[0].alloc.is_allocated(a.page_index));
+        // A returned page of a key another handler deleted leaves the books too.
+        let c = page(1, owned.regions[0].alloc.alloc().unwrap());
+        owned.book(b"c", c, true);
+        owned.absorb_returns(
+            vec![PageRef {
+                region_id: 1,
+                offset: c.page_index * 4096,
+            }],
+            4096,
+        );
+        assert!(owned.stored.is_empty() && !owned.regions[0].alloc.is_allocated(c.page_index));
     }
 
     #[test]
@@ -438,8 +645,11 @@ pub(super) mod tests {
             "request_region",
             maru_proto::WireError::new(ErrorCode::PoolExhausted, "no room"),
         );
-        let e = RegionFor::Connect.request_failed(full);
-        assert_eq!(e.kind(), ErrorKind::Remote(ErrorCode::PoolExhausted));
+        let e = RegionFor::First.request_failed(full);
+        assert_eq!(e.kind(), ErrorKind::Exhausted);
+        assert!(e
+            .to_string()
+            .starts_with("cannot allocate a page: pool exhausted: "));
         let e = RegionFor::Expansion.unusable("no page".into());
         assert_eq!(e.kind(), ErrorKind::Protocol);
         assert_eq!(

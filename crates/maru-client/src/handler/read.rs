@@ -25,7 +25,12 @@ impl Hooked<'_> {
                 Response::Lookup(None) => Ok(None),
                 Response::Lookup(Some(loc)) => {
                     let region = c.region_for(&loc.region)?;
-                    Ok(Some(region.view(loc.offset, loc.len, c.stride)?))
+                    Ok(Some(c.held_view(
+                        &region,
+                        loc.offset,
+                        loc.len,
+                        loc.generation,
+                    )?))
                 }
                 other => Err(Error::unexpected("lookup", &other)),
             }
@@ -72,7 +77,12 @@ impl Hooked<'_> {
                             r
                         }
                     };
-                    out.push(Some(region.view(slot.offset, slot.len, c.stride)?));
+                    out.push(Some(c.held_view(
+                        &region,
+                        slot.offset,
+                        slot.len,
+                        slot.generation,
+                    )?));
                 }
             }
             Ok(out)
@@ -112,13 +122,19 @@ impl Hooked<'_> {
         Ok(out)
     }
 
+    /// From the server's key index when this host maps it (no round trip), else asked.
     pub fn exists(&self, key: &[u8]) -> Result<bool> {
-        during("exists", || self.bool_op(key, Request::Exists { key }))
+        during("exists", || match self.index_exists(key)? {
+            Some(b) => Ok(b),
+            None => self.bool_op(key, Request::Exists { key }),
+        })
     }
 
+    /// As [`Hooked::exists`], for each key.
     pub fn batch_exists(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
-        during("batch_exists", || {
-            self.bools(keys, |keys| Request::BatchExists { keys })
+        during("batch_exists", || match self.index_batch_exists(keys)? {
+            Some(v) => Ok(v),
+            None => self.bools(keys, |keys| Request::BatchExists { keys }),
         })
     }
 
@@ -139,6 +155,33 @@ impl Hooked<'_> {
     pub fn batch_unpin(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
         during("batch_unpin", || {
             self.bools(keys, |keys| Request::BatchUnpin { keys })
+        })
+    }
+
+    /// Whether the page at `offset` of region `region_id` still holds the registration of
+    /// `generation` (a [`View::generation`]): for readers that kept only an address.
+    pub fn page_current(&self, region_id: u64, offset: u64, generation: u64) -> Result<bool> {
+        during("page_current", || {
+            let c = self.h.connected()?;
+            let req = Request::PageCurrent {
+                page: maru_proto::PageRef { region_id, offset },
+                generation,
+            };
+            match c.call(&req, self.hook)? {
+                Response::Bool(b) => Ok(b),
+                other => Err(Error::unexpected("page_current", &other)),
+            }
+        })
+    }
+
+    /// Moves the deadline of every pin this handler holds to now + the server's pin TTL.
+    pub fn renew_pins(&self) -> Result<()> {
+        during("renew_pins", || {
+            let c = self.h.connected()?;
+            match c.call(&Request::RenewPins, self.hook)? {
+                Response::Ok => Ok(()),
+                other => Err(Error::unexpected("renew_pins", &other)),
+            }
         })
     }
 
@@ -191,7 +234,8 @@ fn lock_deleting<'c>(c: &'c Connected, hook: &dyn WaitHook) -> Result<MutexGuard
     Ok(owned)
 }
 
-/// A deleted key of ours frees its page; a pinned key stays, with its page.
+/// A deleted key of ours leaves the books; its page comes back when the server returns it
+/// (once no view holds it). A pinned key stays, with its page.
 fn forget_deleted(owned: &mut Owned, key: &[u8], status: DeleteStatus) {
     if status != DeleteStatus::Pinned {
         owned.forget_key(key);

@@ -73,7 +73,12 @@ impl Hooked<'_> {
 
     pub fn owned_regions(&self) -> Vec<OwnedRegionStats> {
         match self.h.connected() {
-            Ok(c) => lock_hooked(&c.owned, self.hook).stats(c.chunk()),
+            Ok(c) => {
+                let mut owned = lock_hooked(&c.owned, self.hook);
+                // Pages the server returned count as free as soon as they are here.
+                owned.absorb_returns(c.link.returns.take(), c.stride);
+                owned.stats(c.chunk())
+            }
             Err(_) => Vec::new(),
         }
     }

@@ -20,7 +20,8 @@ use crate::view::{AllocHandle, PageId};
 pub enum StoreOutcome {
     /// The key is new and now points at the page.
     Stored,
-    /// The key already existed (keys are write-once): the new page was freed.
+    /// The key already existed (keys are write-once): the new page was freed — or this very
+    /// page was already stored under this key, and stays.
     Deduplicated,
     /// Write-behind ([`MaruConfig::write_behind`](crate::MaruConfig::write_behind)): the
     /// registration is on its way; a later call books its outcome (and frees the page if
@@ -101,6 +102,10 @@ impl Hooked<'_> {
             check_size(len, c.chunk())?;
             let mut owned = lock_hooked(&c.owned, self.hook);
             c.check_open()?;
+            if owned.keys.get(&page).is_some_and(|k| **k == *key) {
+                // The same page under the same key again: already done.
+                return Ok(StoreOutcome::Deduplicated);
+            }
             owned.check_fresh_page(page)?;
             let req = Request::Register(RegisterEntry {
                 key,

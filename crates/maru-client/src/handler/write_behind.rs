@@ -38,6 +38,10 @@ impl WriteBehind {
     /// Most registrations in flight; one more waits for the oldest reply.
     pub const WINDOW: usize = 64;
 
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.conn.as_ref().map(PooledConn::raw_fd)
+    }
+
     pub fn holds(&self, page: PageId) -> bool {
         self.inflight.iter().any(|u| u.page == page)
     }

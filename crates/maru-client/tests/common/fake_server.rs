@@ -32,6 +32,7 @@ fn fake_region(dir: &std::path::Path, name: &str) -> RegionInfo {
             offset: 0,
             len: 2 * MIB,
             page_size: 4096,
+            pool_uuid: [0; 16],
         },
     }
 }
@@ -64,6 +65,7 @@ where
                             server: tag.into(),
                             hostname: tag.into(),
                             session_token: [2; 16],
+                            index: None,
                         }),
                         msg_type::REQUEST_REGION => Response::Region(region.clone()),
                         t => match answer(t) {
@@ -146,6 +148,7 @@ pub fn stalled_server() -> (String, std::thread::JoinHandle<()>) {
                 server: "stall".into(),
                 hostname: "stall".into(),
                 session_token: [1; 16],
+                index: None,
             }),
         )
         .unwrap();

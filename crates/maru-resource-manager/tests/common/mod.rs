@@ -23,7 +23,12 @@ pub fn start_default(dir: &Path) -> RmHandle {
 }
 
 pub fn client(rm: &RmHandle) -> RmClient {
-    RmClient::connect(&rm.url(), Role::Server, TIMEOUT).expect("client connects")
+    connect(&rm.url())
+}
+
+/// A client (in the server's role) of the resource manager at `url`.
+pub fn connect(url: &maru_proto::ServerUrl) -> RmClient {
+    RmClient::connect(url, Role::Server, TIMEOUT).expect("client connects")
 }
 
 /// Waits until the reaper has completed `n` more passes.
@@ -58,6 +63,23 @@ pub fn rm_command(dir: &Path, pools: &[String]) -> std::process::Command {
     rm_spec(dir, pools).command()
 }
 
+/// Runs the binary to a start-up failure: its exit code and what it printed on stderr.
+pub fn failed_start(dir: &Path, pools: &[String]) -> (Option<i32>, String) {
+    let out = rm_command(dir, pools).output().expect("the binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A fresh directory, the `--pool` arguments of [`pool_args`] and the binary started on them.
+pub fn spawn_default() -> (tempfile::TempDir, Vec<String>, Daemon) {
+    let dir = temp_dir();
+    let pools = pool_args(dir.path());
+    let rm = spawn_rm(dir.path(), &pools, &[]);
+    (dir, pools, rm)
+}
+
 /// Starts the binary on `dir`'s state directory and waits for its ready file.
 pub fn spawn_rm(dir: &Path, pools: &[String], extra: &[&str]) -> Daemon {
     let spec = maru_testkit::RmSpec {
@@ -65,4 +87,13 @@ pub fn spawn_rm(dir: &Path, pools: &[String], extra: &[&str]) -> Daemon {
         ..rm_spec(dir, pools)
     };
     spec.spawn(dir).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A fresh directory with a resource manager of [`start_default`] in it, and a client.
+/// Bound in this order, they drop in reverse: client, daemon, directory.
+pub fn default_rm() -> (tempfile::TempDir, RmHandle, RmClient) {
+    let dir = temp_dir();
+    let rm = start_default(dir.path());
+    let c = client(&rm);
+    (dir, rm, c)
 }

@@ -8,8 +8,10 @@
 //! and keys in byte arenas addressed by offset) and never hands out references into itself.
 
 mod arena;
+mod namespaces;
 mod sharded;
 
+pub use namespaces::Namespaces;
 pub use sharded::ShardedRegistry;
 
 /// Keys register at offsets that are a multiple of this (the client's page allocator works in

@@ -18,6 +18,7 @@ pub(super) fn state(pools: &[&str]) -> (ServerState, Arc<FakeRm>) {
         Box::new(rm.clone()),
         pools.iter().map(|p| p.to_string()).collect(),
         "test-host".into(),
+        super::PIN_TTL,
     );
     (st, rm)
 }
@@ -31,6 +32,7 @@ pub(super) fn hello<'a>(instance: &'a str, token: Option<[u8; 16]>) -> Hello<'a>
         pid: 1,
         start_time: 0,
         session_token: token,
+        namespace: "",
     }
 }
 

@@ -31,6 +31,8 @@ impl ServerState {
         lock(&self.freeing).insert(handle.region_id);
         let done = |h: &Handle| {
             lock(&self.freeing).remove(&h.region_id);
+            *lock(&self.regions_freed) += 1;
+            self.region_freed.notify_all();
         };
         match self.rm.free(&handle) {
             Ok(()) => {

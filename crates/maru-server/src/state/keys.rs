@@ -1,5 +1,5 @@
-//! Key operations: register (one or a batch), lookup (one or a batch), exists, delete, pin and
-//! unpin. Register and delete count a key in its region under the region's mutex (see
+//! Key operations: register (one or a batch), lookup (one or a batch), exists and delete
+//! (pins are `leases`). Register and delete count a key in its region under the region's mutex (see
 //! `regions`); lookups take only a registry shard's and the region table's read locks.
 //!
 //! Region slots are never reused, so a lookup that found an entry and then finds no region
@@ -11,6 +11,8 @@ use std::sync::{Arc, MutexGuard};
 
 use maru_proto::{DeleteStatus, ErrorCode, RegisterEntry, WireError};
 
+use super::index::ToIndex;
+use super::notices::Returned;
 use super::regions::{check_live, RegionState, TableRegion};
 use super::sessions::{session_ended, Session};
 use super::{err, lock, ServerState};
@@ -21,9 +23,66 @@ use crate::reply;
 /// in the steady state.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    entries: Vec<Option<Entry>>,
-    slots: Vec<Option<(u32, u64, u64)>>,
+    /// Keys behind their namespace's prefix (see [`Scratch::scoped`]).
+    scoped: Vec<u8>,
+    slots: Vec<Option<(u32, u64, u64, u64)>>,
     table_index: HashMap<u32, u32>,
+}
+
+impl Scratch {
+    /// `key` behind the namespace prefix `scope`: the key the registry knows it by.
+    pub fn scoped(&mut self, scope: &[u8], key: &[u8]) -> &[u8] {
+        self.scoped.clear();
+        self.scoped.extend_from_slice(scope);
+        self.scoped.extend_from_slice(key);
+        &self.scoped
+    }
+
+    /// Every key of `keys` behind `scope`, and the rest of the scratch space for the
+    /// operation's own use.
+    pub fn scoped_all<'s>(
+        &'s mut self,
+        scope: &[u8],
+        keys: &[&[u8]],
+    ) -> (Vec<&'s [u8]>, ScratchRest<'s>) {
+        self.scoped.clear();
+        let mut ends = Vec::with_capacity(keys.len());
+        for k in keys {
+            self.scoped.extend_from_slice(scope);
+            self.scoped.extend_from_slice(k);
+            ends.push(self.scoped.len());
+        }
+        let mut start = 0;
+        let scoped = ends
+            .into_iter()
+            .map(|end| {
+                let k = &self.scoped[start..end];
+                start = end;
+                k
+            })
+            .collect();
+        let rest = ScratchRest {
+            slots: &mut self.slots,
+            table_index: &mut self.table_index,
+        };
+        (scoped, rest)
+    }
+}
+
+/// The parts of [`Scratch`] a batch lookup uses besides its scoped keys.
+pub(crate) struct ScratchRest<'s> {
+    slots: &'s mut Vec<Option<(u32, u64, u64, u64)>>,
+    table_index: &'s mut HashMap<u32, u32>,
+}
+
+/// A registration as the key index stores it.
+fn to_index<'a>(e: &RegisterEntry<'a>) -> ToIndex<'a> {
+    ToIndex {
+        scoped: e.key,
+        region_id: e.region_id,
+        offset: e.offset,
+        len: e.len,
+    }
 }
 
 impl ServerState {
@@ -55,8 +114,23 @@ impl ServerState {
         let (region, entry) = self.check_register(session, e)?;
         let mut st = lock(&region.state);
         check_live(&st, e.region_id)?;
+        let generation = match self.index_insert(&[to_index(e)])? {
+            Some(g) => match g[0] {
+                Some(g) => Some(g),
+                None => return Ok(false),
+            },
+            None => None,
+        };
         let new = self.registry.insert_if_absent(e.key, entry);
-        st.refs += new as u64;
+        if new {
+            st.refs += 1;
+            self.attach_key(&mut st, &entry, generation);
+            self.capacity.registered(e.key, e.len, &region.usage);
+        } else if generation.is_some() {
+            // Registry keys are index keys (see `index`), so this does not happen; should it,
+            // the two stay in step.
+            self.unindex(e.key);
+        }
         Ok(new)
     }
 
@@ -87,16 +161,28 @@ impl ServerState {
         for (r, st) in regions.iter().zip(&guards) {
             check_live(st, r.info.handle.region_id)?;
         }
+        let indexed = self.index_insert(&entries.iter().map(to_index).collect::<Vec<_>>())?;
         let mut out = Vec::with_capacity(entries.len());
-        for (e, entry) in entries.iter().zip(checked) {
+        let mut added = Vec::new();
+        for (n, (e, entry)) in entries.iter().zip(checked).enumerate() {
+            let generation = indexed.as_ref().map(|g| g[n]);
+            if generation == Some(None) {
+                out.push(false);
+                continue;
+            }
             let new = self.registry.insert_if_absent(e.key, entry);
             if new {
                 if let Some(i) = regions.iter().position(|r| r.slot == entry.region) {
                     guards[i].refs += 1;
+                    self.attach_key(&mut guards[i], &entry, generation.flatten());
+                    added.push((e.key, e.len, &regions[i].usage));
                 }
+            } else if generation.is_some() {
+                self.unindex(e.key);
             }
             out.push(new);
         }
+        self.capacity.registered_batch(&added);
         Ok(out)
     }
 
@@ -104,53 +190,84 @@ impl ServerState {
         self.registry.exists(key)
     }
 
-    /// Writes the lookup reply for `key`.
-    pub fn write_lookup(&self, out: &mut Vec<u8>, request_id: u64, key: &[u8]) {
-        let Some(entry) = self.registry.lookup(key) else {
-            return reply::lookup(out, request_id, None);
-        };
-        let table = self.table();
-        match table.by_slot.get(&entry.region.0) {
-            Some(r) => reply::lookup(
-                out,
-                request_id,
-                Some((r.wire(), entry.offset(), entry.len())),
-            ),
-            None => reply::lookup(out, request_id, None),
+    /// Writes the lookup reply for `key`; for a session, the page found is held for it (see
+    /// `holds`).
+    pub fn write_lookup(
+        &self,
+        out: &mut Vec<u8>,
+        request_id: u64,
+        session: Option<&Session>,
+        key: &[u8],
+    ) {
+        let found = self.find_and_hold(session, key);
+        match &found {
+            Some(h) => self.capacity.hit(key, &h.region.usage),
+            None => self.capacity.miss(key),
         }
+        reply::lookup(
+            out,
+            request_id,
+            found
+                .as_ref()
+                .map(|h| (h.region.wire(), h.offset, h.len, h.generation)),
+        )
     }
 
     pub fn write_batch_lookup(
         &self,
         out: &mut Vec<u8>,
         request_id: u64,
+        session: Option<&Session>,
         keys: &[&[u8]],
-        scratch: &mut Scratch,
+        scratch: ScratchRest<'_>,
     ) {
-        scratch.entries.clear();
-        scratch
-            .entries
-            .extend(keys.iter().map(|k| self.registry.lookup(k)));
         scratch.slots.clear();
         scratch.table_index.clear();
-        let table = self.table();
-        let mut used: Vec<&[u8]> = Vec::new();
-        for e in &scratch.entries {
-            let slot = e.and_then(|e| {
-                let region = table.by_slot.get(&e.region.0)?;
+        let mut used: Vec<Arc<TableRegion>> = Vec::new();
+        // One use-clock tick for the batch: its keys were read together.
+        let now = self.capacity.use_stamp();
+        for k in keys {
+            let slot = self.find_and_hold(session, k).map(|h| {
+                super::eviction::usage_hit(&h.region.usage, now);
                 let next = used.len() as u32;
-                let index = *scratch.table_index.entry(e.region.0).or_insert(next);
+                let index = *scratch.table_index.entry(h.region.slot.0).or_insert(next);
                 if index == next {
-                    used.push(region.wire());
+                    used.push(h.region.clone());
                 }
-                Some((index, e.offset(), e.len()))
+                (index, h.offset, h.len, h.generation)
             });
             scratch.slots.push(slot);
         }
-        reply::batch_lookup(out, request_id, used.into_iter(), &scratch.slots);
+        self.capacity
+            .batch_read(keys, scratch.slots.iter().map(|s| s.is_some()));
+        reply::batch_lookup(
+            out,
+            request_id,
+            used.iter().map(|r| r.wire()),
+            scratch.slots,
+        );
     }
 
     pub fn delete(&self, key: &[u8]) -> DeleteStatus {
+        let mut returned = Returned::default();
+        let status = self.delete_into(key, &mut returned);
+        self.send_returns(returned);
+        status
+    }
+
+    /// Deletes every key of a batch; their owners get their pages in one notice each.
+    pub fn batch_delete(&self, keys: &[&[u8]]) -> Vec<DeleteStatus> {
+        let mut returned = Returned::default();
+        let statuses = keys
+            .iter()
+            .map(|k| self.delete_into(k, &mut returned))
+            .collect();
+        self.send_returns(returned);
+        statuses
+    }
+
+    /// Deletes `key`; its page, if it goes back to its owner now, joins `returned`.
+    fn delete_into(&self, key: &[u8], returned: &mut Returned) -> DeleteStatus {
         let mut missing_region: Option<Entry> = None;
         loop {
             let Some(entry) = self.registry.lookup(key) else {
@@ -163,7 +280,10 @@ impl ServerState {
                 if missing_region.is_some_and(|m| m.same_place(&entry)) {
                     tracing::error!(region = ?entry.region, "key points into no region; dropping it");
                     return match self.registry.remove_if_unpinned(key, entry.region) {
-                        Removal::Removed(_) => DeleteStatus::Deleted,
+                        Removal::Removed(_) => {
+                            self.unindex(key);
+                            DeleteStatus::Deleted
+                        }
                         Removal::Pinned => DeleteStatus::Pinned,
                         Removal::NotFound | Removal::Elsewhere(_) => DeleteStatus::NotFound,
                     };
@@ -171,32 +291,30 @@ impl ServerState {
                 missing_region = Some(entry);
                 continue;
             };
-            let to_free = {
+            let (page_back, to_free) = {
                 let mut st = lock(&region.state);
                 match self.registry.remove_if_unpinned(key, region.slot) {
                     Removal::NotFound => return DeleteStatus::NotFound,
                     Removal::Pinned => return DeleteStatus::Pinned,
                     // Deleted and registered again elsewhere meanwhile: start over.
                     Removal::Elsewhere(_) => continue,
-                    Removal::Removed(_) => {
+                    Removal::Removed(gone) => {
+                        self.unindex(key);
                         st.refs -= 1;
-                        self.take_if_unreferenced(&region, &mut st)
+                        self.capacity.removed(key, gone.len(), &region.usage);
+                        let back = self.detach_key(&region, &mut st, &gone);
+                        (back, self.take_if_unreferenced(&region, &mut st))
                     }
                 }
             };
+            if let Some(p) = page_back {
+                returned.add(&region, p);
+            }
             if let Some(h) = to_free {
                 self.free_at_rm(h);
             }
             return DeleteStatus::Deleted;
         }
-    }
-
-    pub fn pin(&self, key: &[u8]) -> bool {
-        self.registry.pin(key)
-    }
-
-    pub fn unpin(&self, key: &[u8]) -> bool {
-        self.registry.unpin(key)
     }
 }
 

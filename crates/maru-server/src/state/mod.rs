@@ -7,8 +7,15 @@
 //! * `freeing`: giving regions back to the resource manager — frees that wait for it to be
 //!   reachable, the reconcile that finds regions it holds for this server that the table does
 //!   not know, and the shutdown that returns everything;
-//! * `keys`: register, lookup, exists, delete, pin and unpin, one key or a batch;
-//! * `stats`: counts for the stats document and the metrics.
+//! * `keys`: register, lookup, exists and delete, one key or a batch;
+//! * `index`: write-through to the key index in shared memory, and the rebuild from it at
+//!   start;
+//! * `holds`: view holds on pages, generations, and when a page goes back to its owner;
+//! * `notices`: the page-return notices, one per owner per operation, written without ever
+//!   blocking the operation (each session's outbox);
+//! * `leases`: pins as leases of a session, renewed, expired by the lease clock;
+//! * `stats`: counts for the stats document and the metrics;
+//! * `eviction`: the recency policies, the capacity counters and the eviction of victims.
 //!
 //! # Locks, and why nothing waits on the resource manager
 //!
@@ -20,16 +27,19 @@
 //! * one mutex per region (`RegionState`, see `regions`), taken by register, delete and
 //!   release, so a region is never freed under a live key;
 //! * `sessions`: hello, disconnect, goodbye;
+//! * one mutex per session over its pins (`leases`), taken before registry shard locks;
 //! * `alloc_gate`: shared by allocations, exclusive for a reconcile (see `freeing`).
 //!
 //! Order: a region mutex may be held while taking a registry shard lock or the region table
 //! lock; nothing takes a region mutex while holding either. Lookups never take a region mutex.
-//! The `freeing` set's mutex is innermost (taken under the table lock, nothing under it).
+//! The `freeing` set's mutex is innermost (taken under the table lock, nothing under it). The
+//! eviction policy's mutex is taken under a region mutex and takes only registry shard read
+//! locks (see `eviction::capacity`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
-use std::sync::{Mutex, MutexGuard, RwLock};
-use std::time::Instant;
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use maru_proto::{request_name, ErrorCode, Handle, WireError};
 use maru_telemetry::OpTable;
@@ -37,8 +47,13 @@ use maru_telemetry::OpTable;
 use crate::registry::ShardedRegistry;
 use crate::resource_manager::RegionSource;
 
+pub mod eviction;
 mod freeing;
+mod holds;
+mod index;
 mod keys;
+mod leases;
+mod notices;
 mod regions;
 mod sessions;
 mod stats;
@@ -46,9 +61,13 @@ mod stats;
 #[cfg(test)]
 mod fixtures;
 
+pub(crate) use index::KeyIndex;
+pub use index::{IndexOpenError, Restored};
 pub(crate) use keys::Scratch;
+pub use leases::PIN_TTL;
 pub(crate) use sessions::Peer;
 
+use eviction::{Capacity, EvictionConfig};
 use regions::RegionTable;
 use sessions::SessionRec;
 
@@ -72,8 +91,8 @@ pub(crate) struct ServerState {
     regions: RwLock<RegionTable>,
     /// The next region's slot; slots are never reused (see `keys`).
     next_slot: AtomicU32,
-    /// Live sessions by instance id.
-    sessions: Mutex<HashMap<String, SessionRec>>,
+    /// Live sessions by token.
+    sessions: Mutex<HashMap<[u8; maru_proto::SESSION_TOKEN_LEN], SessionRec>>,
     next_session: AtomicU64,
     rm: Box<dyn RegionSource>,
     /// Pools to allocate from, in order of preference (empty: the resource manager picks).
@@ -84,20 +103,44 @@ pub(crate) struct ServerState {
     /// Ids of regions out of the table whose free has not been carried out yet (in progress
     /// or pending). A region enters it before it leaves the table.
     freeing: Mutex<HashSet<u64>>,
+    /// Regions whose free at the resource manager is done, counted; a give-back waits on
+    /// `region_freed` for the count to move (see `eviction::room`). Nothing else is locked
+    /// while it is held.
+    regions_freed: Mutex<u64>,
+    region_freed: Condvar,
     /// Held shared by every allocation from its request to the resource manager until its
     /// region is in the table (or freed again); exclusively by [`ServerState::reconcile`].
     alloc_gate: RwLock<()>,
     /// An allocation's outcome is unknown: reconcile soon.
     reconcile_due: AtomicBool,
+    /// How long a pin lives without renewal (`--pin-ttl`).
+    pin_ttl: Duration,
+    /// Pins dropped by the lease clock since start.
+    pins_expired: AtomicU64,
+    /// The next registration's generation (never reused).
+    next_generation: AtomicU64,
+    /// Pages returned to their owners since start.
+    pages_returned: AtomicU64,
+    /// Sessions whose notices wait for their owner to read (see `notices`).
+    stalled: Mutex<Vec<Weak<sessions::Session>>>,
+    /// Eviction: the policy, the watermarks and quotas, the capacity counters.
+    pub(crate) capacity: Capacity,
     pub ops: OpTable,
     started: Instant,
     pub hostname: String,
     /// Open connections of any role.
     pub connections: AtomicUsize,
+    /// The key index every registration writes through to (see `index`).
+    index: Option<KeyIndex>,
 }
 
 impl ServerState {
-    pub fn new(rm: Box<dyn RegionSource>, pools: Vec<String>, hostname: String) -> ServerState {
+    pub fn new(
+        rm: Box<dyn RegionSource>,
+        pools: Vec<String>,
+        hostname: String,
+        pin_ttl: Duration,
+    ) -> ServerState {
         ServerState {
             registry: ShardedRegistry::new(),
             regions: RwLock::new(RegionTable::default()),
@@ -108,8 +151,16 @@ impl ServerState {
             pools,
             pending_free: Mutex::new(Vec::new()),
             freeing: Mutex::new(HashSet::new()),
+            regions_freed: Mutex::new(0),
+            region_freed: Condvar::new(),
             alloc_gate: RwLock::new(()),
             reconcile_due: AtomicBool::new(false),
+            pin_ttl,
+            pins_expired: AtomicU64::new(0),
+            next_generation: AtomicU64::new(1),
+            pages_returned: AtomicU64::new(0),
+            stalled: Mutex::new(Vec::new()),
+            capacity: Capacity::new(EvictionConfig::default()),
             ops: OpTable::new(
                 &OP_NAMES
                     .iter()
@@ -119,6 +170,15 @@ impl ServerState {
             started: Instant::now(),
             hostname,
             connections: AtomicUsize::new(0),
+            index: None,
         }
+    }
+}
+
+impl ServerState {
+    /// The same state with capacity managed as `config` says (validated by the caller).
+    pub fn with_eviction(mut self, config: EvictionConfig) -> ServerState {
+        self.capacity = Capacity::new(config);
+        self
     }
 }

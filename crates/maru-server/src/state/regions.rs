@@ -2,17 +2,19 @@
 //! and how many keys point into each.
 //!
 //! A region goes back to the resource manager only when its owner is gone (it returned the
-//! region, said goodbye, or its last connection closed) **and** no key references it
-//! (deferred freeing). The owner letting go is [`ServerState::release`]; the last key going is
+//! region, said goodbye, or its last connection closed) **and** no key references it **and**
+//! no view holds a page of it (deferred freeing; holds are `holds`'). The owner letting go is [`ServerState::release`]; the last key going is
 //! a delete (see `keys`); both end in `take_if_unreferenced`, under the region's own mutex.
 //! How the region then reaches the resource manager is `freeing`'s.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLockReadGuard, Weak};
 
 use maru_proto::{ErrorCode, Handle, RegionInfo, RegionRecord, WireError};
 
+use super::eviction::RegionUsage;
+use super::holds::PageRec;
 use super::sessions::{session_ended, Session};
 use super::{err, lock, ServerState};
 use crate::registry::RegionSlot;
@@ -31,6 +33,10 @@ pub(super) struct RegionState {
     pub(super) owner_live: bool,
     /// Gone from the table; on its way back to the resource manager.
     pub(super) freed: bool,
+    /// Pages that a key points at or a view holds (see `holds`).
+    pub(super) pages: HashMap<u32, PageRec>,
+    /// Holds on pages of the region, all sessions together: a held region is not freed.
+    pub(super) held: u64,
 }
 
 /// A region in the server's table: allocated at the resource manager on behalf of one
@@ -42,7 +48,13 @@ pub(crate) struct TableRegion {
     wire: Box<[u8]>,
     pub(super) instance_id: String,
     pub(super) session: u64,
+    /// The owning session, for page returns.
+    pub(super) owner: Weak<Session>,
     pub(super) state: Mutex<RegionState>,
+    /// Bytes, reads and pins of the region's keys (see `eviction::usage`).
+    pub(super) usage: RegionUsage,
+    /// The server asked its owner to give it back (see `eviction::room`).
+    pub(super) asked_back: AtomicBool,
 }
 
 impl std::fmt::Debug for TableRegion {
@@ -56,6 +68,28 @@ impl std::fmt::Debug for TableRegion {
 }
 
 impl TableRegion {
+    /// A region found again at start-up because keys of the key index point into it; the
+    /// session that owned it is gone, so it goes back with its last key.
+    pub(super) fn restored(slot: RegionSlot, info: RegionInfo) -> Option<TableRegion> {
+        Some(TableRegion {
+            slot,
+            wire: reply::region_wire(&info)?,
+            instance_id: String::new(),
+            session: 0,
+            owner: Weak::new(),
+            state: Mutex::new(RegionState {
+                refs: 0,
+                owner_live: false,
+                freed: false,
+                pages: HashMap::new(),
+                held: 0,
+            }),
+            usage: RegionUsage::default(),
+            asked_back: AtomicBool::new(false),
+            info,
+        })
+    }
+
     pub fn wire(&self) -> &[u8] {
         &self.wire
     }
@@ -101,7 +135,24 @@ impl ServerState {
         }
         // In flight from here until the region is in the table (see `freeing`).
         let in_flight = self.alloc_gate.read().unwrap_or_else(|e| e.into_inner());
-        let info = self.alloc_from_pools(size).map_err(|e| e.to_wire())?;
+        let info = match self.alloc_from_pools(size) {
+            // No region left: evict what keeps dead owners' regions alive, then try again;
+            // then take one back from a live owner (see `eviction::room`).
+            Err(e) if e.code() == Some(ErrorCode::PoolExhausted) => {
+                let again = match self.make_room_for_region(size) {
+                    true => self.alloc_from_pools(size),
+                    false => Err(e),
+                };
+                match again {
+                    Err(e) if e.code() == Some(ErrorCode::PoolExhausted) => {
+                        self.take_back_region(session, size, e)
+                    }
+                    r => r,
+                }
+            }
+            r => r,
+        }
+        .map_err(|e| e.to_wire())?;
         let Some(wire) = reply::region_wire(&info) else {
             self.free_at_rm(info.handle);
             return Err(err(
@@ -130,11 +181,16 @@ impl ServerState {
             wire,
             instance_id: session.instance_id.clone(),
             session: session.id,
+            owner: Arc::downgrade(session),
             state: Mutex::new(RegionState {
                 refs: 0,
                 owner_live: true,
                 freed: false,
+                pages: HashMap::new(),
+                held: 0,
             }),
+            usage: RegionUsage::default(),
+            asked_back: AtomicBool::new(false),
             info,
         });
         {
@@ -158,7 +214,7 @@ impl ServerState {
         Ok(region)
     }
 
-    fn alloc_from_pools(&self, size: u64) -> Result<RegionInfo, RmCallError> {
+    pub(super) fn alloc_from_pools(&self, size: u64) -> Result<RegionInfo, RmCallError> {
         if self.pools.is_empty() {
             return self.alloc_once(size, None);
         }
@@ -166,8 +222,15 @@ impl ServerState {
         for pool in &self.pools {
             match self.alloc_once(size, Some(pool)) {
                 Ok(info) => return Ok(info),
-                // Fill first: the next pool only when this one has no room.
-                Err(e) if e.code() == Some(ErrorCode::PoolExhausted) => last = Some(e),
+                // Fill first: the next pool only when this one has no room (or is unusable).
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some(ErrorCode::PoolExhausted | ErrorCode::PoolUnhealthy)
+                    ) =>
+                {
+                    last = Some(e)
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -203,6 +266,15 @@ impl ServerState {
         }
         self.release(&region);
         Ok(())
+    }
+
+    /// `GiveBack`: the owner returns a region the server asked back. Answered with nothing
+    /// (it travels on the watch connection), so a refusal is only logged: the region was
+    /// returned already, or is not the session's.
+    pub fn give_back(&self, session: &Session, region_id: u64) {
+        if let Err(e) = self.return_region(session, region_id) {
+            tracing::debug!(instance = %session.instance_id, "give-back refused: {}", e.message);
+        }
     }
 
     pub(super) fn owned_region(
@@ -248,7 +320,7 @@ impl ServerState {
         region: &TableRegion,
         st: &mut RegionState,
     ) -> Option<Handle> {
-        if st.owner_live || st.refs > 0 || st.freed {
+        if st.owner_live || st.refs > 0 || st.held > 0 || st.freed {
             return None;
         }
         st.freed = true;
@@ -340,6 +412,7 @@ mod tests {
     fn deferred_freeing_waits_for_the_last_key() {
         let (st, rm) = state(&[]);
         let (mut peer, s, _) = client(&st, "a");
+        let (_reader, b, _) = client(&st, "b");
         let region = st.request_region(&s, MIB).unwrap();
         assert!(st.register(&s, &reg(b"k1", &region, 0, 10)).unwrap());
         assert!(st.register(&s, &reg(b"k2", &region, 4096, 10)).unwrap());
@@ -349,11 +422,11 @@ mod tests {
         assert!(matches!(peer, Peer::New));
         assert_eq!(rm.live().len(), 1, "keys still reference the region");
         assert!(!st.allocations()[0].owner_connected);
-        assert!(st.pin(b"k1"));
+        assert!(st.pin(&b, b"k1").unwrap());
         assert_eq!(st.delete(b"k1"), DeleteStatus::Pinned);
         assert_eq!(st.delete(b"k2"), DeleteStatus::Deleted);
         assert_eq!(rm.live().len(), 1);
-        assert!(st.unpin(b"k1"));
+        assert!(st.unpin(&b, b"k1"));
         assert_eq!(st.delete(b"k1"), DeleteStatus::Deleted);
         assert!(rm.live().is_empty(), "last key gone: region freed");
         assert_eq!(st.delete(b"k1"), DeleteStatus::NotFound);

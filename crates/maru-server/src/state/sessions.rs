@@ -1,30 +1,61 @@
-//! Sessions: every connection of one instance (one `MaruHandler`) belongs to one session. The
-//! instance's first connection creates it with its hello and gets a random token back; later
-//! connections join by presenting that token, so another process cannot claim an instance id
-//! that is in use. A session ends with a goodbye or when its last connection closes, and its
-//! end releases the regions it owns (see `regions` for when they are freed).
+//! Sessions: every connection of one `MaruHandler` belongs to one session. A hello without a
+//! token creates a session and gets its random token back; the handler's other connections
+//! join by presenting that token. The instance id is a label: several sessions may carry the
+//! same one. A session ends with a goodbye or when its last connection closes, and its end
+//! releases every claim it holds: its pins at once, its regions (see `regions` for when they
+//! are freed).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use maru_proto::{ErrorCode, Hello, HelloOk, Role, WireError, SESSION_TOKEN_LEN};
 
+use super::holds::HoldBook;
+use super::leases::Leases;
+use super::notices::Outbox;
 use super::regions::TableRegion;
 use super::{err, lock, ServerState};
 
-/// An instance's session: created by its first connection, joined by later ones with the
+/// One handler's session: created by its first connection, joined by later ones with the
 /// token, ended by goodbye or when its last connection drops.
 pub(crate) struct Session {
     pub(super) id: u64,
+    /// A label for people and statistics; not unique.
     pub(super) instance_id: String,
+    /// The registry's prefix for this session's namespace (see [`scope_of`]).
+    pub(super) scope: Box<[u8]>,
     token: [u8; SESSION_TOKEN_LEN],
     ended: AtomicBool,
+    /// The session's pins (see `leases`).
+    pub(super) leases: Mutex<Leases>,
+    /// The session's holds on pages its views are over (see `holds`).
+    pub(super) holds: Mutex<HoldBook>,
+    /// Page returns for the regions the session owns, and its watch connection.
+    pub(super) notices: Mutex<Outbox>,
 }
 
 impl Session {
     pub fn is_ended(&self) -> bool {
         self.ended.load(Ordering::SeqCst)
     }
+
+    /// The registry prefix of the session's namespace.
+    pub fn scope(&self) -> &[u8] {
+        &self.scope
+    }
+}
+
+/// The registry prefix of `namespace`: its length, then its bytes. Every key is stored
+/// behind its namespace's prefix, so equal key bytes in two namespaces are two keys and no
+/// key of one namespace is a key of another (the length byte makes the prefixes a prefix
+/// code: none is the start of another).
+pub(crate) fn scope_of(namespace: &str) -> Box<[u8]> {
+    // The decoder bounds namespaces to MAX_NAMESPACE_LEN (255) bytes, so the length fits.
+    let len = u8::try_from(namespace.len()).unwrap_or(u8::MAX);
+    let mut scope = Vec::with_capacity(1 + namespace.len());
+    scope.push(len);
+    scope.extend_from_slice(&namespace.as_bytes()[..len as usize]);
+    scope.into_boxed_slice()
 }
 
 /// A live session and how many connections it has.
@@ -38,8 +69,19 @@ pub(crate) enum Peer {
     /// Nothing but a Hello is accepted yet.
     New,
     Client(Arc<Session>),
-    /// An operator tool: reads only.
-    Admin,
+    /// An operator tool: reads only, in the namespace whose registry prefix it carries.
+    Admin(Box<[u8]>),
+}
+
+impl Peer {
+    /// The registry prefix of the peer's namespace (the shared one before a hello).
+    pub fn scope(&self) -> &[u8] {
+        match self {
+            Peer::Client(s) => s.scope(),
+            Peer::Admin(scope) => scope,
+            Peer::New => &[0],
+        }
+    }
 }
 
 impl ServerState {
@@ -54,10 +96,11 @@ impl ServerState {
             server: format!("maru-server {}", env!("CARGO_PKG_VERSION")),
             hostname: self.hostname.clone(),
             session_token: token,
+            index: self.index_info(hello.namespace),
         };
         match hello.role {
             Role::Admin => {
-                *peer = Peer::Admin;
+                *peer = Peer::Admin(scope_of(hello.namespace));
                 return Ok(ok([0; SESSION_TOKEN_LEN]));
             }
             Role::Server => return Err(err(
@@ -73,23 +116,32 @@ impl ServerState {
             ));
         }
         let mut sessions = lock(&self.sessions);
-        let session = match (sessions.get_mut(hello.instance_id), hello.session_token) {
-            (None, None) => {
+        let session = match hello.session_token {
+            None => {
                 let mut token = [0u8; SESSION_TOKEN_LEN];
-                getrandom::fill(&mut token).map_err(|e| {
-                    err(
-                        ErrorCode::Internal,
-                        format!("no randomness for a session token: {e}"),
-                    )
-                })?;
+                loop {
+                    getrandom::fill(&mut token).map_err(|e| {
+                        err(
+                            ErrorCode::Internal,
+                            format!("no randomness for a session token: {e}"),
+                        )
+                    })?;
+                    if !sessions.contains_key(&token) {
+                        break;
+                    }
+                }
                 let session = Arc::new(Session {
                     id: self.next_session.fetch_add(1, Ordering::Relaxed),
                     instance_id: hello.instance_id.to_owned(),
+                    scope: scope_of(hello.namespace),
                     token,
                     ended: AtomicBool::new(false),
+                    leases: Mutex::new(Leases::default()),
+                    holds: Mutex::new(HoldBook::default()),
+                    notices: Mutex::new(Outbox::default()),
                 });
                 sessions.insert(
-                    hello.instance_id.to_owned(),
+                    token,
                     SessionRec {
                         session: session.clone(),
                         connections: 1,
@@ -97,30 +149,29 @@ impl ServerState {
                 );
                 session
             }
-            (Some(rec), Some(token)) if constant_time_eq(&rec.session.token, &token) => {
-                rec.connections += 1;
-                rec.session.clone()
-            }
-            (Some(_), _) => {
-                return Err(err(
-                    ErrorCode::SessionConflict,
-                    format!(
-                        "instance id {:?} already has a live session; further connections must \
-                         present its session token",
-                        hello.instance_id
-                    ),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(err(
-                    ErrorCode::SessionConflict,
-                    format!(
-                        "instance {:?} has no live session (it ended); connect without a token \
-                         to start a new one",
-                        hello.instance_id
-                    ),
-                ))
-            }
+            Some(token) => match sessions.get_mut(&token) {
+                Some(rec) if *rec.session.scope == *scope_of(hello.namespace) => {
+                    rec.connections += 1;
+                    rec.session.clone()
+                }
+                Some(_) => {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "namespace {:?} is not the namespace of the session this token \
+                             joins",
+                            hello.namespace
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(err(
+                        ErrorCode::SessionConflict,
+                        "no live session has this token (it ended, or never existed); connect \
+                         without a token to start a new one",
+                    ))
+                }
+            },
         };
         drop(sessions);
         let token = session.token;
@@ -134,16 +185,16 @@ impl ServerState {
             return;
         };
         let mut sessions = lock(&self.sessions);
-        let last = match sessions.get_mut(&session.instance_id) {
+        let last = match sessions.get_mut(&session.token) {
             Some(rec) if rec.session.id == session.id => {
                 rec.connections -= 1;
                 rec.connections == 0
             }
-            // Already ended by a goodbye (and maybe replaced by a newer session).
+            // Already ended by a goodbye.
             _ => false,
         };
         if last {
-            sessions.remove(&session.instance_id);
+            sessions.remove(&session.token);
         }
         drop(sessions);
         if last {
@@ -151,15 +202,15 @@ impl ServerState {
         }
     }
 
-    /// Goodbye: the instance leaves on purpose. Its session ends for every connection.
+    /// Goodbye: the handler leaves on purpose. Its session ends for every connection.
     pub fn goodbye(&self, peer: &mut Peer) {
         let Peer::Client(session) = std::mem::replace(peer, Peer::New) else {
             *peer = Peer::New;
             return;
         };
         let mut sessions = lock(&self.sessions);
-        if matches!(sessions.get(&session.instance_id), Some(rec) if rec.session.id == session.id) {
-            sessions.remove(&session.instance_id);
+        if matches!(sessions.get(&session.token), Some(rec) if rec.session.id == session.id) {
+            sessions.remove(&session.token);
         }
         drop(sessions);
         self.end_session(&session);
@@ -169,6 +220,8 @@ impl ServerState {
         if session.ended.swap(true, Ordering::SeqCst) {
             return;
         }
+        let pins = self.drop_leases(session);
+        let holds = self.drop_holds(session);
         let owned: Vec<Arc<TableRegion>> = self
             .table()
             .by_slot
@@ -176,7 +229,14 @@ impl ServerState {
             .filter(|r| r.session == session.id)
             .cloned()
             .collect();
-        tracing::debug!(instance = %session.instance_id, regions = owned.len(), "session ended");
+        tracing::debug!(
+            instance = %session.instance_id,
+            session = session.id,
+            regions = owned.len(),
+            pins,
+            holds,
+            "session ended"
+        );
         // Every region is disowned before any goes back, so whoever sees one of them freed at
         // the resource manager sees the whole session ended.
         let to_free: Vec<_> = owned.iter().filter_map(|r| self.disown(r)).collect();
@@ -185,7 +245,7 @@ impl ServerState {
         }
     }
 
-    /// Number of live instance sessions.
+    /// Number of live sessions.
     pub fn session_count(&self) -> usize {
         lock(&self.sessions).len()
     }
@@ -194,12 +254,8 @@ impl ServerState {
 pub(super) fn session_ended() -> WireError {
     err(
         ErrorCode::NotHandshaken,
-        "this instance's session has ended (goodbye); reconnect to start a new one",
+        "this handler's session has ended (goodbye); reconnect to start a new one",
     )
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -213,9 +269,11 @@ mod tests {
     fn sessions_need_their_token_and_end_with_the_last_connection() {
         let (st, rm) = state(&[]);
         let (mut a1, sa, token) = client(&st, "a");
+        // The same instance id without a token is another session, with its own token.
+        let (_other_peer, other_session, other_token) = client(&st, "a");
+        assert_ne!(other_session.id, sa.id);
+        assert_ne!(other_token, token);
         let mut other = Peer::New;
-        let e = st.hello(&mut other, &hello("a", None)).unwrap_err();
-        assert_eq!(e.code, ErrorCode::SessionConflict);
         let e = st
             .hello(&mut other, &hello("a", Some([0; 16])))
             .unwrap_err();
@@ -243,7 +301,7 @@ mod tests {
             "last connection gone: unreferenced region freed"
         );
         assert!(st.get_region(region.info.handle.region_id).is_err());
-        // A new session may start under the same instance id, but not with the old token.
+        // The old token joins nothing.
         let mut late = Peer::New;
         let e = st.hello(&mut late, &hello("a", Some(token))).unwrap_err();
         assert_eq!(e.code, ErrorCode::SessionConflict);

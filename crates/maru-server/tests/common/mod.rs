@@ -188,6 +188,7 @@ impl Raw {
                 pid: 1,
                 start_time: 0,
                 session_token: None,
+                namespace: "",
             }),
         );
         assert!(matches!(self.recv(), (1, Response::HelloOk(_))));
@@ -209,6 +210,7 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
         offset: 2 * MIB,
         len: 4 * MIB,
         page_size: 4096,
+        pool_uuid: [7; 16],
     };
     let region = RegionInfo {
         handle: handle.clone(),
@@ -228,12 +230,14 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
         pid: 1234,
         start_time: 99,
         session_token: Some([5; SESSION_TOKEN_LEN]),
+        namespace: "",
     };
     let requests: Vec<Request> = vec![
         Request::Hello(hello.clone()),
         Request::Hello(Hello {
             role: Role::Admin,
             session_token: None,
+            namespace: "",
             ..hello
         }),
         Request::Heartbeat,
@@ -278,6 +282,7 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
             server: "maru-server 0.1.0".into(),
             hostname: "host".into(),
             session_token: [3; SESSION_TOKEN_LEN],
+            index: None,
         }),
         Response::Ok,
         Response::Error(WireError::new(ErrorCode::NotOwner, "region 7 belongs to b")),
@@ -298,6 +303,7 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
             region: region.clone(),
             offset: 4096,
             len: 100,
+            generation: 3,
         })),
         Response::Lookup(None),
         Response::BatchLookup {
@@ -307,6 +313,7 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
                     region_index: 0,
                     offset: 0,
                     len: 5,
+                    generation: 4,
                 }),
                 None,
             ],

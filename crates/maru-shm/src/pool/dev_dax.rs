@@ -3,18 +3,16 @@
 //! from sysfs. Nothing is created or removed: the device is the memory.
 
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::{Pool, PoolError, PoolKind, PoolSpec, DEFAULT_ALIGN};
+use super::{Pool, PoolError, PoolGeometry, PoolKind, PoolSpec, DEFAULT_ALIGN};
 
 /// Where the kernel lists device-DAX instances.
 pub const SYSFS_DAX_DEVICES: &str = "/sys/bus/dax/devices";
 
 #[derive(Debug)]
 pub struct DevDaxPool {
-    path: PathBuf,
-    size: u64,
-    align: u64,
+    geometry: PoolGeometry,
 }
 
 /// Size and alignment of one device, as sysfs reports them.
@@ -49,9 +47,14 @@ impl DevDaxPool {
             ));
         }
         Ok(DevDaxPool {
-            path: path.to_owned(),
-            size,
-            align: geo.align,
+            geometry: PoolGeometry {
+                kind: PoolKind::DevDax,
+                path: path.to_owned(),
+                total_size: size,
+                align: geo.align,
+                // A device-DAX mapping is faulted in units of its alignment.
+                page_size: geo.align,
+            },
         })
     }
 }
@@ -104,21 +107,8 @@ pub fn discover_in(sysfs: &Path, dev: &Path) -> Vec<PoolSpec> {
 }
 
 impl Pool for DevDaxPool {
-    fn kind(&self) -> PoolKind {
-        PoolKind::DevDax
-    }
-    fn path(&self) -> &Path {
-        &self.path
-    }
-    fn total_size(&self) -> u64 {
-        self.size
-    }
-    fn align(&self) -> u64 {
-        self.align
-    }
-    fn page_size(&self) -> u64 {
-        // A device-DAX mapping is faulted in units of its alignment.
-        self.align
+    fn geometry(&self) -> &PoolGeometry {
+        &self.geometry
     }
     fn release_region(&self, _region_id: u64, _offset: u64, _len: u64) -> Result<(), PoolError> {
         // Device memory cannot be punched; the next owner zeroes what it needs.
@@ -129,12 +119,10 @@ impl Pool for DevDaxPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::test_dir;
 
     fn fixture() -> tempfile::TempDir {
-        let d = tempfile::Builder::new()
-            .prefix("maru-test-")
-            .tempdir_in("/dev/shm")
-            .unwrap();
+        let d = test_dir();
         let sys = d.path().join("sys");
         let dev = d.path().join("dev");
         std::fs::create_dir_all(&dev).unwrap();
@@ -221,7 +209,7 @@ mod tests {
         let p = DevDaxPool::open_with_sysfs(Path::new("/dev/zero"), &sys).unwrap();
         assert_eq!(p.total_size(), 4 << 20);
         assert_eq!(p.align(), DEFAULT_ALIGN);
-        let a = p.access(3, 2 << 20, 2 << 20);
+        let a = p.access(3, 2 << 20, 2 << 20, [1; 16]);
         assert_eq!(
             (a.path.as_str(), a.offset, a.page_size),
             ("/dev/zero", 2 << 20, 2 << 20)

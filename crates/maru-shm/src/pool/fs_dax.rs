@@ -3,27 +3,24 @@
 //! the file system's size, which is what keeps the accounting (total, free, largest extent)
 //! the same for every pool kind.
 
-use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FallocateFlags;
 
 use maru_proto::Access;
 
-use super::{Pool, PoolError, PoolKind, DEFAULT_ALIGN};
+use super::{
+    header, open_shared_file, HeaderPlace, Pool, PoolError, PoolGeometry, PoolKind, DEFAULT_ALIGN,
+};
 use crate::mapping::fs_page_size;
 use crate::naming::Naming;
 
-const REGION_FILE_MODE: u32 = 0o660;
-
 #[derive(Debug)]
 pub struct FsDaxPool {
-    dir: PathBuf,
+    /// Its path is the pool's directory.
+    geometry: PoolGeometry,
     naming: Naming,
-    size: u64,
-    page_size: u64,
 }
 
 impl FsDaxPool {
@@ -44,15 +41,23 @@ impl FsDaxPool {
         }
         let page_size = fs_page_size(dir).map_err(|e| PoolError::io(dir, e))?;
         Ok(FsDaxPool {
-            dir: dir.to_owned(),
+            geometry: PoolGeometry {
+                kind: PoolKind::FsDax,
+                path: dir.to_owned(),
+                total_size: size,
+                align: DEFAULT_ALIGN,
+                page_size,
+            },
             naming,
-            size,
-            page_size,
         })
     }
 
+    fn dir(&self) -> &Path {
+        &self.geometry.path
+    }
+
     pub fn region_path(&self, region_id: u64) -> PathBuf {
-        self.naming.region_file(&self.dir, region_id)
+        self.naming.region_file(self.dir(), region_id)
     }
 }
 
@@ -62,40 +67,31 @@ fn fs_capacity(dir: &Path) -> io::Result<u64> {
 }
 
 impl Pool for FsDaxPool {
-    fn kind(&self) -> PoolKind {
-        PoolKind::FsDax
+    fn geometry(&self) -> &PoolGeometry {
+        &self.geometry
     }
-    fn path(&self) -> &Path {
-        &self.dir
+    fn header_place(&self) -> HeaderPlace {
+        HeaderPlace::Sidecar {
+            path: self.dir().join(header::SIDECAR_NAME),
+        }
     }
-    fn total_size(&self) -> u64 {
-        self.size
+    /// Regions are files of their own: the range has no start to give up.
+    fn reserved(&self) -> u64 {
+        0
     }
-    fn align(&self) -> u64 {
-        DEFAULT_ALIGN
-    }
-    fn page_size(&self) -> u64 {
-        self.page_size
-    }
-    fn access(&self, region_id: u64, _offset: u64, len: u64) -> Access {
+    fn access(&self, region_id: u64, _offset: u64, len: u64, pool_uuid: [u8; 16]) -> Access {
         Access {
             path: self.region_path(region_id).to_string_lossy().into_owned(),
             offset: 0,
             len,
-            page_size: self.page_size,
+            page_size: self.geometry.page_size,
+            pool_uuid,
         }
     }
     fn prepare_region(&self, region_id: u64, _offset: u64, len: u64) -> Result<(), PoolError> {
         let path = self.region_path(region_id);
         // Truncate: a file left by a crash under this id must not show its old bytes.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(REGION_FILE_MODE)
-            .open(&path)
-            .map_err(|e| PoolError::io(&path, e))?;
+        let file = open_shared_file(&path, true)?;
         // Allocate the blocks now: on DAX a fault on a hole of a full file system is SIGBUS
         // in the client, an ENOSPC here is a clear error.
         match rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, len) {
@@ -120,8 +116,8 @@ impl Pool for FsDaxPool {
     }
     fn remove_stale_regions(&self, is_live: &dyn Fn(u64) -> bool) -> Result<usize, PoolError> {
         let mut removed = 0;
-        for entry in std::fs::read_dir(&self.dir).map_err(|e| PoolError::io(&self.dir, e))? {
-            let entry = entry.map_err(|e| PoolError::io(&self.dir, e))?;
+        for entry in std::fs::read_dir(self.dir()).map_err(|e| PoolError::io(self.dir(), e))? {
+            let entry = entry.map_err(|e| PoolError::io(self.dir(), e))?;
             let name = entry.file_name();
             let Some(id) = name
                 .to_str()
@@ -187,6 +183,7 @@ fn unescape_mount_path(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::test_dir;
 
     const MOUNTS_FIXTURE: &str = "\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
@@ -212,24 +209,17 @@ garbage
         assert!(parse_dax_mounts("").is_empty());
     }
 
-    fn dir() -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix("maru-test-")
-            .tempdir_in("/dev/shm")
-            .unwrap()
-    }
-
     /// The FS_DAX logic (one file per region, stale-file cleanup) on a plain tmpfs directory.
     #[test]
     fn region_files_on_a_plain_directory() {
-        let d = dir();
+        let d = test_dir();
         let naming = Naming::new("t-fsdax");
         let p = FsDaxPool::open(d.path(), naming.clone()).unwrap();
         assert!(p.total_size() >= DEFAULT_ALIGN);
         assert_eq!(p.kind().name(), "fs-dax");
         p.prepare_region(7, 0, 4 << 20).unwrap();
         p.prepare_region(9, 4 << 20, 2 << 20).unwrap();
-        let a = p.access(7, 123, 4 << 20);
+        let a = p.access(7, 123, 4 << 20, [1; 16]);
         assert_eq!(a.offset, 0);
         assert_eq!(std::fs::metadata(&a.path).unwrap().len(), 4 << 20);
         std::fs::write(d.path().join("unrelated"), b"x").unwrap();

@@ -10,6 +10,7 @@
 
 pub mod dev_dax;
 pub mod fs_dax;
+pub mod header;
 pub mod shm;
 
 use std::fmt;
@@ -23,6 +24,7 @@ use crate::naming::Naming;
 
 pub use dev_dax::DevDaxPool;
 pub use fs_dax::FsDaxPool;
+pub use header::{HeaderError, HeaderPlace, PoolHeader};
 pub use shm::ShmPool;
 
 /// Default region alignment: 2 MiB, so every region can be mapped with huge pages.
@@ -77,29 +79,88 @@ impl fmt::Display for PoolKind {
     }
 }
 
+/// What a pool is and how large, as [`Pool`]'s accessors report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolGeometry {
+    pub kind: PoolKind,
+    /// The file, directory or device the pool lives in.
+    pub path: PathBuf,
+    /// Bytes that can be handed out.
+    pub total_size: u64,
+    /// Alignment of every region's offset and length.
+    pub align: u64,
+    /// Page size of the backing memory.
+    pub page_size: u64,
+}
+
+/// Permissions of pool and region files created by the daemon: owner and group may map
+/// them, so clients running as another user of the daemon's group can attach.
+pub const SHARED_FILE_MODE: u32 = 0o660;
+
+/// Opens (creating if missing) a file that daemon and clients share: read-write, mode
+/// [`SHARED_FILE_MODE`]. `truncate` drops whatever a previous owner left in it.
+pub(crate) fn open_shared_file(path: &Path, truncate: bool) -> Result<std::fs::File, PoolError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(SHARED_FILE_MODE)
+        .open(path)
+        .map_err(|e| PoolError::io(path, e))
+}
+
 /// A source of memory that a resource manager carves regions out of.
 ///
 /// A pool is a range `[0, total_size)`; the resource manager decides which extents are in use
 /// and calls the hooks so that the pool can back (or give back) the memory of one region.
 pub trait Pool: Send + Sync + fmt::Debug {
-    fn kind(&self) -> PoolKind;
+    /// Kind, identity and sizes, fixed when the pool opens.
+    fn geometry(&self) -> &PoolGeometry;
+    fn kind(&self) -> PoolKind {
+        self.geometry().kind
+    }
     /// Identity of the pool: the file, directory or device it lives in. Handles name their
     /// pool by this path.
-    fn path(&self) -> &Path;
+    fn path(&self) -> &Path {
+        &self.geometry().path
+    }
     /// Bytes that can be handed out.
-    fn total_size(&self) -> u64;
+    fn total_size(&self) -> u64 {
+        self.geometry().total_size
+    }
     /// Every region starts at a multiple of this and its length is a multiple of it.
-    fn align(&self) -> u64;
+    fn align(&self) -> u64 {
+        self.geometry().align
+    }
     /// Page size of the backing memory (4 KiB on tmpfs, 2 MiB on hugetlbfs).
-    fn page_size(&self) -> u64;
-    /// How a client maps region `region_id` placed at `offset` with `len` bytes. By default
-    /// a region is that range of the pool's own file or device (shm, DEV_DAX).
-    fn access(&self, _region_id: u64, offset: u64, len: u64) -> Access {
+    fn page_size(&self) -> u64 {
+        self.geometry().page_size
+    }
+    /// Where the pool's header ([`header`]) lives. By default at the start of the pool's own
+    /// file or device (shm, DEV_DAX).
+    fn header_place(&self) -> HeaderPlace {
+        HeaderPlace::InPool {
+            path: self.path().to_owned(),
+            map_len: self.page_size(),
+        }
+    }
+    /// Bytes at the start of the range that are never allocated: the header's extent (one
+    /// alignment unit) when the header is in the pool.
+    fn reserved(&self) -> u64 {
+        self.align()
+    }
+    /// How a client maps region `region_id` placed at `offset` with `len` bytes, in the pool
+    /// whose header carries `pool_uuid`. By default a region is that range of the pool's own
+    /// file or device (shm, DEV_DAX).
+    fn access(&self, _region_id: u64, offset: u64, len: u64, pool_uuid: [u8; 16]) -> Access {
         Access {
             path: self.path().to_string_lossy().into_owned(),
             offset,
             len,
             page_size: self.page_size(),
+            pool_uuid,
         }
     }
     /// Makes a region's memory available before its handle is given out (FS_DAX creates its
@@ -281,6 +342,15 @@ pub fn discover() -> Vec<PoolSpec> {
         );
     }
     found
+}
+
+/// A fresh directory under /dev/shm for one unit test, removed on drop.
+#[cfg(test)]
+pub(crate) fn test_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("maru-test-")
+        .tempdir_in("/dev/shm")
+        .unwrap()
 }
 
 #[cfg(test)]

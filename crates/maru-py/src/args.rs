@@ -1,0 +1,289 @@
+//! The arguments of the Python API, checked at the call: every refusal is an
+//! `InvalidArgumentError` (or `InvalidKeyError`) whose message names the call and the
+//! argument, and no call silently drops an argument it was given.
+
+use std::borrow::Cow;
+
+use maru_client::{MaruConfig, PageId};
+use maru_proto::MAX_KEY_LEN;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyInt, PyString};
+
+use crate::buffer::RawBuf;
+use crate::errors::{invalid, invalid_key};
+use crate::types::{AllocHandle, MemoryInfo};
+
+/// The type name of `obj`, for messages.
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+/// A key as bytes: `str` (UTF-8), `bytes`, or `int` (its decimal string, so `key=12345`
+/// works as in the documented examples); not empty and at most `MAX_KEY_LEN` bytes.
+pub fn key_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
+    let key: Cow<'a, [u8]> = if let Ok(s) = obj.cast::<PyString>() {
+        Cow::Borrowed(s.to_str()?.as_bytes())
+    } else if obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>() {
+        Cow::Owned(obj.str()?.to_str()?.as_bytes().to_vec())
+    } else if let Ok(b) = obj.cast::<PyBytes>() {
+        Cow::Borrowed(b.as_bytes())
+    } else {
+        return Err(invalid_key(format!(
+            "key must be str, bytes or int, not {}",
+            type_name(obj)
+        )));
+    };
+    if key.is_empty() {
+        return Err(invalid_key("key must not be empty"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(invalid_key(format!(
+            "key of {} bytes is longer than the limit of {MAX_KEY_LEN} bytes",
+            key.len()
+        )));
+    }
+    Ok(key)
+}
+
+/// Every key of an iterable, checked as [`key_bytes`] checks one.
+pub fn keys_vec(keys: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
+    key_objects(keys)?
+        .iter()
+        .map(|k| Ok(key_bytes(k)?.into_owned()))
+        .collect()
+}
+
+/// The objects of an iterable of keys.
+fn key_objects<'py>(keys: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let iter = keys.try_iter().map_err(|_| {
+        invalid(format!(
+            "keys must be an iterable of keys, not {}",
+            type_name(keys)
+        ))
+    })?;
+    iter.collect()
+}
+
+/// `f` of the keys of an iterable, borrowed from their objects (no copy per key: a call
+/// answered from the key index costs less than an allocation per key).
+pub fn with_keys<T>(
+    keys: &Bound<'_, PyAny>,
+    f: impl FnOnce(&[&[u8]]) -> PyResult<T>,
+) -> PyResult<T> {
+    let objects = key_objects(keys)?;
+    let keys = objects
+        .iter()
+        .map(key_bytes)
+        .collect::<PyResult<Vec<_>>>()?;
+    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_ref()).collect();
+    f(&refs)
+}
+
+/// Region, page and size of an `AllocHandle` passed as `what` (ours, or any object with
+/// those attributes: integrations build handles from a region id and page index to free
+/// them).
+pub fn page_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(PageId, u64)> {
+    if let Ok(h) = obj.cast::<AllocHandle>() {
+        let h = h.borrow();
+        let page = PageId {
+            region_id: h.region_id,
+            page_index: h.page_index,
+        };
+        return Ok((page, h.size));
+    }
+    let not_a_handle = || {
+        invalid(format!(
+            "{what} must be an AllocHandle from alloc() (or an object with region_id and \
+             page_index), not {}",
+            if obj.is_none() {
+                "None".to_owned()
+            } else {
+                type_name(obj)
+            }
+        ))
+    };
+    let get = |a: &str, b: &str| -> Option<PyResult<u64>> {
+        let v = obj.getattr(a).or_else(|_| obj.getattr(b)).ok()?;
+        Some(
+            v.extract::<u64>()
+                .map_err(|_| invalid(format!("{what}.{a} must be a non-negative int, got {v}"))),
+        )
+    };
+    let region_id = get("region_id", "_region_id").ok_or_else(not_a_handle)??;
+    let page_index = get("page_index", "_page_index").ok_or_else(not_a_handle)??;
+    let size = get("size", "_size").transpose()?.unwrap_or(0);
+    Ok((
+        PageId {
+            region_id,
+            page_index,
+        },
+        size,
+    ))
+}
+
+/// The object whose bytes to store: a MemoryInfo's view, or the object itself.
+pub fn data_object<'py>(obj: &Bound<'py, PyAny>) -> Bound<'py, PyAny> {
+    match obj.cast::<MemoryInfo>() {
+        Ok(info) => info.borrow().view.bind(obj.py()).clone(),
+        Err(_) => obj.clone(),
+    }
+}
+
+/// The bytes of `obj`, passed as `what` (any object with the buffer protocol, or a
+/// MemoryInfo).
+pub fn buffer(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<RawBuf> {
+    RawBuf::get(&data_object(obj)).map_err(|_| {
+        invalid(format!(
+            "{what} must be a MemoryInfo or an object with the buffer protocol (bytes, \
+             memoryview, …), not {}",
+            type_name(obj)
+        ))
+    })
+}
+
+/// A destination buffer of a copy-out read.
+pub fn writable(obj: &Bound<'_, PyAny>) -> PyResult<RawBuf> {
+    RawBuf::get_writable(obj).map_err(|_| {
+        invalid(format!(
+            "the buffer must be a writable object with the buffer protocol (bytearray, \
+             numpy array, …), not {}",
+            type_name(obj)
+        ))
+    })
+}
+
+/// `alloc(size)`: an int from 1 to the chunk size.
+pub fn alloc_size(obj: &Bound<'_, PyAny>, chunk: u64) -> PyResult<u64> {
+    if !obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyBool>() {
+        return Err(invalid(format!(
+            "alloc: size must be an int, not {}",
+            type_name(obj)
+        )));
+    }
+    match obj.extract::<u64>() {
+        Ok(size) if (1..=chunk).contains(&size) => Ok(size),
+        _ => Err(invalid(format!(
+            "alloc: size must be from 1 to the chunk size ({chunk} bytes), got {obj}"
+        ))),
+    }
+}
+
+/// What `store` was asked to store.
+pub enum StoreSource {
+    /// A page from alloc(), registered as written (zero copy).
+    Page(PageId, u64),
+    /// Bytes to copy into a fresh page, after an optional prefix.
+    Copy {
+        data: RawBuf,
+        prefix: Option<RawBuf>,
+    },
+}
+
+/// `store(key, info, prefix, *, data, handle)`: exactly one of `info`, `data` and `handle`
+/// (an AllocHandle passed as `info` is a handle); `prefix` only with copied bytes; something
+/// to store.
+pub fn store_source(
+    info: Option<Bound<'_, PyAny>>,
+    prefix: Option<Bound<'_, PyAny>>,
+    data: Option<Bound<'_, PyAny>>,
+    handle: Option<Bound<'_, PyAny>>,
+) -> PyResult<StoreSource> {
+    let given = [("info", &info), ("data", &data), ("handle", &handle)]
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>();
+    if given.len() > 1 {
+        return Err(invalid(format!(
+            "store: pass one of info, data or handle, not {}",
+            given.join(" and ")
+        )));
+    }
+    let handle = handle.or_else(|| info.clone().filter(|i| i.is_instance_of::<AllocHandle>()));
+    if let Some(handle) = handle {
+        if prefix.is_some() {
+            return Err(invalid(
+                "store: prefix is copied in front of data; a handle's page is stored as \
+                 written, so pass the prefix with data, or write it into handle.buf",
+            ));
+        }
+        let (page, size) = page_of(&handle, "store: handle")?;
+        return Ok(StoreSource::Page(page, size));
+    }
+    let Some(src) = data.or(info) else {
+        return Err(invalid("store: needs data, info or handle"));
+    };
+    let data = buffer(&src, "store: data")?;
+    let prefix = prefix.map(|p| buffer(&p, "store: prefix")).transpose()?;
+    let len = data.as_slice().len() + prefix.as_ref().map_or(0, |p| p.as_slice().len());
+    if len == 0 {
+        return Err(invalid(
+            "store: data is empty (a value has at least 1 byte)",
+        ));
+    }
+    Ok(StoreSource::Copy { data, prefix })
+}
+
+/// An optional argument, with an explicit None treated as absent.
+pub fn some<'py>(o: Option<&Bound<'py, PyAny>>) -> Option<Bound<'py, PyAny>> {
+    o.filter(|x| !x.is_none()).cloned()
+}
+
+fn attr<'py, T: for<'a> FromPyObject<'a, 'py>>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<T> {
+    let v = obj
+        .getattr(name)
+        .map_err(|_| invalid(format!("config has no {name} (pass a maru.MaruConfig)")))?;
+    v.extract::<T>().map_err(|e| {
+        invalid(format!(
+            "config.{name}: invalid value {v}: {}",
+            Into::<PyErr>::into(e)
+        ))
+    })
+}
+
+/// Reads a `maru.MaruConfig` (or any object with its attributes) into the Rust config.
+pub fn read_config(obj: &Bound<'_, PyAny>) -> PyResult<MaruConfig> {
+    let mut c = MaruConfig {
+        server_url: attr(obj, "server_url")?,
+        instance_id: attr(obj, "instance_id")?,
+        pool_size: attr(obj, "pool_size")?,
+        chunk_size_bytes: attr(obj, "chunk_size_bytes")?,
+        auto_connect: attr(obj, "auto_connect")?,
+        timeout_ms: attr(obj, "timeout_ms")?,
+        use_async_rpc: attr(obj, "use_async_rpc")?,
+        max_inflight: attr(obj, "max_inflight")?,
+        eager_map: attr(obj, "eager_map")?,
+        auto_expand: attr(obj, "auto_expand")?,
+        expand_size: attr(obj, "expand_size")?,
+        ..MaruConfig::default()
+    };
+    // Maru's own fields: a configuration object of the original Maru does not have them.
+    if obj.hasattr("busy_poll")? {
+        c.busy_poll = attr(obj, "busy_poll")?;
+    }
+    if obj.hasattr("write_behind")? {
+        c.write_behind = attr(obj, "write_behind")?;
+    }
+    if obj.hasattr("namespace")? {
+        c.namespace = attr(obj, "namespace")?;
+    }
+    if obj.hasattr("reconnect_after_fork")? {
+        c.reconnect_after_fork = attr(obj, "reconnect_after_fork")?;
+    }
+    if obj.hasattr("secret_file")? {
+        c.secret_file = attr(obj, "secret_file")?;
+    }
+    if obj.hasattr("pool_path")? {
+        c.pool_path = attr(obj, "pool_path")?;
+    }
+    if let Ok(us) = std::env::var("MARU_REPLY_GRACE_US") {
+        let us: u64 = us
+            .trim()
+            .parse()
+            .map_err(|_| invalid(format!("MARU_REPLY_GRACE_US={us:?} is not a number")))?;
+        c.reply_grace = std::time::Duration::from_micros(us);
+    }
+    Ok(c)
+}

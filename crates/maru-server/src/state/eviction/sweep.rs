@@ -1,0 +1,106 @@
+//! The scan CLOCK and SIEVE share: keys in a [`KeyList`] with one mark bit each and a hand
+//! that sweeps the list, clearing set marks (a second chance) and taking the first key whose
+//! mark is clear. A policy says which way the hand moves and where new keys enter
+//! ([`Sweep`]); everything else — uses, removals, victim picking — is this one piece.
+
+use std::marker::PhantomData;
+
+use super::list::{KeyList, NIL};
+use super::EvictionPolicy;
+
+/// What makes a hand policy itself.
+pub trait Sweep: Sized {
+    /// The name `--evict-policy` knows the policy by.
+    const NAME: &'static str;
+    /// Where the hand starts when it rests nowhere (`NIL`) in a list that is not empty.
+    fn start(swept: &Swept<Self>) -> u32;
+    /// The node after `i` in the hand's direction; `NIL`: start again.
+    fn step(swept: &Swept<Self>, i: u32) -> u32;
+    /// Adds a key that was just registered (absent or present: a present key stays put).
+    fn insert(swept: &mut Swept<Self>, key: &[u8]);
+}
+
+/// A hand policy: the keys, and the next key the hand examines.
+pub struct Swept<S> {
+    pub(super) list: KeyList,
+    /// The next key the hand examines; `NIL`: at [`Sweep::start`], or the list is empty.
+    pub(super) hand: u32,
+    policy: PhantomData<S>,
+}
+
+impl<S> Default for Swept<S> {
+    fn default() -> Self {
+        Swept {
+            list: KeyList::default(),
+            hand: NIL,
+            policy: PhantomData,
+        }
+    }
+}
+
+impl<S: Sweep> Swept<S> {
+    /// Removes node `i`, moving the hand past it first.
+    fn unlink(&mut self, i: u32) -> Box<[u8]> {
+        if self.hand == i {
+            self.hand = S::step(self, i);
+        }
+        let key = self.list.remove(i);
+        if self.list.len() == 0 {
+            self.hand = NIL;
+        }
+        key
+    }
+}
+
+impl<S: Sweep + Send> EvictionPolicy for Swept<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn insert(&mut self, key: &[u8]) {
+        S::insert(self, key);
+    }
+
+    fn touch(&mut self, key: &[u8]) {
+        if let Some(i) = self.list.find(key) {
+            self.list.set_mark(i, true);
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) -> bool {
+        let found = self.list.find(key);
+        found.map(|i| self.unlink(i)).is_some()
+    }
+
+    fn pick_victims(
+        &mut self,
+        n: usize,
+        budget: usize,
+        evictable: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Vec<Box<[u8]>> {
+        let mut out = Vec::new();
+        let mut examined = 0;
+        while self.list.len() > 0 && out.len() < n && examined < budget {
+            examined += 1;
+            let i = match self.hand {
+                NIL => S::start(self),
+                h => h,
+            };
+            if self.list.mark(i) {
+                self.list.set_mark(i, false);
+                self.hand = S::step(self, i);
+            } else if evictable(self.list.key(i)) {
+                // The hand rests where the victim was: `unlink` moves it one step on.
+                self.hand = i;
+                out.push(self.unlink(i));
+            } else {
+                self.hand = S::step(self, i);
+            }
+        }
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+}

@@ -1,0 +1,326 @@
+//! View holds and page returns: the page side of §8 of docs/ARCHITECTURE.md.
+//!
+//! A lookup that answers a client session with a view takes a *hold* on the page, in the same
+//! operation (under the region's mutex, after checking the key still points there). The
+//! session counts its holds per page and releases them with [`ServerState::release_holds`]
+//! when its views are gone, or all at once when it ends. Holds never expire.
+//!
+//! A page is *returned* to its region's owner — a notice on the owner's watch connection,
+//! after which the owner's allocator may hand the page out again — exactly when no key
+//! points at it and no hold is on it: [`ServerState::detach_key`] is the one place a key
+//! leaves its page (delete and eviction), and [`release_page_hold`] the one place a
+//! hold does; both return the page once both counts are zero. A region goes back to the
+//! resource manager once its owner let it go, no key points into it and no page of it is
+//! held (`regions::take_if_unreferenced`).
+//!
+//! Every registration also gets a *generation* from a counter that never repeats, kept with
+//! the page and returned with each lookup, so a reader that kept only an address can ask
+//! whether the page still holds what it read ([`ServerState::page_current`]).
+//!
+//! Pages go back to their owners through `notices`.
+//!
+//! Lock order: a region's mutex, then (after releasing it) a session's hold book or outbox;
+//! the outbox is innermost.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use maru_proto::PageRef;
+
+use super::notices::Returned;
+use super::regions::{RegionState, TableRegion};
+use super::sessions::Session;
+use super::{lock, ServerState};
+use crate::registry::{Entry, KeyRegistry, PAGE_ALIGN};
+
+/// What the server knows of one page of a region that a key points at or a view holds.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct PageRec {
+    /// The latest registration at the page.
+    pub generation: u64,
+    /// Keys pointing at the page (one, unless a client registered a page twice).
+    pub keys: u32,
+    /// Holds of views over the page, of any session.
+    pub holds: u32,
+}
+
+/// The holds one session has, by (region slot, page).
+#[derive(Default)]
+pub(crate) struct HoldBook {
+    by_page: HashMap<(u32, u32), u32>,
+}
+
+/// A found key with the hold taken on its page (if a session asked for one).
+pub(crate) struct Held {
+    pub region: Arc<TableRegion>,
+    pub offset: u64,
+    pub len: u64,
+    pub generation: u64,
+}
+
+fn page_of(entry: &Entry) -> u32 {
+    (entry.offset() / PAGE_ALIGN) as u32
+}
+
+impl ServerState {
+    pub(super) fn next_generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Books a new registration at `entry`'s page (under the region's mutex), with the
+    /// generation the key index gave it, or a fresh one.
+    pub(super) fn attach_key(&self, st: &mut RegionState, entry: &Entry, generation: Option<u64>) {
+        let rec = st.pages.entry(page_of(entry)).or_default();
+        rec.keys += 1;
+        rec.generation = generation.unwrap_or_else(|| self.next_generation());
+    }
+
+    /// A key leaves its page (deleted, or evicted), under the region's mutex, which the
+    /// caller holds and has already uncounted the key from `refs` under. Returns the page for
+    /// its owner when nothing holds it any more; a held page stays detached until its last
+    /// hold goes (see [`release_page_hold`]).
+    pub(super) fn detach_key(
+        &self,
+        region: &TableRegion,
+        st: &mut RegionState,
+        entry: &Entry,
+    ) -> Option<PageRef> {
+        let page = page_of(entry);
+        let rec = st.pages.get_mut(&page)?;
+        rec.keys = rec.keys.saturating_sub(1);
+        free_if_unused(region, st, page)
+    }
+
+    /// Looks `key` up and, for a session, takes a hold on its page in the same step.
+    pub(crate) fn find_and_hold(&self, session: Option<&Session>, key: &[u8]) -> Option<Held> {
+        loop {
+            let entry = self.registry.lookup(key)?;
+            let region = self.table().by_slot.get(&entry.region.0).cloned()?;
+            let mut st = lock(&region.state);
+            // Deletes remove keys under this mutex: if the key still points here now, its page
+            // cannot be returned before the hold below is counted.
+            match self.registry.lookup(key) {
+                Some(now) if now.same_place(&entry) => {}
+                Some(_) => continue,
+                None => return None,
+            }
+            if st.freed {
+                return None;
+            }
+            let page = page_of(&entry);
+            let generation = st.pages.get(&page).map_or(0, |r| r.generation);
+            if let Some(session) = session {
+                if let Some(rec) = st.pages.get_mut(&page) {
+                    rec.holds += 1;
+                    st.held += 1;
+                }
+                drop(st);
+                let mut book = lock(&session.holds);
+                // Checked under the book's mutex: a session's end marks it ended before it
+                // takes this mutex to release the book.
+                if session.is_ended() {
+                    drop(book);
+                    let mut returned = Returned::default();
+                    self.release_page_hold(&region, page, &mut returned);
+                    self.send_returns(returned);
+                    return None;
+                }
+                *book.by_page.entry((region.slot.0, page)).or_insert(0) += 1;
+            } else {
+                drop(st);
+            }
+            return Some(Held {
+                offset: entry.offset(),
+                len: entry.len(),
+                generation,
+                region,
+            });
+        }
+    }
+
+    /// The session's views of `pages` are gone: one hold each. Pages it holds no hold on
+    /// are ignored (a release can only be for one's own holds).
+    pub fn release_holds(&self, session: &Session, pages: &[PageRef]) {
+        let mut returned = Returned::default();
+        for p in pages {
+            let Ok(region) = self.get_region(p.region_id) else {
+                continue;
+            };
+            if !p.offset.is_multiple_of(PAGE_ALIGN) {
+                continue;
+            }
+            let page = (p.offset / PAGE_ALIGN) as u32;
+            {
+                let mut book = lock(&session.holds);
+                let Some(n) = book.by_page.get_mut(&(region.slot.0, page)) else {
+                    continue;
+                };
+                *n -= 1;
+                if *n == 0 {
+                    book.by_page.remove(&(region.slot.0, page));
+                }
+            }
+            self.release_page_hold(&region, page, &mut returned);
+        }
+        self.send_returns(returned);
+    }
+
+    /// Releases every hold of a session that ended.
+    pub(super) fn drop_holds(&self, session: &Session) -> u64 {
+        let book = std::mem::take(&mut *lock(&session.holds));
+        let mut returned = Returned::default();
+        let mut n = 0;
+        for ((slot, page), count) in book.by_page {
+            let Some(region) = self.table().by_slot.get(&slot).cloned() else {
+                continue;
+            };
+            for _ in 0..count {
+                self.release_page_hold(&region, page, &mut returned);
+            }
+            n += u64::from(count);
+        }
+        self.send_returns(returned);
+        n
+    }
+
+    /// One hold on `page` of `region` ends: the page goes back to its owner if no key points
+    /// at it any more, and the region to the resource manager if that was all that kept it.
+    /// The page, if it goes back, joins `returned`.
+    fn release_page_hold(&self, region: &Arc<TableRegion>, page: u32, returned: &mut Returned) {
+        let (page_back, to_free) = {
+            let mut st = lock(&region.state);
+            let Some(rec) = st.pages.get_mut(&page) else {
+                return;
+            };
+            if rec.holds == 0 {
+                return;
+            }
+            rec.holds -= 1;
+            st.held -= 1;
+            let back = free_if_unused(region, &mut st, page);
+            (back, self.take_if_unreferenced(region, &mut st))
+        };
+        if let Some(p) = page_back {
+            returned.add(region, p);
+        }
+        if let Some(h) = to_free {
+            self.free_at_rm(h);
+        }
+    }
+
+    /// Whether `page` still holds the registration of `generation`.
+    pub fn page_current(&self, page: PageRef, generation: u64) -> bool {
+        let Ok(region) = self.get_region(page.region_id) else {
+            return false;
+        };
+        if !page.offset.is_multiple_of(PAGE_ALIGN) {
+            return false;
+        }
+        let st = lock(&region.state);
+        st.pages
+            .get(&((page.offset / PAGE_ALIGN) as u32))
+            .is_some_and(|r| r.keys > 0 && r.generation == generation)
+    }
+}
+
+/// Under the region's mutex: forgets `page` and names it for its owner once no key points at
+/// it and no hold is on it.
+fn free_if_unused(region: &TableRegion, st: &mut RegionState, page: u32) -> Option<PageRef> {
+    let rec = st.pages.get(&page)?;
+    if rec.keys > 0 || rec.holds > 0 {
+        return None;
+    }
+    st.pages.remove(&page);
+    st.owner_live.then_some(PageRef {
+        region_id: region.info.handle.region_id,
+        offset: u64::from(page) * PAGE_ALIGN,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use maru_proto::DeleteStatus;
+
+    use super::*;
+    use crate::state::fixtures::*;
+
+    fn queued(s: &Session) -> Vec<PageRef> {
+        lock(&s.notices).queued()
+    }
+
+    #[test]
+    fn a_held_page_returns_to_its_owner_only_after_its_last_hold() {
+        let (st, rm) = state(&[]);
+        let (mut owner_peer, owner, _) = client(&st, "owner");
+        let (_rp, reader, _) = client(&st, "reader");
+        let r = st.request_region(&owner, MIB).unwrap();
+        let id = r.info.handle.region_id;
+        assert!(st.register(&owner, &reg(b"k", &r, 4096, 10)).unwrap());
+        let first = st.find_and_hold(Some(&reader), b"k").unwrap();
+        let second = st.find_and_hold(Some(&reader), b"k").unwrap();
+        assert_eq!(first.generation, second.generation);
+        assert!(st.page_current(
+            PageRef {
+                region_id: id,
+                offset: 4096
+            },
+            first.generation
+        ));
+        assert_eq!(st.delete(b"k"), DeleteStatus::Deleted);
+        assert!(st.find_and_hold(Some(&reader), b"k").is_none());
+        assert!(!st.page_current(
+            PageRef {
+                region_id: id,
+                offset: 4096
+            },
+            first.generation
+        ));
+        let page = PageRef {
+            region_id: id,
+            offset: 4096,
+        };
+        assert!(queued(&owner).is_empty(), "held: not returned");
+        // A release the owner never took is ignored; the reader's first leaves one hold.
+        st.release_holds(&owner, &[page]);
+        st.release_holds(&reader, &[page]);
+        assert!(queued(&owner).is_empty());
+        st.release_holds(&reader, &[page]);
+        assert_eq!(queued(&owner), [page], "returned once the last hold went");
+        // A region whose owner left stays while a page of it is held.
+        assert!(st.register(&owner, &reg(b"k2", &r, 0, 10)).unwrap());
+        let held = st.find_and_hold(Some(&reader), b"k2").unwrap();
+        assert!(
+            held.generation > first.generation,
+            "generations are never reused"
+        );
+        st.goodbye(&mut owner_peer);
+        assert_eq!(st.delete(b"k2"), DeleteStatus::Deleted);
+        assert_eq!(rm.live().len(), 1, "a held page keeps its region");
+        st.release_holds(
+            &reader,
+            &[PageRef {
+                region_id: id,
+                offset: 0,
+            }],
+        );
+        assert!(rm.live().is_empty(), "last hold gone: region freed");
+    }
+
+    #[test]
+    fn a_sessions_end_releases_its_holds() {
+        let (st, _rm) = state(&[]);
+        let (_op, owner, _) = client(&st, "owner");
+        let (mut rp, reader, _) = client(&st, "reader");
+        let r = st.request_region(&owner, MIB).unwrap();
+        assert!(st.register(&owner, &reg(b"k", &r, 0, 10)).unwrap());
+        st.find_and_hold(Some(&reader), b"k").unwrap();
+        // An admin's lookup takes no hold.
+        st.find_and_hold(None, b"k").unwrap();
+        assert_eq!(st.delete(b"k"), DeleteStatus::Deleted);
+        assert!(queued(&owner).is_empty());
+        st.disconnect(&mut rp);
+        assert_eq!(queued(&owner).len(), 1);
+        assert!(st.find_and_hold(Some(&reader), b"k").is_none());
+    }
+}
