@@ -98,4 +98,7 @@ pub enum Section {
     Eviction,
     /// The key index in shared memory: Python reads without a round trip, and a restart.
     Index,
+    /// An LMCache-shaped load: reader processes pinning, retrieving and copying out chunks
+    /// while a writer stores MiB-sized chunks from several threads.
+    Lmcache,
 }

@@ -10,14 +10,13 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use maru_proto::{Request, Response, ServerUrl};
 use serde::Serialize;
 
-use crate::daemons::{track_child, untrack_child, Scratch};
+use crate::daemons::Scratch;
 use crate::plan::{key_of, next_key_ids, KEY_LEN};
 use crate::registry::{connect, register_keys};
 use crate::table::Out;
@@ -65,31 +64,6 @@ fn fill(url: &ServerUrl, n: usize) -> anyhow::Result<u64> {
     Ok(first)
 }
 
-/// Runs `benchmarks/index_bench.py` against `url`; its last line is a JSON document.
-fn python(py: &Path, script: &Path, url: &str, quick: bool) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new(py);
-    cmd.arg(script).arg("--server").arg(url);
-    if quick {
-        cmd.arg("--quick");
-    }
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot run {}", py.display()))?;
-    let pid = child.id();
-    track_child(pid);
-    let out = child.wait_with_output();
-    untrack_child(pid);
-    let out = out?;
-    if !out.status.success() {
-        bail!("{} failed: {}", script.display(), out.status);
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().last().unwrap_or_default();
-    serde_json::from_str(last).with_context(|| format!("{} printed {last:?}", script.display()))
-}
-
 /// CPU time of the calling thread.
 fn thread_cpu_s() -> f64 {
     let mut ts = libc::timespec {
@@ -123,7 +97,9 @@ pub fn run(
     let unix = format!("unix://{}", dir.join("server.sock").display());
     let python = match py {
         Some((py, script)) => {
-            match python(py, &script.with_file_name("index_bench.py"), &unix, quick) {
+            let script = script.with_file_name("index_bench.py");
+            let quick = quick.then_some("--quick");
+            match crate::python::run_json_script(py, &script, &["--server", &unix], quick) {
                 Ok(mut v) => {
                     // Against this run's floor: memcpy of 4 MiB out of a shm region.
                     for b in [32, 512] {

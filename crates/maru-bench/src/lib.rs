@@ -31,6 +31,7 @@ mod daemons;
 mod eviction;
 mod floor;
 mod index;
+mod lmcache;
 mod plan;
 mod python;
 mod redis;

@@ -211,3 +211,32 @@ fn converse(
     }
     bail!("bench.py ended without a report")
 }
+
+/// Runs a benchmark script of `benchmarks/` with `args` (and `flag`, if any); its last line
+/// printed is a JSON document, returned parsed.
+pub fn run_json_script(
+    py: &Path,
+    script: &Path,
+    args: &[&str],
+    flag: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
+    let child = Command::new(py)
+        .arg(script)
+        .args(args)
+        .args(flag)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot run {}", py.display()))?;
+    let pid = child.id();
+    track_child(pid);
+    let out = child.wait_with_output();
+    untrack_child(pid);
+    let out = out?;
+    if !out.status.success() {
+        bail!("{} failed: {}", script.display(), out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("{} printed {last:?}", script.display()))
+}

@@ -95,6 +95,8 @@ pub struct Report {
     pub eviction: Option<EvictionReport>,
     /// The key index's reads and restart (`--only index`).
     pub index: Option<crate::index::IndexReport>,
+    /// What `benchmarks/lmcache_workload.py` measured (`--only lmcache`).
+    pub lmcache: Option<serde_json::Value>,
     pub redis: Vec<Row>,
     pub notes: Vec<String>,
     pub targets: Vec<Target>,

@@ -220,6 +220,43 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
         );
         registration = Some(reg);
     }
+    let mut lmcache_report = None;
+    if on(Section::Lmcache) && !urls.is_empty() {
+        b.section("LMCache-shaped load (readers pin, retrieve, copy out, unpin; a writer stores)");
+        let url = urls
+            .iter()
+            .find(|u| Transport::of_url(u) == Transport::Unix)
+            .unwrap_or(&urls[0]);
+        let t = Transport::of_url(url);
+        let rtt = if t == Transport::Unix {
+            uds_rtt
+        } else {
+            tcp_rtt
+        };
+        let located = if args.no_python {
+            Err("--no-python".to_owned())
+        } else {
+            python::locate(args.python.as_deref())
+        };
+        match located {
+            Ok((py, script)) => {
+                match crate::lmcache::run(&py, &script, url, mode, rtt, memcpy_out, &mut b.out) {
+                    Ok(mut v) => {
+                        v["transport"] = t.name().into();
+                        lmcache_report = Some(v);
+                    }
+                    Err(e) => {
+                        let _ = writeln!(b.out, "LMCache-shaped load failed: {e:#}");
+                        notes.push(format!("LMCache-shaped load failed: {e:#}"));
+                    }
+                }
+            }
+            Err(why) => {
+                let _ = writeln!(b.out, "LMCache-shaped load skipped: {why}");
+                notes.push(format!("LMCache-shaped load skipped: {why}"));
+            }
+        }
+    }
     drop(embedded);
     let mut index_report = None;
     if on(Section::Index) {
@@ -278,6 +315,7 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
         registration,
         eviction: eviction_report,
         index: index_report,
+        lmcache: lmcache_report,
         redis: redis_rows,
         notes,
         targets,

@@ -123,6 +123,36 @@ fn smoke_report_has_every_row_kind() {
     assert!(num(&report, "bytes_per_key") > 0.0);
     assert!(num(&report, "register_keys_per_s") > 0.0);
 
+    // The LMCache-shaped load, wherever the project's Python environment exists: every reader
+    // count served requests, hit and missed chunks, saw no wrong byte, and the writer stored.
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    if venv.is_file() {
+        let rows = report["lmcache"]["rows"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no LMCache-shaped rows: {}", report["notes"]));
+        let readers: Vec<u64> = rows
+            .iter()
+            .map(|r| r["processes"].as_u64().unwrap())
+            .collect();
+        assert_eq!(readers, [1, 2]);
+        for r in rows {
+            for f in [
+                "requests",
+                "chunks_hit",
+                "chunks_missed",
+                "stores",
+                "p99_vs_floor",
+            ] {
+                assert!(num(r, f) > 0.0, "{f} in {r}");
+            }
+            assert_eq!(num(r, "wrong"), 0.0, "wrong answers: {r}");
+        }
+    } else {
+        assert!(report["notes"]
+            .to_string()
+            .contains("LMCache-shaped load skipped"));
+    }
+
     // Redis rows when redis-server is installed, each compared with a Maru row.
     let redis = report["redis"]
         .as_array()

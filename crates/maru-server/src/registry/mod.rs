@@ -117,6 +117,10 @@ pub trait KeyRegistry: Send + Sync {
     /// an implementation may panic on a key it cannot hold.
     fn insert_if_absent(&self, key: &[u8], entry: Entry) -> bool;
 
+    /// Makes room for `additional` more keys at once, so a bulk load (the rebuild at start)
+    /// does not grow the tables step by step.
+    fn reserve(&self, _additional: usize) {}
+
     fn lookup(&self, key: &[u8]) -> Option<Entry>;
 
     fn exists(&self, key: &[u8]) -> bool {

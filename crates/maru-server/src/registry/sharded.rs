@@ -158,6 +158,15 @@ impl KeyRegistry for ShardedRegistry {
         }
     }
 
+    fn reserve(&self, additional: usize) {
+        let per_shard = additional.div_ceil(SHARDS);
+        for s in &self.shards {
+            let mut shard = write(&s.0);
+            let Shard { table, arena, .. } = &mut *shard;
+            table.reserve(per_shard, |(r, _)| self.hash(arena.get(*r)));
+        }
+    }
+
     fn lookup(&self, key: &[u8]) -> Option<Entry> {
         let (hash, lock) = self.locate(key);
         let shard = read(lock);

@@ -137,6 +137,11 @@ impl Capacity {
         !self.is_stopped()
     }
 
+    /// Makes room in the policy for `additional` keys about to be registered in bulk.
+    pub fn reserve(&self, additional: usize) {
+        self.policy().reserve(additional);
+    }
+
     /// A key registered into a region (call with the region's mutex held).
     pub fn registered(&self, key: &[u8], len: u64, region: &RegionUsage) {
         self.policy().insert(key);

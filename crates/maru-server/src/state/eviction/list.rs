@@ -52,6 +52,15 @@ impl KeyList {
         self.len
     }
 
+    pub fn reserve(&mut self, additional: usize) {
+        let nodes = &self.nodes;
+        let hasher = &self.hasher;
+        self.index
+            .reserve(additional, |&i| hasher.hash_one(&nodes[i as usize].key));
+        self.nodes
+            .reserve(additional.saturating_sub(self.free.len()));
+    }
+
     pub fn find(&self, key: &[u8]) -> Option<u32> {
         let hash = self.hasher.hash_one(key);
         self.index

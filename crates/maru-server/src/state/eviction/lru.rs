@@ -20,6 +20,10 @@ impl EvictionPolicy for Lru {
         self.list.push_front(key);
     }
 
+    fn reserve(&mut self, additional: usize) {
+        self.list.reserve(additional);
+    }
+
     fn touch(&mut self, key: &[u8]) {
         if let Some(i) = self.list.find(key) {
             self.list.move_to_front(i);

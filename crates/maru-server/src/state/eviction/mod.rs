@@ -67,6 +67,9 @@ pub trait EvictionPolicy: Send {
     /// keeps its place (registration is write-once: a second one changes nothing).
     fn insert(&mut self, key: &[u8]);
 
+    /// Makes room for `additional` more keys at once (a bulk load: the rebuild at start).
+    fn reserve(&mut self, _additional: usize) {}
+
     /// Adds keys registered together: in reverse order, so the first key of the batch is the
     /// most recent and the last one goes first among equals.
     fn insert_batch(&mut self, keys: &[&[u8]]) {

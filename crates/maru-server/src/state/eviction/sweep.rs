@@ -61,6 +61,10 @@ impl<S: Sweep + Send> EvictionPolicy for Swept<S> {
         S::insert(self, key);
     }
 
+    fn reserve(&mut self, additional: usize) {
+        self.list.reserve(additional);
+    }
+
     fn touch(&mut self, key: &[u8]) {
         if let Some(i) = self.list.find(key) {
             self.list.set_mark(i, true);
