@@ -91,6 +91,18 @@ def backend(url: str, pool_gib: float) -> Iterator[Any]:
         loop.close()
 
 
+def timed_read(reader: Any, key: Any, dst: torch.Tensor) -> int:
+    """Nanoseconds `reader` takes to get `key` and copy it into `dst`; the chunk is released
+    after the clock stops."""
+    t0 = perf()
+    got = reader.get_blocking(key)
+    assert got is not None
+    dst.copy_(got.tensor)
+    took = perf() - t0
+    got.ref_count_down()
+    return took
+
+
 def run(url: str, iters: int, warmup: int) -> dict[str, Any]:
     # op -> [(ns, ns of the memcpy sampled next to it)]
     samples: dict[str, list[tuple[int, int]]] = {k: [] for k in (
@@ -143,18 +155,13 @@ def run(url: str, iters: int, warmup: int) -> dict[str, Any]:
             got.ref_count_down()
             got2.ref_count_down()
 
-            t0 = perf()
-            other = reader.get_blocking(key)
-            assert other is not None
-            dst.copy_(other.tensor)
-            t1 = perf()
-            other.ref_count_down()
+            other_ns = timed_read(reader, key, dst)
             assert writer.remove(key)
             if keep:
                 for op, ns in (
                     ("memcpy", memcpy), ("put", sum(put)), ("put.allocate", put[0]), ("put.copy", put[1]),
                     ("put.register", put[2]), ("MaruHandler.store", store), ("get", get), ("get+copy", get_copy),
-                    ("get+copy (other instance)", t1 - t0),
+                    ("get+copy (other instance)", other_ns),
                 ):
                     samples[op].append((ns, memcpy))
         # Pages the reader has never touched: store chunks on distinct pages, read each once.
@@ -172,12 +179,7 @@ def run(url: str, iters: int, warmup: int) -> dict[str, Any]:
             t0 = perf()
             dst.copy_(src)
             t1 = perf()
-            other = reader.get_blocking(key)
-            assert other is not None
-            dst.copy_(other.tensor)
-            t2 = perf()
-            other.ref_count_down()
-            samples["get+copy (other instance, first read)"].append((t2 - t1, t1 - t0))
+            samples["get+copy (other instance, first read)"].append((timed_read(reader, key, dst), t1 - t0))
         for key in stored:
             writer.remove(key)
         read_before.ref_count_down()

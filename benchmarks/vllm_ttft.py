@@ -76,36 +76,28 @@ def _child(role: str, plan: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "3")
     import torch
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from maru_vllm.launch import cpu_engine, kv_transfer_config
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     kv = None
     if role != "baseline":
-        kv = KVTransferConfig(
-            kv_connector="MaruKVConnector",
-            kv_connector_module_path="maru_vllm.connector",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config={
+        kv = kv_transfer_config(
+            {
                 "maru_server_url": plan["url"],
                 "maru_kv_chunk_tokens": CHUNK_TOKENS,
                 "maru_pool_size": "512M",
-            },
+            }
         )
     n = plan["tokens"]
-    llm = LLM(
-        model=plan["model"],
+    llm = cpu_engine(
+        plan["model"],
+        kv,
         load_format="dummy",
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        dtype="float32",
-        enable_prefix_caching=False,
         block_size=32,
         max_model_len=n + 64,
         max_num_batched_tokens=n + 64,
         max_num_seqs=1,
-        kv_transfer_config=kv,
     )
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 

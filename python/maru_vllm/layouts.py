@@ -299,29 +299,14 @@ def detect_layout(
             raise UnsupportedLayout(
                 f"{what} is a {type(t).__name__}, not a tensor (several caches per layer are not supported)"
             )
+        # What both kinds of layout are checked with.
+        common: dict[str, Any] = dict(
+            layout_name=layout_name, num_blocks=num_blocks, block_size=block_size, backend=backend, what=what
+        )
         if layout_name.startswith(LEGACY_PREFIX):
-            bl = _legacy(
-                t,
-                layout_name=layout_name,
-                num_blocks=num_blocks,
-                num_kv_heads=num_kv_heads,
-                head_size=head_size,
-                block_size=block_size,
-                cache_dtype=cache_dtype,
-                backend=backend,
-                what=what,
-            )
+            bl = _legacy(t, num_kv_heads=num_kv_heads, head_size=head_size, cache_dtype=cache_dtype, **common)
         elif layout_name in standard_layouts():
-            bl = _standard(
-                t,
-                layout_name=layout_name,
-                num_blocks=num_blocks,
-                num_heads=num_heads,
-                block_size=block_size,
-                content_bytes=content_bytes,
-                backend=backend,
-                what=what,
-            )
+            bl = _standard(t, num_heads=num_heads, content_bytes=content_bytes, **common)
         else:
             raise UnsupportedLayout(f"KV cache layout {layout_name!r} is unknown")
         if bl.block_bytes != block_bytes:

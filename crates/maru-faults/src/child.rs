@@ -285,6 +285,16 @@ fn err_line(kind: ErrorKind, msg: impl std::fmt::Display, extra: &str) -> String
     )
 }
 
+/// `op`, a batch call of `h` (named `what` in an error line), over `keys`.
+fn batch<T>(
+    h: &MaruHandler,
+    keys: &[Vec<u8>],
+    what: &str,
+    op: impl FnOnce(&MaruHandler, &[&[u8]]) -> maru_client::Result<T>,
+) -> Result<T, String> {
+    op(h, &key_refs(keys)).map_err(|e| err_line(e.kind(), &e, what))
+}
+
 fn not_connected() -> String {
     "err not connected".to_owned()
 }
@@ -435,9 +445,7 @@ impl ChildState {
             "verify" => {
                 let h = self.h.as_ref().ok_or_else(not_connected)?;
                 let keys = keys_in(s(1)?, n(2)?, n(3)?);
-                let views = h
-                    .batch_retrieve(&key_refs(&keys))
-                    .map_err(|e| err_line(e.kind(), &e, "op=batch_retrieve"))?;
+                let views = batch(h, &keys, "op=batch_retrieve", MaruHandler::batch_retrieve)?;
                 let (mut found, mut missing, mut t) = (0, 0, Tally::default());
                 for (k, v) in keys.iter().zip(views) {
                     let Some(v) = v else {
@@ -460,9 +468,7 @@ impl ChildState {
             "pin" => {
                 let h = self.h.as_ref().ok_or_else(not_connected)?;
                 let keys = keys_in(s(1)?, n(2)?, n(3)?);
-                let found = h
-                    .batch_pin(&key_refs(&keys))
-                    .map_err(|e| err_line(e.kind(), &e, "op=batch_pin"))?;
+                let found = batch(h, &keys, "op=batch_pin", MaruHandler::batch_pin)?;
                 Ok(format!(
                     "ok pinned={}",
                     found.iter().filter(|f| **f).count()
@@ -472,9 +478,7 @@ impl ChildState {
             "delete" => {
                 let h = self.h.as_ref().ok_or_else(not_connected)?;
                 let keys = keys_in(s(1)?, n(2)?, n(3)?);
-                let st = h
-                    .batch_delete(&key_refs(&keys))
-                    .map_err(|e| err_line(e.kind(), &e, "op=batch_delete"))?;
+                let st = batch(h, &keys, "op=batch_delete", MaruHandler::batch_delete)?;
                 let count = |want| st.iter().filter(|s| **s == want).count();
                 Ok(format!(
                     "ok deleted={} notfound={} pinned={}",

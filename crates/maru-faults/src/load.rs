@@ -177,6 +177,11 @@ impl Worker {
         stable_key(w, j)
     }
 
+    /// `BATCH` stable keys drawn at random (a key may come twice).
+    fn random_stable_batch(&mut self) -> Vec<Vec<u8>> {
+        (0..BATCH).map(|_| self.random_stable()).collect()
+    }
+
     fn fresh_key(&mut self) -> Vec<u8> {
         self.next += 1;
         format!("c-{}-{}", self.id, self.next).into_bytes()
@@ -232,9 +237,8 @@ impl Worker {
                 ("retrieve", r)
             }
             50..60 => {
-                let keys: Vec<Vec<u8>> = (0..BATCH).map(|_| self.random_stable()).collect();
-                let refs = key_refs(&keys);
-                let r = match self.h.batch_retrieve(&refs) {
+                let keys = self.random_stable_batch();
+                let r = match self.h.batch_retrieve(&key_refs(&keys)) {
                     Ok(views) => keys
                         .iter()
                         .zip(views)
@@ -253,9 +257,8 @@ impl Worker {
                 ("exists", r)
             }
             70..75 => {
-                let keys: Vec<Vec<u8>> = (0..BATCH).map(|_| self.random_stable()).collect();
-                let refs = key_refs(&keys);
-                let r = match self.h.batch_exists(&refs) {
+                let keys = self.random_stable_batch();
+                let r = match self.h.batch_exists(&key_refs(&keys)) {
                     Ok(v) if v.iter().all(|b| *b) => Ok(()),
                     Ok(v) => Err(format!("batch_exists: stable keys gone: {v:?}")),
                     Err(e) => Err(e.to_string()),

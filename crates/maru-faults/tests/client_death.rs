@@ -25,6 +25,13 @@ fn connect(c: &BinaryCluster, name: &str, pool: u64, chunk: u64) -> ChildProc {
     ChildProc::spawn_connected(name, &c.unix_url(), pool, chunk, 5000, T)
 }
 
+/// The daemons and a client process "writer" on them (2 MiB regions, 64 KiB chunks).
+fn cluster_and_writer() -> (BinaryCluster, ChildProc) {
+    let c = BinaryCluster::start(ClusterOpts::default());
+    let writer = connect(&c, "writer", 2 * MIB, 64 * KIB);
+    (c, writer)
+}
+
 fn rm_ids(c: &BinaryCluster) -> BTreeSet<u64> {
     c.rm_region_ids().into_iter().collect()
 }
@@ -44,10 +51,9 @@ fn expect_rm_regions(c: &BinaryCluster, want: &BTreeSet<u64>, what: &str) {
 
 #[test]
 fn client_killed_between_alloc_and_store() {
-    let c = BinaryCluster::start(ClusterOpts::default());
     // 2 MiB regions of 32 pages of 64 KiB: 32 keys fill the first region, so the page of
     // the next alloc comes from a second region that no key will ever reference.
-    let mut a = connect(&c, "writer", 2 * MIB, 64 * KIB);
+    let (c, mut a) = cluster_and_writer();
     assert_eq!(num(&a.ok("store a 0 32", T), "stored"), 32);
     let first = ids(&a.ok("regions", T));
     let pending = a.ok("alloc_write pending-0", T);
@@ -174,8 +180,7 @@ fn client_killed_in_the_middle_of_a_batch_store() {
 
 #[test]
 fn client_killed_while_another_process_holds_views_into_its_region() {
-    let c = BinaryCluster::start(ClusterOpts::default());
-    let mut a = connect(&c, "writer", 2 * MIB, 64 * KIB);
+    let (c, mut a) = cluster_and_writer();
     assert_eq!(num(&a.ok("store v 0 16", T), "stored"), 16);
     let a_regions = ids(&a.ok("regions", T));
     let mut b = connect(&c, "holder", 2 * MIB, 64 * KIB);

@@ -49,12 +49,17 @@ fn connect(c: &BinaryCluster, name: &str) -> ChildProc {
 /// Keys of a pool's worth.
 const FULL: u64 = 16 * MIB / CHUNK;
 
-#[test]
-fn a_full_pool_evicts_a_dead_writers_unpinned_keys_and_never_a_pinned_one() {
-    let c = BinaryCluster::start(ClusterOpts {
+/// The daemons on a 16 MiB pool, which [`FULL`] keys fill.
+fn full_pool_cluster() -> BinaryCluster {
+    BinaryCluster::start(ClusterOpts {
         pool_bytes: 16 * MIB,
         ..ClusterOpts::default()
-    });
+    })
+}
+
+#[test]
+fn a_full_pool_evicts_a_dead_writers_unpinned_keys_and_never_a_pinned_one() {
+    let c = full_pool_cluster();
     // A pool's worth of keys: the pool is then full of a's regions (a live writer evicts its
     // own oldest keys rather than fail, if fewer fit).
     let mut a = connect(&c, "writer-a");
@@ -499,10 +504,7 @@ fn failed_store(h: &mut ChildProc, prefix: &str, i: u64) -> (String, u64) {
 /// A cluster whose pool is filled by two live writers, `a` and `b`, with half a pool's worth
 /// of keys each (`HALF`); both stay connected.
 fn pool_of_two_writers() -> (BinaryCluster, ChildProc, ChildProc) {
-    let c = BinaryCluster::start(ClusterOpts {
-        pool_bytes: 16 * MIB,
-        ..ClusterOpts::default()
-    });
+    let c = full_pool_cluster();
     let a = writer(&c, "a", HALF);
     let b = writer(&c, "b", HALF);
     (c, a, b)
@@ -605,10 +607,7 @@ fn a_stopped_owner_delays_a_new_handler_by_the_deadline_only_and_gives_back_when
 
 #[test]
 fn an_owner_with_a_handle_out_in_the_region_asked_back_keeps_its_page() {
-    let c = BinaryCluster::start(ClusterOpts {
-        pool_bytes: 16 * MIB,
-        ..ClusterOpts::default()
-    });
+    let c = full_pool_cluster();
     // a's first page is a handle written with p-0's value and not stored; the rest of its
     // first region and its other regions get keys; only the first region's keys are unpinned.
     let mut a = connect(&c, "writer-a");

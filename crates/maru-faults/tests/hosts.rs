@@ -22,7 +22,7 @@ use maru_client::POOL_PATH_ENV;
 use maru_faults::child::{ids, num, ChildProc};
 use maru_faults::payload::{len_for, payload};
 use maru_faults::{wait_until, KIB, MIB};
-use maru_proto::{Request, Response};
+use maru_proto::{Request, Response, RmAllocation};
 use maru_testkit::hosts::{Host, Hosts};
 use maru_testkit::{BinaryCluster, ClusterOpts};
 use maru_transport::auth::{ClusterSecret, SECRET_ENV};
@@ -38,15 +38,19 @@ fn child_role() {
     maru_faults::child::run_if_child();
 }
 
-/// The hosts, or `None` (after printing why) when this machine cannot make them.
-fn hosts(n: usize) -> Option<Hosts> {
-    match Hosts::new(n) {
-        Ok(h) => Some(h),
+/// Two client hosts, "b" and "c", and the daemons on the root namespace's host (see
+/// [`cluster`]); `None` (after printing why) when this machine cannot make the hosts.
+fn two_hosts() -> Option<(Hosts, Cluster, Host, Host)> {
+    let hosts = match Hosts::new(2) {
+        Ok(h) => h,
         Err(why) => {
             println!("skipped: {why}");
-            None
+            return None;
         }
-    }
+    };
+    let c = cluster();
+    let (b, cc) = (hosts.host("b").clone(), hosts.host("c").clone());
+    Some((hosts, c, b, cc))
 }
 
 /// The daemons and the cluster secret their TCP clients must hold.
@@ -144,6 +148,13 @@ fn expect_rm_regions(c: &Cluster, want: &BTreeSet<u64>, within: Duration, what: 
     );
 }
 
+/// What a refused connection must not change: the server's keys and regions, and the
+/// resource manager's allocations.
+fn observe(c: &Cluster) -> (u64, u64, Vec<RmAllocation>) {
+    let s = c.server_stats();
+    (s.keys, s.regions, c.rm_list())
+}
+
 /// Where `key`'s bytes are in the pool file: (file offset, length).
 fn locate(c: &Cluster, key: &[u8]) -> (u64, u64) {
     match c.server_admin().call(&Request::Lookup { key }) {
@@ -167,11 +178,25 @@ fn produce(p: &mut ChildProc, prefix: &str) -> (u64, u64) {
     (*full.first().unwrap(), spare[0])
 }
 
+/// A producer on the first host that has run [`produce`] with `prefix`, and a reader on the
+/// second: (producer, (referenced region, unreferenced region), reader).
+fn produced(
+    hosts: &Hosts,
+    c: &Cluster,
+    (on, other): (&Host, &Host),
+    prefix: &str,
+) -> (ChildProc, (u64, u64), ChildProc) {
+    let mut producer = client_on(hosts, on, c, "producer");
+    let regions = produce(&mut producer, prefix);
+    let reader = client_on(hosts, other, c, "reader");
+    (producer, regions, reader)
+}
+
 #[test]
 fn a_remote_producer_and_a_remote_consumer_share_chunks_in_place() {
-    let Some(hosts) = hosts(2) else { return };
-    let c = cluster();
-    let (b, cc) = (hosts.host("b").clone(), hosts.host("c").clone());
+    let Some((hosts, c, b, cc)) = two_hosts() else {
+        return;
+    };
     let mut producer = client_on(&hosts, &b, &c, "producer");
     let mut consumer = client_on(&hosts, &cc, &c, "consumer");
     assert_eq!(num(&producer.ok("store kv 0 24", T), "stored"), 24);
@@ -209,12 +234,10 @@ fn a_remote_producer_and_a_remote_consumer_share_chunks_in_place() {
 
 #[test]
 fn a_host_cut_off_loses_its_session_and_only_its_unreferenced_regions() {
-    let Some(hosts) = hosts(2) else { return };
-    let c = cluster();
-    let (b, cc) = (hosts.host("b").clone(), hosts.host("c").clone());
-    let mut producer = client_on(&hosts, &b, &c, "producer");
-    let (full, spare) = produce(&mut producer, "cut");
-    let mut reader = client_on(&hosts, &cc, &c, "reader");
+    let Some((hosts, c, b, cc)) = two_hosts() else {
+        return;
+    };
+    let (mut producer, (full, spare), mut reader) = produced(&hosts, &c, (&b, &cc), "cut");
     let reader_regions = ids(&reader.ok("regions", T));
     let before = rm_ids(&c);
     assert!(
@@ -282,12 +305,10 @@ fn a_host_cut_off_loses_its_session_and_only_its_unreferenced_regions() {
 
 #[test]
 fn a_host_whose_processes_all_die_is_reclaimed() {
-    let Some(hosts) = hosts(2) else { return };
-    let c = cluster();
-    let (b, cc) = (hosts.host("b").clone(), hosts.host("c").clone());
-    let mut producer = client_on(&hosts, &b, &c, "producer");
-    let (full, spare) = produce(&mut producer, "boot");
-    let mut reader = client_on(&hosts, &cc, &c, "reader");
+    let Some((hosts, c, b, cc)) = two_hosts() else {
+        return;
+    };
+    let (_producer, (full, spare), mut reader) = produced(&hosts, &c, (&b, &cc), "boot");
     let got = reader.ok("hold boot 0 32", T);
     assert_eq!(num(&got, "held"), 32, "{got}");
     let reader_regions = ids(&reader.ok("regions", T));
@@ -316,15 +337,11 @@ fn a_host_whose_processes_all_die_is_reclaimed() {
 
 #[test]
 fn a_host_without_the_cluster_secret_gets_nothing() {
-    let Some(hosts) = hosts(2) else { return };
-    let c = cluster();
-    let (b, cc) = (hosts.host("b").clone(), hosts.host("c").clone());
+    let Some((hosts, c, b, cc)) = two_hosts() else {
+        return;
+    };
     let mut member = client_on(&hosts, &b, &c, "member");
     assert_eq!(num(&member.ok("store m 0 4", T), "stored"), 4);
-    let observe = |c: &Cluster| {
-        let s = c.server_stats();
-        (s.keys, s.regions, c.rm_list())
-    };
     let before = observe(&c);
 
     let other = maru_testkit::temp_dir();
@@ -370,9 +387,9 @@ fn mapped_files(pid: u32) -> String {
 
 #[test]
 fn each_host_maps_the_pool_under_its_own_path_and_a_wrong_device_is_refused() {
-    let Some(hosts) = hosts(2) else { return };
-    let c = cluster();
-    let (b, cc) = (hosts.host("b").clone(), hosts.host("c").clone());
+    let Some((hosts, c, b, cc)) = two_hosts() else {
+        return;
+    };
     // Beside the pool, so that the hosts' names for it are on its file system.
     let dir = c.pool.parent().unwrap().to_owned();
     let path_b = hosts.device_path(&b, &dir, &c.pool, "cxl0");
@@ -397,10 +414,6 @@ fn each_host_maps_the_pool_under_its_own_path_and_a_wrong_device_is_refused() {
 
     // Host c names another pool's device (another cluster's pool file): refused, with both
     // identities, and nothing changes at the daemons.
-    let observe = |c: &Cluster| {
-        let s = c.server_stats();
-        (s.keys, s.regions, c.rm_list())
-    };
     let before = observe(&c);
     let other = cluster();
     let wrong = hosts.device_path(&cc, other.pool.parent().unwrap(), &other.pool, "mem2");

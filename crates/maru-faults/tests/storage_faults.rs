@@ -29,6 +29,16 @@ fn connect(name: &str, url: &str) -> ChildProc {
     ChildProc::spawn_connected(name, url, 2 * MIB, 64 * KIB, 3000, T)
 }
 
+/// The daemons, a writer that stored `k 0 16` and a holder that holds those keys' views.
+fn stored_and_held() -> (BinaryCluster, ChildProc, ChildProc) {
+    let c = BinaryCluster::start(ClusterOpts::default());
+    let mut writer = connect("writer", &c.unix_url());
+    assert_eq!(num(&writer.ok("store k 0 16", T), "stored"), 16);
+    let mut holder = connect("holder", &c.unix_url());
+    assert_eq!(num(&holder.ok("hold k 0 16", T), "held"), 16);
+    (c, writer, holder)
+}
+
 /// The resource manager's table as handles (whether owners are connected right now is not
 /// state, it is presence).
 fn handles(c: &BinaryCluster) -> Vec<Handle> {
@@ -59,11 +69,7 @@ fn clean_restart_rm(c: &mut BinaryCluster) {
 
 #[test]
 fn pool_file_removed_under_a_running_system() {
-    let mut c = BinaryCluster::start(ClusterOpts::default());
-    let mut writer = connect("writer", &c.unix_url());
-    assert_eq!(num(&writer.ok("store k 0 16", T), "stored"), 16);
-    let mut holder = connect("holder", &c.unix_url());
-    assert_eq!(num(&holder.ok("hold k 0 16", T), "held"), 16);
+    let (mut c, mut writer, mut holder) = stored_and_held();
     let table = handles(&c);
 
     std::fs::remove_file(&c.pool).unwrap();
@@ -77,10 +83,7 @@ fn pool_file_removed_under_a_running_system() {
     // fast; nothing is allocated.
     let mut newcomer = ChildProc::spawn("newcomer");
     let t = Instant::now();
-    newcomer.ok(
-        &format!("connect {} {} {} 3000", c.unix_url(), 2 * MIB, 64 * KIB),
-        T,
-    );
+    newcomer.connect(&c.unix_url(), 2 * MIB, 64 * KIB, 3000, T);
     let a = newcomer.call("store n 0 1", T);
     println!(
         "first store after the pool file was removed: {a} ({:?})",
@@ -114,11 +117,7 @@ fn pool_file_removed_under_a_running_system() {
 
 #[test]
 fn pool_file_truncated_under_a_running_system() {
-    let mut c = BinaryCluster::start(ClusterOpts::default());
-    let mut writer = connect("writer", &c.unix_url());
-    assert_eq!(num(&writer.ok("store k 0 16", T), "stored"), 16);
-    let mut holder = connect("holder", &c.unix_url());
-    assert_eq!(num(&holder.ok("hold k 0 16", T), "held"), 16);
+    let (mut c, mut writer, mut holder) = stored_and_held();
 
     std::fs::OpenOptions::new()
         .write(true)
@@ -136,11 +135,7 @@ fn pool_file_truncated_under_a_running_system() {
     println!("a reader touching its views after the truncation: {status}");
     assert_eq!(status.signal(), Some(libc::SIGBUS), "{status}");
     // A newcomer's first store is refused cleanly: the pool file is too short for the pool.
-    let mut newcomer = ChildProc::spawn("newcomer");
-    newcomer.ok(
-        &format!("connect {} {} {} 3000", c.unix_url(), 2 * MIB, 64 * KIB),
-        T,
-    );
+    let mut newcomer = connect("newcomer", &c.unix_url());
     let a = newcomer.call("store n 0 1", T);
     println!("first store after the truncation: {a}");
     assert!(
@@ -282,11 +277,7 @@ fn wal_disk_full_refuses_changes_cleanly_and_loses_nothing() {
     let e = c.free(&victim).unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Storage), "{e}");
     assert_eq!(r.table(), r.model, "a refused change changed the table");
-    let mut client = ChildProc::spawn("client");
-    client.ok(
-        &format!("connect {} {} {} 3000", server.url(), 2 * MIB, 64 * KIB),
-        T,
-    );
+    let mut client = connect("client", &server.url().to_string());
     let a = client.call("store n 0 1", T);
     println!("a client storing its first key meanwhile: {a}");
     assert!(
@@ -304,10 +295,7 @@ fn wal_disk_full_refuses_changes_cleanly_and_loses_nothing() {
     drop(c);
     r.crash_and_restart().unwrap();
     assert_eq!(r.table(), r.model, "table after the crash");
-    client.ok(
-        &format!("connect {} {} {} 3000", server.url(), 2 * MIB, 64 * KIB),
-        T,
-    );
+    client.connect(&server.url().to_string(), 2 * MIB, 64 * KIB, 3000, T);
     client.ok("close", T);
     println!(
         "disk full: {} acknowledged allocations survived the crash exactly",

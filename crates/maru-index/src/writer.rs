@@ -57,13 +57,7 @@ fn lock(path: &Path, file: &File) -> Result<(), IndexError> {
         if e == rustix::io::Errno::WOULDBLOCK {
             IndexError::new(path, ErrorKind::Locked)
         } else {
-            IndexError::new(
-                path,
-                ErrorKind::Io {
-                    op: "lock",
-                    source: e.into(),
-                },
-            )
+            io_err(path, "lock")(e.into())
         }
     })
 }
@@ -128,13 +122,7 @@ impl<C: Coherence> IndexWriter<C> {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 IndexError::new(path, ErrorKind::Exists)
             } else {
-                IndexError::new(
-                    path,
-                    ErrorKind::Io {
-                        op: "link",
-                        source: e,
-                    },
-                )
+                io_err(path, "link")(e)
             }
         })?;
         seg.path = path.to_owned();

@@ -1,10 +1,12 @@
 //! Broken index files: each is refused with what is wrong and left untouched, and what a writer
 //! killed mid-call leaves behind is repaired and reported.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use maru_index::layout::BUCKET_SLOTS;
-use maru_index::{CreateOptions, ErrorKind, IndexReader, IndexWriter, Location};
+use maru_index::{ErrorKind, IndexReader, IndexWriter, Location};
 
 const LONG: &[u8] = b"a key that is longer than sixteen bytes";
 
@@ -18,16 +20,7 @@ fn at(i: u32) -> Location {
 
 /// An index with 100 keys (short and long), closed cleanly.
 fn made() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("i.index");
-    let mut w = IndexWriter::create(
-        &path,
-        CreateOptions {
-            capacity: 200,
-            key_area_bytes: 8192,
-        },
-    )
-    .unwrap();
+    let (dir, path, mut w) = common::new_index(200, 8192);
     for i in 0..100u32 {
         w.insert_if_absent(0, &key(i), at(i)).unwrap();
     }

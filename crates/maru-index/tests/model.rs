@@ -1,6 +1,8 @@
 //! The index against a HashMap model: random inserts, removes, updates and lookups, checked
 //! through the writer, a reader, iteration, and a re-attach after each run.
 
+mod common;
+
 use std::collections::HashMap;
 
 use maru_index::{CreateOptions, IndexReader, IndexWriter, Inserted, Location};
@@ -61,10 +63,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
     fn matches_a_hashmap(ops in proptest::collection::vec(op(), 1..200)) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("i.index");
         // Room for the whole key space (144 keys, 96 long ones) at 80 % load: probes cross buckets.
-        let mut w = IndexWriter::create(&path, CreateOptions { capacity: 153, key_area_bytes: 96 * 40 }).unwrap();
+        let (_dir, path, mut w) = common::new_index(153, 96 * 40);
         let mut r = IndexReader::open(&path).unwrap();
         let mut model: HashMap<(u32, Vec<u8>), (Location, u64)> = HashMap::new();
         let mut last_gen = 0;
@@ -124,16 +124,7 @@ proptest! {
 
 #[test]
 fn a_full_table_and_a_full_key_area_are_typed_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("i.index");
-    let mut w = IndexWriter::create(
-        &path,
-        CreateOptions {
-            capacity: 10,
-            key_area_bytes: 64,
-        },
-    )
-    .unwrap();
+    let (_dir, _, mut w) = common::new_index(10, 64);
     let max = w.geometry().max_keys();
     for i in 0..max {
         w.insert_if_absent(0, &i.to_le_bytes(), loc(1)).unwrap();
@@ -167,16 +158,7 @@ fn a_full_table_and_a_full_key_area_are_typed_errors() {
 
 #[test]
 fn a_second_writer_is_refused_and_the_budget_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("i.index");
-    let w = IndexWriter::create(
-        &path,
-        CreateOptions {
-            capacity: 100_000,
-            key_area_bytes: 0,
-        },
-    )
-    .unwrap();
+    let (_dir, path, w) = common::new_index(100_000, 0);
     let e = IndexWriter::open(&path).err().expect("locked");
     assert!(matches!(e.kind, maru_index::ErrorKind::Locked), "{e}");
     let e = IndexWriter::create(

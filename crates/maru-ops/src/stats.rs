@@ -107,6 +107,21 @@ pub fn run(args: StatsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cells a namespace's row and a client's row share: KEYS, HELD, PINS, HITS.
+fn key_cells(keys: u64, held: u64, pins: u64, hits: u64) -> [String; 4] {
+    [
+        keys.to_string(),
+        bytes(held),
+        pins.to_string(),
+        hits.to_string(),
+    ]
+}
+
+/// The last two cells of a namespace's row and a client's row: EVICTED, EVICTED B.
+fn eviction_cells(evictions: u64, evicted_bytes: u64) -> [String; 2] {
+    [evictions.to_string(), bytes(evicted_bytes)]
+}
+
 /// The human-readable report.
 pub fn render_text(s: &ServerStats) -> String {
     let mut out = String::new();
@@ -195,17 +210,14 @@ pub fn render_text(s: &ServerStats) -> String {
             } else {
                 &n.namespace
             };
-            [
+            let mut row = vec![
                 name.to_owned(),
                 n.quota.map_or_else(|| "-".to_owned(), bytes),
-                n.keys.to_string(),
-                bytes(n.bytes),
-                n.pins.to_string(),
-                n.hits.to_string(),
-                n.misses.to_string(),
-                n.evictions.to_string(),
-                bytes(n.evicted_bytes),
-            ]
+            ];
+            row.extend(key_cells(n.keys, n.bytes, n.pins, n.hits));
+            row.push(n.misses.to_string());
+            row.extend(eviction_cells(n.evictions, n.evicted_bytes));
+            row
         }),
     );
     out.push('\n');
@@ -225,18 +237,15 @@ pub fn render_text(s: &ServerStats) -> String {
             "EVICTED B",
         ],
         s.clients.iter().map(|c| {
-            [
+            let mut row = vec![
                 c.instance_id.clone(),
                 c.regions.to_string(),
                 bytes(c.bytes),
                 (if c.connected { "yes" } else { "no" }).to_owned(),
-                c.keys.to_string(),
-                bytes(c.key_bytes),
-                c.pins.to_string(),
-                c.hits.to_string(),
-                c.evictions.to_string(),
-                bytes(c.evicted_bytes),
-            ]
+            ];
+            row.extend(key_cells(c.keys, c.key_bytes, c.pins, c.hits));
+            row.extend(eviction_cells(c.evictions, c.evicted_bytes));
+            row
         }),
     );
     out.push('\n');

@@ -56,7 +56,7 @@ use std::time::{Duration, Instant};
 use maru_proto::stats::RmStats;
 use maru_proto::ServerUrl;
 use maru_shm::PoolSpec;
-use maru_telemetry::{MetricsServer, OpTable, PromWriter};
+use maru_telemetry::{gauge, MetricsServer, OpTable, PromWriter};
 
 pub use checkpoint::{decode_checkpoint, encode_checkpoint, Checkpoint, CheckpointError};
 pub use client::RmClient;
@@ -385,15 +385,11 @@ fn render_metrics(shared: &Shared) -> String {
         &stats.pools,
         |p| [("pool", &p.path), ("kind", &p.kind)],
         &[
-            (
-                "maru_pool_bytes_total",
-                "gauge",
-                "Bytes a pool can hand out",
-                |p| p.total_bytes as f64,
-            ),
-            (
+            gauge("maru_pool_bytes_total", "Bytes a pool can hand out", |p| {
+                p.total_bytes as f64
+            }),
+            gauge(
                 "maru_pool_bytes_free",
-                "gauge",
                 "Bytes of a pool not allocated",
                 |p| p.free_bytes as f64,
             ),
@@ -403,18 +399,14 @@ fn render_metrics(shared: &Shared) -> String {
         &stats.pools,
         |p| [("pool", &p.path)],
         &[
-            (
+            gauge(
                 "maru_pool_healthy",
-                "gauge",
                 "Whether a pool's file or device is there (0: no new regions come from it)",
                 |p| p.problem.is_none() as u8 as f64,
             ),
-            (
-                "maru_pool_regions",
-                "gauge",
-                "Regions allocated in a pool",
-                |p| p.regions as f64,
-            ),
+            gauge("maru_pool_regions", "Regions allocated in a pool", |p| {
+                p.regions as f64
+            }),
         ],
     );
     w.singles(&[

@@ -243,17 +243,10 @@ fn reject(mut stream: Stream, max: usize) {
     } else {
         0
     };
-    let mut tx = Vec::new();
-    encode_error(
-        &mut tx,
+    stream.turn_away(
         id,
-        &WireError::new(
-            ErrorCode::TooManyClients,
-            format!("the resource manager serves at most {max} connections"),
-        ),
+        format!("the resource manager serves at most {max} connections"),
     );
-    let _ = stream.write_all(&tx);
-    let _ = stream.shutdown();
 }
 
 /// Per-connection state.

@@ -16,12 +16,12 @@
 //! change of standing goes through [`Shared::take_standing`], the one place that counts.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use maru_proto::{encode_error, ErrorCode, WireError};
+use maru_proto::{ErrorCode, WireError};
 use maru_transport::{FrameBuf, Stream};
 
 use crate::conn::{self, READ_TICK, WRITE_TIMEOUT};
@@ -243,19 +243,12 @@ pub(crate) fn accept_loop(shared: &Arc<Shared>, mut accept: impl FnMut() -> io::
 fn refuse(mut stream: Stream, most: usize) {
     let mut rx = FrameBuf::new();
     rx.max_stall = READ_TICK * 2;
-    let mut out = Vec::new();
     let request_id = match rx.read_frame(&mut stream) {
         Ok((header, _)) => header.request_id,
         Err(_) => 0,
     };
-    encode_error(
-        &mut out,
+    stream.turn_away(
         request_id,
-        &WireError::new(
-            ErrorCode::TooManyClients,
-            format!("the server already has its maximum of {most} connections"),
-        ),
+        format!("the server already has its maximum of {most} connections"),
     );
-    let _ = stream.write_all(&out);
-    let _ = stream.shutdown();
 }

@@ -2,7 +2,7 @@
 
 use maru_proto::request_name;
 use maru_proto::stats::{ClientStats, NamespaceStats, ServerStats};
-use maru_telemetry::{PromWriter, RowFamily};
+use maru_telemetry::{gauge, PromWriter};
 
 use crate::state::{ServerState, OP_NAMES};
 
@@ -77,15 +77,12 @@ pub(crate) fn render(state: &ServerState) -> String {
             &s.pools,
             |p| [("pool", &p.path)],
             &[
-                ("maru_pool_total_bytes", "gauge", "Size of each pool", |p| {
+                gauge("maru_pool_total_bytes", "Size of each pool", |p| {
                     p.total_bytes as f64
                 }),
-                (
-                    "maru_pool_free_bytes",
-                    "gauge",
-                    "Free bytes in each pool",
-                    |p| p.free_bytes as f64,
-                ),
+                gauge("maru_pool_free_bytes", "Free bytes in each pool", |p| {
+                    p.free_bytes as f64
+                }),
             ],
         );
     }
@@ -115,54 +112,12 @@ fn capacity(w: &mut PromWriter, s: &ServerStats) {
         e.pool_bytes as f64,
     );
 
-    let per_namespace: [RowFamily<NamespaceStats>; 7] = [
-        (
-            "maru_namespace_keys",
-            "gauge",
-            "Keys of each namespace",
-            |n| n.keys as f64,
-        ),
-        (
-            "maru_namespace_bytes",
-            "gauge",
-            "Bytes referenced by each namespace's keys",
-            |n| n.bytes as f64,
-        ),
-        (
-            "maru_namespace_pins",
-            "gauge",
-            "Pins held by each namespace's sessions",
-            |n| n.pins as f64,
-        ),
-        (
-            "maru_hits_total",
-            "counter",
-            "Reads that found their key, by namespace",
-            |n| n.hits as f64,
-        ),
-        (
-            "maru_misses_total",
-            "counter",
-            "Reads that found no key, by namespace",
-            |n| n.misses as f64,
-        ),
-        (
-            "maru_evictions_total",
-            "counter",
-            "Keys evicted, by namespace",
-            |n| n.evictions as f64,
-        ),
-        (
-            "maru_evicted_bytes_total",
-            "counter",
-            "Bytes of evicted keys, by namespace",
-            |n| n.evicted_bytes as f64,
-        ),
-    ];
-    w.per_rows(
+    key_families(
+        w,
         &s.namespaces,
         |n| [("namespace", &n.namespace)],
-        &per_namespace,
+        |f| Some(f.1),
+        namespace_counts,
     );
     w.family(
         "maru_namespace_quota_bytes",
@@ -179,47 +134,74 @@ fn capacity(w: &mut PromWriter, s: &ServerStats) {
         }
     }
 
-    let per_instance: [RowFamily<ClientStats>; 6] = [
-        (
-            "maru_instance_keys",
-            "gauge",
-            "Keys in each instance's regions",
-            |c| c.keys as f64,
-        ),
-        (
-            "maru_instance_key_bytes",
-            "gauge",
-            "Bytes referenced by the keys in each instance's regions",
-            |c| c.key_bytes as f64,
-        ),
-        (
-            "maru_instance_pins",
-            "gauge",
-            "Pins on the keys in each instance's regions",
-            |c| c.pins as f64,
-        ),
-        (
-            "maru_instance_hits_total",
-            "counter",
-            "Reads answered from each instance's keys",
-            |c| c.hits as f64,
-        ),
-        (
-            "maru_instance_evictions_total",
-            "counter",
-            "Keys of each instance evicted",
-            |c| c.evictions as f64,
-        ),
-        (
-            "maru_instance_evicted_bytes_total",
-            "counter",
-            "Bytes of each instance's evicted keys",
-            |c| c.evicted_bytes as f64,
-        ),
-    ];
-    w.per_rows(
+    key_families(
+        w,
         &s.clients,
         |c| [("instance", &c.instance_id)],
-        &per_instance,
+        |f| f.2,
+        instance_counts,
     );
+}
+
+/// A family exported both per namespace and per instance: its kind, the namespace's family
+/// (name, help) and the instance's (`None`: instances are not counted this way).
+type KeyFamily = (
+    &'static str,
+    (&'static str, &'static str),
+    Option<(&'static str, &'static str)>,
+);
+
+/// What namespaces and instances both count — what their keys hold, how reads went, what was
+/// evicted — in the order they are exported; [`namespace_counts`] and [`instance_counts`] give
+/// the values in the same order.
+#[rustfmt::skip]
+const KEY_FAMILIES: [KeyFamily; 7] = [
+    ("gauge", ("maru_namespace_keys", "Keys of each namespace"), Some(("maru_instance_keys", "Keys in each instance's regions"))),
+    ("gauge", ("maru_namespace_bytes", "Bytes referenced by each namespace's keys"), Some(("maru_instance_key_bytes", "Bytes referenced by the keys in each instance's regions"))),
+    ("gauge", ("maru_namespace_pins", "Pins held by each namespace's sessions"), Some(("maru_instance_pins", "Pins on the keys in each instance's regions"))),
+    ("counter", ("maru_hits_total", "Reads that found their key, by namespace"), Some(("maru_instance_hits_total", "Reads answered from each instance's keys"))),
+    ("counter", ("maru_misses_total", "Reads that found no key, by namespace"), None),
+    ("counter", ("maru_evictions_total", "Keys evicted, by namespace"), Some(("maru_instance_evictions_total", "Keys of each instance evicted"))),
+    ("counter", ("maru_evicted_bytes_total", "Bytes of evicted keys, by namespace"), Some(("maru_instance_evicted_bytes_total", "Bytes of each instance's evicted keys"))),
+];
+
+fn namespace_counts(n: &NamespaceStats) -> [u64; 7] {
+    [
+        n.keys,
+        n.bytes,
+        n.pins,
+        n.hits,
+        n.misses,
+        n.evictions,
+        n.evicted_bytes,
+    ]
+}
+
+/// An instance has no misses (a miss finds no key, so no instance); their family is `None`.
+fn instance_counts(c: &ClientStats) -> [u64; 7] {
+    [
+        c.keys,
+        c.key_bytes,
+        c.pins,
+        c.hits,
+        0,
+        c.evictions,
+        c.evicted_bytes,
+    ]
+}
+
+/// The [`KEY_FAMILIES`] of `rows` (namespaces or instances): `family` picks the row kind's
+/// name and help from each, `counts` the row's values.
+fn key_families<T>(
+    w: &mut PromWriter,
+    rows: &[T],
+    labels: fn(&T) -> [(&'static str, &str); 1],
+    family: fn(&KeyFamily) -> Option<(&'static str, &'static str)>,
+    counts: fn(&T) -> [u64; 7],
+) {
+    for (i, f) in KEY_FAMILIES.iter().enumerate() {
+        if let Some((name, help)) = family(f) {
+            w.per_row(name, f.0, help, rows, labels, |r| counts(r)[i] as f64);
+        }
+    }
 }

@@ -57,6 +57,27 @@ impl<'a> Reply<'a> {
         self.buf.extend_from_slice(v);
         self
     }
+    /// A count, then each of `wires` (regions' wire forms) as it is.
+    pub fn wires<'w>(&mut self, wires: impl ExactSizeIterator<Item = &'w [u8]>) -> &mut Self {
+        self.u32(wires.len() as u32);
+        for wire in wires {
+            self.raw(wire);
+        }
+        self
+    }
+    /// An optional value: `0`, or `1` followed by what `some` writes of it.
+    pub fn option<T>(&mut self, v: Option<T>, some: impl FnOnce(&mut Self, T)) -> &mut Self {
+        match v {
+            Some(v) => {
+                self.u8(1);
+                some(self, v);
+            }
+            None => {
+                self.u8(0);
+            }
+        }
+        self
+    }
 
     /// Writes the header. A payload over the frame limit is replaced by an error reply, so
     /// the peer always gets an answer it can decode.
@@ -89,14 +110,9 @@ pub(crate) fn region(buf: &mut Vec<u8>, request_id: u64, wire: &[u8]) {
 /// `Response::Lookup`: `found` is the region's wire form, offset, length and generation.
 pub(crate) fn lookup(buf: &mut Vec<u8>, request_id: u64, found: Option<(&[u8], u64, u64, u64)>) {
     let mut r = Reply::begin(buf, msg_type::R_LOOKUP, request_id);
-    match found {
-        Some((wire, offset, len, generation)) => {
-            r.u8(1).raw(wire).u64(offset).u64(len).u64(generation);
-        }
-        None => {
-            r.u8(0);
-        }
-    }
+    r.option(found, |r, (wire, offset, len, generation)| {
+        r.raw(wire).u64(offset).u64(len).u64(generation);
+    });
     r.finish();
 }
 
@@ -111,20 +127,12 @@ pub(crate) fn batch_lookup<'w>(
     entries: &[Option<(u32, u64, u64, u64)>],
 ) {
     let mut r = Reply::begin(buf, msg_type::R_BATCH_LOOKUP, request_id);
-    r.u32(regions.len() as u32);
-    for wire in regions {
-        r.raw(wire);
-    }
+    r.wires(regions);
     r.u32(entries.len() as u32);
     for e in entries {
-        match e {
-            Some((index, offset, len, generation)) => {
-                r.u8(1).u32(*index).u64(*offset).u64(*len).u64(*generation);
-            }
-            None => {
-                r.u8(0);
-            }
-        }
+        r.option(*e, |r, (index, offset, len, generation)| {
+            r.u32(index).u64(offset).u64(len).u64(generation);
+        });
     }
     r.finish();
 }
@@ -140,10 +148,7 @@ pub(crate) fn regions<'w>(
         return;
     }
     let mut r = Reply::begin(buf, msg_type::R_REGIONS, request_id);
-    r.u32(regions.len() as u32);
-    for wire in regions {
-        r.raw(wire);
-    }
+    r.wires(regions);
     r.finish();
 }
 

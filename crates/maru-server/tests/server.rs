@@ -48,10 +48,8 @@ fn two_instances_share_a_key() {
 #[test]
 fn keys_are_write_once() {
     let c = InProcessCluster::start();
-    let mut a = c.client("a");
-    let mut b = c.client("b");
-    let ra = a.region(MIB).handle.region_id;
-    let rb = b.region(MIB).handle.region_id;
+    let (mut a, ra) = c.owner("a");
+    let (mut b, rb) = c.owner("b");
     assert!(a.register(b"k", ra, 0, 10));
     assert!(
         !a.register(b"k", ra, 4096, 20),
@@ -79,9 +77,7 @@ fn keys_are_write_once() {
 
 #[test]
 fn pins_block_delete() {
-    let c = InProcessCluster::start();
-    let mut a = c.client("a");
-    let r = a.region(MIB).handle.region_id;
+    let (_c, mut a, r) = cluster_with_owner("a");
     assert!(a.register(b"k", r, 0, 10));
     assert!(!a.bool(&Request::Pin { key: b"missing" }));
     assert!(a.bool(&Request::Pin { key: b"k" }));
@@ -101,10 +97,8 @@ fn pins_block_delete() {
 
 #[test]
 fn goodbye_with_live_keys_defers_freeing_until_the_last_delete() {
-    let c = InProcessCluster::start();
-    let mut a = c.client("owner");
+    let (c, mut a, kept) = cluster_with_owner("owner");
     let mut b = c.client("other");
-    let kept = a.region(MIB).handle.region_id;
     a.region(MIB);
     assert!(a.register(b"k1", kept, 0, 100));
     assert!(a.register(b"k2", kept, 4096, 100));
@@ -142,10 +136,8 @@ fn goodbye_with_live_keys_defers_freeing_until_the_last_delete() {
 
 #[test]
 fn a_dropped_connection_releases_its_instance_regions() {
-    let c = InProcessCluster::start();
-    let mut a = c.client("crashy");
+    let (c, mut a, kept) = cluster_with_owner("crashy");
     let mut watcher = c.client("watcher");
-    let kept = a.region(MIB).handle.region_id;
     let empty = a.region(MIB).handle.region_id;
     assert!(a.register(b"k", kept, 0, 1));
     drop(a); // no goodbye: the connection just closes
@@ -164,9 +156,7 @@ fn a_dropped_connection_releases_its_instance_regions() {
 
 #[test]
 fn returned_regions_are_freed_once_unreferenced() {
-    let c = InProcessCluster::start();
-    let mut a = c.client("a");
-    let r = a.region(MIB).handle.region_id;
+    let (c, mut a, r) = cluster_with_owner("a");
     assert!(a.register(b"k", r, 0, 1));
     assert_eq!(
         a.call(&Request::ReturnRegion { region_id: r }).unwrap(),
@@ -194,8 +184,7 @@ fn returned_regions_are_freed_once_unreferenced() {
 #[test]
 fn connections_of_one_handler_share_its_session() {
     let c = InProcessCluster::start();
-    let mut first = c.client("inst");
-    let region = first.region(MIB).handle.region_id;
+    let (first, region) = c.owner("inst");
     let url = c.url();
     // A wrong token joins nothing.
     let e = Client::connect_role(&url, Role::Client, "inst", Some([9u8; 16])).err();
@@ -264,9 +253,7 @@ fn pools_are_tried_in_order_fill_first() {
 
 #[test]
 fn an_unreachable_rm_gives_unavailable_and_keys_keep_working() {
-    let c = InProcessCluster::start();
-    let mut a = c.client("a");
-    let r = a.region(MIB).handle.region_id;
+    let (c, mut a, r) = cluster_with_owner("a");
     assert!(a.register(b"k", r, 0, 1));
     let mut cluster = c;
     cluster.rm.take().unwrap().shutdown();
@@ -288,9 +275,7 @@ fn an_unreachable_rm_gives_unavailable_and_keys_keep_working() {
 
 #[test]
 fn admins_may_only_read() {
-    let c = InProcessCluster::start();
-    let mut a = c.client("a");
-    let r = a.region(MIB).handle.region_id;
+    let (c, mut a, r) = cluster_with_owner("a");
     assert!(a.register(b"k", r, 0, 1));
     let mut admin = c.admin();
     assert!(admin.lookup(b"k").is_some());

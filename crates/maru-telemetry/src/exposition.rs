@@ -25,6 +25,15 @@ pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 /// A metric family drawn from one row type: name, kind, help and the row's value.
 pub type RowFamily<T> = (&'static str, &'static str, &'static str, fn(&T) -> f64);
 
+/// A gauge [`RowFamily`]: name, help and the row's value.
+pub const fn gauge<T>(
+    name: &'static str,
+    help: &'static str,
+    value: fn(&T) -> f64,
+) -> RowFamily<T> {
+    (name, "gauge", help, value)
+}
+
 /// Collects metric families for one scrape, then encodes them.
 ///
 /// Names are the exported ones: a counter is named with its `_total` suffix, as it appears

@@ -18,6 +18,6 @@ mod logging;
 pub mod process;
 
 pub use endpoint::{serve_metrics, MetricsServer};
-pub use exposition::{PromWriter, RowFamily, CONTENT_TYPE, LATENCY_BOUNDS_S};
+pub use exposition::{gauge, PromWriter, RowFamily, CONTENT_TYPE, LATENCY_BOUNDS_S};
 pub use histogram::{Histogram, OpTable};
 pub use logging::init_logging;

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use maru_proto::ServerUrl;
+use maru_proto::{encode_error, ErrorCode, ServerUrl, WireError};
 
 #[derive(Debug)]
 pub enum Stream {
@@ -78,6 +78,17 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         }
+    }
+
+    /// Turns away a connection over a daemon's connection limit: answers `request_id` with
+    /// `TooManyClients` and `message`, then closes it (best effort: a peer that is gone
+    /// already is the same outcome).
+    pub fn turn_away(mut self, request_id: u64, message: String) {
+        let mut out = Vec::new();
+        let e = WireError::new(ErrorCode::TooManyClients, message);
+        encode_error(&mut out, request_id, &e);
+        let _ = self.write_all(&out);
+        let _ = self.shutdown();
     }
 
     pub fn try_clone(&self) -> io::Result<Stream> {

@@ -30,6 +30,8 @@ PAGE_SIZE = 4
 DEVICE_TOKENS = 64
 DTYPE = torch.bfloat16
 MODEL = "test-org/tiny-model"
+# No pipeline or context parallelism: one stage, one context rank.
+_ONE_STAGE: dict[str, int] = dict(pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1)
 
 
 def _ptrs(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -51,18 +53,21 @@ def _host_pool_args(layout: str, ratio: float) -> dict[str, Any]:
     )
 
 
+def _buffer_info_args() -> dict[str, Any]:
+    """What both device buffer descriptions say alike: page size, dtype, a CPU device."""
+    return dict(page_size=PAGE_SIZE, dtype=DTYPE, device=torch.device("cpu"))
+
+
 def mha_host_pool(layout: str, ratio: float = 2.0) -> MHATokenToKVPoolHost:
     """SGLang's MHA host pool (page size 4, 3 layers, 2 heads of 32, bf16)."""
     k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=DTYPE) for _ in range(LAYERS))
     v = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=DTYPE) for _ in range(LAYERS))
     info = MHABufferInfo(
         buffers=KVBuffers(k=k, v=v, k_data_ptrs=_ptrs(k), v_data_ptrs=_ptrs(v), layout=KVBufferLayout.NHD),
-        page_size=PAGE_SIZE,
         head_num=HEADS,
         head_dim=HEAD_DIM,
         v_head_dim=HEAD_DIM,
-        dtype=DTYPE,
-        device=torch.device("cpu"),
+        **_buffer_info_args(),
     )
     return MHATokenToKVPoolHost(info, **_host_pool_args(layout, ratio))
 
@@ -76,12 +81,10 @@ def mla_host_pool(layout: str, ratio: float = 2.0) -> MLATokenToKVPoolHost:
         data_ptrs=_ptrs(bufs),
         layer_indices=tuple(range(LAYERS)),
         device_layer_num=LAYERS,
-        page_size=PAGE_SIZE,
         kv_lora_rank=KV_LORA_RANK,
         qk_rope_head_dim=ROPE_DIM,
         kv_cache_dim=dim,
-        dtype=DTYPE,
-        device=torch.device("cpu"),
+        **_buffer_info_args(),
     )
     return MLATokenToKVPoolHost(info, **_host_pool_args(layout, ratio), target_layer_num=LAYERS)
 
@@ -110,10 +113,7 @@ def storage_config(
     return HiCacheStorageConfig(
         tp_rank=tp_rank,
         tp_size=tp_size,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
+        **_ONE_STAGE,
         is_mla_model=mla,
         enable_storage_metrics=True,
         is_page_first_layout=layout == "page_first",

@@ -80,32 +80,22 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
     sys.path.insert(0, str(HERE))
     import vllm_tinyloader
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from maru_vllm.launch import cpu_engine, kv_transfer_config
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     engine = dict(block_size=32, max_model_len=4096, max_num_batched_tokens=512, max_num_seqs=4)
     engine.update(plan.get("engine", {}))
     kv = None
     if plan.get("connector") is not None:
-        kv = KVTransferConfig(
-            kv_connector="MaruKVConnector",
-            kv_connector_module_path="maru_vllm.connector",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=plan["connector"],
-        )
+        kv = kv_transfer_config(plan["connector"])
     t0 = time.perf_counter()
-    llm = LLM(
-        model=plan["model"],
+    llm = cpu_engine(
+        plan["model"],
+        kv,
         load_format=vllm_tinyloader.LOAD_FORMAT,
         worker_extension_cls="vllm_tinyloader.Extension",
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        dtype="float32",
-        enable_prefix_caching=False,
         seed=0,
-        kv_transfer_config=kv,
         **engine,
     )
     started = time.perf_counter() - t0

@@ -34,6 +34,28 @@ pub fn child(name: &str, role: &str, vars: &[(&str, String)]) -> Command {
     c
 }
 
+/// A fresh index file `i.index` in a new temp dir (kept while the dir lives) and its writer.
+pub fn new_index(
+    capacity: u64,
+    key_area_bytes: u64,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    maru_index::IndexWriter,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("i.index");
+    let w = maru_index::IndexWriter::create(
+        &path,
+        maru_index::CreateOptions {
+            capacity,
+            key_area_bytes,
+        },
+    )
+    .unwrap();
+    (dir, path, w)
+}
+
 pub fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"))
 }

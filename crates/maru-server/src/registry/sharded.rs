@@ -131,6 +131,19 @@ impl ShardedRegistry {
         let shard = (hash >> 32) as usize % SHARDS;
         (hash, &self.shards[shard].0)
     }
+
+    /// `f` of `key`'s entry and its shard's count of pinned keys, under the shard's write
+    /// lock; false when the key is absent.
+    fn with_pins(&self, key: &[u8], f: impl FnOnce(&mut u64, &mut Entry) -> bool) -> bool {
+        let (hash, lock) = self.locate(key);
+        let mut shard = write(lock);
+        let shard = &mut *shard;
+        let arena = &shard.arena;
+        match shard.table.find_mut(hash, |(r, _)| arena.get(*r) == key) {
+            Some((_, e)) => f(&mut shard.pinned, e),
+            None => false,
+        }
+    }
 }
 
 impl KeyRegistry for ShardedRegistry {
@@ -200,39 +213,28 @@ impl KeyRegistry for ShardedRegistry {
     }
 
     fn pin(&self, key: &[u8]) -> bool {
-        let (hash, lock) = self.locate(key);
-        let mut shard = write(lock);
-        let shard = &mut *shard;
-        let arena = &shard.arena;
-        match shard.table.find_mut(hash, |(r, _)| arena.get(*r) == key) {
-            None => false,
-            Some((_, e)) => {
-                if e.pins == 0 {
-                    shard.pinned += 1;
-                }
-                // Saturating: a key pinned four billion times stays pinned, which is the
-                // safe direction.
-                e.pins = e.pins.saturating_add(1);
-                true
+        self.with_pins(key, |pinned, e| {
+            if e.pins == 0 {
+                *pinned += 1;
             }
-        }
+            // Saturating: a key pinned four billion times stays pinned, which is the
+            // safe direction.
+            e.pins = e.pins.saturating_add(1);
+            true
+        })
     }
 
     fn unpin(&self, key: &[u8]) -> bool {
-        let (hash, lock) = self.locate(key);
-        let mut shard = write(lock);
-        let shard = &mut *shard;
-        let arena = &shard.arena;
-        match shard.table.find_mut(hash, |(r, _)| arena.get(*r) == key) {
-            Some((_, e)) if e.pins > 0 => {
-                e.pins -= 1;
-                if e.pins == 0 {
-                    shard.pinned -= 1;
-                }
-                true
+        self.with_pins(key, |pinned, e| {
+            if e.pins == 0 {
+                return false;
             }
-            _ => false,
-        }
+            e.pins -= 1;
+            if e.pins == 0 {
+                *pinned -= 1;
+            }
+            true
+        })
     }
 
     fn counts(&self) -> RegistryCounts {

@@ -1,5 +1,6 @@
 //! What the state's unit tests share: a state on an in-memory resource manager, and clients.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use maru_proto::{Hello, RegisterEntry, Role};
@@ -45,6 +46,32 @@ pub(super) fn client(st: &ServerState, instance: &str) -> (Peer, Arc<Session>, [
     };
     let s = s.clone();
     (peer, s, ok.session_token)
+}
+
+/// A client session's connection, the session and a region it owns.
+pub(super) type Owner = (Peer, Arc<Session>, Arc<TableRegion>);
+
+/// A new client session for `instance` and a fresh 1 MiB region it owns: its connection,
+/// session and region.
+pub(super) fn client_with_region(st: &ServerState, instance: &str) -> Owner {
+    let (peer, s, _) = client(st, instance);
+    let region = st.request_region(&s, MIB).unwrap();
+    (peer, s, region)
+}
+
+/// A state without pools (see [`state`]) and a client session of `instance` with a fresh
+/// 1 MiB region (see [`client_with_region`]).
+pub(super) fn state_with_owner(instance: &str) -> (ServerState, Arc<FakeRm>, Owner) {
+    let (st, rm) = state(&[]);
+    let owner = client_with_region(&st, instance);
+    (st, rm, owner)
+}
+
+/// A state without pools shared between threads, its resource manager, and a flag that
+/// tells those threads to stop.
+pub(super) fn shared_state() -> (Arc<ServerState>, Arc<FakeRm>, Arc<AtomicBool>) {
+    let (st, rm) = state(&[]);
+    (Arc::new(st), rm, Arc::new(AtomicBool::new(false)))
 }
 
 /// A registration of `key` at `offset`/`len` of `region`.

@@ -155,7 +155,6 @@ impl ServerState {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::sync::atomic::AtomicBool;
 
     use maru_proto::DeleteStatus;
 
@@ -236,9 +235,7 @@ mod tests {
     /// being allocated or is in the table (it would find nothing unknown at all here).
     #[test]
     fn reconciles_never_free_a_region_allocated_concurrently() {
-        let (st, rm) = state(&[]);
-        let st = Arc::new(st);
-        let stop = Arc::new(AtomicBool::new(false));
+        let (st, rm, stop) = shared_state();
         let reconciler = {
             let (st, stop) = (st.clone(), stop.clone());
             std::thread::spawn(move || {
@@ -255,8 +252,7 @@ mod tests {
                 let st = st.clone();
                 std::thread::spawn(move || {
                     for round in 0..300 {
-                        let (mut peer, s, _) = client(&st, &format!("i{t}-{round}"));
-                        let r = st.request_region(&s, MIB).unwrap();
+                        let (mut peer, s, r) = client_with_region(&st, &format!("i{t}-{round}"));
                         let key = format!("k{t}-{round}");
                         assert!(st.register(&s, &reg(key.as_bytes(), &r, 0, 1)).unwrap());
                         st.request_region(&s, MIB).unwrap();

@@ -251,10 +251,8 @@ mod tests {
 
     #[test]
     fn a_held_page_returns_to_its_owner_only_after_its_last_hold() {
-        let (st, rm) = state(&[]);
-        let (mut owner_peer, owner, _) = client(&st, "owner");
+        let (st, rm, (mut owner_peer, owner, r)) = state_with_owner("owner");
         let (_rp, reader, _) = client(&st, "reader");
-        let r = st.request_region(&owner, MIB).unwrap();
         let id = r.info.handle.region_id;
         assert!(st.register(&owner, &reg(b"k", &r, 4096, 10)).unwrap());
         let first = st.find_and_hold(Some(&reader), b"k").unwrap();
@@ -309,10 +307,8 @@ mod tests {
 
     #[test]
     fn a_sessions_end_releases_its_holds() {
-        let (st, _rm) = state(&[]);
-        let (_op, owner, _) = client(&st, "owner");
+        let (st, _rm, (_op, owner, r)) = state_with_owner("owner");
         let (mut rp, reader, _) = client(&st, "reader");
-        let r = st.request_region(&owner, MIB).unwrap();
         assert!(st.register(&owner, &reg(b"k", &r, 0, 10)).unwrap());
         st.find_and_hold(Some(&reader), b"k").unwrap();
         // An admin's lookup takes no hold.

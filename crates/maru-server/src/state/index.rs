@@ -512,8 +512,7 @@ mod tests {
         };
         let (st, rm) = state(&[]);
         let st = st.with_index(KeyIndex::open(&cfg).unwrap());
-        let (_p, a, _) = client(&st, "a");
-        let r1 = st.request_region(&a, MIB).unwrap();
+        let (_p, a, r1) = client_with_region(&st, "a");
         let r2 = st.request_region(&a, MIB).unwrap();
         let (k1, k2, k3, kb) = (
             key_in(b"", b"k1"),
@@ -590,8 +589,7 @@ mod tests {
         assert_eq!(reader.len(), 0);
 
         // Entries of a region the resource manager does not hold are dropped at the rebuild.
-        let (_p, c, _) = client(&st2, "c");
-        let r3 = st2.request_region(&c, MIB).unwrap();
+        let (_p, c, r3) = client_with_region(&st2, "c");
         assert!(st2.register(&c, &reg(&k1, &r3, 0, 1)).unwrap());
         st2.shut_down_regions();
         rm.free(&r3.info.handle).unwrap();
@@ -646,8 +644,7 @@ mod timing {
         };
         let (st, rm) = state(&[]);
         let st = st.with_index(KeyIndex::open(&cfg).unwrap());
-        let (_p, a, _) = client(&st, "a");
-        let r = st.request_region(&a, MIB).unwrap();
+        let (_p, a, r) = client_with_region(&st, "a");
         let keys: Vec<Vec<u8>> = (0..n)
             .map(|i| {
                 let mut k = vec![0u8];

@@ -325,10 +325,8 @@ mod tests {
 
     #[test]
     fn registration_is_checked_against_owner_and_bounds() {
-        let (st, _rm) = state(&[]);
-        let (_pa, a, _) = client(&st, "a");
+        let (st, _rm, (_pa, a, ra)) = state_with_owner("a");
         let (_pb, b, _) = client(&st, "b");
-        let ra = st.request_region(&a, MIB).unwrap();
         let cases: Vec<(RegisterEntry, ErrorCode)> = vec![
             (reg(b"k", &ra, 1, 10), ErrorCode::OutOfBounds),
             (reg(b"k", &ra, 0, 0), ErrorCode::OutOfBounds),

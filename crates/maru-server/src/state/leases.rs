@@ -152,10 +152,8 @@ mod tests {
 
     #[test]
     fn pins_belong_to_their_session_and_expire_at_their_deadline() {
-        let (st, _rm) = state(&[]);
-        let (_pa, a, _) = client(&st, "same");
+        let (st, _rm, (_pa, a, r)) = state_with_owner("same");
         let (mut pb, b, _) = client(&st, "same");
-        let r = st.request_region(&a, MIB).unwrap();
         assert!(st.register(&a, &reg(b"k", &r, 0, 1)).unwrap());
         assert!(!st.pin(&a, b"missing").unwrap());
         assert!(st.pin(&a, b"k").unwrap());
@@ -181,9 +179,7 @@ mod tests {
 
     #[test]
     fn renewing_moves_every_deadline_of_the_session() {
-        let (st, _rm) = state(&[]);
-        let (_pa, a, _) = client(&st, "a");
-        let r = st.request_region(&a, MIB).unwrap();
+        let (st, _rm, (_pa, a, r)) = state_with_owner("a");
         for (i, k) in [b"x", b"y"].iter().enumerate() {
             assert!(st.register(&a, &reg(*k, &r, i as u64 * 4096, 1)).unwrap());
             assert!(st.pin(&a, *k).unwrap());

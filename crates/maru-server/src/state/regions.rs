@@ -71,15 +71,26 @@ impl TableRegion {
     /// A region found again at start-up because keys of the key index point into it; the
     /// session that owned it is gone, so it goes back with its last key.
     pub(super) fn restored(slot: RegionSlot, info: RegionInfo) -> Option<TableRegion> {
-        Some(TableRegion {
+        let wire = reply::region_wire(&info)?;
+        Some(TableRegion::new(slot, wire, info, None))
+    }
+
+    /// A region of `owner`'s session (`None`: a session that is gone), nothing on it yet.
+    fn new(
+        slot: RegionSlot,
+        wire: Box<[u8]>,
+        info: RegionInfo,
+        owner: Option<&Arc<Session>>,
+    ) -> TableRegion {
+        TableRegion {
             slot,
-            wire: reply::region_wire(&info)?,
-            instance_id: String::new(),
-            session: 0,
-            owner: Weak::new(),
+            wire,
+            instance_id: owner.map(|s| s.instance_id.clone()).unwrap_or_default(),
+            session: owner.map_or(0, |s| s.id),
+            owner: owner.map_or_else(Weak::new, Arc::downgrade),
             state: Mutex::new(RegionState {
                 refs: 0,
-                owner_live: false,
+                owner_live: owner.is_some(),
                 freed: false,
                 pages: HashMap::new(),
                 held: 0,
@@ -87,7 +98,7 @@ impl TableRegion {
             usage: RegionUsage::default(),
             asked_back: AtomicBool::new(false),
             info,
-        })
+        }
     }
 
     pub fn wire(&self) -> &[u8] {
@@ -176,23 +187,7 @@ impl ServerState {
                 return Err(e);
             }
         };
-        let region = Arc::new(TableRegion {
-            slot,
-            wire,
-            instance_id: session.instance_id.clone(),
-            session: session.id,
-            owner: Arc::downgrade(session),
-            state: Mutex::new(RegionState {
-                refs: 0,
-                owner_live: true,
-                freed: false,
-                pages: HashMap::new(),
-                held: 0,
-            }),
-            usage: RegionUsage::default(),
-            asked_back: AtomicBool::new(false),
-            info,
-        });
+        let region = Arc::new(TableRegion::new(slot, wire, info, Some(session)));
         {
             let mut table = self.regions.write().unwrap_or_else(|e| e.into_inner());
             table.by_id.insert(region.info.handle.region_id, slot);
@@ -399,7 +394,6 @@ pub(super) fn check_live(st: &RegionState, region_id: u64) -> Result<(), WireErr
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
 
     use maru_proto::DeleteStatus;
 
@@ -410,10 +404,8 @@ mod tests {
 
     #[test]
     fn deferred_freeing_waits_for_the_last_key() {
-        let (st, rm) = state(&[]);
-        let (mut peer, s, _) = client(&st, "a");
+        let (st, rm, (mut peer, s, region)) = state_with_owner("a");
         let (_reader, b, _) = client(&st, "b");
-        let region = st.request_region(&s, MIB).unwrap();
         assert!(st.register(&s, &reg(b"k1", &region, 0, 10)).unwrap());
         assert!(st.register(&s, &reg(b"k2", &region, 4096, 10)).unwrap());
         assert!(!st.register(&s, &reg(b"k2", &region, 8192, 10)).unwrap());
@@ -435,9 +427,7 @@ mod tests {
 
     #[test]
     fn returned_regions_take_no_new_keys_and_free_when_empty() {
-        let (st, rm) = state(&[]);
-        let (_p, a, _) = client(&st, "a");
-        let r = st.request_region(&a, MIB).unwrap();
+        let (st, rm, (_p, a, r)) = state_with_owner("a");
         let id = r.info.handle.region_id;
         assert!(st.register(&a, &reg(b"k", &r, 0, 1)).unwrap());
         st.return_region(&a, id).unwrap();
@@ -483,9 +473,7 @@ mod tests {
     /// must match the registry.
     #[test]
     fn concurrent_register_delete_release_never_free_under_a_live_key() {
-        let (st, rm) = state(&[]);
-        let st = Arc::new(st);
-        let stop = Arc::new(AtomicBool::new(false));
+        let (st, rm, stop) = shared_state();
         let checker = {
             let (st, rm, stop) = (st.clone(), rm.clone(), stop.clone());
             std::thread::spawn(move || {
@@ -520,8 +508,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for round in 0..200 {
                         let name = format!("i{t}-{round}");
-                        let (mut peer, s, _) = client(&st, &name);
-                        let r = st.request_region(&s, MIB).unwrap();
+                        let (mut peer, s, r) = client_with_region(&st, &name);
                         for k in 0..20u64 {
                             let key = format!("k{}", (k + round) % 40);
                             let _ = st.register(&s, &reg(key.as_bytes(), &r, k * 4096, 10));

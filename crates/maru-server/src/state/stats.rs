@@ -154,9 +154,7 @@ mod tests {
 
     #[test]
     fn stats_count_keys_regions_and_clients() {
-        let (st, _rm) = state(&[]);
-        let (_p, a, _) = client(&st, "a");
-        let r = st.request_region(&a, MIB).unwrap();
+        let (st, _rm, (_p, a, r)) = state_with_owner("a");
         st.batch_register(&a, &[reg(b"x", &r, 0, 100), reg(b"y", &r, 4096, 50)])
             .unwrap();
         st.pin(&a, b"y").unwrap();

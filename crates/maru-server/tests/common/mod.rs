@@ -24,6 +24,20 @@ pub trait RawClients {
     fn client(&self, instance: &str) -> Client;
     /// An operator connection (reads only).
     fn admin(&self) -> Client;
+    /// A client of instance `instance` and the id of a fresh 1 MiB region it owns.
+    fn owner(&self, instance: &str) -> (Client, u64) {
+        let mut c = self.client(instance);
+        let region = c.region(MIB).handle.region_id;
+        (c, region)
+    }
+}
+
+/// A cluster started with defaults, a client of instance `instance` on it and the id of a
+/// fresh 1 MiB region that client owns.
+pub fn cluster_with_owner(instance: &str) -> (InProcessCluster, Client, u64) {
+    let c = InProcessCluster::start();
+    let (client, region) = c.owner(instance);
+    (c, client, region)
 }
 
 impl RawClients for InProcessCluster {

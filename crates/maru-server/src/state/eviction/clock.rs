@@ -3,7 +3,7 @@
 //! clear. New keys enter just behind the hand, so they are the last the hand reaches.
 
 use super::list::NIL;
-use super::sweep::{Sweep, Swept};
+use super::sweep::{End, Sweep, Swept};
 
 /// CLOCK over the shared sweep. Its hand wraps from the tail to the head, so it is `NIL`
 /// exactly when the ring is empty.
@@ -14,26 +14,13 @@ pub struct ClockHand;
 impl Sweep for ClockHand {
     const NAME: &'static str = "clock";
 
-    fn start(clock: &Clock) -> u32 {
-        clock.list.head
-    }
-
-    /// The node after `i` on the ring.
-    fn step(clock: &Clock, i: u32) -> u32 {
-        match clock.list.next(i) {
-            NIL => clock.list.head,
-            n => n,
-        }
-    }
-
     fn insert(clock: &mut Clock, key: &[u8]) {
-        if clock.list.len() == 0 {
-            clock.hand = NIL;
-        }
         if let Some(i) = clock.list.insert_before(clock.hand, key) {
             if clock.hand == NIL {
                 clock.hand = i;
             }
         }
     }
+
+    const FROM: End = End::Head;
 }

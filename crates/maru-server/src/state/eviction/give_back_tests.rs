@@ -93,11 +93,13 @@ fn full_pool(regions: u64) -> (ServerState, Arc<FakeRm>) {
     (st, rm)
 }
 
-/// Registers `name` on page `page` of `region`.
-fn put(st: &ServerState, s: &Session, region: &TableRegion, name: &str, page: u64) {
-    assert!(st
-        .register(s, &reg(&key(name), region, page * PAGE, PAGE))
-        .unwrap());
+/// Registers `names[i]` on page `i` of `region`, in order.
+fn put_pages(st: &ServerState, s: &Session, region: &TableRegion, names: &[&str]) {
+    for (page, name) in (0..).zip(names) {
+        assert!(st
+            .register(s, &reg(&key(name), region, page * PAGE, PAGE))
+            .unwrap());
+    }
 }
 
 fn read(st: &ServerState, name: &str) {
@@ -135,16 +137,12 @@ fn give_back_when_asked(
 fn a_full_pool_takes_back_the_least_recently_used_unpinned_region_of_a_live_owner() {
     let (st, rm) = full_pool(3);
     let st = Arc::new(st);
-    let (_pa, a, _) = client(&st, "a");
-    let (_pb, b, _) = client(&st, "b");
-    let pinned = st.request_region(&a, MIB).unwrap();
+    let (_pa, a, pinned) = client_with_region(&st, "a");
     let cold = st.request_region(&a, MIB).unwrap();
-    let warm = st.request_region(&b, MIB).unwrap();
-    put(&st, &a, &pinned, "pinned", 0);
-    put(&st, &a, &pinned, "beside-pinned", 1);
-    put(&st, &a, &cold, "cold-0", 0);
-    put(&st, &a, &cold, "cold-1", 1);
-    put(&st, &b, &warm, "warm", 0);
+    let (_pb, b, warm) = client_with_region(&st, "b");
+    put_pages(&st, &a, &pinned, &["pinned", "beside-pinned"]);
+    put_pages(&st, &a, &cold, &["cold-0", "cold-1"]);
+    put_pages(&st, &b, &warm, &["warm"]);
     assert!(st.pin(&a, &key("pinned")).unwrap());
     // The pinned region is the oldest, and "warm" is read after "cold" was registered.
     read(&st, "warm");
@@ -177,14 +175,10 @@ fn a_full_pool_takes_back_the_least_recently_used_unpinned_region_of_a_live_owne
 #[test]
 fn when_every_live_region_holds_pinned_keys_or_views_the_answer_is_quick_and_says_so() {
     let (st, rm) = full_pool(2);
-    let (_pa, a, _) = client(&st, "a");
-    let (_pb, b, _) = client(&st, "b");
-    let ra = st.request_region(&a, MIB).unwrap();
-    let rb = st.request_region(&b, MIB).unwrap();
-    put(&st, &a, &ra, "a-pinned", 0);
-    put(&st, &a, &ra, "a-free", 1);
-    put(&st, &b, &rb, "b-viewed", 0);
-    put(&st, &b, &rb, "b-free", 1);
+    let (_pa, a, ra) = client_with_region(&st, "a");
+    let (_pb, b, rb) = client_with_region(&st, "b");
+    put_pages(&st, &a, &ra, &["a-pinned", "a-free"]);
+    put_pages(&st, &b, &rb, &["b-viewed", "b-free"]);
     assert!(st.pin(&b, &key("a-pinned")).unwrap());
     // A view of b's key holds its page (a session's lookup takes a hold).
     assert!(st.find_and_hold(Some(&a), &key("b-viewed")).is_some());
@@ -211,12 +205,10 @@ fn when_every_live_region_holds_pinned_keys_or_views_the_answer_is_quick_and_say
 #[test]
 fn an_owner_that_does_not_give_back_costs_the_requester_the_deadline_and_nothing_else() {
     let (st, rm) = full_pool(2);
-    let (_pa, a, _) = client(&st, "a");
-    let (_pb, b, _) = client(&st, "b");
-    let ra = st.request_region(&a, MIB).unwrap();
-    let rb = st.request_region(&b, MIB).unwrap();
-    put(&st, &a, &ra, "a-0", 0);
-    put(&st, &b, &rb, "b-pinned", 0);
+    let (_pa, a, ra) = client_with_region(&st, "a");
+    let (_pb, b, rb) = client_with_region(&st, "b");
+    put_pages(&st, &a, &ra, &["a-0"]);
+    put_pages(&st, &b, &rb, &["b-pinned"]);
     assert!(st.pin(&b, &key("b-pinned")).unwrap());
 
     let (_pn, n, _) = client(&st, "n");
@@ -248,14 +240,12 @@ fn an_owner_that_does_not_give_back_costs_the_requester_the_deadline_and_nothing
 fn a_caller_with_evictable_keys_of_its_own_takes_only_a_region_used_less_recently() {
     let (st, rm) = full_pool(3);
     let st = Arc::new(st);
-    let (_pa, a, _) = client(&st, "a");
-    let (_pn, n, _) = client(&st, "n");
-    let ra = st.request_region(&a, MIB).unwrap();
-    let rn = st.request_region(&n, MIB).unwrap();
+    let (_pa, a, ra) = client_with_region(&st, "a");
+    let (_pn, n, rn) = client_with_region(&st, "n");
     let ra2 = st.request_region(&a, MIB).unwrap();
-    put(&st, &a, &ra, "a-old", 0);
-    put(&st, &n, &rn, "n-0", 0);
-    put(&st, &a, &ra2, "a-new", 0);
+    put_pages(&st, &a, &ra, &["a-old"]);
+    put_pages(&st, &n, &rn, &["n-0"]);
+    put_pages(&st, &a, &ra2, &["a-new"]);
     // a's first region was used before any of n's, its second after: only the first may go.
     let owner = give_back_when_asked(&st, &a);
     st.request_region(&n, MIB).unwrap();
@@ -312,9 +302,7 @@ fn the_owner_hears_of_the_request_before_it_sees_the_regions_pages_free() {
     let (near, mut far) = std::os::unix::net::UnixStream::pair().unwrap();
     st.watch(&a, Some(maru_transport::Stream::Unix(near)), 1);
     let ra = st.request_region(&a, MIB).unwrap();
-    for i in 0..3 {
-        put(&st, &a, &ra, &format!("k{i}"), i);
-    }
+    put_pages(&st, &a, &ra, &["k0", "k1", "k2"]);
     let owner = {
         let (st, a) = (st.clone(), a.clone());
         let region = id(&ra);

@@ -4,30 +4,18 @@
 //! keeps are never moved, so survivors gather behind the hand while new keys enter at the
 //! head: a key used once is reached soon after it ages, a popular key keeps its place.
 
-use super::list::NIL;
-use super::sweep::{Sweep, Swept};
+use super::sweep::{End, Sweep, Swept};
 
-/// SIEVE over the shared sweep. A hand that passes the head (`NIL`) starts again from the
-/// tail.
+/// SIEVE over the shared sweep. A hand that passes the head starts again from the tail.
 pub type Sieve = Swept<SieveHand>;
 
 pub struct SieveHand;
 
 impl Sweep for SieveHand {
     const NAME: &'static str = "sieve";
-
-    fn start(sieve: &Sieve) -> u32 {
-        sieve.list.tail
-    }
-
-    fn step(sieve: &Sieve, i: u32) -> u32 {
-        sieve.list.prev(i)
-    }
+    const FROM: End = End::Tail;
 
     fn insert(sieve: &mut Sieve, key: &[u8]) {
-        if sieve.list.len() == 0 {
-            sieve.hand = NIL;
-        }
         sieve.list.push_front(key);
     }
 }

@@ -29,11 +29,19 @@ fn forever() -> Instant {
     Instant::now() + Duration::from_secs(10)
 }
 
+/// Evicts every key that may go.
+fn evict_all(st: &crate::state::ServerState) {
+    st.evict(
+        forever(),
+        &|_, _| true,
+        &mut |_| u64::MAX,
+        &mut Returned::default(),
+    );
+}
+
 #[test]
 fn victims_are_unpinned_keys_oldest_first_and_exists_is_no_use() {
-    let (st, _rm) = state(&[]);
-    let (_p, a, _) = client(&st, "a");
-    let r = st.request_region(&a, MIB).unwrap();
+    let (st, _rm, (_p, a, r)) = state_with_owner("a");
     for i in 0..8u64 {
         let k = key(&format!("k{i}"));
         assert!(st.register(&a, &reg(&k, &r, i * PAGE, PAGE)).unwrap());
@@ -94,20 +102,10 @@ fn victims_are_unpinned_keys_oldest_first_and_exists_is_no_use() {
     );
 
     // Everything else goes; the pinned key stays even when asked for more.
-    st.evict(
-        forever(),
-        &|_, _| true,
-        &mut |_| u64::MAX,
-        &mut Returned::default(),
-    );
+    evict_all(&st);
     assert_eq!(st.registry.counts().keys, 1);
     assert!(st.unpin(&a, &key("k0")));
-    st.evict(
-        forever(),
-        &|_, _| true,
-        &mut |_| u64::MAX,
-        &mut Returned::default(),
-    );
+    evict_all(&st);
     assert_eq!(st.registry.counts().keys, 0);
     assert_eq!(st.stats().clients[0].pins, 0);
 }
@@ -116,8 +114,7 @@ fn victims_are_unpinned_keys_oldest_first_and_exists_is_no_use() {
 fn a_full_pool_gives_an_allocation_the_regions_of_gone_owners() {
     let (st, rm) = state(&["p"]);
     rm.room.lock().unwrap().insert("p".into(), 2 * MIB);
-    let (mut pa, a, _) = client(&st, "a");
-    let ra = st.request_region(&a, MIB).unwrap();
+    let (mut pa, a, ra) = client_with_region(&st, "a");
     let (a0, a1, b0) = (key("a0"), key("a1"), key("b0"));
     st.batch_register(&a, &[reg(&a0, &ra, 0, PAGE), reg(&a1, &ra, PAGE, PAGE)])
         .unwrap();
@@ -125,8 +122,7 @@ fn a_full_pool_gives_an_allocation_the_regions_of_gone_owners() {
     let (_pc, c, _) = client(&st, "c");
     assert!(st.pin(&c, &a1).unwrap());
     st.goodbye(&mut pa);
-    let (_pb, b, _) = client(&st, "b");
-    let rb = st.request_region(&b, MIB).unwrap();
+    let (_pb, b, rb) = client_with_region(&st, "b");
     st.register(&b, &reg(&b0, &rb, 0, PAGE)).unwrap();
     // The pool is full and a's region is kept by a pinned key: no room.
     let e = st.request_region(&b, MIB).unwrap_err();
@@ -150,9 +146,7 @@ fn a_full_pool_gives_an_allocation_the_regions_of_gone_owners() {
 
 #[test]
 fn the_watermarks_bound_what_keys_hold() {
-    let (st, _rm) = state(&[]);
-    let (_p, a, _) = client(&st, "a");
-    let r = st.request_region(&a, MIB).unwrap();
+    let (st, _rm, (_p, a, r)) = state_with_owner("a");
     for i in 0..10u64 {
         let k = key(&format!("k{i}"));
         st.register(&a, &reg(&k, &r, i * PAGE, PAGE)).unwrap();
@@ -178,8 +172,7 @@ fn a_namespace_over_its_quota_evicts_only_its_own_keys() {
     let mut config = EvictionConfig::default();
     config.add_quotas(&["t=16K"]).unwrap();
     let st = st.with_eviction(config);
-    let (_p, a, _) = client(&st, "a");
-    let r = st.request_region(&a, MIB).unwrap();
+    let (_p, a, r) = client_with_region(&st, "a");
     // The default namespace's keys are the oldest: a pool-wide policy would take them first.
     for i in 0..4u64 {
         st.register(&a, &reg(&key(&format!("d{i}")), &r, i * PAGE, PAGE))

@@ -8,22 +8,30 @@ use std::marker::PhantomData;
 use super::list::{KeyList, NIL};
 use super::EvictionPolicy;
 
+/// The end of the list a hand starts from; it moves towards the other end, and starts again
+/// from this one once past it.
+pub enum End {
+    /// Head to tail (CLOCK: a ring, the hand wraps from the tail to the head).
+    Head,
+    /// Tail to head (SIEVE: oldest to newest).
+    Tail,
+}
+
 /// What makes a hand policy itself.
 pub trait Sweep: Sized {
     /// The name `--evict-policy` knows the policy by.
     const NAME: &'static str;
-    /// Where the hand starts when it rests nowhere (`NIL`) in a list that is not empty.
-    fn start(swept: &Swept<Self>) -> u32;
-    /// The node after `i` in the hand's direction; `NIL`: start again.
-    fn step(swept: &Swept<Self>, i: u32) -> u32;
-    /// Adds a key that was just registered (absent or present: a present key stays put).
+    /// Where the hand starts, and so which way it moves.
+    const FROM: End;
+    /// Adds a key that was just registered (absent or present: a present key stays put); the
+    /// hand is `NIL` when the list is empty.
     fn insert(swept: &mut Swept<Self>, key: &[u8]);
 }
 
 /// A hand policy: the keys, and the next key the hand examines.
 pub struct Swept<S> {
     pub(super) list: KeyList,
-    /// The next key the hand examines; `NIL`: at [`Sweep::start`], or the list is empty.
+    /// The next key the hand examines; `NIL`: at [`Swept::start`], or the list is empty.
     pub(super) hand: u32,
     policy: PhantomData<S>,
 }
@@ -39,10 +47,30 @@ impl<S> Default for Swept<S> {
 }
 
 impl<S: Sweep> Swept<S> {
+    /// Where the hand starts: the [`Sweep::FROM`] end.
+    fn start(&self) -> u32 {
+        match S::FROM {
+            End::Head => self.list.head,
+            End::Tail => self.list.tail,
+        }
+    }
+
+    /// The node after `i` in the hand's direction, from the start again past the far end.
+    fn step(&self, i: u32) -> u32 {
+        let next = match S::FROM {
+            End::Head => self.list.next(i),
+            End::Tail => self.list.prev(i),
+        };
+        match next {
+            NIL => self.start(),
+            n => n,
+        }
+    }
+
     /// Removes node `i`, moving the hand past it first.
     fn unlink(&mut self, i: u32) -> Box<[u8]> {
         if self.hand == i {
-            self.hand = S::step(self, i);
+            self.hand = self.step(i);
         }
         let key = self.list.remove(i);
         if self.list.len() == 0 {
@@ -58,6 +86,10 @@ impl<S: Sweep + Send> EvictionPolicy for Swept<S> {
     }
 
     fn insert(&mut self, key: &[u8]) {
+        // An empty list has no hand, whatever one rested on before.
+        if self.list.len() == 0 {
+            self.hand = NIL;
+        }
         S::insert(self, key);
     }
 
@@ -87,18 +119,18 @@ impl<S: Sweep + Send> EvictionPolicy for Swept<S> {
         while self.list.len() > 0 && out.len() < n && examined < budget {
             examined += 1;
             let i = match self.hand {
-                NIL => S::start(self),
+                NIL => self.start(),
                 h => h,
             };
             if self.list.mark(i) {
                 self.list.set_mark(i, false);
-                self.hand = S::step(self, i);
+                self.hand = self.step(i);
             } else if evictable(self.list.key(i)) {
                 // The hand rests where the victim was: `unlink` moves it one step on.
                 self.hand = i;
                 out.push(self.unlink(i));
             } else {
-                self.hand = S::step(self, i);
+                self.hand = self.step(i);
             }
         }
         out
