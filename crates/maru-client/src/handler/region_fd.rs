@@ -102,8 +102,8 @@ impl Source {
 
 impl Connected {
     /// Where to map `info`'s region from (writable: for this session's own region). A
-    /// descriptor needs no pool header check: the server opened its own path of the pool,
-    /// the one the resource manager checked.
+    /// descriptor's pool header is checked like a path's: the file under the server's path
+    /// may have been replaced by a pool of another identity.
     pub fn region_source(
         &self,
         info: &RegionInfo,
@@ -116,7 +116,8 @@ impl Connected {
         if fds.mode != FdMode::Never && !fds.refused.load(Ordering::Relaxed) {
             match self.conns.descriptor(id, writable, hook) {
                 Some(Ok((fd, offset, len))) if len == info.access.len => {
-                    return Ok(Source::Fd(fd, offset))
+                    self.pools.check_descriptor(info, &fd, op)?;
+                    return Ok(Source::Fd(fd, offset));
                 }
                 Some(Ok((_, _, len))) => {
                     return Err(Error::protocol(
