@@ -156,3 +156,15 @@ impl Connected {
         self.pools.region_file(info, op).map(Source::Path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FdMode;
+
+    #[test]
+    fn auto_maps_by_path_when_this_hosts_path_is_configured() {
+        assert_eq!(FdMode::Auto.given_pool_path(true), FdMode::Never);
+        assert_eq!(FdMode::Auto.given_pool_path(false), FdMode::Auto);
+        assert_eq!(FdMode::Always.given_pool_path(true), FdMode::Always);
+    }
+}
