@@ -2,8 +2,9 @@
 //! waits go through [`crate::wait`], and [`ConnectionPool`], which lends one to each call so
 //! that concurrent callers never share a socket and no lock is held across a round trip.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use maru_proto::{
     SESSION_TOKEN_LEN,
 };
 use maru_transport::busy::{self, Backoff};
+use maru_transport::fds::FdReader;
 use maru_transport::{FrameBuf, Stream, TransportError};
 
 use crate::error::{Error, Result};
@@ -40,6 +42,11 @@ pub(crate) struct PooledConn {
     /// The session's queued view releases, sent in front of this connection's next request
     /// (set once the connection has joined the session).
     releases: Option<Arc<ReleaseQueue>>,
+    /// Descriptors that came with replies (Unix only), oldest first: the n-th belongs to
+    /// the n-th `Descriptor` reply read (see `maru_transport::fds`).
+    fds: VecDeque<OwnedFd>,
+    /// Set once a `Descriptor` request went out: from then on every read keeps descriptors.
+    fd_reads: bool,
 }
 
 impl PooledConn {
@@ -74,6 +81,40 @@ impl PooledConn {
             next_id: 1,
             spin: Backoff::default(),
             releases: None,
+            fds: VecDeque::new(),
+            fd_reads: false,
+        }
+    }
+
+    /// Whether descriptors can come over this connection (a Unix socket).
+    pub fn passes_fds(&self) -> bool {
+        matches!(self.stream, Stream::Unix(_))
+    }
+
+    /// Asks for a descriptor of region `region_id`'s file and returns it with where the
+    /// region lies in that file (offset, length).
+    pub fn descriptor(
+        &mut self,
+        region_id: u64,
+        writable: bool,
+        w: &Wait,
+    ) -> Result<(OwnedFd, u64, u64)> {
+        self.fd_reads = true;
+        let op = "descriptor";
+        match self.call(
+            &Request::Descriptor {
+                region_id,
+                writable,
+            },
+            w,
+        )? {
+            Response::Descriptor { offset, len, .. } => {
+                let fd = self.fds.pop_front().ok_or_else(|| {
+                    Error::protocol(op, "the reply came without its descriptor".to_owned())
+                })?;
+                Ok((fd, offset, len))
+            }
+            other => Err(Error::unexpected(op, &other)),
         }
     }
 
@@ -161,6 +202,10 @@ impl PooledConn {
                     }
                 }
                 if header.request_id < id {
+                    // A late descriptor reply: its descriptor is the oldest queued.
+                    if header.msg_type == maru_proto::msg_type::R_DESCRIPTOR {
+                        self.fds.pop_front();
+                    }
                     continue;
                 }
                 if header.request_id != id {
@@ -179,7 +224,14 @@ impl PooledConn {
             if let Some(s) = sent.take() {
                 w.clock.record(s.frame_len, readable - s.at);
             }
-            match self.rx.read_some(&mut self.stream) {
+            let got = match &self.stream {
+                Stream::Unix(sock) if self.fd_reads => self.rx.read_some(&mut FdReader {
+                    sock,
+                    fds: &mut self.fds,
+                }),
+                _ => self.rx.read_some(&mut self.stream),
+            };
+            match got {
                 Ok(0) => return Err(TransportError::Closed),
                 Ok(_) => {}
                 Err(e) if read_again(&e) => {}
@@ -390,6 +442,37 @@ impl ConnectionPool {
         }
     }
 
+    /// A descriptor of region `region_id`'s file from the server, over a Unix connection
+    /// (`None` when the session's connections are TCP): see [`PooledConn::descriptor`].
+    pub fn descriptor(
+        &self,
+        region_id: u64,
+        writable: bool,
+        hook: &dyn WaitHook,
+    ) -> Option<Result<(OwnedFd, u64, u64)>> {
+        if !matches!(self.url, ServerUrl::Unix(_)) {
+            return None;
+        }
+        let w = self.wait(hook);
+        let mut conn = match self.take_idle() {
+            Some(c) => c,
+            None => match self.open(&w) {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        if !conn.passes_fds() {
+            self.put_back(conn);
+            return None;
+        }
+        let got = conn.descriptor(region_id, writable, &w);
+        match &got {
+            Err(e) if !e.keeps_connection() => {}
+            _ => self.put_back(conn),
+        }
+        Some(got)
+    }
+
     /// Drops every idle connection (the server sees them close); connections still in use
     /// are dropped when their call ends.
     /// The descriptors of the idle connections (none if another thread held the pool's lock
@@ -509,6 +592,38 @@ mod tests {
         assert_eq!(recv(&mut conn, 2).unwrap(), Response::Ok);
         assert!(!conn.reply_ready());
     }
+
+    /// A reply skipped as late takes its descriptor along, so the next reply gets its own.
+    #[test]
+    fn a_late_descriptor_reply_takes_its_descriptor_along() {
+        use std::os::fd::AsFd;
+        let (mut conn, server) = pair();
+        let (f1, f2) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+        f1.set_len(1).unwrap();
+        f2.set_len(2).unwrap();
+        for (id, f, offset) in [(1, &f1, 0), (2, &f2, 4096)] {
+            let mut wire = Vec::new();
+            let reply = Response::Descriptor {
+                offset,
+                len: 2 * MIB_TEST,
+                writable: false,
+            };
+            encode_response(&mut wire, id, &reply).unwrap();
+            maru_transport::fds::send_all_with_fds(&server, &wire, &[f.as_fd()]).unwrap();
+        }
+        conn.next_id = 2;
+        let (fd, offset, len) = conn.descriptor(7, false, &quick()).unwrap();
+        assert_eq!((offset, len), (4096, 2 * MIB_TEST));
+        let file = std::fs::File::from(fd);
+        assert_eq!(
+            file.metadata().unwrap().len(),
+            2,
+            "the second reply's descriptor"
+        );
+        assert!(conn.fds.is_empty());
+    }
+
+    const MIB_TEST: u64 = 1 << 20;
 
     #[test]
     fn only_requests_that_change_nothing_are_sent_again() {

@@ -62,6 +62,7 @@ pub use config::{
 pub use error::{Error, ErrorKind, Result};
 pub use handler::{
     HandlerStats, Hooked, MaruHandler, OwnedRegionStats, RegionCallback, StoreItem, StoreOutcome,
+    REGION_FDS_ENV,
 };
 pub use maru_proto::stats::ServerStats;
 pub use maru_proto::{DeleteStatus, ErrorCode, Handle};

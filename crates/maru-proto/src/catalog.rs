@@ -81,6 +81,12 @@ impl<'a> Field<'a> for Vec<&'a [u8]> {
     }
 }
 
+impl<'a> Field<'a> for bool {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        r.bool()
+    }
+}
+
 impl<'a> Field<'a> for Option<&'a str> {
     fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
         get_optional_str(r)
@@ -260,6 +266,11 @@ catalog! {
         /// none of its pages is in the owner's hands. Sent on the watch connection and
         /// answered with nothing, like [`Request::ReleaseHolds`].
         GiveBack { region_id: u64 } = GIVE_BACK 0x0217 "give_back" Server,
+        /// A descriptor of the file that holds the region, passed over the Unix socket with
+        /// the reply ([`Response::Descriptor`], SCM_RIGHTS): read-only, or read-write for a
+        /// region the session owns. Refused over TCP and for a pool that is a device.
+        Descriptor { region_id: u64, writable: bool } = DESCRIPTOR 0x0218 "descriptor"
+            Server,
     }
 
     /// Every response. Errors travel as [`Response::Error`] with [`crate::FLAG_ERROR`] set.
@@ -300,6 +311,11 @@ catalog! {
         /// ([`Request::GiveBack`]) once no page of it is allocated.
         Reclaim { region_id: u64 } = R_RECLAIM 0x820C
             => Response::Reclaim { region_id: r.u64()? },
+        /// The answer to [`Request::Descriptor`]; the descriptor travels as SCM_RIGHTS
+        /// ancillary data with the frame's bytes. The region is `len` bytes at `offset` of
+        /// the file the descriptor opens; `writable`: it was opened read-write.
+        Descriptor { offset: u64, len: u64, writable: bool } = R_DESCRIPTOR 0x820D
+            => Response::Descriptor { offset: r.u64()?, len: r.u64()?, writable: r.bool()? },
     }
 }
 
@@ -354,7 +370,7 @@ mod tests {
                 "rm_list"
             ]
         );
-        assert_eq!(SERVER_REQUESTS.len(), 27);
+        assert_eq!(SERVER_REQUESTS.len(), 28);
         assert!(SERVER_REQUESTS[..3] == RM_REQUESTS[..3]);
         assert!(SERVER_REQUESTS[3..]
             .iter()

@@ -79,6 +79,13 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         }
         Request::RmFree { handle } | Request::RmGetAccess { handle } => put_handle(w, handle)?,
         Request::RequestRegion { size } => w.u64(*size),
+        Request::Descriptor {
+            region_id,
+            writable,
+        } => {
+            w.u64(*region_id);
+            w.bool(*writable);
+        }
         Request::MakeRoom { pages } => w.u32(*pages),
         Request::ReturnRegion { region_id }
         | Request::GetRegion { region_id }

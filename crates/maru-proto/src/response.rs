@@ -84,6 +84,15 @@ fn encode_response_payload(w: &mut Writer, resp: &Response) -> Result<(), Encode
             }
         }
         Response::Region(region) => put_region(w, region)?,
+        Response::Descriptor {
+            offset,
+            len,
+            writable,
+        } => {
+            w.u64(*offset);
+            w.u64(*len);
+            w.bool(*writable);
+        }
         Response::Bool(b) => w.bool(*b),
         Response::Bools(v) => {
             w.count(v.len())?;

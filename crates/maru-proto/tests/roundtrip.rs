@@ -104,6 +104,7 @@ proptest! {
             Request::Pin { key: &k }, Request::BatchPin { keys: ks.clone() },
             Request::Unpin { key: &k }, Request::BatchUnpin { keys: ks.clone() },
             Request::ListAllocations, Request::Stats, Request::GetRegion { region_id: n }, Request::ListRegions,
+            Request::Descriptor { region_id: n, writable: m % 2 == 0 },
         ];
         for req in &all {
             roundtrip_request(req);
@@ -138,6 +139,7 @@ proptest! {
             Response::Allocations(vec![RegionRecord { handle: h, instance_id: name.clone(), ref_count: n, owner_connected: false }]),
             Response::Stats(name),
             Response::Regions(vec![r]),
+            Response::Descriptor { offset: n, len: n ^ 1, writable: n % 2 == 1 },
         ];
         for resp in all {
             roundtrip_response(resp);

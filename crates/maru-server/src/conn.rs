@@ -2,12 +2,12 @@
 //! the replies back with as few system calls as the pipeline allows.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use maru_proto::{encode_error, WireError};
-use maru_transport::{FrameBuf, FrameReadError, Stream};
+use maru_transport::{fds, FrameBuf, FrameReadError, Stream};
 
 use crate::admission::standing;
 use crate::busy_poll::{count_request, wait_for_next};
@@ -43,6 +43,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, id: u64) {
     let mut rx = FrameBuf::new();
     let mut out = Vec::with_capacity(4096);
     let mut ctx = ConnCtx::new(stream.try_clone().ok());
+    ctx.unix = matches!(stream, Stream::Unix(_));
     let mut spin = maru_transport::busy::Backoff::default();
     // This connection's latest request, as numbered by `count_request`.
     let mut last_request: u64;
@@ -105,8 +106,8 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, id: u64) {
         }
         // Pipelined requests that already arrived are answered first and their replies leave
         // in one write.
-        if !rx.has_frame() || out.len() >= FLUSH_AT {
-            if stream.write_all(&out).is_err() {
+        if !rx.has_frame() || out.len() >= FLUSH_AT || ctx.fds.len() >= fds::MAX_FDS {
+            if write_replies(&mut stream, &out, &mut ctx.fds).is_err() {
                 break;
             }
             out.clear();
@@ -127,4 +128,25 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, id: u64) {
     }
     state.disconnect(&mut ctx.peer);
     state.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Writes the buffered replies; descriptors for them (only ever on a Unix socket) go with
+/// the first byte, so each arrives no later than its reply, and are closed here once sent.
+fn write_replies(
+    stream: &mut Stream,
+    out: &[u8],
+    pending: &mut Vec<std::os::fd::OwnedFd>,
+) -> std::io::Result<()> {
+    if pending.is_empty() {
+        return stream.write_all(out);
+    }
+    let sent = match &*stream {
+        Stream::Unix(sock) => {
+            let borrowed: Vec<_> = pending.iter().map(|fd| fd.as_fd()).collect();
+            fds::send_all_with_fds(sock, out, &borrowed)
+        }
+        Stream::Tcp(_) => stream.write_all(out),
+    };
+    pending.clear();
+    sent
 }

@@ -48,6 +48,7 @@ mod busy_poll;
 pub mod cli;
 mod config;
 mod conn;
+mod descriptor;
 mod evictor;
 mod maintenance;
 mod metrics;

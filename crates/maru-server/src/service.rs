@@ -1,6 +1,7 @@
 //! One request in, one reply out: decoding, the handshake and role rules, and the mapping of
 //! every request onto [`ServerState`]. No I/O here: the connection loop owns the socket.
 
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use maru_proto::{
@@ -20,6 +21,11 @@ pub(crate) struct ConnCtx {
     /// A second descriptor of the connection's socket, for it to become its session's watch
     /// connection (where notices are written from other threads).
     watch_socket: Option<Stream>,
+    /// Whether the connection is on the Unix socket (the only place descriptors travel).
+    pub unix: bool,
+    /// Descriptors for replies already in the output buffer, in reply order: the connection
+    /// attaches them to the write that carries those replies.
+    pub fds: Vec<OwnedFd>,
 }
 
 impl ConnCtx {
@@ -28,6 +34,8 @@ impl ConnCtx {
             peer: Peer::New,
             scratch: Scratch::default(),
             watch_socket,
+            unix: false,
+            fds: Vec::new(),
         }
     }
 }
@@ -116,6 +124,8 @@ fn dispatch(
         peer,
         scratch,
         watch_socket,
+        unix,
+        fds,
     } = ctx;
     let peer: &Peer = peer;
     let session = match peer {
@@ -274,6 +284,32 @@ fn dispatch(
         }
         Request::ListRegions => {
             state.write_regions(out, id);
+            Ok(())
+        }
+        Request::Descriptor {
+            region_id,
+            writable,
+        } => {
+            if !*unix {
+                return Err(WireError::new(
+                    ErrorCode::InvalidArgument,
+                    "descriptors travel only over the Unix socket; map the region by its path",
+                ));
+            }
+            let s = client()?;
+            let access = state.descriptor_access(s, *region_id, *writable)?;
+            let fd = crate::descriptor::open(&access, *writable)?;
+            respond(
+                out,
+                id,
+                &Response::Descriptor {
+                    offset: access.offset,
+                    len: access.len,
+                    writable: *writable,
+                },
+            )?;
+            // Pushed last: a reply that failed above carries no descriptor.
+            fds.push(fd);
             Ok(())
         }
     }

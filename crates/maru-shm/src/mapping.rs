@@ -1,5 +1,6 @@
 use std::fs::OpenOptions;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
@@ -47,6 +48,8 @@ pub struct Mapping {
     mode: MapMode,
     path: PathBuf,
     offset: u64,
+    /// The descriptor it was mapped from, when it came from elsewhere ([`Mapping::map_fd`]).
+    file: Option<std::fs::File>,
 }
 
 // SAFETY: a Mapping is an address range valid until drop; it holds no thread-affine state and
@@ -67,20 +70,7 @@ impl Mapping {
         mode: MapMode,
         populate: bool,
     ) -> Result<Mapping, ShmError> {
-        if len == 0 {
-            return Err(ShmError::Invalid(format!(
-                "zero-length mapping of {}",
-                path.display()
-            )));
-        }
-        let page = system_page_size();
-        if !offset.is_multiple_of(page) {
-            return Err(ShmError::Invalid(format!(
-                "offset {offset} is not a multiple of the page size {page}"
-            )));
-        }
-        let len_usize = usize::try_from(len)
-            .map_err(|_| ShmError::Invalid(format!("length {len} too large")))?;
+        check_request(path, offset, len)?;
         let file = OpenOptions::new()
             .read(true)
             .write(mode == MapMode::ReadWrite)
@@ -89,6 +79,36 @@ impl Mapping {
                 path: path.to_owned(),
                 source,
             })?;
+        Mapping::map_file(file, false, path, offset, len, mode, populate)
+    }
+
+    /// Maps `len` bytes at `offset` of the file that `fd` opens, as [`Mapping::map`] maps a
+    /// path; `name` is the file's path where it was opened (for messages). The mapping keeps
+    /// the descriptor, so [`Mapping::privatize`] needs no permission on the path. The kernel
+    /// checks `mode` against the descriptor's access: a read-write mapping of a read-only
+    /// descriptor is [`ShmError::Map`] with `EACCES`.
+    pub fn map_fd(
+        fd: OwnedFd,
+        name: &Path,
+        offset: u64,
+        len: u64,
+        mode: MapMode,
+        populate: bool,
+    ) -> Result<Mapping, ShmError> {
+        check_request(name, offset, len)?;
+        Mapping::map_file(fd.into(), true, name, offset, len, mode, populate)
+    }
+
+    fn map_file(
+        file: std::fs::File,
+        keep: bool,
+        path: &Path,
+        offset: u64,
+        len: u64,
+        mode: MapMode,
+        populate: bool,
+    ) -> Result<Mapping, ShmError> {
+        let len_usize = len as usize;
         let meta = file.metadata().map_err(|source| ShmError::Io {
             path: path.to_owned(),
             source,
@@ -137,6 +157,7 @@ impl Mapping {
             mode,
             path: path.to_owned(),
             offset,
+            file: keep.then_some(file),
         };
         if populate && mode == MapMode::ReadWrite {
             mapping.populate_write();
@@ -188,7 +209,11 @@ impl Mapping {
         let prot = ProtFlags::READ | ProtFlags::WRITE;
         let fixed = MapFlags::PRIVATE | MapFlags::FIXED;
         let addr = self.ptr.as_ptr().cast();
-        if let Ok(file) = OpenOptions::new().read(true).open(&self.path) {
+        let reopened = match &self.file {
+            Some(f) => f.try_clone(),
+            None => OpenOptions::new().read(true).open(&self.path),
+        };
+        if let Ok(file) = reopened {
             // SAFETY: MAP_FIXED over exactly our own live range (same address and length), so
             // no other mapping is clobbered; the kernel replaces the pages atomically and the
             // addresses stay valid for every holder of a pointer into them.
@@ -281,6 +306,25 @@ impl Drop for Mapping {
     }
 }
 
+/// Checks what a mapping request says before anything is opened: a length, an offset on a
+/// page boundary, a length that fits the address space.
+fn check_request(path: &Path, offset: u64, len: u64) -> Result<(), ShmError> {
+    if len == 0 {
+        return Err(ShmError::Invalid(format!(
+            "zero-length mapping of {}",
+            path.display()
+        )));
+    }
+    let page = system_page_size();
+    if !offset.is_multiple_of(page) {
+        return Err(ShmError::Invalid(format!(
+            "offset {offset} is not a multiple of the page size {page}"
+        )));
+    }
+    usize::try_from(len).map_err(|_| ShmError::Invalid(format!("length {len} too large")))?;
+    Ok(())
+}
+
 /// The system page size (4 KiB on x86-64).
 pub fn system_page_size() -> u64 {
     rustix::param::page_size() as u64
@@ -355,6 +399,52 @@ mod tests {
             &out, b"before",
             "a write after privatize reached the shared file"
         );
+    }
+
+    /// The kernel holds a mapping to its descriptor's access: read-only stays read-only.
+    #[test]
+    fn a_read_only_descriptor_cannot_be_mapped_writable() {
+        let f = file_of(1 << 16);
+        let ro: OwnedFd = std::fs::File::open(f.path()).unwrap().into();
+        let rw: OwnedFd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap()
+            .into();
+        let e = Mapping::map_fd(
+            ro.try_clone().unwrap(),
+            f.path(),
+            0,
+            4096,
+            MapMode::ReadWrite,
+            false,
+        )
+        .unwrap_err();
+        match e {
+            ShmError::Map { source, .. } => {
+                assert_eq!(source.raw_os_error(), Some(libc_eacces()), "{source}")
+            }
+            other => panic!("expected EACCES from mmap, got {other}"),
+        }
+        let r = Mapping::map_fd(ro, f.path(), 4096, 4096, MapMode::ReadOnly, false).unwrap();
+        let w = Mapping::map_fd(rw, f.path(), 4096, 4096, MapMode::ReadWrite, true).unwrap();
+        w.write_at(7, b"fd").unwrap();
+        let mut out = [0u8; 2];
+        r.read_at(7, &mut out).unwrap();
+        assert_eq!(&out, b"fd");
+        // Privatize remaps from the kept descriptor, not the path.
+        std::fs::remove_file(f.path()).unwrap();
+        w.privatize().unwrap();
+        w.read_at(7, &mut out).unwrap();
+        assert_eq!(
+            &out, b"fd",
+            "privatize kept the file's bytes without its path"
+        );
+    }
+
+    fn libc_eacces() -> i32 {
+        rustix::io::Errno::ACCESS.raw_os_error()
     }
 
     #[test]

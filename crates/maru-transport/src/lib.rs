@@ -4,7 +4,7 @@
 //! (TCP or Unix), the buffered frame reader [`FrameBuf`], busy-poll waits ([`busy`]), the
 //! blocking request/reply connection [`BlockingConn`] that daemons and tools use, the one
 //! [`TransportError`] of every exchange, and this process's identity ([`local_identity`]) as
-//! a Hello states it; with the `cli` feature, the TCP flags the daemons share ([`flags`]).
+//! a Hello states it, descriptors passed over a Unix socket ([`fds`]); with the `cli` feature, the TCP flags the daemons share ([`flags`]).
 //!
 //! It defines no message types or encodings (those are `maru_proto`'s, used through its
 //! encoders and decoders) and knows nothing of keys, regions or pools.
@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod busy;
 mod error;
+pub mod fds;
 #[cfg(feature = "cli")]
 pub mod flags;
 mod frame;

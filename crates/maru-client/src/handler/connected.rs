@@ -12,6 +12,7 @@ use super::index_read::ClientIndex;
 use super::mapped::MappedRegion;
 use super::owned::Owned;
 use super::pool_check::PoolCheck;
+use super::region_fd::{FdMode, RegionFds};
 use super::write_behind::Settle;
 use super::{during, lock_hooked, read, write, Added, Hooked, Lifecycle};
 use crate::config::MaruConfig;
@@ -49,6 +50,8 @@ pub(super) struct Connected {
     /// This host's path of the pool and the pools whose headers were checked (see
     /// `pool_check`).
     pub pools: PoolCheck,
+    /// Whether regions are mapped from descriptors the server passes (see `region_fd`).
+    pub fds: RegionFds,
 }
 
 impl Connected {
@@ -103,7 +106,7 @@ impl Connected {
     fn map_all(&self, hook: &dyn WaitHook) {
         if let Ok(Response::Regions(list)) = self.call(&Request::ListRegions, hook) {
             for info in list {
-                let _ = self.region_for(&info);
+                let _ = self.region_for(&info, hook);
             }
         }
     }
@@ -138,6 +141,7 @@ impl Hooked<'_> {
 
     fn open_session(&self) -> Result<(Arc<Connected>, Added)> {
         let h = self.h;
+        let fd_mode = FdMode::from_env()?.given_pool_path(h.config.pool_path_here().is_some());
         let timing = Timing {
             timeout: h.config.timeout(),
             grace: h.config.reply_grace,
@@ -180,6 +184,7 @@ impl Hooked<'_> {
             unsettled: AtomicUsize::new(0),
             birth: Birth::now(),
             pools: PoolCheck::new(h.config.pool_path_here()),
+            fds: RegionFds::new(fd_mode),
         });
         *c.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         // Regions the server asks back go back from the watcher's thread, so an idle handler

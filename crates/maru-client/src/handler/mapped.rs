@@ -10,6 +10,7 @@ use super::connected::Connected;
 use super::{read, write, Hooked};
 use crate::error::{Error, ErrorKind, Result};
 use crate::view::{Hold, View};
+use crate::wait::WaitHook;
 
 /// A mapped region: one of ours (read-write, populated) or another instance's (read-only).
 pub(super) struct MappedRegion {
@@ -80,7 +81,7 @@ impl Connected {
 
     /// The mapping of `info`'s region: cached, or mapped read-only now (never populated:
     /// mapping is microseconds whatever the size).
-    pub fn region_for(&self, info: &RegionInfo) -> Result<Arc<MappedRegion>> {
+    pub fn region_for(&self, info: &RegionInfo, hook: &dyn WaitHook) -> Result<Arc<MappedRegion>> {
         let id = info.handle.region_id;
         let redescribed = || {
             unusable_location(format!(
@@ -95,15 +96,8 @@ impl Connected {
                 return Err(redescribed());
             }
         }
-        let path = self.pools.region_file(info, "lookup")?;
-        let mapping = Mapping::map(
-            &path,
-            info.access.offset,
-            info.access.len,
-            MapMode::ReadOnly,
-            false,
-        )
-        .map_err(|e| {
+        let source = self.region_source(info, false, "lookup", hook)?;
+        let mapping = source.map(info, MapMode::ReadOnly, false).map_err(|e| {
             let message = format!("cannot map region {id}: {e}");
             Error::shm(ErrorKind::Map, "lookup", message, e)
         })?;

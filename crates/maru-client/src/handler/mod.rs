@@ -28,6 +28,7 @@ mod mapped;
 mod owned;
 mod pool_check;
 mod read;
+mod region_fd;
 mod stats;
 mod store;
 mod write_behind;
@@ -44,6 +45,7 @@ use crate::view::{AllocHandle, PageId, View};
 use crate::wait::{NoHook, WaitHook};
 
 use connected::Connected;
+pub use region_fd::REGION_FDS_ENV;
 pub use stats::{HandlerStats, OwnedRegionStats};
 pub use store::{StoreItem, StoreOutcome};
 

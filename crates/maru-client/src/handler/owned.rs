@@ -228,15 +228,17 @@ impl Connected {
         };
         let file = match bad {
             Some(msg) => Err(why.unusable(msg)),
-            None => self.pools.region_file(&info, "request_region"),
+            None => self.region_source(&info, true, "request_region", hook),
         };
         let mapped = match file {
             Err(e) => Err(e),
-            Ok(path) => {
+            Ok(source) => {
                 let mut out: Option<Result<Mapping, ShmError>> = None;
-                let (offset, len) = (info.access.offset, info.access.len);
+                let mut source = Some(source);
                 hook.block(&mut || {
-                    out = Some(Mapping::map(&path, offset, len, MapMode::ReadWrite, true))
+                    if let Some(s) = source.take() {
+                        out = Some(s.map(&info, MapMode::ReadWrite, true));
+                    }
                 });
                 match out {
                     Some(Ok(m)) => Ok(m),

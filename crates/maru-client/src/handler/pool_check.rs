@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use maru_proto::RegionInfo;
-use maru_shm::pool::header::{self, uuid_text};
+use std::os::fd::OwnedFd;
+
+use maru_shm::pool::header::{self, uuid_text, HeaderError, HeaderPlace, PoolHeader};
+use maru_shm::PoolError;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -38,13 +41,41 @@ impl PoolCheck {
     /// unchecked.
     pub fn region_file(&self, info: &RegionInfo, op: &'static str) -> Result<PathBuf> {
         let (file, place) = header::locate(&info.handle.pool, &info.access, self.pool_path());
+        self.verify(info, op, &place, || place.read())?;
+        Ok(file)
+    }
+
+    /// Checks the pool of a region passed as descriptor `fd` (of the server's path of the
+    /// pool): a shm pool's header is read through the descriptor, an FS_DAX pool's sidecar
+    /// from its path. A pool file replaced under the server's path (a new identity) is
+    /// refused as [`Self::region_file`] refuses another pool's file.
+    pub fn check_descriptor(
+        &self,
+        info: &RegionInfo,
+        fd: &OwnedFd,
+        op: &'static str,
+    ) -> Result<()> {
+        let (_, place) = header::locate(&info.handle.pool, &info.access, None);
+        self.verify(info, op, &place, || place.read_through(fd))
+    }
+
+    fn verify(
+        &self,
+        info: &RegionInfo,
+        op: &'static str,
+        place: &HeaderPlace,
+        read: impl FnOnce() -> std::result::Result<
+            std::result::Result<PoolHeader, HeaderError>,
+            PoolError,
+        >,
+    ) -> Result<()> {
         let want = info.access.pool_uuid;
         if want == [0; 16] {
-            return Ok(file);
+            return Ok(());
         }
         let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         if verified.get(place.path()) == Some(&want) {
-            return Ok(file);
+            return Ok(());
         }
         let hint = match &self.pool_path {
             Some(p) => format!(
@@ -56,7 +87,7 @@ impl PoolCheck {
                      MARU_POOL_PATH) to its path here"
                 .to_owned(),
         };
-        let found = place.read().map_err(|e| {
+        let found = read().map_err(|e| {
             Error::new(
                 ErrorKind::Map,
                 op,
@@ -70,7 +101,7 @@ impl PoolCheck {
         match found {
             Ok(h) if h.uuid == want => {
                 verified.insert(place.path().to_owned(), want);
-                Ok(file)
+                Ok(())
             }
             Ok(h) => Err(wrong_pool(
                 op,

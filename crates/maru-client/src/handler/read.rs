@@ -24,7 +24,7 @@ impl Hooked<'_> {
             match c.call(&Request::Lookup { key }, self.hook)? {
                 Response::Lookup(None) => Ok(None),
                 Response::Lookup(Some(loc)) => {
-                    let region = c.region_for(&loc.region)?;
+                    let region = c.region_for(&loc.region, self.hook)?;
                     Ok(Some(c.held_view(
                         &region,
                         loc.offset,
@@ -72,7 +72,7 @@ impl Hooked<'_> {
                     let region = match &mapped[i] {
                         Some(r) => r.clone(),
                         None => {
-                            let r = c.region_for(info)?;
+                            let r = c.region_for(info, self.hook)?;
                             mapped[i] = Some(r.clone());
                             r
                         }

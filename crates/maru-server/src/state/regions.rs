@@ -326,6 +326,22 @@ impl ServerState {
         Some(region.info.handle.clone())
     }
 
+    /// How to map region `region_id` for a descriptor request: any live region read-only,
+    /// read-write only a region `session` owns and has not returned.
+    pub fn descriptor_access(
+        &self,
+        session: &Session,
+        region_id: u64,
+        writable: bool,
+    ) -> Result<maru_proto::Access, WireError> {
+        if !writable {
+            return Ok(self.get_region(region_id)?.info.access.clone());
+        }
+        let region = self.owned_region(session, region_id)?;
+        check_live(&lock(&region.state), region_id)?;
+        Ok(region.info.access.clone())
+    }
+
     pub fn get_region(&self, region_id: u64) -> Result<Arc<TableRegion>, WireError> {
         self.region_by_id(region_id)
             .ok_or_else(|| err(ErrorCode::UnknownRegion, format!("no region {region_id}")))

@@ -290,6 +290,10 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
         Request::Stats,
         Request::GetRegion { region_id: 7 },
         Request::ListRegions,
+        Request::Descriptor {
+            region_id: 7,
+            writable: true,
+        },
     ];
     let responses: Vec<Response> = vec![
         Response::HelloOk(HelloOk {
@@ -311,6 +315,11 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
             connected: true,
         }]),
         Response::Region(region.clone()),
+        Response::Descriptor {
+            offset: 4096,
+            len: 2 << 20,
+            writable: false,
+        },
         Response::Bool(true),
         Response::Bools(vec![true, false, true]),
         Response::Lookup(Some(Location {

@@ -211,6 +211,28 @@ impl HeaderPlace {
         }
     }
 
+    /// Reads the header through `fd`, a descriptor of the pool's own file (the place is
+    /// [`HeaderPlace::InPool`]: what a client that was passed the descriptor, and may not
+    /// open the path, can read); a sidecar is read from its path.
+    pub fn read_through(
+        &self,
+        fd: &std::os::fd::OwnedFd,
+    ) -> Result<Result<PoolHeader, HeaderError>, PoolError> {
+        match self {
+            HeaderPlace::InPool { path, map_len } => {
+                let len = (*map_len).max(HEADER_LEN as u64);
+                let fd = fd.try_clone().map_err(|e| PoolError::io(path, e))?;
+                let m = Mapping::map_fd(fd, path, 0, len, MapMode::ReadOnly, false)
+                    .map_err(|e| PoolError::invalid(path, e.to_string()))?;
+                let mut b = vec![0u8; HEADER_LEN];
+                m.read_at(0, &mut b)
+                    .map_err(|e| PoolError::invalid(path, e.to_string()))?;
+                Ok(PoolHeader::decode(&b))
+            }
+            HeaderPlace::Sidecar { .. } => self.read(),
+        }
+    }
+
     /// Writes `h` (durably: a sidecar is replaced atomically and synced).
     pub fn write(&self, h: &PoolHeader) -> Result<(), PoolError> {
         let bytes = h.encode();
