@@ -140,24 +140,20 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
             rows::run(&mut b, t, u).with_context(|| format!("rust rows over {u}"))?;
         }
     }
+    let located = if args.no_python {
+        Err("--no-python".to_owned())
+    } else {
+        python::locate(args.python.as_deref())
+    };
     if on(Section::Python) && !urls.is_empty() {
         b.section("Python package, one client (* = another Python thread burning CPU)");
-        let located = if args.no_python {
-            Err("--no-python".to_owned())
-        } else {
-            python::locate(args.python.as_deref())
-        };
-        match located {
+        match &located {
             Ok((py, script)) => {
-                if let Err(e) = python::run(&mut b, &py, &script, &urls, mode) {
-                    let _ = writeln!(b.out, "python rows failed: {e:#}");
-                    notes.push(format!("python rows failed: {e:#}"));
+                if let Err(e) = python::run(&mut b, py, script, &urls, mode) {
+                    note(&mut b, &mut notes, format!("python rows failed: {e:#}"));
                 }
             }
-            Err(why) => {
-                let _ = writeln!(b.out, "python rows skipped: {why}");
-                notes.push(format!("python rows skipped: {why}"));
-            }
+            Err(why) => note(&mut b, &mut notes, format!("python rows skipped: {why}")),
         }
     }
     if on(Section::Cross) {
@@ -233,28 +229,25 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
         } else {
             tcp_rtt
         };
-        let located = if args.no_python {
-            Err("--no-python".to_owned())
-        } else {
-            python::locate(args.python.as_deref())
-        };
-        match located {
+        match &located {
             Ok((py, script)) => {
-                match crate::lmcache::run(&py, &script, url, mode, rtt, memcpy_out, &mut b.out) {
+                match crate::lmcache::run(py, script, url, mode, rtt, memcpy_out, &mut b.out) {
                     Ok(mut v) => {
                         v["transport"] = t.name().into();
                         lmcache_report = Some(v);
                     }
-                    Err(e) => {
-                        let _ = writeln!(b.out, "LMCache-shaped load failed: {e:#}");
-                        notes.push(format!("LMCache-shaped load failed: {e:#}"));
-                    }
+                    Err(e) => note(
+                        &mut b,
+                        &mut notes,
+                        format!("LMCache-shaped load failed: {e:#}"),
+                    ),
                 }
             }
-            Err(why) => {
-                let _ = writeln!(b.out, "LMCache-shaped load skipped: {why}");
-                notes.push(format!("LMCache-shaped load skipped: {why}"));
-            }
+            Err(why) => note(
+                &mut b,
+                &mut notes,
+                format!("LMCache-shaped load skipped: {why}"),
+            ),
         }
     }
     drop(embedded);
@@ -332,6 +325,12 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
     drop(scratch);
     drop(spinners);
     Ok(())
+}
+
+/// Prints `msg` where the tables go and keeps it for the report's notes.
+fn note(b: &mut Bench, notes: &mut Vec<String>, msg: String) {
+    let _ = writeln!(b.out, "{msg}");
+    notes.push(msg);
 }
 
 /// Reads the description of the region a freshly stored key lives in, as the server sends it
