@@ -93,13 +93,14 @@ fn checkpoint_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let empty = encode_checkpoint(&Checkpoint {
         seq: 0,
         next_region_id: 1,
-        allocations: Vec::new(),
+        ..Checkpoint::default()
     })
     .unwrap();
     let three = encode_checkpoint(&Checkpoint {
         seq: 77,
         next_region_id: 4,
         allocations,
+        bindings: Vec::new(),
     })
     .unwrap();
     vec![

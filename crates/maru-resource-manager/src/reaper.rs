@@ -6,10 +6,14 @@
 //! - A remote owner cannot be checked that way: it is dead when it has had no connection for
 //!   longer than the grace period. A new connection naming the same `host:pid` in time
 //!   cancels. Owners recovered after a restart count as disconnected since the start.
+//! - A dead owner bound to a metadata server identity (`manager::servers`) keeps its regions
+//!   for the server grace more, counted from the pass that first found it dead, so that a
+//!   restarted server presenting the same identity can adopt them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::server::{lock, Shared};
 use crate::wal::Owner;
@@ -35,7 +39,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 }
 
 /// Why `owner` is dead, or `None` while it lives.
-fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
+pub(crate) fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
     if owner.host == shared.hostname {
         return local_verdict(owner);
     }
@@ -78,10 +82,31 @@ pub(crate) fn reap_once(shared: &Shared) {
             .push(a.region_id);
     }
     for (owner, regions) in by_owner {
-        let Some(reason) = verdict(shared, &owner) else {
+        let Some(mut reason) = verdict(shared, &owner) else {
             continue;
         };
         let mut m = lock(&shared.manager);
+        if m.server_id_of(&owner).is_some() {
+            let mut dead = lock(&shared.server_dead_since);
+            let since = *dead.entry(owner.clone()).or_insert_with(|| {
+                tracing::info!(
+                    "metadata server {} is dead ({reason}); its {} regions wait {:.1} s for \
+                    its successor",
+                    owner.key(),
+                    regions.len(),
+                    shared.server_grace.as_secs_f64()
+                );
+                Instant::now()
+            });
+            if since.elapsed() < shared.server_grace {
+                continue;
+            }
+            dead.remove(&owner);
+            reason = format!(
+                "{reason}; no successor adopted its regions within the server grace ({:.1} s)",
+                shared.server_grace.as_secs_f64()
+            );
+        }
         for id in regions {
             match m.reclaim(id, &owner) {
                 Ok(Some(a)) => tracing::info!(

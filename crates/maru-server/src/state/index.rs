@@ -345,6 +345,10 @@ impl ServerState {
         let Some(ix) = &self.index else {
             return Ok(Restored::default());
         };
+        // Regions of the previous process that no key names (adopted from it at the
+        // resource manager, their sessions gone with it) go back at the first reconcile.
+        self.reconcile_due
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut g = lock(&ix.inner);
         let Some(w) = g.as_mut() else {
             return Ok(Restored::default());
