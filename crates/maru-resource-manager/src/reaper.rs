@@ -64,12 +64,28 @@ pub(crate) fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
 fn local_verdict(owner: &Owner) -> Option<String> {
     match maru_transport::process_start_time(owner.pid) {
         None => Some("process is gone".into()),
+        // It has exited and waits for its parent to collect it: it holds no memory and no
+        // connection, and a successor must not be refused because of it.
+        Some(_) if exited(owner.pid) => Some("process has exited".into()),
         Some(t) if owner.start_time != 0 && t != owner.start_time => Some(format!(
             "pid was reused (start time {t}, recorded {})",
             owner.start_time
         )),
         Some(_) => None,
     }
+}
+
+/// Whether process `pid` has exited and is not yet collected (a zombie: state `Z` or `X`
+/// in `/proc/PID/stat`).
+fn exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The command name (field 2) is in parentheses and may contain spaces: skip past it.
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    matches!(state, Some("Z" | "X"))
 }
 
 /// One pass over every owner.
@@ -147,5 +163,26 @@ mod tests {
             ..owner(start)
         };
         assert_eq!(local_verdict(&gone).as_deref(), Some("process is gone"));
+    }
+
+    #[test]
+    fn an_exited_process_not_yet_collected_is_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not waited for: once it exits it stays a zombie until `wait`.
+        let exited_in_time = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            exited(pid)
+        });
+        assert!(exited_in_time, "the child never showed as exited");
+        let (host, _, _) = maru_transport::local_identity();
+        let owner = Owner {
+            host,
+            pid,
+            start_time: maru_transport::process_start_time(pid).unwrap_or(0),
+        };
+        assert_eq!(local_verdict(&owner).as_deref(), Some("process has exited"));
+        child.wait().unwrap();
+        assert!(!exited(std::process::id()));
     }
 }
