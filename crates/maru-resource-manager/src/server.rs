@@ -510,8 +510,8 @@ fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Re
 /// server: the Unix socket (the kernel vouched for a uid the resource manager serves) or a
 /// TCP connection that proved it holds the cluster secret. Without that proof an identity
 /// with regions to adopt is refused, and one with none is ignored (the connection owns
-/// regions as its process only, without the grace). An identity whose owner is alive is
-/// refused: two live servers never share one.
+/// regions as its process only, without the grace). A proven identity whose owner is
+/// alive is refused: two live servers never share one.
 fn server_identity(
     shared: &Shared,
     caller: &Caller,
@@ -526,6 +526,21 @@ fn server_identity(
     let (dead, alive): (Vec<Owner>, Vec<Owner>) = others
         .into_iter()
         .partition(|o| crate::reaper::verdict(shared, o).is_some());
+    if !proven {
+        if !dead.is_empty() {
+            return Err(WireError::new(
+                ErrorCode::Unauthenticated,
+                "adopting a metadata server's regions needs the resource manager's Unix \
+                 socket or a TCP connection with the cluster secret",
+            ));
+        }
+        tracing::warn!(
+            "{}: a metadata server identity over TCP without the cluster secret is ignored \
+             (its regions get no grace when it dies)",
+            owner.key()
+        );
+        return Ok(None);
+    }
     if let Some(live) = alive.first() {
         return Err(WireError::new(
             ErrorCode::SessionConflict,
@@ -534,21 +549,6 @@ fn server_identity(
                 live.key()
             ),
         ));
-    }
-    if !proven {
-        if !dead.is_empty() {
-            return Err(WireError::new(
-                ErrorCode::Unauthenticated,
-                "adopting a metadata server's regions needs the resource manager's Unix \
-                    socket or a TCP connection with the cluster secret",
-            ));
-        }
-        tracing::warn!(
-            "{}: a metadata server identity over TCP without the cluster secret is ignored \
-                    (its regions get no grace when it dies)",
-            owner.key()
-        );
-        return Ok(None);
     }
     for from in dead {
         let n = lock(&shared.manager).adopt(&from, owner)?;
