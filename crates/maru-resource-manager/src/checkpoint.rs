@@ -2,7 +2,9 @@
 //!
 //! Layout (little-endian): magic `MRCK` (4), version (4), body length (8), CRC-32 of the
 //! body (4), body: last applied sequence (8), next region id (8), allocation count (8), then
-//! each allocation as in the WAL. [`decode_checkpoint`] is a pure function of bytes.
+//! each allocation as in the WAL; from version 2 on, then the count of server bindings (8)
+//! and each binding (owner as in the WAL, then the server id). Version 1 (no bindings) is
+//! still read. [`decode_checkpoint`] is a pure function of bytes.
 //!
 //! Written to `checkpoint.tmp`, fsynced, renamed over `checkpoint`, directory fsynced: a
 //! crash leaves either the old or the new checkpoint, never a mix.
@@ -14,14 +16,21 @@ use std::path::Path;
 
 use maru_proto::{Reader, Writer};
 
-use crate::wal::{get_allocation, put_allocation, Allocation};
+use crate::wal::{
+    get_allocation, get_owner, put_allocation, put_owner, Allocation, Owner, ServerId,
+    SERVER_ID_LEN,
+};
 
 /// `b"MRCK"` as a little-endian u32.
 pub const CHECKPOINT_MAGIC: u32 = u32::from_le_bytes(*b"MRCK");
-pub const CHECKPOINT_VERSION: u32 = 1;
+pub const CHECKPOINT_VERSION: u32 = 2;
+/// The oldest version this build reads.
+const OLDEST_VERSION: u32 = 1;
 const HEADER_LEN: usize = 20;
 /// Smallest encoded allocation: id, two empty strings, offset, len, pid, start time.
 const MIN_ALLOCATION_LEN: usize = 8 + 4 + 8 + 8 + 4 + 4 + 8;
+/// Smallest encoded binding: an empty host, pid, start time, server id.
+const MIN_BINDING_LEN: usize = 4 + 4 + 8 + SERVER_ID_LEN;
 
 /// The allocation table at sequence number `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -31,6 +40,8 @@ pub struct Checkpoint {
     /// Region ids below this were handed out at some point and are never reused.
     pub next_region_id: u64,
     pub allocations: Vec<Allocation>,
+    /// Owners that are metadata servers with a durable identity (`WalOp::Bind`).
+    pub bindings: Vec<(Owner, ServerId)>,
 }
 
 /// Why a checkpoint is unusable.
@@ -40,7 +51,9 @@ pub enum CheckpointError {
     Truncated(usize),
     #[error("bad magic {0:#010x}: not a Maru checkpoint")]
     BadMagic(u32),
-    #[error("version {0} is not supported (this build reads {CHECKPOINT_VERSION})")]
+    #[error(
+        "version {0} is not supported (this build reads {OLDEST_VERSION} to {CHECKPOINT_VERSION})"
+    )]
     Version(u32),
     #[error("body length {declared} does not match the {actual} bytes present")]
     Length { declared: u64, actual: usize },
@@ -60,6 +73,11 @@ pub fn encode_checkpoint(c: &Checkpoint) -> Result<Vec<u8>, maru_proto::EncodeEr
         w.u64(c.allocations.len() as u64);
         for a in &c.allocations {
             put_allocation(&mut w, a)?;
+        }
+        w.u64(c.bindings.len() as u64);
+        for (owner, id) in &c.bindings {
+            put_owner(&mut w, owner)?;
+            w.raw(id);
         }
     }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
@@ -83,7 +101,7 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         return Err(CheckpointError::BadMagic(magic));
     }
     let version = u32_at(4);
-    if version != CHECKPOINT_VERSION {
+    if !(OLDEST_VERSION..=CHECKPOINT_VERSION).contains(&version) {
         return Err(CheckpointError::Version(version));
     }
     let mut len = [0u8; 8];
@@ -115,11 +133,26 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
     for _ in 0..count {
         allocations.push(get_allocation(&mut r).map_err(body_err)?);
     }
+    let mut bindings = Vec::new();
+    if version >= 2 {
+        let count = r.u64().map_err(body_err)?;
+        if count > (r.remaining() / MIN_BINDING_LEN) as u64 {
+            return Err(CheckpointError::Body(format!(
+                "{count} server bindings cannot fit in {} bytes",
+                r.remaining()
+            )));
+        }
+        for _ in 0..count {
+            let owner = get_owner(&mut r).map_err(body_err)?;
+            bindings.push((owner, r.fixed().map_err(body_err)?));
+        }
+    }
     r.finish().map_err(body_err)?;
     Ok(Checkpoint {
         seq,
         next_region_id,
         allocations,
+        bindings,
     })
 }
 
@@ -146,7 +179,6 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::Owner;
 
     fn sample() -> Checkpoint {
         Checkpoint {
@@ -165,7 +197,30 @@ mod tests {
                     },
                 })
                 .collect(),
+            bindings: vec![(
+                Owner {
+                    host: "node-a".into(),
+                    pid: 101,
+                    start_time: 5,
+                },
+                [7; SERVER_ID_LEN],
+            )],
         }
+    }
+
+    #[test]
+    fn a_version_1_checkpoint_is_read_with_no_bindings() {
+        let mut c = sample();
+        c.bindings.clear();
+        let mut bytes = encode_checkpoint(&c).unwrap();
+        // Version 1 is version 2 without the binding count at the end.
+        bytes.truncate(bytes.len() - 8);
+        bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let body_len = (bytes.len() - HEADER_LEN) as u64;
+        bytes[8..16].copy_from_slice(&body_len.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[HEADER_LEN..]);
+        bytes[16..20].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_checkpoint(&bytes).unwrap(), c);
     }
 
     #[test]

@@ -34,6 +34,10 @@ struct Args {
     /// Seconds a remote owner may stay disconnected before its regions are reclaimed.
     #[arg(long, default_value_t = 30.0)]
     grace_period: f64,
+    /// Seconds the regions of a dead metadata server (one with a lasting key index) wait
+    /// for its successor to adopt them before they are reclaimed.
+    #[arg(long, default_value_t = crate::DEFAULT_SERVER_GRACE.as_secs_f64())]
+    server_grace_secs: f64,
     /// Connections served at once.
     #[arg(long, default_value_t = 256)]
     max_clients: usize,
@@ -118,6 +122,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !args.grace_period.is_finite() || args.grace_period < 0.0 {
         anyhow::bail!("--grace-period must be a non-negative number of seconds");
     }
+    if !args.server_grace_secs.is_finite() || args.server_grace_secs < 0.0 {
+        anyhow::bail!("--server-grace-secs must be a non-negative number of seconds");
+    }
     let state_dir = args
         .state_dir
         .clone()
@@ -130,6 +137,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, false) => Some(cfg.state_dir.join("rm.sock")),
     };
     cfg.grace_period = Duration::from_secs_f64(args.grace_period);
+    cfg.server_grace = Duration::from_secs_f64(args.server_grace_secs);
     cfg.max_clients = args.max_clients;
     cfg.dead_peer_after = args.tcp.dead_peer_after();
     cfg.tcp_auth = args.tcp.auth()?;

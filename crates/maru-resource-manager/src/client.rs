@@ -42,6 +42,26 @@ impl RmClient {
         })
     }
 
+    /// Connects as this process, a metadata server ([`Role::Server`]) with the durable
+    /// identity `server_id`: regions allocated through it wait out the resource manager's
+    /// server grace when this process dies, and a successor presenting the same identity
+    /// adopts them at its Hello (over the Unix socket, or TCP with the cluster secret).
+    pub fn connect_server(
+        url: &ServerUrl,
+        server_id: &[u8; maru_proto::SESSION_TOKEN_LEN],
+        timeout: Duration,
+        secret: Option<&maru_transport::auth::ClusterSecret>,
+    ) -> Result<Self, RmClientError> {
+        let (host, pid, start_time) = maru_transport::local_identity();
+        let hello = Hello {
+            session_token: Some(*server_id),
+            ..Hello::sessionless(Role::Server, &host, pid, start_time)
+        };
+        Ok(RmClient {
+            conn: BlockingConn::connect_with(url, &hello, timeout, secret)?,
+        })
+    }
+
     /// Connects under an explicit identity. Tests use it to play a remote host or a process
     /// whose start time changed; `start_time` 0 lets a same-host resource manager read it.
     pub fn connect_as(

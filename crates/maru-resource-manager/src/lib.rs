@@ -75,6 +75,10 @@ pub const DEFAULT_PORT: u16 = 9850;
 /// client out. Handshaken connections may then stay idle as long as they like.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Default of [`RmConfig::server_grace`]: long enough for a supervisor to start a killed
+/// metadata server again and for it to re-attach its key index.
+pub const DEFAULT_SERVER_GRACE: Duration = Duration::from_secs(45);
+
 /// How a resource manager runs.
 #[derive(Debug, Clone)]
 pub struct RmConfig {
@@ -89,6 +93,9 @@ pub struct RmConfig {
     pub pools: Vec<PoolSpec>,
     /// How long a remote owner may stay disconnected before its regions are reclaimed.
     pub grace_period: Duration,
+    /// How long the regions of a dead metadata server that has a durable identity wait for
+    /// a successor presenting that identity to adopt them, before they are reclaimed.
+    pub server_grace: Duration,
     /// Connections served at once; the next one is refused with `TooManyClients`.
     pub max_clients: usize,
     /// Operations between checkpoints (0: only at shutdown and after recovery).
@@ -124,6 +131,7 @@ impl RmConfig {
             state_dir,
             pools,
             grace_period: Duration::from_secs(30),
+            server_grace: DEFAULT_SERVER_GRACE,
             max_clients: 256,
             checkpoint_every: 1000,
             reap_interval: Duration::from_secs(1),
@@ -187,6 +195,8 @@ pub fn start(cfg: RmConfig) -> Result<RmHandle, RmError> {
         hostname,
         uid: maru_transport::effective_uid(),
         grace_period: cfg.grace_period,
+        server_grace: cfg.server_grace,
+        server_dead_since: Mutex::new(HashMap::new()),
         reap_interval: cfg.reap_interval.max(Duration::from_millis(1)),
         max_clients: cfg.max_clients,
         stall_timeout: cfg.stall_timeout,

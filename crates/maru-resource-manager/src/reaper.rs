@@ -6,10 +6,14 @@
 //! - A remote owner cannot be checked that way: it is dead when it has had no connection for
 //!   longer than the grace period. A new connection naming the same `host:pid` in time
 //!   cancels. Owners recovered after a restart count as disconnected since the start.
+//! - A dead owner bound to a metadata server identity (`manager::servers`) keeps its regions
+//!   for the server grace more, counted from the pass that first found it dead, so that a
+//!   restarted server presenting the same identity can adopt them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::server::{lock, Shared};
 use crate::wal::Owner;
@@ -35,7 +39,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 }
 
 /// Why `owner` is dead, or `None` while it lives.
-fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
+pub(crate) fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
     if owner.host == shared.hostname {
         return local_verdict(owner);
     }
@@ -60,12 +64,28 @@ fn verdict(shared: &Shared, owner: &Owner) -> Option<String> {
 fn local_verdict(owner: &Owner) -> Option<String> {
     match maru_transport::process_start_time(owner.pid) {
         None => Some("process is gone".into()),
+        // It has exited and waits for its parent to collect it: it holds no memory and no
+        // connection, and a successor must not be refused because of it.
+        Some(_) if exited(owner.pid) => Some("process has exited".into()),
         Some(t) if owner.start_time != 0 && t != owner.start_time => Some(format!(
             "pid was reused (start time {t}, recorded {})",
             owner.start_time
         )),
         Some(_) => None,
     }
+}
+
+/// Whether process `pid` has exited and is not yet collected (a zombie: state `Z` or `X`
+/// in `/proc/PID/stat`).
+fn exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The command name (field 2) is in parentheses and may contain spaces: skip past it.
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    matches!(state, Some("Z" | "X"))
 }
 
 /// One pass over every owner.
@@ -78,10 +98,31 @@ pub(crate) fn reap_once(shared: &Shared) {
             .push(a.region_id);
     }
     for (owner, regions) in by_owner {
-        let Some(reason) = verdict(shared, &owner) else {
+        let Some(mut reason) = verdict(shared, &owner) else {
             continue;
         };
         let mut m = lock(&shared.manager);
+        if m.server_id_of(&owner).is_some() {
+            let mut dead = lock(&shared.server_dead_since);
+            let since = *dead.entry(owner.clone()).or_insert_with(|| {
+                tracing::info!(
+                    "metadata server {} is dead ({reason}); its {} regions wait {:.1} s for \
+                    its successor",
+                    owner.key(),
+                    regions.len(),
+                    shared.server_grace.as_secs_f64()
+                );
+                Instant::now()
+            });
+            if since.elapsed() < shared.server_grace {
+                continue;
+            }
+            dead.remove(&owner);
+            reason = format!(
+                "{reason}; no successor adopted its regions within the server grace ({:.1} s)",
+                shared.server_grace.as_secs_f64()
+            );
+        }
         for id in regions {
             match m.reclaim(id, &owner) {
                 Ok(Some(a)) => tracing::info!(
@@ -122,5 +163,26 @@ mod tests {
             ..owner(start)
         };
         assert_eq!(local_verdict(&gone).as_deref(), Some("process is gone"));
+    }
+
+    #[test]
+    fn an_exited_process_not_yet_collected_is_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not waited for: once it exits it stays a zombie until `wait`.
+        let exited_in_time = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            exited(pid)
+        });
+        assert!(exited_in_time, "the child never showed as exited");
+        let (host, _, _) = maru_transport::local_identity();
+        let owner = Owner {
+            host,
+            pid,
+            start_time: maru_transport::process_start_time(pid).unwrap_or(0),
+        };
+        assert_eq!(local_verdict(&owner).as_deref(), Some("process has exited"));
+        child.wait().unwrap();
+        assert!(!exited(std::process::id()));
     }
 }

@@ -19,7 +19,7 @@ use maru_transport::{FrameBuf, FrameReadError, Stream};
 
 use crate::identity::{self, Caller};
 use crate::manager::Manager;
-use crate::wal::Owner;
+use crate::wal::{Owner, ServerId};
 
 /// How often a blocked read wakes up to look at the shutdown flag.
 const POLL: Duration = Duration::from_millis(500);
@@ -56,6 +56,11 @@ pub(crate) struct Shared {
     /// This process's effective uid: the one uid (besides root) the Unix socket serves.
     pub uid: u32,
     pub grace_period: Duration,
+    /// See [`crate::RmConfig::server_grace`].
+    pub server_grace: Duration,
+    /// Dead owners bound to a server identity, and since when the reaper knows them dead
+    /// (the grace runs from then; after a restart of the resource manager it starts over).
+    pub server_dead_since: Mutex<HashMap<Owner, Instant>>,
     pub reap_interval: Duration,
     pub max_clients: usize,
     pub stall_timeout: Duration,
@@ -254,6 +259,8 @@ struct ConnState {
     owner: Option<Owner>,
     role: Role,
     caller: Caller,
+    /// The durable identity of a metadata server that proved it may present one.
+    server_id: Option<ServerId>,
 }
 
 /// Serves one connection until it closes, misbehaves beyond repair or the daemon stops.
@@ -284,6 +291,7 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream, caller: Caller) {
         owner: None,
         role: Role::Admin,
         caller,
+        server_id: None,
     };
     loop {
         // Until its Hello, a connection has a deadline (a silent one would hold its slot
@@ -413,6 +421,11 @@ fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Re
             }
             let owner = identity::owner_of(&conn.caller, &h, &shared.hostname, shared.uid)
                 .inspect_err(|e| tracing::warn!("hello refused: {}", e.message))?;
+            let server_id = match (h.role, h.session_token) {
+                (Role::Server, Some(id)) => server_identity(shared, &conn.caller, &owner, &id)
+                    .inspect_err(|e| tracing::warn!("hello refused: {}", e.message))?,
+                _ => None,
+            };
             {
                 let mut presence = lock(&shared.presence);
                 let p = presence
@@ -426,6 +439,7 @@ fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Re
             tracing::debug!("hello from {} ({:?})", owner.key(), h.role);
             conn.owner = Some(owner);
             conn.role = h.role;
+            conn.server_id = server_id;
             Ok(Response::HelloOk(HelloOk {
                 server: format!("maru-resource-manager {}", env!("CARGO_PKG_VERSION")),
                 hostname: shared.hostname.clone(),
@@ -442,7 +456,15 @@ fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Re
                 ));
             }
             let owner = owner.ok_or_else(not_handshaken)?;
-            let h = lock(&shared.manager).alloc(&owner, size, pool)?;
+            let h = {
+                let mut m = lock(&shared.manager);
+                if let Some(id) = &conn.server_id {
+                    // Before the region exists, so that it is never a server's without
+                    // the grace.
+                    m.bind(&owner, id)?;
+                }
+                m.alloc(&owner, size, pool)?
+            };
             tracing::debug!(
                 "region {} ({} bytes at {} in {}) to {}",
                 h.region_id,
@@ -474,6 +496,63 @@ fn handle(shared: &Arc<Shared>, conn: &mut ConnState, req: Request) -> Result<Re
             format!("{} is not a resource-manager request", other.name()),
         )),
     }
+}
+
+/// The durable identity a server's Hello may act for, adopting the regions of a dead
+/// predecessor that presented it. Adopting needs proof that the caller may act for the
+/// server: the Unix socket (the kernel vouched for a uid the resource manager serves) or a
+/// TCP connection that proved it holds the cluster secret. Without that proof an identity
+/// with regions to adopt is refused, and one with none is ignored (the connection owns
+/// regions as its process only, without the grace). A proven identity whose owner is
+/// alive is refused: two live servers never share one.
+fn server_identity(
+    shared: &Shared,
+    caller: &Caller,
+    owner: &Owner,
+    id: &ServerId,
+) -> Result<Option<ServerId>, WireError> {
+    let proven = match caller {
+        Caller::Unix(_) => true,
+        Caller::TcpLocal(_) | Caller::TcpRemote => shared.tcp_auth.is_some(),
+    };
+    let others = lock(&shared.manager).bound_to(id, owner);
+    let (dead, alive): (Vec<Owner>, Vec<Owner>) = others
+        .into_iter()
+        .partition(|o| crate::reaper::verdict(shared, o).is_some());
+    if !proven {
+        if !dead.is_empty() {
+            return Err(WireError::new(
+                ErrorCode::Unauthenticated,
+                "adopting a metadata server's regions needs the resource manager's Unix \
+                 socket or a TCP connection with the cluster secret",
+            ));
+        }
+        tracing::warn!(
+            "{}: a metadata server identity over TCP without the cluster secret is ignored \
+             (its regions get no grace when it dies)",
+            owner.key()
+        );
+        return Ok(None);
+    }
+    if let Some(live) = alive.first() {
+        return Err(WireError::new(
+            ErrorCode::SessionConflict,
+            format!(
+                "another live process ({}) holds this metadata server identity",
+                live.key()
+            ),
+        ));
+    }
+    for from in dead {
+        let n = lock(&shared.manager).adopt(&from, owner)?;
+        lock(&shared.server_dead_since).remove(&from);
+        tracing::info!(
+            "{} adopted {n} regions of the dead metadata server {} (same identity)",
+            owner.key(),
+            from.key()
+        );
+    }
+    Ok(Some(*id))
 }
 
 fn not_handshaken() -> WireError {

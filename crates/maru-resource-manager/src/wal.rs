@@ -32,6 +32,15 @@ pub const MAX_RECORD_BODY: u32 = 64 * 1024;
 const TAG_ALLOC: u8 = 1;
 const TAG_FREE: u8 = 2;
 const TAG_RECLAIM: u8 = 3;
+const TAG_BIND: u8 = 4;
+const TAG_ADOPT: u8 = 5;
+
+/// Length of a metadata server's durable identity (its `Role::Server` Hello's token).
+pub const SERVER_ID_LEN: usize = maru_proto::SESSION_TOKEN_LEN;
+
+/// A metadata server's durable identity: the same across its restarts, so that a restarted
+/// server may adopt the regions its dead predecessor owned (see `reaper`).
+pub type ServerId = [u8; SERVER_ID_LEN];
 
 /// The process that owns a region.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,6 +80,18 @@ pub enum WalOp {
     /// Taken back from a dead owner.
     Reclaim {
         region_id: u64,
+    },
+    /// `owner` is the metadata server with durable identity `server_id`: when it dies, its
+    /// regions wait out the server grace for a successor.
+    Bind {
+        owner: Owner,
+        server_id: ServerId,
+    },
+    /// Every region of `from` (a dead server) now belongs to `to` (its successor, which
+    /// presented the same identity), and so does the identity.
+    Adopt {
+        from: Owner,
+        to: Owner,
     },
 }
 
@@ -121,10 +142,22 @@ pub(crate) fn put_allocation(
     w.str(&a.pool)?;
     w.u64(a.offset);
     w.u64(a.len);
-    w.str(&a.owner.host)?;
-    w.u32(a.owner.pid);
-    w.u64(a.owner.start_time);
+    put_owner(w, &a.owner)
+}
+
+pub(crate) fn put_owner(w: &mut Writer, o: &Owner) -> Result<(), maru_proto::EncodeError> {
+    w.str(&o.host)?;
+    w.u32(o.pid);
+    w.u64(o.start_time);
     Ok(())
+}
+
+pub(crate) fn get_owner(r: &mut Reader) -> Result<Owner, maru_proto::DecodeError> {
+    Ok(Owner {
+        host: r.str()?.to_owned(),
+        pid: r.u32()?,
+        start_time: r.u64()?,
+    })
 }
 
 pub(crate) fn get_allocation(r: &mut Reader) -> Result<Allocation, maru_proto::DecodeError> {
@@ -133,11 +166,7 @@ pub(crate) fn get_allocation(r: &mut Reader) -> Result<Allocation, maru_proto::D
         pool: r.str()?.to_owned(),
         offset: r.u64()?,
         len: r.u64()?,
-        owner: Owner {
-            host: r.str()?.to_owned(),
-            pid: r.u32()?,
-            start_time: r.u64()?,
-        },
+        owner: get_owner(r)?,
     })
 }
 
@@ -159,6 +188,16 @@ pub fn encode_record(seq: u64, op: &WalOp) -> Result<Vec<u8>, maru_proto::Encode
             WalOp::Reclaim { region_id } => {
                 w.u8(TAG_RECLAIM);
                 w.u64(*region_id);
+            }
+            WalOp::Bind { owner, server_id } => {
+                w.u8(TAG_BIND);
+                put_owner(&mut w, owner)?;
+                w.raw(server_id);
+            }
+            WalOp::Adopt { from, to } => {
+                w.u8(TAG_ADOPT);
+                put_owner(&mut w, from)?;
+                put_owner(&mut w, to)?;
             }
         }
     }
@@ -189,6 +228,14 @@ fn decode_body(body: &[u8]) -> Result<WalOp, String> {
         },
         TAG_RECLAIM => WalOp::Reclaim {
             region_id: r.u64().map_err(|e| e.to_string())?,
+        },
+        TAG_BIND => WalOp::Bind {
+            owner: get_owner(&mut r).map_err(|e| e.to_string())?,
+            server_id: r.fixed().map_err(|e| e.to_string())?,
+        },
+        TAG_ADOPT => WalOp::Adopt {
+            from: get_owner(&mut r).map_err(|e| e.to_string())?,
+            to: get_owner(&mut r).map_err(|e| e.to_string())?,
         },
         t => return Err(format!("unknown record tag {t}")),
     };

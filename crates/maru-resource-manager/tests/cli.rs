@@ -20,12 +20,25 @@ fn help_lists_the_flags() {
             "--state-dir",
             "--log-level",
             "--grace-period",
+            "--server-grace-secs",
             "--max-clients",
             "--pool",
             "--ready-file",
             "--metrics-port",
         ],
     );
+}
+
+#[test]
+fn a_negative_server_grace_is_refused() {
+    let d = temp_dir();
+    let out = rm_command(d.path(), &pool_args(d.path()))
+        .arg("--server-grace-secs=-1")
+        .output()
+        .expect("the binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--server-grace-secs"), "{err}");
 }
 
 #[test]

@@ -38,6 +38,14 @@ fn op() -> impl Strategy<Value = WalOp> {
         allocation().prop_map(WalOp::Alloc),
         any::<u64>().prop_map(|region_id| WalOp::Free { region_id }),
         any::<u64>().prop_map(|region_id| WalOp::Reclaim { region_id }),
+        (allocation(), any::<[u8; 16]>()).prop_map(|(a, server_id)| WalOp::Bind {
+            owner: a.owner,
+            server_id
+        }),
+        (allocation(), allocation()).prop_map(|(a, b)| WalOp::Adopt {
+            from: a.owner,
+            to: b.owner
+        }),
     ]
 }
 
@@ -66,7 +74,8 @@ proptest! {
 
     #[test]
     fn checkpoints_round_trip_and_mutations_are_refused(allocations in proptest::collection::vec(allocation(), 0..8), seq in any::<u64>(), next in any::<u64>(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
-        let c = Checkpoint { seq, next_region_id: next, allocations };
+        let bindings = allocations.iter().map(|a| (a.owner.clone(), [a.len as u8; 16])).collect();
+        let c = Checkpoint { seq, next_region_id: next, allocations, bindings };
         let bytes = encode_checkpoint(&c).unwrap();
         prop_assert_eq!(decode_checkpoint(&bytes).unwrap(), c);
         let mut bad = bytes.clone();

@@ -13,6 +13,93 @@ use maru_proto::Role;
 use maru_resource_manager::RmClient;
 
 const CHILD_ENV: &str = "MARU_RM_TEST_REAPER_CHILD";
+const SERVER_ID_ENV: &str = "MARU_RM_TEST_REAPER_SERVER_ID";
+const SERVER_ID: [u8; 16] = [0x42; 16];
+
+/// Starts the child of `child_client_mode` against `url` and waits until it allocated its
+/// two regions.
+fn spawn_child(url: &maru_proto::ServerUrl, server: bool) -> std::process::Child {
+    let mut cmd = maru_testkit::rerun_test("child_client_mode");
+    cmd.env(CHILD_ENV, url.to_string());
+    if server {
+        cmd.env(SERVER_ID_ENV, "1");
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let ready = out
+        .lines()
+        .any(|l| l.is_ok_and(|l| l.contains("CHILD-READY")));
+    assert!(ready, "child did not allocate");
+    child
+}
+
+/// A metadata server's durable identity: while its process lives nobody else may present
+/// it; once it is dead its regions wait out the server grace (the reaper passes them by)
+/// and a process presenting the identity over the Unix socket adopts every one of them.
+#[test]
+fn a_dead_servers_regions_wait_for_a_successor_that_adopts_them() {
+    let d = temp_dir();
+    let mut cfg = rm_config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
+    cfg.reap_interval = Duration::from_millis(50);
+    cfg.server_grace = Duration::from_secs(60);
+    cfg.unix = Some(d.path().join("rm.sock"));
+    let rm = maru_resource_manager::start(cfg).unwrap();
+    let unix = maru_proto::ServerUrl::Unix(d.path().join("rm.sock"));
+    let mut child = spawn_child(&unix, true);
+    let before: Vec<u64> = rm.list().iter().map(|a| a.handle.region_id).collect();
+    assert_eq!(before.len(), 2);
+
+    let e = RmClient::connect_server(&unix, &SERVER_ID, TIMEOUT, None)
+        .err()
+        .expect("a live server's identity was taken");
+    assert_eq!(
+        e.remote().map(|w| w.code),
+        Some(maru_proto::ErrorCode::SessionConflict),
+        "{e}"
+    );
+    assert!(rm.list().iter().all(|a| a.owner_pid == child.id()));
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_reaper_passes(&rm, 10);
+    let list = rm.list();
+    assert_eq!(list.len(), 2, "reclaimed within the server grace");
+    assert_eq!(rm.stats().reclaimed_regions, 0);
+
+    let _successor = RmClient::connect_server(&unix, &SERVER_ID, TIMEOUT, None).unwrap();
+    let me = std::process::id();
+    let after = rm.list();
+    assert!(after.iter().all(|a| a.owner_pid == me), "{after:?}");
+    let ids: Vec<u64> = after.iter().map(|a| a.handle.region_id).collect();
+    assert_eq!(ids, before);
+    wait_reaper_passes(&rm, 3);
+    assert_eq!(rm.list().len(), 2, "an adopted region was reclaimed");
+    rm.shutdown();
+}
+
+/// Without a durable identity a dead server's regions are reclaimed at once, as any local
+/// owner's, whatever the server grace.
+#[test]
+fn a_server_without_an_identity_gets_no_grace() {
+    let d = temp_dir();
+    let mut cfg = rm_config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
+    cfg.reap_interval = Duration::from_millis(50);
+    cfg.server_grace = Duration::from_secs(60);
+    let rm = maru_resource_manager::start(cfg).unwrap();
+    let mut child = spawn_child(&rm.url(), false);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || rm.list().is_empty()),
+        "{:?}",
+        rm.list()
+    );
+    rm.shutdown();
+}
 
 /// Not a test on its own: the body of the child process of
 /// `sigkilled_local_client_regions_are_reclaimed_within_3s` (this test binary re-executed
@@ -23,7 +110,11 @@ fn child_client_mode() {
         return;
     };
     let url = maru_proto::ServerUrl::parse(&url).unwrap();
-    let mut c = RmClient::connect(&url, Role::Server, TIMEOUT).unwrap();
+    // With SERVER_ID_ENV: a metadata server with that durable identity.
+    let mut c = match std::env::var(SERVER_ID_ENV) {
+        Ok(_) => RmClient::connect_server(&url, &SERVER_ID, TIMEOUT, None).unwrap(),
+        Err(_) => RmClient::connect(&url, Role::Server, TIMEOUT).unwrap(),
+    };
     c.alloc(2 * MIB, None).unwrap();
     c.alloc(4 * MIB, None).unwrap();
     println!("CHILD-READY");

@@ -63,7 +63,10 @@ pub(crate) trait RegionSource: Send + Sync {
 /// resource manager's reaper takes them all back.
 ///
 /// The owner identity is the process (host, pid, start time): one metadata server per process
-/// and resource manager, since [`RegionSource::list_owned`] cannot tell two apart.
+/// and resource manager, since [`RegionSource::list_owned`] cannot tell two apart. A server
+/// with a lasting key index also presents a durable identity ([`durable_identity`]): when
+/// the process dies the resource manager keeps its regions for its server grace, and the
+/// next process presenting the identity adopts them at its first connection.
 pub(crate) struct RemoteRm {
     url: ServerUrl,
     timeout: Duration,
@@ -71,6 +74,8 @@ pub(crate) struct RemoteRm {
     me: (String, u32, u64),
     /// The cluster secret, when this server has one (see [`RemoteRm::with_secret`]).
     secret: Option<maru_transport::auth::ClusterSecret>,
+    /// The durable identity (see [`RemoteRm::with_identity`]).
+    server_id: Option<[u8; maru_proto::SESSION_TOKEN_LEN]>,
     /// One connection, used by one call at a time. Region requests are rare next to key
     /// operations (a region holds many chunks) and never hold any lock a lookup needs, so a
     /// pool of connections would buy nothing measurable.
@@ -83,6 +88,7 @@ impl RemoteRm {
             url,
             timeout,
             secret: None,
+            server_id: None,
             me: maru_transport::local_identity(),
             conn: Mutex::new(None),
         }
@@ -92,6 +98,12 @@ impl RemoteRm {
     /// over TCP.
     pub fn with_secret(mut self, secret: Option<maru_transport::auth::ClusterSecret>) -> Self {
         self.secret = secret;
+        self
+    }
+
+    /// Presents `id` as this server's durable identity in every Hello.
+    pub fn with_identity(mut self, id: Option<[u8; maru_proto::SESSION_TOKEN_LEN]>) -> Self {
+        self.server_id = id;
         self
     }
 
@@ -128,14 +140,31 @@ impl RemoteRm {
             let client = match guard.as_mut() {
                 Some(c) => c,
                 None => {
-                    let c = RmClient::connect_with(
-                        &self.url,
-                        Role::Server,
-                        self.timeout,
-                        self.secret.as_ref(),
-                    )
-                    .map_err(|e| self.unreachable(e))?;
-                    guard.insert(c)
+                    let c = match &self.server_id {
+                        Some(id) => RmClient::connect_server(
+                            &self.url,
+                            id,
+                            self.timeout,
+                            self.secret.as_ref(),
+                        ),
+                        None => RmClient::connect_with(
+                            &self.url,
+                            Role::Server,
+                            self.timeout,
+                            self.secret.as_ref(),
+                        ),
+                    };
+                    match c {
+                        Ok(c) => guard.insert(c),
+                        // A refused Hello (a live process holds the identity, no proof to
+                        // adopt) is the resource manager's answer, not an outage.
+                        Err(e) => {
+                            return Err(match e.remote() {
+                                Some(w) => RmCallError::Remote(w.clone()),
+                                None => self.unreachable(e),
+                            })
+                        }
+                    }
                 }
             };
             let e = match f(client) {
@@ -153,6 +182,62 @@ impl RemoteRm {
             reused = false;
         }
     }
+}
+
+/// The durable identity of a server whose key index is at `index`: 16 random bytes in
+/// `INDEX.server-id` (mode 0600), made at the first start. It names the server at the
+/// resource manager across restarts; it proves nothing by itself (adopting needs the Unix
+/// socket's kernel check or the cluster secret).
+pub fn durable_identity(
+    index: &std::path::Path,
+) -> Result<[u8; maru_proto::SESSION_TOKEN_LEN], String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut path = index.as_os_str().to_owned();
+    path.push(".server-id");
+    let path = std::path::PathBuf::from(path);
+    let parse = |text: &str| -> Option<[u8; maru_proto::SESSION_TOKEN_LEN]> {
+        let text = text.trim();
+        let mut id = [0u8; maru_proto::SESSION_TOKEN_LEN];
+        if text.len() != 2 * id.len() {
+            return None;
+        }
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(id)
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return parse(&text).ok_or_else(|| {
+                format!(
+                    "server identity {}: not {} hex digits (remove it to make a new one; the \
+                    resource manager then keeps the old one's regions only for its grace)",
+                    path.display(),
+                    2 * maru_proto::SESSION_TOKEN_LEN
+                )
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("server identity {}: {e}", path.display())),
+    }
+    let mut id = [0u8; maru_proto::SESSION_TOKEN_LEN];
+    getrandom::fill(&mut id).map_err(|e| format!("server identity: no randomness: {e}"))?;
+    let text: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension("server-id.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| format!("server identity {}: {e}", path.display()))?;
+    Ok(id)
 }
 
 /// Whether an idle connection is still usable: nothing to read (a closed or reset peer makes

@@ -112,7 +112,16 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         maru_transport::auth::TcpAuth::Secret { secret, .. } => Some(secret.clone()),
         _ => None,
     };
-    let rm = RemoteRm::new(cfg.rm_url.clone(), RM_TIMEOUT).with_secret(secret);
+    // Only a lasting index makes a restart worth waiting for: its keys name the regions.
+    let identity = match &cfg.index {
+        Some(ix) if !ix.ephemeral => {
+            Some(crate::resource_manager::durable_identity(&ix.path).map_err(ServerError::Index)?)
+        }
+        _ => None,
+    };
+    let rm = RemoteRm::new(cfg.rm_url.clone(), RM_TIMEOUT)
+        .with_secret(secret)
+        .with_identity(identity);
     start_with(cfg, Box::new(rm))
 }
 

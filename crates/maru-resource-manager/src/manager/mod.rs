@@ -12,6 +12,7 @@
 mod pools;
 mod recovery;
 mod regions;
+mod servers;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -23,7 +24,7 @@ use maru_shm::naming::{state, Naming};
 
 use crate::auth::Secret;
 use crate::checkpoint::{encode_checkpoint, write_atomically, Checkpoint};
-use crate::wal::{Allocation, Wal};
+use crate::wal::{Allocation, Owner, ServerId, Wal};
 
 pub(crate) use pools::PoolSlot;
 
@@ -37,6 +38,8 @@ pub(crate) struct Manager {
     naming: Naming,
     pools: Vec<PoolSlot>,
     allocations: BTreeMap<u64, Allocation>,
+    /// Owners that are metadata servers with a durable identity (see `servers`).
+    bindings: BTreeMap<Owner, ServerId>,
     /// Never handed out twice, even across restarts (stale FS_DAX files carry old ids).
     next_region_id: u64,
     wal: Wal,
@@ -78,6 +81,7 @@ impl Manager {
             seq: self.wal.seq(),
             next_region_id: self.next_region_id,
             allocations: self.allocations.values().cloned().collect(),
+            bindings: self.live_bindings(),
         };
         let result = encode_checkpoint(&c)
             .map_err(io::Error::other)

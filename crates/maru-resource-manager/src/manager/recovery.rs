@@ -73,7 +73,7 @@ impl Manager {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Checkpoint {
                 seq: 0,
                 next_region_id: 1,
-                allocations: Vec::new(),
+                ..Checkpoint::default()
             },
             Err(e) => return Err(dir_err(e)),
         };
@@ -110,6 +110,7 @@ impl Manager {
             naming,
             pools,
             allocations: BTreeMap::new(),
+            bindings: ckpt.bindings.into_iter().collect(),
             next_region_id: ckpt.next_region_id.max(1),
             wal: Wal::new(&wal_path, wal_file, scan.valid_len as u64, ckpt.seq),
             secret: Secret::unset(),
@@ -217,6 +218,12 @@ impl Manager {
                     .free(a.offset, a.len)
                     .map_err(|e| format!("region {region_id}: {e}"))?;
                 slot.regions -= 1;
+            }
+            WalOp::Bind { owner, server_id } => {
+                self.bindings.insert(owner, server_id);
+            }
+            WalOp::Adopt { from, to } => {
+                self.apply_adopt(&from, &to);
             }
         }
         Ok(())

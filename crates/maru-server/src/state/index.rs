@@ -345,6 +345,10 @@ impl ServerState {
         let Some(ix) = &self.index else {
             return Ok(Restored::default());
         };
+        // Regions of the previous process that no key names (adopted from it at the
+        // resource manager, their sessions gone with it) go back at the first reconcile.
+        self.reconcile_due
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut g = lock(&ix.inner);
         let Some(w) = g.as_mut() else {
             return Ok(Restored::default());
@@ -354,7 +358,7 @@ impl ServerState {
         }
         // Keys whose regions nobody can vouch for are dropped: a key the registry does not
         // know must not stay in the index (a register would answer "existed" for it).
-        let listed: HashMap<u64, Handle> = match self.rm.list_owned() {
+        let listed: HashMap<u64, Handle> = match self.list_owned_at_start() {
             Ok(list) => list.into_iter().map(|h| (h.region_id, h)).collect(),
             Err(e) => {
                 tracing::warn!(
@@ -454,6 +458,27 @@ impl ServerState {
         self.next_generation
             .fetch_max(max_generation + 1, std::sync::atomic::Ordering::Relaxed);
         Ok(done)
+    }
+
+    /// The resource manager's list of this server's regions, at start. A predecessor that
+    /// is still going away (its process exiting) holds the server's identity for a moment
+    /// and the resource manager refuses it to anyone else meanwhile: that refusal is
+    /// retried for a bounded time, since giving up would drop the index's keys.
+    fn list_owned_at_start(&self) -> Result<Vec<Handle>, crate::RmCallError> {
+        const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            match self.rm.list_owned() {
+                Err(e)
+                    if e.code() == Some(maru_proto::ErrorCode::SessionConflict)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tracing::info!("{e}; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Shutdown with an index that outlives the server: regions no key names go back to the
