@@ -40,17 +40,19 @@ pub fn run(
         "readers", "req/s", "vs one", "p50 us", "p99 us", "p99/floor", "wrong", "store GB/s"
     );
     for r in v["rows"].as_array().into_iter().flatten() {
+        // A JSON value's Display ignores widths: format each as a string first.
+        let cell = |f: &str| r[f].to_string();
         let _ = writeln!(
             out,
             "{:>9} {:>10} {:>10} {:>11} {:>12} {:>10} {:>8} {:>10}",
-            r["processes"],
-            r["requests_per_s"],
-            r["throughput_vs_one"],
-            r["p50_us"],
-            r["p99_us"],
-            r["p99_vs_floor"],
-            r["wrong"],
-            r["store_gbps"]
+            cell("processes"),
+            cell("requests_per_s"),
+            cell("throughput_vs_one"),
+            cell("p50_us"),
+            cell("p99_us"),
+            cell("p99_vs_floor"),
+            cell("wrong"),
+            cell("store_gbps")
         );
     }
     Ok(v)

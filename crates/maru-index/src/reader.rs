@@ -73,16 +73,31 @@ impl<C: Coherence> IndexReader<C> {
     pub fn batch_lookup<K: AsRef<[u8]>>(&self, ns: u32, keys: &[K], out: &mut Vec<Option<Found>>) {
         out.clear();
         out.reserve(keys.len());
-        let table = self.seg.table();
-        out.extend(keys.iter().map(|k| table.lookup(&self.coh, ns, k.as_ref())));
+        self.seg.table().batch_lookup(&self.coh, ns, keys, |f| {
+            out.push(f);
+            true
+        });
+    }
+
+    /// Whether each key of `keys` is present, in `out` (cleared first), in order; like
+    /// [`Reader::batch_lookup`], not a snapshot.
+    pub fn batch_exists<K: AsRef<[u8]>>(&self, ns: u32, keys: &[K], out: &mut Vec<bool>) {
+        out.clear();
+        out.reserve(keys.len());
+        self.seg.table().batch_lookup(&self.coh, ns, keys, |f| {
+            out.push(f.is_some());
+            true
+        });
     }
 
     /// How many leading keys of `keys` are present (a prefix match stops at the first miss).
     pub fn prefix_len<K: AsRef<[u8]>>(&self, ns: u32, keys: &[K]) -> usize {
-        let table = self.seg.table();
-        keys.iter()
-            .take_while(|k| table.lookup(&self.coh, ns, k.as_ref()).is_some())
-            .count()
+        let mut n = 0;
+        self.seg.table().batch_lookup(&self.coh, ns, keys, |f| {
+            n += f.is_some() as usize;
+            f.is_some()
+        });
+        n
     }
 
     /// Whether `found` still describes the key's bytes: its entry holds the same generation.

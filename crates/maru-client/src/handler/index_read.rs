@@ -193,7 +193,11 @@ impl Hooked<'_> {
     /// `batch_exists` from the index, or `None` when the RPC path must answer.
     pub(super) fn index_batch_exists(&self, keys: &[&[u8]]) -> Result<Option<Vec<bool>>> {
         check_keys(keys)?;
-        self.with_index(|ix| keys.iter().map(|k| ix.reader.exists(ix.ns, k)).collect())
+        self.with_index(|ix| {
+            let mut found = Vec::new();
+            ix.reader.batch_exists(ix.ns, keys, &mut found);
+            found
+        })
     }
 
     pub fn prefix_len(&self, keys: &[&[u8]]) -> Result<usize> {
