@@ -4,6 +4,7 @@ either never replies (a stalled server) or answers every other request with an e
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import threading
@@ -14,8 +15,18 @@ HEADER = struct.Struct("<IHHHHQI")  # magic, version, type, flags, reserved, req
 HELLO, REQUEST_REGION, LIST_REGIONS = 0x0001, 0x0201, 0x0212
 R_HELLO, R_ERROR, R_REGION = 0x8001, 0x8003, 0x8201
 FLAG_RESPONSE, FLAG_ERROR = 1, 2
-#: The wire protocol version of this build (maru-proto `PROTOCOL_VERSION`).
-PROTOCOL_VERSION = 3
+
+
+def _protocol_version() -> int:
+    """The wire protocol version of this build, read from maru-proto's source so that the
+    fake never lags behind a version change."""
+    src = Path(__file__).resolve().parents[2] / "crates/maru-proto/src/lib.rs"
+    m = re.search(r"pub const PROTOCOL_VERSION: u16 = (\d+);", src.read_text())
+    assert m, f"PROTOCOL_VERSION not found in {src}"
+    return int(m.group(1))
+
+
+PROTOCOL_VERSION = _protocol_version()
 ERROR_INTERNAL = 21
 
 
