@@ -184,8 +184,9 @@ impl Error {
     /// regions were detached from the pool: views still read, writes through them stay
     /// private. Only a new handler can go on.
     pub(crate) fn server_lost() -> Error {
-        let message = "the metadata server connection was lost and this session with it; \
-                       close() and reconnect with a new handler"
+        let message = "the metadata server connection was lost and this session with it (no \
+                       restarted server took the session back within the timeout); close() \
+                       and reconnect with a new handler"
             .to_owned();
         Error::with(ErrorKind::Transport, "", message, Origin::ServerLost)
     }

@@ -11,7 +11,9 @@
 //! carried within 50 ms. When the connection ends, unless the handler is closing, the server
 //! is gone, and the watcher [`Fence::lose`]s the session: every
 //! owned mapping is detached from the pool in place (copy-on-write, see
-//! [`Mapping::privatize`]) and later operations fail with an error that
+//! [`Mapping::privatize`]). The next operation tries to resume the session at a restarted
+//! server (see `handler::connected`), which maps the regions it gets back afresh, shared;
+//! when that fails, operations fail with an error that
 //! [`is_server_lost`](crate::Error::is_server_lost).
 //!
 //! The watcher's connection counts as one of the session's connections at the server, which
@@ -104,7 +106,7 @@ impl Fence {
         if !self.lost.swap(true, Ordering::AcqRel) {
             tracing::warn!(
                 "maru: {why}; owned regions were detached from the pool (writes to them stay \
-                 private); close() this handler and connect a new one"
+                 private); the next call tries to resume the session at a restarted server"
             );
         }
     }

@@ -30,10 +30,13 @@ fn connect(name: &str, url: &str) -> ChildProc {
     ChildProc::spawn_connected(name, url, 2 * MIB, 16 * KIB, CLIENT_TIMEOUT_MS, T)
 }
 
-/// A cluster whose resource manager keeps a dead server's regions for `grace_secs`.
+/// A cluster whose resource manager keeps a dead server's regions for `grace_secs`, and
+/// whose server, restarted, lets no session resume (the handlers of the old process are
+/// over; `server_resume.rs` has the sessions that come back).
 fn cluster(grace_secs: f64) -> BinaryCluster {
     BinaryCluster::start(ClusterOpts {
         rm_extra: vec!["--server-grace-secs".into(), grace_secs.to_string()],
+        server_extra: vec!["--reconnect-grace-secs".into(), "0".into()],
         ..ClusterOpts::default()
     })
 }

@@ -13,8 +13,8 @@ use crate::response::{
     get_region_records, get_regions, get_rm_allocations, get_wire_error,
 };
 use crate::types::{
-    delete_status, get_access, get_entry, get_handle, get_keys, get_pages, get_region, Access,
-    DeleteStatus, Handle, Hello, HelloOk, Location, PageRef, RegionInfo, RegionRecord,
+    delete_status, get_access, get_entry, get_handle, get_ids, get_keys, get_pages, get_region,
+    Access, DeleteStatus, Handle, Hello, HelloOk, Location, PageRef, RegionInfo, RegionRecord,
     RegisterEntry, RmAllocation, Slot,
 };
 
@@ -271,6 +271,12 @@ catalog! {
         /// region the session owns. Refused over TCP and for a pool that is a device.
         Descriptor { region_id: u64, writable: bool } = DESCRIPTOR 0x0218 "descriptor"
             Server,
+        /// The first request of a connection of a handler whose server restarted: the hello
+        /// of its session (token required) and the RM region ids it owns. Within the
+        /// server's reconnect grace the session comes back with the regions the server holds
+        /// and nobody else claims; answered with [`Response::Resumed`].
+        Resume { hello: Hello<'a>, regions: Vec<u64> } = RESUME 0x0219 "resume" Server
+            => Request::Resume { hello: get_hello(r)?, regions: get_ids(r)? },
     }
 
     /// Every response. Errors travel as [`Response::Error`] with [`crate::FLAG_ERROR`] set.
@@ -316,6 +322,10 @@ catalog! {
         /// the file the descriptor opens; `writable`: it was opened read-write.
         Descriptor { offset: u64, len: u64, writable: bool } = R_DESCRIPTOR 0x820D
             => Response::Descriptor { offset: r.u64()?, len: r.u64()?, writable: r.bool()? },
+        /// The answer to [`Request::Resume`]: the regions of the request the session does
+        /// not own again (the handler detaches them), then the hello's answer.
+        Resumed { refused: Vec<u64>, hello: HelloOk } = R_RESUMED 0x820E
+            => Response::Resumed { refused: get_ids(r)?, hello: get_hello_ok(r)? },
     }
 }
 
@@ -370,7 +380,7 @@ mod tests {
                 "rm_list"
             ]
         );
-        assert_eq!(SERVER_REQUESTS.len(), 28);
+        assert_eq!(SERVER_REQUESTS.len(), 29);
         assert!(SERVER_REQUESTS[..3] == RM_REQUESTS[..3]);
         assert!(SERVER_REQUESTS[3..]
             .iter()

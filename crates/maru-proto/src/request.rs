@@ -7,7 +7,8 @@ use crate::error::{DecodeError, EncodeError};
 use crate::frame::{check_version, encode_with};
 use crate::header::Header;
 use crate::types::{
-    get_entry, put_entry, put_handle, put_keys, put_pages, Hello, RegisterEntry, Role, MIN_KEY,
+    get_entry, put_entry, put_handle, put_ids, put_keys, put_pages, Hello, RegisterEntry, Role,
+    MIN_KEY,
 };
 
 /// Appends a request frame to `buf`. On error `buf` is left as it was.
@@ -37,20 +38,10 @@ pub fn decode_request<'a>(header: &Header, payload: &'a [u8]) -> Result<Request<
 
 fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeError> {
     match req {
-        Request::Hello(h) => {
-            w.u8(h.role as u8);
-            w.str(h.instance_id)?;
-            w.str(h.host)?;
-            w.u32(h.pid);
-            w.u64(h.start_time);
-            match &h.session_token {
-                Some(t) => {
-                    w.bool(true);
-                    w.raw(t);
-                }
-                None => w.bool(false),
-            }
-            w.str(h.namespace)?;
+        Request::Hello(h) => put_hello(w, h)?,
+        Request::Resume { hello, regions } => {
+            put_hello(w, hello)?;
+            put_ids(w, regions)?;
         }
         Request::Heartbeat
         | Request::Goodbye
@@ -108,6 +99,23 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         | Request::BatchPin { keys }
         | Request::BatchUnpin { keys } => put_keys(w, keys)?,
     }
+    Ok(())
+}
+
+fn put_hello(w: &mut Writer, h: &Hello) -> Result<(), EncodeError> {
+    w.u8(h.role as u8);
+    w.str(h.instance_id)?;
+    w.str(h.host)?;
+    w.u32(h.pid);
+    w.u64(h.start_time);
+    match &h.session_token {
+        Some(t) => {
+            w.bool(true);
+            w.raw(t);
+        }
+        None => w.bool(false),
+    }
+    w.str(h.namespace)?;
     Ok(())
 }
 

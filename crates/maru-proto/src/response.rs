@@ -56,14 +56,10 @@ pub fn decode_response(header: &Header, payload: &[u8]) -> Result<Response, Deco
 
 fn encode_response_payload(w: &mut Writer, resp: &Response) -> Result<(), EncodeError> {
     match resp {
-        Response::HelloOk(h) => {
-            w.str(&h.server)?;
-            w.str(&h.hostname)?;
-            w.raw(&h.session_token);
-            if let Some(ix) = &h.index {
-                w.str(&ix.path)?;
-                w.u32(ix.namespace);
-            }
+        Response::HelloOk(h) => put_hello_ok(w, h)?,
+        Response::Resumed { refused, hello } => {
+            crate::types::put_ids(w, refused)?;
+            put_hello_ok(w, hello)?;
         }
         Response::Ok => {}
         Response::Error(e) => {
@@ -153,6 +149,17 @@ fn encode_response_payload(w: &mut Writer, resp: &Response) -> Result<(), Encode
         }
         Response::ReturnPages(pages) => put_pages(w, pages)?,
         Response::Reclaim { region_id } => w.u64(*region_id),
+    }
+    Ok(())
+}
+
+fn put_hello_ok(w: &mut Writer, h: &HelloOk) -> Result<(), EncodeError> {
+    w.str(&h.server)?;
+    w.str(&h.hostname)?;
+    w.raw(&h.session_token);
+    if let Some(ix) = &h.index {
+        w.str(&ix.path)?;
+        w.u32(ix.namespace);
     }
     Ok(())
 }

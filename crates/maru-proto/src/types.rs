@@ -312,3 +312,17 @@ pub(crate) fn delete_status(v: u8) -> Result<DeleteStatus, DecodeError> {
         _ => Err(DecodeError::InvalidField("delete status")),
     }
 }
+
+/// A list of region ids (resume claims and refusals).
+pub(crate) fn put_ids(w: &mut Writer, ids: &[u64]) -> Result<(), EncodeError> {
+    w.count(ids.len())?;
+    for id in ids {
+        w.u64(*id);
+    }
+    Ok(())
+}
+
+pub(crate) fn get_ids(r: &mut Reader) -> Result<Vec<u64>, DecodeError> {
+    let n = r.count(8)?;
+    (0..n).map(|_| r.u64()).collect()
+}

@@ -244,3 +244,39 @@ fn wrong_magic_version_and_type_are_typed() {
         DecodeError::UnknownMessage(0x7777)
     );
 }
+
+#[test]
+fn resume_and_its_answer_roundtrip_with_and_without_an_index() {
+    let hello = Hello {
+        role: Role::Client,
+        instance_id: "inst",
+        host: "h",
+        pid: 7,
+        start_time: 9,
+        session_token: Some([5; SESSION_TOKEN_LEN]),
+        namespace: "tenant",
+    };
+    for regions in [vec![], vec![1, u64::MAX]] {
+        roundtrip_request(&Request::Resume {
+            hello: hello.clone(),
+            regions,
+        });
+    }
+    for index in [
+        None,
+        Some(IndexInfo {
+            path: "/dev/shm/ix".into(),
+            namespace: 3,
+        }),
+    ] {
+        roundtrip_response(Response::Resumed {
+            refused: vec![4],
+            hello: HelloOk {
+                server: "s".into(),
+                hostname: "h".into(),
+                session_token: [5; SESSION_TOKEN_LEN],
+                index,
+            },
+        });
+    }
+}

@@ -91,6 +91,10 @@ struct Args {
     /// expires after this long.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = positive_seconds)]
     pin_ttl: f64,
+    /// After a restart on a lasting key index, seconds the previous process's sessions have
+    /// to resume (their regions are kept meanwhile); 0: none resumes.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = non_negative_seconds)]
+    reconnect_grace_secs: f64,
     #[command(flatten)]
     eviction: EvictionArgs,
     #[command(flatten)]
@@ -150,6 +154,13 @@ pub fn default_index_path(port: u16) -> (PathBuf, bool) {
     }
 }
 
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds (0 or more)")),
+    }
+}
+
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 1e9 => Ok(v),
@@ -202,6 +213,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         dead_peer_after: args.tcp.dead_peer_after(),
         tcp_auth: args.tcp.auth()?,
         index: args.index.config(default_index_path(args.port)),
+        reconnect_grace: std::time::Duration::from_secs_f64(args.reconnect_grace_secs),
         ..ServerConfig::default()
     };
     // Block the termination signals before any thread starts (threads inherit the mask), so

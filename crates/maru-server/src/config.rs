@@ -12,6 +12,9 @@ use crate::eviction::EvictionConfig;
 /// pre-hello slot freed (see `admission`). A client says hello microseconds after it
 /// connects; the bound leaves room for a loaded machine. Handshaken connections may stay idle
 /// (clients keep pooled connections).
+/// How long a restarted server waits for the previous sessions to resume.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(30);
+
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How to run a metadata server.
@@ -54,6 +57,10 @@ pub struct ServerConfig {
     /// The key index in shared memory the server writes through to and clients read
     /// (`None`: keys live in the server's memory only).
     pub index: Option<IndexConfig>,
+    /// After a restart on a lasting key index, how long the regions of the previous
+    /// process's sessions are kept for them to resume (`--reconnect-grace-secs`; default
+    /// [`RECONNECT_GRACE`]; zero: no session resumes).
+    pub reconnect_grace: Duration,
 }
 
 /// Where the key index is and how large a new one is made.
@@ -108,6 +115,7 @@ impl Default for ServerConfig {
             dead_peer_after: maru_transport::DEAD_PEER_AFTER,
             tcp_auth: maru_transport::auth::TcpAuth::default(),
             index: None,
+            reconnect_grace: RECONNECT_GRACE,
         }
     }
 }

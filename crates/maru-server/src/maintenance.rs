@@ -38,6 +38,7 @@ pub(crate) fn maintenance_loop(shared: &Shared) {
         }
         drop(stop);
         shared.state.expire_leases(Instant::now());
+        shared.state.end_reconnect_grace_if_due(Instant::now());
         if last_retry.elapsed() >= RETRY_EVERY {
             shared.state.retry_pending_frees();
             last_retry = Instant::now();

@@ -167,6 +167,11 @@ pub(crate) fn start_with(
     if let Some(ix) = &cfg.index {
         let t0 = std::time::Instant::now();
         state = state.with_index(open_index(ix)?);
+        if !ix.ephemeral {
+            let mut file = ix.path.as_os_str().to_owned();
+            file.push(".sessions");
+            state = state.with_resume(file.into(), cfg.reconnect_grace);
+        }
         let attached = t0.elapsed();
         let restored = state.restore_from_index().map_err(ServerError::Index)?;
         if restored != Default::default() {

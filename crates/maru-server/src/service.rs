@@ -113,6 +113,10 @@ fn dispatch(
             let ok = state.hello(&mut ctx.peer, hello)?;
             return respond(out, id, &Response::HelloOk(ok));
         }
+        (Peer::New, Request::Resume { hello, regions }) => {
+            let (hello, refused) = state.resume(&mut ctx.peer, hello, regions)?;
+            return respond(out, id, &Response::Resumed { refused, hello });
+        }
         (Peer::New, _) => return Err(not_handshaken()),
         (_, Request::Goodbye) => {
             state.goodbye(&mut ctx.peer);
@@ -139,6 +143,10 @@ fn dispatch(
         Request::Hello(_) | Request::Goodbye => Err(WireError::new(
             ErrorCode::Internal,
             "hello and goodbye are answered before dispatch",
+        )),
+        Request::Resume { .. } => Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            "resume is the first request of a connection",
         )),
         Request::Heartbeat => respond(out, id, &Response::Ok),
         Request::RmAlloc { .. }

@@ -19,8 +19,10 @@ use crate::config::MaruConfig;
 use crate::connections::{ConnectionPool, Timing};
 use crate::error::{Error, Result};
 use crate::fork::{self, Birth};
+use crate::view::PageId;
 use crate::wait::WaitHook;
 use crate::watch::{Fence, WatchLink, Watcher};
+use maru_shm::MapMode;
 
 pub(super) struct Connected {
     pub conns: ConnectionPool,
@@ -52,6 +54,8 @@ pub(super) struct Connected {
     pub pools: PoolCheck,
     /// Whether regions are mapped from descriptors the server passes (see `region_fd`).
     pub fds: RegionFds,
+    /// The restarted server refused to resume this session.
+    pub resume_refused: AtomicBool,
 }
 
 impl Connected {
@@ -154,8 +158,23 @@ impl Hooked<'_> {
             timing,
             self.hook,
         )?;
-        // The watcher, on a connection of its own joined to the session. No region yet: the
-        // first comes with the first alloc.
+        let c = self.build(conns, fd_mode, Owned::default())?;
+        let added = Vec::new();
+        if h.config.eager_map {
+            c.map_all(self.hook);
+        }
+        Ok((c, added))
+    }
+
+    /// The live state over a session's pool: its watcher started, `owned` its books.
+    fn build(
+        &self,
+        conns: ConnectionPool,
+        fd_mode: FdMode,
+        owned: Owned,
+    ) -> Result<Arc<Connected>> {
+        let h = self.h;
+        // The watcher, on a connection of its own joined to the session.
         let fence = Arc::new(Fence::default());
         let started = conns.open_stream(self.hook).and_then(|stream| {
             Watcher::start(stream, fence.clone(), conns.releases.clone())
@@ -175,7 +194,7 @@ impl Hooked<'_> {
             conns,
             stride: h.config.page_stride(),
             config: h.config.clone(),
-            owned: Mutex::new(Owned::default()),
+            owned: Mutex::new(owned),
             mapped: RwLock::new(HashMap::new()),
             closing: AtomicBool::new(false),
             fence,
@@ -185,6 +204,7 @@ impl Hooked<'_> {
             birth: Birth::now(),
             pools: PoolCheck::new(h.config.pool_path_here()),
             fds: RegionFds::new(fd_mode),
+            resume_refused: AtomicBool::new(false),
         });
         *c.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         // Regions the server asks back go back from the watcher's thread, so an idle handler
@@ -194,11 +214,137 @@ impl Hooked<'_> {
         c.link.reclaims.set_action(Box::new(move || {
             weak.upgrade().is_some_and(|c| c.give_back_reclaimed())
         }));
-        let added = Vec::new();
-        if h.config.eager_map {
-            c.map_all(self.hook);
+        Ok(c)
+    }
+
+    /// After the server was lost: takes the session up again at the restarted server with
+    /// the regions it owns (see `ConnectionPool::resume`). The old state's owned mappings
+    /// were detached when the server was lost; every region the server gives back to the
+    /// session is mapped again, shared, and its pages handed out before the loss and not
+    /// stored are kept from being stored (their bytes stayed in the detached copy). Regions
+    /// the server refused are dropped with the keys this handler stored in them.
+    pub(super) fn resume(&self, old: &Arc<Connected>) -> Result<Arc<Connected>> {
+        let h = self.h;
+        // Stop the old watcher (its connection is gone) before its state is taken apart.
+        let watcher = old.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut w) = watcher {
+            self.hook.block(&mut || w.stop());
         }
-        Ok((c, added))
+        let ids: Vec<u64> = lock_hooked(&old.owned, self.hook)
+            .regions
+            .iter()
+            .map(|r| r.region_id())
+            .collect();
+        let timing = Timing {
+            timeout: h.config.timeout(),
+            grace: h.config.reply_grace,
+            busy_poll: h.config.busy_poll,
+        };
+        let (conns, refused) = match ConnectionPool::resume(
+            h.url.clone(),
+            old.conns.identity().clone(),
+            old.conns.token(),
+            &ids,
+            h.config.max_inflight as usize,
+            timing,
+            self.hook,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                // The server answered and will not take the session back: later calls fail
+                // as lost without asking again.
+                if matches!(e.kind(), crate::ErrorKind::Remote(_)) {
+                    old.resume_refused.store(true, Ordering::Release);
+                }
+                return Err(e);
+            }
+        };
+        let mut owned = std::mem::take(&mut *lock_hooked(&old.owned, self.hook));
+        // Registrations in flight when the server went are unknown: their pages stay
+        // allocated, and their keys are not booked.
+        owned.behind = Default::default();
+        let fd_mode = FdMode::from_env()?.given_pool_path(h.config.pool_path_here().is_some());
+        let regions = std::mem::take(&mut owned.regions);
+        let c = self.build(conns, fd_mode, owned)?;
+        let mut owned = lock_hooked(&c.owned, self.hook);
+        let mut kept = Vec::new();
+        let mut dropped = refused;
+        for mut r in regions {
+            let id = r.region_id();
+            if dropped.contains(&id) {
+                continue;
+            }
+            let info = r.region.info.clone();
+            let source = c.region_source(&info, true, "resume", self.hook);
+            let mapped = source.and_then(|s| {
+                let mut out = None;
+                let mut s = Some(s);
+                self.hook.block(&mut || {
+                    if let Some(s) = s.take() {
+                        out = Some(s.map(&info, MapMode::ReadWrite, true));
+                    }
+                });
+                match out {
+                    Some(Ok(m)) => Ok(m),
+                    Some(Err(e)) => Err(Error::io("resume", std::io::Error::other(e.to_string()))),
+                    None => Err(Error::io(
+                        "resume",
+                        std::io::Error::other("the wait hook did not run the mapping"),
+                    )),
+                }
+            });
+            let mapping = match mapped {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(
+                        "maru: resume: cannot map region {id} again ({e}); it is given back"
+                    );
+                    let _ = c.call(&Request::ReturnRegion { region_id: id }, self.hook);
+                    dropped.push(id);
+                    continue;
+                }
+            };
+            let region = Arc::new(MappedRegion {
+                info,
+                mapping: Arc::new(mapping),
+                owned: true,
+            });
+            c.fence.add(id, region.mapping.clone());
+            write(&c.mapped).insert(id, region.clone());
+            r.region = region;
+            kept.push(r);
+        }
+        // Pages allocated and not stored were handed out over the detached mapping.
+        for r in &kept {
+            for index in 0..r.alloc.page_count() {
+                let page = PageId {
+                    region_id: r.region_id(),
+                    page_index: index,
+                };
+                if r.alloc.is_allocated(index) && !owned.keys.contains_key(&page) {
+                    owned.stale.insert(page);
+                }
+            }
+        }
+        owned.regions = kept;
+        owned.active = 0;
+        owned.retiring = owned.regions.iter().filter(|r| r.retiring).count();
+        let gone: Vec<Arc<[u8]>> = owned
+            .stored
+            .iter()
+            .filter(|(_, p)| dropped.contains(&p.region_id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            owned.forget_key(&k);
+        }
+        owned.stale.retain(|p| !dropped.contains(&p.region_id));
+        drop(owned);
+        tracing::info!(
+            "maru: the session resumed at the restarted metadata server ({} region(s) refused)",
+            dropped.len()
+        );
+        Ok(c)
     }
 
     pub fn close(&self) {

@@ -170,13 +170,15 @@ fn fits(found: &Found, buf: &[u8]) -> Result<usize> {
 
 impl Hooked<'_> {
     pub fn reads_index(&self) -> bool {
-        self.h.connected().is_ok_and(|c| c.live_index().is_some())
+        self.h
+            .connected(self.hook)
+            .is_ok_and(|c| c.live_index().is_some())
     }
 
     /// `f` of the index while the session is live (after this handler's own write-behind
     /// registrations settled), or `None` when the RPC path must answer.
     fn with_index<T>(&self, f: impl FnOnce(&ClientIndex) -> T) -> Result<Option<T>> {
-        let c = self.h.connected()?;
+        let c = self.h.connected(self.hook)?;
         let Some(ix) = c.live_index() else {
             return Ok(None);
         };
@@ -222,7 +224,7 @@ impl Hooked<'_> {
     pub fn retrieve_into(&self, key: &[u8], buf: &mut [u8]) -> Result<Option<usize>> {
         during("retrieve_into", || {
             check_key(key)?;
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             if let Some(ix) = c.live_index() {
                 c.settle_for_read(self.hook);
                 match c.copy_from_index(ix, key, buf)? {
@@ -258,7 +260,7 @@ impl Hooked<'_> {
                     format!("{} keys but {} buffers", keys.len(), bufs.len()),
                 ));
             }
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             let mut out = vec![None; keys.len()];
             let mut rest: Vec<usize> = Vec::new();
             match c.live_index() {

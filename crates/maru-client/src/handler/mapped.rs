@@ -121,7 +121,7 @@ impl Connected {
 
 impl Hooked<'_> {
     pub fn buffer(&self, region_id: u64, offset: u64, len: u64) -> Option<View> {
-        let c = self.h.connected().ok()?;
+        let c = self.h.connected(self.hook).ok()?;
         let region = read(&c.mapped).get(&region_id)?.clone();
         region.view(offset, len, c.stride).ok()
     }

@@ -33,6 +33,7 @@ mod stats;
 mod store;
 mod write_behind;
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use maru_proto::{DeleteStatus, ServerUrl, MAX_KEY_LEN};
@@ -173,25 +174,61 @@ impl MaruHandler {
         matches!(&*read(&self.lifecycle), Lifecycle::Closed)
     }
 
-    /// The live state, for an operation that needs a connected handler.
-    fn connected(&self) -> Result<Arc<Connected>> {
+    /// The live state, for an operation that needs a connected handler; a resume after the
+    /// server's loss waits through `hook`.
+    fn connected(&self, hook: &dyn WaitHook) -> Result<Arc<Connected>> {
         match &*read(&self.lifecycle) {
             Lifecycle::Connected(c) if c.birth.inherited() => {}
-            Lifecycle::Connected(c) => {
-                c.check_open()?;
-                return Ok(c.clone());
-            }
+            Lifecycle::Connected(c) => match c.check_open() {
+                Ok(()) => return Ok(c.clone()),
+                Err(e) if e.is_server_lost() && !c.resume_refused.load(Ordering::Acquire) => {}
+                Err(e) => return Err(e),
+            },
             Lifecycle::Idle { last_error } => {
                 return Err(Error::not_connected(last_error.as_deref()))
             }
             Lifecycle::Closed => return Err(Error::closed()),
         }
-        self.after_fork()
+        let lost = match &*read(&self.lifecycle) {
+            Lifecycle::Connected(c) if !c.birth.inherited() => Some(c.clone()),
+            _ => None,
+        };
+        if let Some(c) = lost {
+            return self.resume(c, hook);
+        }
+        self.after_fork(hook)
+    }
+
+    /// The server was lost: once, under the transition lock, the session is taken up again
+    /// at the restarted server (see `Hooked::resume`); callers that come meanwhile wait for
+    /// it, bounded by the timeout of the resume's own connects and replies.
+    fn resume(&self, lost: Arc<Connected>, hook: &dyn WaitHook) -> Result<Arc<Connected>> {
+        let _transition = lock_hooked(&self.transition, hook);
+        match &*read(&self.lifecycle) {
+            Lifecycle::Connected(c) if !Arc::ptr_eq(c, &lost) => {
+                c.check_open()?;
+                return Ok(c.clone());
+            }
+            Lifecycle::Connected(_) => {}
+            Lifecycle::Idle { last_error } => {
+                return Err(Error::not_connected(last_error.as_deref()))
+            }
+            Lifecycle::Closed => return Err(Error::closed()),
+        }
+        if lost.resume_refused.load(Ordering::Acquire) {
+            return Err(Error::server_lost());
+        }
+        let fresh = self.with_hook(hook).resume(&lost).map_err(|e| {
+            tracing::debug!("maru: the session could not be resumed: {e}");
+            Error::server_lost()
+        })?;
+        *write(&self.lifecycle) = Lifecycle::Connected(fresh.clone());
+        Ok(fresh)
     }
 
     /// In a forked child: the session is the parent's. Refused, or (with
     /// `reconnect_after_fork`) given up and replaced by a session of the child's own.
-    fn after_fork(&self) -> Result<Arc<Connected>> {
+    fn after_fork(&self, hook: &dyn WaitHook) -> Result<Arc<Connected>> {
         if !self.config.reconnect_after_fork {
             return Err(Error::forked());
         }
@@ -204,8 +241,8 @@ impl MaruHandler {
                 }
             }
         }
-        self.connect()?;
-        self.connected()
+        self.with_hook(hook).connect()?;
+        self.connected(hook)
     }
 
     fn callback(&self) -> Option<RegionCallback> {

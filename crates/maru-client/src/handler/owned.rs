@@ -50,6 +50,10 @@ pub(super) struct Owned {
     pub behind: WriteBehind,
     /// Regions with `retiring` set.
     pub retiring: usize,
+    /// Pages handed out before the server was lost and not stored then: their buffers
+    /// write into the detached (private) copy of the region, so they are never stored; a
+    /// free puts them back.
+    pub stale: std::collections::HashSet<PageId>,
 }
 
 impl Owned {
@@ -58,6 +62,7 @@ impl Owned {
     }
 
     pub fn free_page(&mut self, page: PageId) -> Result<()> {
+        self.stale.remove(&page);
         let freed = self
             .region_mut(page.region_id)
             .is_some_and(|r| r.alloc.free(page.page_index).is_ok());
@@ -112,6 +117,15 @@ impl Owned {
             return Err(Error::invalid(
                 "store",
                 format!("page {index} of region {region} is not an allocated page of this handler"),
+            ));
+        }
+        if self.stale.contains(&page) {
+            return Err(Error::invalid(
+                "store",
+                format!(
+                    "page {index} of region {region} was handed out before the metadata server \
+                     was lost: what was written to it stayed private; free it and store again"
+                ),
             ));
         }
         if self.keys.contains_key(&page) || self.behind.holds(page) {
@@ -449,7 +463,7 @@ fn take_free_page(owned: &mut Owned) -> Option<(Arc<MappedRegion>, u64)> {
 impl Hooked<'_> {
     pub fn alloc(&self, size: u64) -> Result<AllocHandle> {
         during("alloc", || {
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             if size > c.chunk() {
                 return Err(Error::invalid(
                     "alloc",
@@ -485,7 +499,7 @@ impl Hooked<'_> {
 
     pub fn free(&self, page: PageId) -> Result<()> {
         during("free", || {
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             let mut owned = lock_hooked(&c.owned, self.hook);
             c.settle_behind(&mut owned, self.hook, Settle::All);
             c.check_open()?;

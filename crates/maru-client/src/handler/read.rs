@@ -19,7 +19,7 @@ impl Hooked<'_> {
     pub fn retrieve(&self, key: &[u8]) -> Result<Option<View>> {
         during("retrieve", || {
             check_key(key)?;
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             c.settle_for_read(self.hook);
             match c.call(&Request::Lookup { key }, self.hook)? {
                 Response::Lookup(None) => Ok(None),
@@ -40,7 +40,7 @@ impl Hooked<'_> {
     pub fn batch_retrieve(&self, keys: &[&[u8]]) -> Result<Vec<Option<View>>> {
         during("batch_retrieve", || {
             check_keys(keys)?;
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             c.settle_for_read(self.hook);
             let mut out = Vec::with_capacity(keys.len());
             for batch in keys.chunks(MAX_BATCH) {
@@ -92,7 +92,7 @@ impl Hooked<'_> {
     /// A single-key request answered with a boolean.
     fn bool_op(&self, key: &[u8], req: Request) -> Result<bool> {
         check_key(key)?;
-        let c = self.h.connected()?;
+        let c = self.h.connected(self.hook)?;
         c.settle_for_read(self.hook);
         let op = req.name();
         match c.call(&req, self.hook)? {
@@ -108,7 +108,7 @@ impl Hooked<'_> {
         make: impl Fn(Vec<&'k [u8]>) -> Request<'k>,
     ) -> Result<Vec<bool>> {
         check_keys(keys)?;
-        let c = self.h.connected()?;
+        let c = self.h.connected(self.hook)?;
         c.settle_for_read(self.hook);
         let mut out = Vec::with_capacity(keys.len());
         for batch in keys.chunks(MAX_BATCH) {
@@ -162,7 +162,7 @@ impl Hooked<'_> {
     /// `generation` (a [`View::generation`]): for readers that kept only an address.
     pub fn page_current(&self, region_id: u64, offset: u64, generation: u64) -> Result<bool> {
         during("page_current", || {
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             let req = Request::PageCurrent {
                 page: maru_proto::PageRef { region_id, offset },
                 generation,
@@ -177,7 +177,7 @@ impl Hooked<'_> {
     /// Moves the deadline of every pin this handler holds to now + the server's pin TTL.
     pub fn renew_pins(&self) -> Result<()> {
         during("renew_pins", || {
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             match c.call(&Request::RenewPins, self.hook)? {
                 Response::Ok => Ok(()),
                 other => Err(Error::unexpected("renew_pins", &other)),
@@ -188,7 +188,7 @@ impl Hooked<'_> {
     pub fn delete(&self, key: &[u8]) -> Result<DeleteStatus> {
         during("delete", || {
             check_key(key)?;
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             let mut owned = lock_deleting(&c, self.hook)?;
             match c.call(&Request::Delete { key }, self.hook)? {
                 Response::Delete(status) => {
@@ -203,7 +203,7 @@ impl Hooked<'_> {
     pub fn batch_delete(&self, keys: &[&[u8]]) -> Result<Vec<DeleteStatus>> {
         during("batch_delete", || {
             check_keys(keys)?;
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             let mut owned = lock_deleting(&c, self.hook)?;
             let mut out = Vec::with_capacity(keys.len());
             for batch in keys.chunks(MAX_BATCH) {

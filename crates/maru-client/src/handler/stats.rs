@@ -48,7 +48,7 @@ impl Owned {
 
 impl Hooked<'_> {
     pub fn healthcheck(&self) -> bool {
-        let Ok(c) = self.h.connected() else {
+        let Ok(c) = self.h.connected(self.hook) else {
             return false;
         };
         matches!(c.call(&Request::Heartbeat, self.hook), Ok(Response::Ok))
@@ -56,7 +56,7 @@ impl Hooked<'_> {
 
     pub fn stats(&self) -> Result<HandlerStats> {
         during("stats", || {
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             c.settle_for_read(self.hook);
             let server = match c.call(&Request::Stats, self.hook)? {
                 Response::Stats(json) => {
@@ -72,7 +72,7 @@ impl Hooked<'_> {
     }
 
     pub fn owned_regions(&self) -> Vec<OwnedRegionStats> {
-        match self.h.connected() {
+        match self.h.connected(self.hook) {
             Ok(c) => {
                 let mut owned = lock_hooked(&c.owned, self.hook);
                 // Pages the server returned count as free as soon as they are here.
@@ -84,7 +84,7 @@ impl Hooked<'_> {
     }
 
     pub fn region_page_count(&self, region_id: u64) -> Option<u64> {
-        let c = self.h.connected().ok()?;
+        let c = self.h.connected(self.hook).ok()?;
         if let Some(r) = lock_hooked(&c.owned, self.hook).region_mut(region_id) {
             return Some(r.alloc.page_count());
         }

@@ -98,7 +98,7 @@ impl Hooked<'_> {
     pub fn store_page(&self, key: &[u8], page: PageId, len: u64) -> Result<StoreOutcome> {
         during("store_page", || {
             check_key(key)?;
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             check_size(len, c.chunk())?;
             let mut owned = lock_hooked(&c.owned, self.hook);
             c.check_open()?;
@@ -120,7 +120,7 @@ impl Hooked<'_> {
     pub fn store_bytes(&self, key: &[u8], prefix: &[u8], data: &[u8]) -> Result<StoreOutcome> {
         during("store_bytes", || {
             check_key(key)?;
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             check_size((prefix.len() + data.len()) as u64, c.chunk())?;
             let mut added = Vec::new();
             let result = self.copy_and_register(&c, key, prefix, data, &mut added);
@@ -169,7 +169,7 @@ impl Hooked<'_> {
 
     pub fn batch_store(&self, items: &[(&[u8], StoreItem<'_>)]) -> Result<Vec<StoreOutcome>> {
         during("batch_store", || {
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             let chunk = c.chunk();
             // Check everything before touching any page.
             let mut seen = HashSet::new();

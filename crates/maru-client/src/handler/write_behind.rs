@@ -213,7 +213,7 @@ impl Hooked<'_> {
     /// are not stored. Without write-behind there is nothing to wait for.
     pub fn flush(&self) -> Result<()> {
         during("flush", || {
-            let c = self.h.connected()?;
+            let c = self.h.connected(self.hook)?;
             let mut owned = lock_hooked(&c.owned, self.hook);
             c.settle_behind(&mut owned, self.hook, Settle::All);
             owned.behind.take_failures()

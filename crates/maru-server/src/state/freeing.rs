@@ -104,6 +104,8 @@ impl ServerState {
             // through `freeing`, and `freeing` only once their free is done).
             let mut known: HashSet<u64> = self.table().by_id.keys().copied().collect();
             known.extend(lock(&self.freeing).iter().copied());
+            // Adopted regions a resuming session may still claim are not orphans yet.
+            known.extend(self.kept_for_resume());
             let listed = match self.rm.list_owned() {
                 Ok(l) => l,
                 Err(e) => {

@@ -354,6 +354,10 @@ impl ServerState {
             return Ok(Restored::default());
         };
         if w.index.is_empty() {
+            // No key, but sessions that may resume may still own regions.
+            if let Ok(list) = self.list_owned_at_start() {
+                self.keep_for_resume(list, Vec::new());
+            }
             return Ok(Restored::default());
         }
         // Keys whose regions nobody can vouch for are dropped: a key the registry does not
@@ -392,6 +396,16 @@ impl ServerState {
             }
         });
         let mut done = Restored::default();
+        // Within the reconnect grace, the regions of sessions that may resume stay: the
+        // adopted ones no key names, and the restored ones (kept as if owned until claimed
+        // or until the grace ends).
+        let unnamed: Vec<Handle> = listed
+            .iter()
+            .filter(|(id, _)| !by_region.contains_key(id))
+            .map(|(_, h)| h.clone())
+            .collect();
+        let restored_ids: Vec<u64> = by_region.keys().copied().collect();
+        let keep = self.keep_for_resume(unnamed, restored_ids);
         let total: usize = by_region.values().map(|r| r.entries.len()).sum();
         self.registry.reserve(total);
         self.capacity.reserve(total);
@@ -426,6 +440,7 @@ impl ServerState {
             let region = Arc::new(region);
             {
                 let mut st = lock(&region.state);
+                st.owner_live = keep;
                 let mut start = 0;
                 for &(end, ns, offset, len, generation) in &keys.entries {
                     let key = &keys.keys[start..end];

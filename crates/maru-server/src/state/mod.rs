@@ -55,6 +55,7 @@ mod keys;
 mod leases;
 mod notices;
 mod regions;
+mod resume;
 mod sessions;
 mod stats;
 
@@ -132,6 +133,8 @@ pub(crate) struct ServerState {
     pub connections: AtomicUsize,
     /// The key index every registration writes through to (see `index`).
     index: Option<KeyIndex>,
+    /// What the previous process's sessions may claim back (see `resume`).
+    resume: Mutex<resume::ResumeBook>,
 }
 
 impl ServerState {
@@ -171,6 +174,7 @@ impl ServerState {
             hostname,
             connections: AtomicUsize::new(0),
             index: None,
+            resume: Mutex::new(resume::ResumeBook::default()),
         }
     }
 }

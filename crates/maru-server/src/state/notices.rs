@@ -55,12 +55,12 @@ impl Returned {
         if let Some((_, pages)) = self
             .by_owner
             .iter_mut()
-            .find(|(s, _)| s.id == region.session)
+            .find(|(s, _)| s.id == region.session())
         {
             pages.push(page);
             return;
         }
-        if let Some(owner) = region.owner.upgrade() {
+        if let Some(owner) = region.owner() {
             self.by_owner.push((owner, vec![page]));
         }
     }

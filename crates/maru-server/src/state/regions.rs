@@ -8,7 +8,7 @@
 //! How the region then reaches the resource manager is `freeing`'s.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLockReadGuard, Weak};
 
 use maru_proto::{ErrorCode, Handle, RegionInfo, RegionRecord, WireError};
@@ -47,9 +47,11 @@ pub(crate) struct TableRegion {
     /// The region's encoding on the wire, spliced into replies (see `reply`).
     wire: Box<[u8]>,
     pub(super) instance_id: String,
-    pub(super) session: u64,
+    /// The owning session's id (0: none); set again when a resumed session claims the
+    /// region after a restart.
+    session: AtomicU64,
     /// The owning session, for page returns.
-    pub(super) owner: Weak<Session>,
+    owner: Mutex<Weak<Session>>,
     pub(super) state: Mutex<RegionState>,
     /// Bytes, reads and pins of the region's keys (see `eviction::usage`).
     pub(super) usage: RegionUsage,
@@ -86,8 +88,8 @@ impl TableRegion {
             slot,
             wire,
             instance_id: owner.map(|s| s.instance_id.clone()).unwrap_or_default(),
-            session: owner.map_or(0, |s| s.id),
-            owner: owner.map_or_else(Weak::new, Arc::downgrade),
+            session: AtomicU64::new(owner.map_or(0, |s| s.id)),
+            owner: Mutex::new(owner.map_or_else(Weak::new, Arc::downgrade)),
             state: Mutex::new(RegionState {
                 refs: 0,
                 owner_live: owner.is_some(),
@@ -103,6 +105,22 @@ impl TableRegion {
 
     pub fn wire(&self) -> &[u8] {
         &self.wire
+    }
+
+    /// The owning session's id (0: none).
+    pub(super) fn session(&self) -> u64 {
+        self.session.load(Ordering::Acquire)
+    }
+
+    /// The owning session, while it lives.
+    pub(super) fn owner(&self) -> Option<Arc<Session>> {
+        lock(&self.owner).upgrade()
+    }
+
+    /// Hands the region to `session` (a resumed session claiming it after a restart).
+    pub(super) fn set_owner(&self, session: &Arc<Session>) {
+        *lock(&self.owner) = Arc::downgrade(session);
+        self.session.store(session.id, Ordering::Release);
     }
 }
 
@@ -126,7 +144,7 @@ impl ServerState {
         self.regions.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn region_by_id(&self, region_id: u64) -> Option<Arc<TableRegion>> {
+    pub(super) fn region_by_id(&self, region_id: u64) -> Option<Arc<TableRegion>> {
         self.table().by_id(region_id).cloned()
     }
 
@@ -164,6 +182,30 @@ impl ServerState {
             r => r,
         }
         .map_err(|e| e.to_wire())?;
+        let region = self.insert_owned(session, info)?;
+        drop(in_flight);
+        // The session may have ended while the resource manager was allocating; its release
+        // scan then ran before this insert, so release here (freeing the unused region).
+        if session.is_ended() {
+            self.release(&region);
+            return Err(session_ended());
+        }
+        tracing::debug!(
+            instance = %session.instance_id,
+            region = region.info.handle.region_id,
+            size,
+            "region allocated"
+        );
+        Ok(region)
+    }
+
+    /// Puts region `info` in the table as `session`'s; a region that cannot be (its
+    /// description does not fit a frame, no slot number is left) goes back.
+    pub(super) fn insert_owned(
+        &self,
+        session: &Arc<Session>,
+        info: RegionInfo,
+    ) -> Result<Arc<TableRegion>, WireError> {
         let Some(wire) = reply::region_wire(&info) else {
             self.free_at_rm(info.handle);
             return Err(err(
@@ -188,24 +230,9 @@ impl ServerState {
             }
         };
         let region = Arc::new(TableRegion::new(slot, wire, info, Some(session)));
-        {
-            let mut table = self.regions.write().unwrap_or_else(|e| e.into_inner());
-            table.by_id.insert(region.info.handle.region_id, slot);
-            table.by_slot.insert(slot.0, region.clone());
-        }
-        drop(in_flight);
-        // The session may have ended while the resource manager was allocating; its release
-        // scan then ran before this insert, so release here (freeing the unused region).
-        if session.is_ended() {
-            self.release(&region);
-            return Err(session_ended());
-        }
-        tracing::debug!(
-            instance = %session.instance_id,
-            region = region.info.handle.region_id,
-            size,
-            "region allocated"
-        );
+        let mut table = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        table.by_id.insert(region.info.handle.region_id, slot);
+        table.by_slot.insert(slot.0, region.clone());
         Ok(region)
     }
 
@@ -280,7 +307,7 @@ impl ServerState {
         let region = self
             .region_by_id(region_id)
             .ok_or_else(|| err(ErrorCode::UnknownRegion, format!("no region {region_id}")))?;
-        if region.session != session.id {
+        if region.session() != session.id {
             return Err(err(
                 ErrorCode::NotOwner,
                 format!(

@@ -24,7 +24,7 @@ pub(crate) struct Session {
     pub(super) instance_id: String,
     /// The registry's prefix for this session's namespace (see [`scope_of`]).
     pub(super) scope: Box<[u8]>,
-    token: [u8; SESSION_TOKEN_LEN],
+    pub(super) token: [u8; SESSION_TOKEN_LEN],
     ended: AtomicBool,
     /// The session's pins (see `leases`).
     pub(super) leases: Mutex<Leases>,
@@ -92,12 +92,7 @@ impl ServerState {
                 "this connection already said hello",
             ));
         }
-        let ok = |token| HelloOk {
-            server: format!("maru-server {}", env!("CARGO_PKG_VERSION")),
-            hostname: self.hostname.clone(),
-            session_token: token,
-            index: self.index_info(hello.namespace),
-        };
+        let ok = |token| self.hello_ok(hello.namespace, token);
         match hello.role {
             Role::Admin => {
                 *peer = Peer::Admin(scope_of(hello.namespace));
@@ -126,20 +121,11 @@ impl ServerState {
                             format!("no randomness for a session token: {e}"),
                         )
                     })?;
-                    if !sessions.contains_key(&token) {
+                    if !sessions.contains_key(&token) && !self.token_may_resume(&token) {
                         break;
                     }
                 }
-                let session = Arc::new(Session {
-                    id: self.next_session.fetch_add(1, Ordering::Relaxed),
-                    instance_id: hello.instance_id.to_owned(),
-                    scope: scope_of(hello.namespace),
-                    token,
-                    ended: AtomicBool::new(false),
-                    leases: Mutex::new(Leases::default()),
-                    holds: Mutex::new(HoldBook::default()),
-                    notices: Mutex::new(Outbox::default()),
-                });
+                let session = self.new_session(hello, token);
                 sessions.insert(
                     token,
                     SessionRec {
@@ -147,6 +133,7 @@ impl ServerState {
                         connections: 1,
                     },
                 );
+                self.save_tokens(&sessions);
                 session
             }
             Some(token) => match sessions.get_mut(&token) {
@@ -179,6 +166,34 @@ impl ServerState {
         Ok(ok(token))
     }
 
+    /// The answer to a hello of a session of `namespace` under `token`.
+    pub(super) fn hello_ok(&self, namespace: &str, token: [u8; SESSION_TOKEN_LEN]) -> HelloOk {
+        HelloOk {
+            server: format!("maru-server {}", env!("CARGO_PKG_VERSION")),
+            hostname: self.hostname.clone(),
+            session_token: token,
+            index: self.index_info(namespace),
+        }
+    }
+
+    /// A session of `hello`'s instance under `token`, with no claim yet.
+    pub(super) fn new_session(
+        &self,
+        hello: &Hello,
+        token: [u8; SESSION_TOKEN_LEN],
+    ) -> Arc<Session> {
+        Arc::new(Session {
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            instance_id: hello.instance_id.to_owned(),
+            scope: scope_of(hello.namespace),
+            token,
+            ended: AtomicBool::new(false),
+            leases: Mutex::new(Leases::default()),
+            holds: Mutex::new(HoldBook::default()),
+            notices: Mutex::new(Outbox::default()),
+        })
+    }
+
     /// A connection closed (for any reason). The last connection of a session ends it.
     pub fn disconnect(&self, peer: &mut Peer) {
         let Peer::Client(session) = std::mem::replace(peer, Peer::New) else {
@@ -195,6 +210,7 @@ impl ServerState {
         };
         if last {
             sessions.remove(&session.token);
+            self.save_tokens(&sessions);
         }
         drop(sessions);
         if last {
@@ -211,6 +227,7 @@ impl ServerState {
         let mut sessions = lock(&self.sessions);
         if matches!(sessions.get(&session.token), Some(rec) if rec.session.id == session.id) {
             sessions.remove(&session.token);
+            self.save_tokens(&sessions);
         }
         drop(sessions);
         self.end_session(&session);
@@ -226,7 +243,7 @@ impl ServerState {
             .table()
             .by_slot
             .values()
-            .filter(|r| r.session == session.id)
+            .filter(|r| r.session() == session.id)
             .cloned()
             .collect();
         tracing::debug!(

@@ -294,6 +294,13 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
             region_id: 7,
             writable: true,
         },
+        Request::Resume {
+            hello: Hello {
+                session_token: Some([3; SESSION_TOKEN_LEN]),
+                ..hello.clone()
+            },
+            regions: vec![7, 9],
+        },
     ];
     let responses: Vec<Response> = vec![
         Response::HelloOk(HelloOk {
@@ -355,6 +362,15 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
         }]),
         Response::Stats("{\"keys\":1}".into()),
         Response::Regions(vec![region]),
+        Response::Resumed {
+            refused: vec![9],
+            hello: HelloOk {
+                server: "maru-server 0.1.0".into(),
+                hostname: "host".into(),
+                session_token: [3; SESSION_TOKEN_LEN],
+                index: None,
+            },
+        },
     ];
     let mut out = Vec::new();
     let mut names = std::collections::HashMap::<String, usize>::new();

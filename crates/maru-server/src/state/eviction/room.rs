@@ -124,7 +124,7 @@ impl ServerState {
             .table()
             .by_slot
             .values()
-            .filter(|r| r.session == session.id)
+            .filter(|r| r.session() == session.id)
             .map(|r| r.slot.0)
             .collect();
         if own.is_empty() || want == 0 || session.is_ended() {
@@ -315,7 +315,7 @@ impl ServerState {
         let regions: Vec<Arc<TableRegion>> = self.table().by_slot.values().cloned().collect();
         let own: HashSet<u32> = regions
             .iter()
-            .filter(|r| r.session == caller)
+            .filter(|r| r.session() == caller)
             .map(|r| r.slot.0)
             .collect();
         let mut pinned: HashMap<u32, u64> = HashMap::new();
@@ -333,7 +333,7 @@ impl ServerState {
         let mut candidates = Vec::new();
         for r in &regions {
             let st = lock(&r.state);
-            if r.session == caller {
+            if r.session() == caller {
                 let evictable = own_pages.get(&r.slot.0).is_some_and(|pages| {
                     pages
                         .iter()
@@ -345,7 +345,7 @@ impl ServerState {
                 }
                 continue;
             }
-            let live = r.owner.upgrade().is_some_and(|o| !o.is_ended());
+            let live = r.owner().is_some_and(|o| !o.is_ended());
             if !st.owner_live || st.freed || !live {
                 continue;
             }
@@ -368,7 +368,7 @@ impl ServerState {
     /// knows the region is asked back. Returns the region's id when asked.
     fn ask_back_region(&self, slot: u32) -> Option<u64> {
         let region = self.table().by_slot.get(&slot).cloned()?;
-        let owner = region.owner.upgrade()?;
+        let owner = region.owner()?;
         let mut keys = Vec::new();
         self.registry.for_each(&mut |k, e| {
             if e.region.0 == slot && e.pins == 0 {
