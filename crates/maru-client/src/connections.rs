@@ -359,10 +359,25 @@ impl ConnectionPool {
     ) -> Result<ConnectionPool> {
         let clock = ReplyClock::new();
         let w = timing.wait(hook, &clock);
-        let (mut conn, server) = handshake(&url, &identity, None, &w)?;
+        let (conn, server) = handshake(&url, &identity, None, &w)?;
+        Ok(ConnectionPool::around(
+            conn, server, url, identity, max_idle, timing, clock,
+        ))
+    }
+
+    /// The pool of the session `server` answered for on `conn`, its first connection.
+    fn around(
+        mut conn: PooledConn,
+        server: HelloOk,
+        url: ServerUrl,
+        identity: Identity,
+        max_idle: usize,
+        timing: Timing,
+        clock: ReplyClock,
+    ) -> ConnectionPool {
         let releases = Arc::new(ReleaseQueue::default());
         conn.releases = Some(releases.clone());
-        Ok(ConnectionPool {
+        ConnectionPool {
             releases,
             url,
             identity,
@@ -373,7 +388,7 @@ impl ConnectionPool {
             closed: AtomicBool::new(false),
             timing,
             clock,
-        })
+        }
     }
 
     /// Takes up the session of `session` again at a restarted server (see
@@ -423,20 +438,7 @@ impl ConnectionPool {
             Response::Resumed { refused, hello } => (refused, hello),
             other => return Err(Error::unexpected("resume", &other)),
         };
-        let releases = Arc::new(ReleaseQueue::default());
-        conn.releases = Some(releases.clone());
-        let pool = ConnectionPool {
-            releases,
-            url,
-            identity,
-            session: server.session_token,
-            index: server.index,
-            idle: Mutex::new(vec![conn]),
-            max_idle,
-            closed: AtomicBool::new(false),
-            timing,
-            clock,
-        };
+        let pool = ConnectionPool::around(conn, server, url, identity, max_idle, timing, clock);
         Ok((pool, refused))
     }
 

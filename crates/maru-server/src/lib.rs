@@ -52,6 +52,7 @@ mod descriptor;
 mod evictor;
 mod maintenance;
 mod metrics;
+mod private_file;
 pub mod registry;
 mod reply;
 mod resource_manager;

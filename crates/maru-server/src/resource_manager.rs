@@ -191,8 +191,6 @@ impl RemoteRm {
 pub fn durable_identity(
     index: &std::path::Path,
 ) -> Result<[u8; maru_proto::SESSION_TOKEN_LEN], String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut path = index.as_os_str().to_owned();
     path.push(".server-id");
     let path = std::path::PathBuf::from(path);
@@ -224,19 +222,8 @@ pub fn durable_identity(
     let mut id = [0u8; maru_proto::SESSION_TOKEN_LEN];
     getrandom::fill(&mut id).map_err(|e| format!("server identity: no randomness: {e}"))?;
     let text: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = path.with_extension("server-id.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| format!("server identity {}: {e}", path.display()))?;
+    crate::private_file::replace(&path, "server-id.tmp", text.as_bytes(), true)
+        .map_err(|e| format!("server identity {}: {e}", path.display()))?;
     Ok(id)
 }
 

@@ -13,14 +13,13 @@
 //! process killed after a write leaves the write in the page cache.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use maru_proto::{ErrorCode, Handle, Hello, HelloOk, RegionInfo, Role, WireError};
 
-use super::sessions::{Peer, SessionRec};
+use super::sessions::{Peer, Session, SessionRec};
 use super::{err, lock, ServerState};
 
 type Token = [u8; maru_proto::SESSION_TOKEN_LEN];
@@ -108,6 +107,24 @@ impl ServerState {
         book.unnamed.keys().copied().collect()
     }
 
+    /// Records `session` under `token` with its first connection, and the tokens file with it
+    /// (with the sessions' lock held, as [`ServerState::save_tokens`] wants).
+    pub(super) fn keep_session(
+        &self,
+        sessions: &mut HashMap<Token, SessionRec>,
+        token: Token,
+        session: &Arc<Session>,
+    ) {
+        sessions.insert(
+            token,
+            SessionRec {
+                session: session.clone(),
+                connections: 1,
+            },
+        );
+        self.save_tokens(sessions);
+    }
+
     /// Rewrites the tokens file: the live sessions and those that may still resume. Called
     /// with the sessions' lock held, so writes follow the order of the changes.
     pub(super) fn save_tokens(&self, sessions: &HashMap<Token, SessionRec>) {
@@ -120,18 +137,7 @@ impl ServerState {
         for t in sessions.keys().chain(waiting) {
             bytes.extend_from_slice(t);
         }
-        let tmp = file.with_extension("sessions.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            std::fs::rename(&tmp, file)
-        };
-        if let Err(e) = write() {
+        if let Err(e) = crate::private_file::replace(file, "sessions.tmp", &bytes, false) {
             tracing::warn!(
                 "cannot keep the session tokens at {} ({e}); after a restart these sessions \
                  cannot resume",
@@ -238,14 +244,7 @@ impl ServerState {
             }
         }
         drop(book);
-        sessions.insert(
-            token,
-            SessionRec {
-                session: session.clone(),
-                connections: 1,
-            },
-        );
-        self.save_tokens(&sessions);
+        self.keep_session(&mut sessions, token, &session);
         drop(sessions);
         for id in to_own {
             match self.region_by_id(id) {

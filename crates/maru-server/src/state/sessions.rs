@@ -126,14 +126,7 @@ impl ServerState {
                     }
                 }
                 let session = self.new_session(hello, token);
-                sessions.insert(
-                    token,
-                    SessionRec {
-                        session: session.clone(),
-                        connections: 1,
-                    },
-                );
-                self.save_tokens(&sessions);
+                self.keep_session(&mut sessions, token, &session);
                 session
             }
             Some(token) => match sessions.get_mut(&token) {
