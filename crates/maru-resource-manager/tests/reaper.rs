@@ -37,15 +37,21 @@ fn spawn_child(url: &maru_proto::ServerUrl, server: bool) -> std::process::Child
     child
 }
 
+/// A 64 MiB pool whose reaper passes every 50 ms and keeps a dead server's regions a minute.
+fn quick_reaper_config(dir: &std::path::Path) -> maru_resource_manager::RmConfig {
+    let mut cfg = rm_config(dir, vec![shm_pool(dir, "p0", 64 * MIB)]);
+    cfg.reap_interval = Duration::from_millis(50);
+    cfg.server_grace = Duration::from_secs(60);
+    cfg
+}
+
 /// A metadata server's durable identity: while its process lives nobody else may present
 /// it; once it is dead its regions wait out the server grace (the reaper passes them by)
 /// and a process presenting the identity over the Unix socket adopts every one of them.
 #[test]
 fn a_dead_servers_regions_wait_for_a_successor_that_adopts_them() {
     let d = temp_dir();
-    let mut cfg = rm_config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
-    cfg.reap_interval = Duration::from_millis(50);
-    cfg.server_grace = Duration::from_secs(60);
+    let mut cfg = quick_reaper_config(d.path());
     cfg.unix = Some(d.path().join("rm.sock"));
     let rm = maru_resource_manager::start(cfg).unwrap();
     let unix = maru_proto::ServerUrl::Unix(d.path().join("rm.sock"));
@@ -86,10 +92,7 @@ fn a_dead_servers_regions_wait_for_a_successor_that_adopts_them() {
 #[test]
 fn a_server_without_an_identity_gets_no_grace() {
     let d = temp_dir();
-    let mut cfg = rm_config(d.path(), vec![shm_pool(d.path(), "p0", 64 * MIB)]);
-    cfg.reap_interval = Duration::from_millis(50);
-    cfg.server_grace = Duration::from_secs(60);
-    let rm = maru_resource_manager::start(cfg).unwrap();
+    let rm = maru_resource_manager::start(quick_reaper_config(d.path())).unwrap();
     let mut child = spawn_child(&rm.url(), false);
     child.kill().unwrap();
     child.wait().unwrap();
