@@ -3,10 +3,11 @@
 //! warning), the token secret, and giving back memory of regions freed while down.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use maru_shm::naming::{state, Naming};
 use maru_shm::PoolSpec;
@@ -43,15 +44,12 @@ impl Manager {
             .mode(0o600)
             .open(state::lock(state_dir))
             .map_err(dir_err)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(RmError::Locked {
-                    path: state_dir.to_owned(),
-                })
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
-        }
+        take_lock(&lock).map_err(|e| match e {
+            Some(e) => dir_err(e),
+            None => RmError::Locked {
+                path: state_dir.to_owned(),
+            },
+        })?;
 
         let mut pools = Vec::new();
         for spec in specs {
@@ -251,6 +249,28 @@ impl Manager {
                 Ok(n) => tracing::info!("removed {n} stale region files from {}", slot.name),
                 Err(e) => tracing::warn!("cannot clean stale regions of {}: {e}", slot.name),
             }
+        }
+    }
+}
+
+/// How long a taken state lock is waited for before the directory counts as in use.
+/// A lock is an open file description: a process that forks shares it with the child until
+/// the child execs, so a manager reopened in a process that also spawns others (a supervisor,
+/// a test harness) can see the lock of its own dropped predecessor for that instant.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// Takes the state directory's lock, waiting up to [`LOCK_WAIT`] for a holder to let go.
+/// `Err(None)` means another holder kept it.
+fn take_lock(lock: &File) -> Result<(), Option<io::Error>> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::Error(e)) => return Err(Some(e)),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(None),
         }
     }
 }
