@@ -257,11 +257,13 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
             b.out,
             "\n== Key index in shared memory: reads without a round trip, restart"
         );
-        let py = python::locate(args.python.as_deref()).ok();
         let r = crate::index::run(
             &args.pool_dir,
             b.plan.registry_keys,
-            py.as_ref().map(|(p, s)| (p.as_path(), s.as_path())),
+            located
+                .as_ref()
+                .ok()
+                .map(|(p, s)| (p.as_path(), s.as_path())),
             mode != "full",
             memcpy_out,
             &mut b.out,
