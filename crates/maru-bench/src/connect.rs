@@ -1,7 +1,8 @@
-//! Connect time: handshake, the first owned region (carved by the resource manager, mapped
-//! and populated for writing) and the eager mapping of live regions — with 100 MiB and 1 GiB
-//! pools, on 4 KiB pages (tmpfs) and on 2 MiB pages (a hugetlbfs: the machine's, or one
-//! mounted for the run when it runs as root).
+//! Connect time (handshake and the eager mapping of live regions: a handler takes no region
+//! until it allocates) and the first allocation after it (the owned region carved by the
+//! resource manager, mapped and populated for writing) — with 100 MiB and 1 GiB pools, on
+//! 4 KiB pages (tmpfs) and on 2 MiB pages (a hugetlbfs: the machine's, or one mounted for the
+//! run when it runs as root).
 
 use anyhow::Context;
 use maru_client::{MaruConfig, MaruHandler};
@@ -21,6 +22,7 @@ fn connect_rows(b: &mut Bench, t: Transport, url: &str, page_note: &str) -> anyh
             b.plan.connect_samples
         };
         let mut s = Samples::with_capacity(n);
+        let mut first = Samples::with_capacity(n);
         for _ in 0..n {
             let h = MaruHandler::new(MaruConfig {
                 server_url: url.to_owned(),
@@ -30,16 +32,22 @@ fn connect_rows(b: &mut Bench, t: Transport, url: &str, page_note: &str) -> anyh
             })?;
             s.time(|| h.connect())
                 .with_context(|| format!("connect with a {pool}-byte pool"))?;
+            let page = first
+                .time(|| h.alloc(4096))
+                .with_context(|| format!("first alloc with a {pool}-byte pool"))?;
+            let _ = h.free(page.page());
             h.close();
             // The previous handler's region is given back (and its pages dropped) after close
             // returns; let that finish so the next connect does not share the CPU with it.
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
-        b.push(
-            t,
-            Row::new("connect", t.name(), pool, 1, &s.summary())
-                .note(format!("chunk_bytes is the pool size; {page_note}")),
-        );
+        for (op, samples) in [("connect", &s), ("first_alloc", &first)] {
+            b.push(
+                t,
+                Row::new(op, t.name(), pool, 1, &samples.summary())
+                    .note(format!("chunk_bytes is the pool size; {page_note}")),
+            );
+        }
     }
     Ok(())
 }
@@ -78,15 +86,17 @@ pub fn run_huge(b: &mut Bench, transports: &[Transport]) -> anyhow::Result<()> {
             Err(why) => {
                 for &t in transports {
                     for &p in &b.plan.connect_pools.clone() {
-                        b.push(
-                            t,
-                            Row::skipped(
-                                "connect",
-                                t.name(),
-                                p,
-                                &format!("2 MiB pages: no hugetlbfs mount, and {why}"),
-                            ),
-                        );
+                        for op in ["connect", "first_alloc"] {
+                            b.push(
+                                t,
+                                Row::skipped(
+                                    op,
+                                    t.name(),
+                                    p,
+                                    &format!("2 MiB pages: no hugetlbfs mount, and {why}"),
+                                ),
+                            );
+                        }
                     }
                 }
                 return Ok(());

@@ -93,19 +93,22 @@ fn smoke_report_has_every_row_kind() {
                 );
             }
         }
-        for pool in [100u64 << 20, 1 << 30] {
+        for (op, pool) in ["connect", "first_alloc"]
+            .into_iter()
+            .flat_map(|op| [(op, 100u64 << 20), (op, 1 << 30)])
+        {
             let rows: Vec<&Value> = results
                 .iter()
-                .filter(|r| r["op"] == "connect" && r["transport"] == t && r["chunk_bytes"] == pool)
+                .filter(|r| r["op"] == op && r["transport"] == t && r["chunk_bytes"] == pool)
                 .collect();
             assert!(
                 rows.iter().any(|r| num(r, "p50_us") > 0.0),
-                "no connect time with a {pool}-byte pool over {t}"
+                "no {op} time with a {pool}-byte pool over {t}"
             );
             // 2 MiB pages: measured where hugetlbfs is mounted, else a row saying why not.
             assert!(
                 rows.len() >= 2,
-                "no 2 MiB-page connect row (or skip note) over {t}"
+                "no 2 MiB-page {op} row (or skip note) over {t}"
             );
             // As root the run reserves and mounts its own hugetlbfs, so the rows are measured.
             // SAFETY: geteuid has no preconditions.
@@ -113,10 +116,21 @@ fn smoke_report_has_every_row_kind() {
                 assert!(
                     rows.iter().any(|r| num(r, "p50_us") > 0.0
                         && r["note"].as_str().is_some_and(|n| n.contains("2 MiB"))),
-                    "root, yet no 2 MiB-page connect measured over {t}: {rows:?}"
+                    "root, yet no 2 MiB-page {op} measured over {t}: {rows:?}"
                 );
             }
         }
+        // The first alloc is measured against populating a region of its size.
+        assert!(
+            results
+                .iter()
+                .filter(|r| r["op"] == "first_alloc" && r["transport"] == t)
+                .any(|r| r
+                    .get("floor_us")
+                    .and_then(Value::as_f64)
+                    .is_some_and(|f| f > 0.0)),
+            "no first_alloc row with its populate floor over {t}"
+        );
     }
 
     // Server memory per key and registration rate.
