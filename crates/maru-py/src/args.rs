@@ -74,10 +74,11 @@ unsafe fn key_of<'a>(obj: &Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
     Ok(key)
 }
 
-/// The items of an iterable as a tuple (else the InvalidArgumentError `what`, not the type): a tuple as it is, a list in one C call,
-/// anything else by iterating it. A tuple holds a strong reference to every item and none can
-/// be replaced, so what is borrowed from its items stays valid while it lives, also while the
-/// GIL is released and other threads change the caller's list.
+/// The items of an iterable as a tuple: a tuple as it is, a list in one C call, anything else
+/// by iterating it; what is not iterable is the InvalidArgumentError "`what`, not <type>". A
+/// tuple holds a strong reference to every item and none can be replaced, so what is borrowed
+/// from its items stays valid while it lives, also while the GIL is released and other
+/// threads change the caller's list.
 pub fn items<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyTuple>> {
     if let Ok(t) = obj.cast::<PyTuple>() {
         return Ok(t.clone());

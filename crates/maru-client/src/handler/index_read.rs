@@ -110,28 +110,18 @@ impl PageSource for Mapped<'_> {
 
 /// Copies `dst.len()` bytes from a page another process may be rewriting (a reused page):
 /// the copy may be torn, and the generation recheck that follows discards it then. On x86-64
-/// one `rep movsb` (memcpy speed with ERMSB; [`maru_index::copy_atomic`]'s word loads reach a fraction of
-/// it): the loads are the instruction's, outside Rust's memory model, so a concurrent write is
-/// not a data race of this program; `lfence` completes them before the recheck's loads.
+/// [`maru_shm::copy_from_shared`]: loads outside Rust's memory model at memcpy speed
+/// ([`maru_index::copy_atomic`]'s word loads reach a fraction of it), streaming stores for
+/// large pages, completed before the recheck's loads.
 ///
 /// # Safety
 /// `src` must be valid for reads of `dst.len()` bytes (a live mapping) and must not overlap
 /// `dst`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn copy_racy(src: *const u8, dst: &mut [u8]) {
-    // SAFETY: the caller guarantees `src..src + len` is readable and disjoint from `dst`,
-    // which is writable for `len` bytes; `rep movsb` touches exactly those bytes (direction
-    // flag clear, as the ABI guarantees) and the registers it clobbers are declared.
-    unsafe {
-        std::arch::asm!(
-            "rep movsb",
-            "lfence",
-            inout("rcx") dst.len() => _,
-            inout("rsi") src => _,
-            inout("rdi") dst.as_mut_ptr() => _,
-            options(nostack, preserves_flags)
-        );
-    }
+    // SAFETY: the caller's guarantees are `copy_from_shared`'s; `dst` is writable for its
+    // length.
+    unsafe { maru_shm::copy_from_shared(dst.as_mut_ptr(), src, dst.len()) }
 }
 
 /// See the x86-64 version; elsewhere, atomic word loads.
