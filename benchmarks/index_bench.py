@@ -1,7 +1,8 @@
 """Reads without a round trip from the metadata server's key index, through the public
 ``maru`` package: ``exists``, ``batch_exists(512)`` and ``batch_retrieve_into`` of 4 KiB
 chunks, the last against a plain copy of the same bytes in this process (one contiguous
-``memoryview`` copy: the memcpy floor). ``maru bench --only index`` runs it against its own
+``memoryview`` copy: the memcpy floor), and ``batch_retrieve_into`` of 1 MiB chunks from pages
+and into buffers far larger than the cache (where copies of 64 KiB and more stream). ``maru bench --only index`` runs it against its own
 index-enabled daemons; the last line printed is a JSON document.
 
     python benchmarks/index_bench.py --server unix:///path/server.sock [--quick]
@@ -17,6 +18,7 @@ import time
 from maru import MaruConfig, MaruHandler
 
 KIB = 1024
+MIB = 1024 * KIB
 CHUNK = 4 * KIB
 perf = time.perf_counter_ns
 
@@ -79,6 +81,29 @@ def main() -> int:
         out[f"batch_retrieve_into_{b}_gbps"] = round(gbps, 2)
         out[f"memcpy_{b}_gbps"] = round(floor, 2)
         out[f"batch_retrieve_into_{b}_vs_memcpy"] = round(gbps / floor, 3)
+
+    # Calls of 4 chunks of 1 MiB, taken in turn from 64 MiB of pages into 256 MiB of buffers:
+    # neither the pages nor the destinations are in the cache, as with a load into a host pool
+    # much larger than it. (Short calls: a median of calls that a busy host's scheduler rarely
+    # interrupts.)
+    big = MaruHandler(MaruConfig(server_url=args.server, chunk_size_bytes=MIB, pool_size=64 * MIB))
+    big.connect()
+    big_keys = [f"index-bench-big-{i}" for i in range(64)]
+    big_data = bytes(range(256)) * (MIB // 256)
+    big.batch_store(big_keys, [memoryview(big_data)] * len(big_keys))
+    dests = [bytearray(MIB) for _ in range(256)]
+    assert big.batch_retrieve_into(big_keys[:4], dests[:4]) == [MIB] * 4 and bytes(dests[3]) == big_data
+
+    def cold_copy(i: int) -> None:
+        k, d = 4 * i % len(big_keys), 4 * i % len(dests)
+        big.batch_retrieve_into(big_keys[k : k + 4], dests[d : d + 4])
+
+    cold = time_each(iters // 2, cold_copy)
+    out["batch_retrieve_into_4x1m_cold_gbps"] = round(4 * MIB / statistics.median(cold), 2)
+    for k in big_keys:
+        big.delete(k)
+    big.close()
+    del dests
 
     buf = bytearray(CHUNK)
     out["retrieve_into_p50_us"] = p50_us(time_each(iters, lambda i: h.retrieve_into(keys[i % 512], buf)))

@@ -293,8 +293,8 @@ fn reader_processes_get_zero_wrong_answers_from_a_churning_writer() {
     assert!(version > 2, "the writer churned");
 }
 
-/// A reader process (see above): exists, batch_exists and retrieve_into for 3 s, checking
-/// every answer it can; prints `reads=N copies=M wrong=W`.
+/// A reader process (see above): exists, batch_exists, retrieve_into and batch_retrieve_into
+/// for 3 s, checking every answer it can; prints `reads=N copies=M wrong=W`.
 #[test]
 fn reader_process() {
     let Ok(url) = std::env::var(READER_ENV) else {
@@ -317,6 +317,15 @@ fn reader_process() {
     let all: Vec<&[u8]> = stable.iter().chain(&never).map(|k| k.as_slice()).collect();
     let (mut reads, mut copies, mut wrong) = (0u64, 0u64, 0u64);
     let mut buf = vec![0u8; CHUNK];
+    // The batch copies all keys' pages before it rechecks any generation: a page reused in
+    // between must still be caught.
+    let batch: Vec<&[u8]> = churn
+        .iter()
+        .chain(&stable[..4])
+        .chain(&never[..2])
+        .map(|k| k.as_slice())
+        .collect();
+    let mut bufs = vec![vec![0u8; CHUNK]; batch.len()];
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         let found = h.batch_exists(&all).unwrap();
@@ -332,7 +341,20 @@ fn reader_process() {
                 }
             }
         }
-        reads += all.len() as u64 + 2 + churn.len() as u64 + 2;
+        let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        let got = h.batch_retrieve_into(&batch, &mut slices).unwrap();
+        for ((k, n), b) in batch.iter().zip(&got).zip(&bufs) {
+            if let Some(n) = n {
+                copies += 1;
+                if *n != CHUNK || !is_value_of(k, b) {
+                    wrong += 1;
+                }
+            }
+        }
+        let (stable_got, never_got) = (&got[churn.len()..churn.len() + 4], &got[churn.len() + 4..]);
+        wrong += stable_got.iter().filter(|n| n.is_none()).count() as u64;
+        wrong += never_got.iter().filter(|n| n.is_some()).count() as u64;
+        reads += all.len() as u64 + 2 + churn.len() as u64 + 2 + batch.len() as u64;
     }
     println!("reads={reads} copies={copies} wrong={wrong}");
 }

@@ -16,24 +16,31 @@ fn fold(a: u64, b: u64) -> u64 {
 }
 
 /// Little-endian word `i` of `key`, zero-padded past its end. Stored keys are zero-padded the
-/// same way, so keys compare word by word.
+/// same way, so keys compare word by word. A partial last word is assembled from two
+/// overlapping loads rather than a copy of variable length (which compiles to a call of
+/// `memcpy`): every lookup hashes and compares its key's words.
 #[inline]
 pub(crate) fn key_word(key: &[u8], i: usize) -> u64 {
     let start = i * 8;
-    if start + 8 <= key.len() {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&key[start..start + 8]);
-        u64::from_le_bytes(w)
-    } else if start < key.len() {
-        let mut w = [0u8; 8];
-        w[..key.len() - start].copy_from_slice(&key[start..]);
-        u64::from_le_bytes(w)
-    } else {
-        0
+    if let Some(w) = key.get(start..start + 8) {
+        return u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+    }
+    let rest = key.get(start..).unwrap_or(&[]);
+    let n = rest.len();
+    // Two loads whose bytes overlap where n is not a power of two; the overlap holds the same
+    // bytes in both, so OR-ing them is exact.
+    let w2 = |b: &[u8]| u64::from(u16::from_le_bytes([b[0], b[1]]));
+    let w4 = |b: &[u8]| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    match n {
+        0 => 0,
+        1 => u64::from(rest[0]),
+        2..=3 => w2(rest) | (w2(&rest[n - 2..]) << ((n - 2) * 8)),
+        _ => w4(rest) | (w4(&rest[n - 4..]) << ((n - 4) * 8)),
     }
 }
 
 /// The hash of `key` in namespace `ns` under the index's `seed`.
+#[inline]
 pub fn key_hash(seed: [u64; 2], ns: u32, key: &[u8]) -> u64 {
     let mut h = fold(seed[0] ^ K0, (((ns as u64) << 32) | key.len() as u64) ^ K1);
     let words = key.len().div_ceil(8);
@@ -70,6 +77,30 @@ mod tests {
         6471174740218094718,
         2455283319225842434,
     ];
+
+    /// The word of the format's definition: the key's bytes from `8 i`, zero-padded.
+    fn word_by_definition(key: &[u8], i: usize) -> u64 {
+        let mut w = [0u8; 8];
+        for (j, b) in w.iter_mut().enumerate() {
+            *b = key.get(i * 8 + j).copied().unwrap_or(0);
+        }
+        u64::from_le_bytes(w)
+    }
+
+    #[test]
+    fn key_words_are_the_zero_padded_bytes_at_every_length() {
+        let bytes: Vec<u8> = (1..=40u8).map(|b| b.wrapping_mul(37) | 1).collect();
+        for len in 0..=bytes.len() {
+            let key = &bytes[..len];
+            for i in 0..6 {
+                assert_eq!(
+                    key_word(key, i),
+                    word_by_definition(key, i),
+                    "len {len} word {i}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn namespace_length_and_padding_change_the_hash() {

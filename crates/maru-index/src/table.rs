@@ -59,10 +59,12 @@ pub struct Found {
 #[cfg(not(loom))]
 const STUCK_TURNS: u32 = 20_000;
 
+#[inline]
 pub(crate) fn tag_of(hash: u64) -> u32 {
     ((hash >> 32) as u32) | 1
 }
 
+#[inline]
 pub(crate) fn home_of(hash: u64, buckets: u64) -> u64 {
     ((hash & 0xffff_ffff) * buckets) >> 32
 }
@@ -95,6 +97,9 @@ pub(crate) fn unpack_location(region_len: u64, offset: u64) -> Location {
     }
 }
 
+/// Keys a batch lookup hashes before it probes them.
+const HASH_RUN: usize = 128;
+
 /// A view of the table's memory.
 pub(crate) struct Table<'a> {
     pub buckets: &'a [AtomicU32],
@@ -111,20 +116,24 @@ enum Probe {
 }
 
 impl<'a> Table<'a> {
+    #[inline]
     pub(crate) fn bucket(&self, b: u64) -> &'a [AtomicU32] {
         let i = b as usize * BUCKET_WORDS;
         &self.buckets[i..i + BUCKET_WORDS]
     }
 
+    #[inline]
     pub(crate) fn entry(&self, slot: u64) -> &'a [AtomicU64] {
         let i = slot as usize * ENTRY_WORDS;
         &self.entries[i..i + ENTRY_WORDS]
     }
 
+    #[inline]
     pub(crate) fn slots(&self) -> u64 {
         self.nbuckets * BUCKET_SLOTS as u64
     }
 
+    #[inline]
     fn next_bucket(&self, b: u64) -> u64 {
         if b + 1 == self.nbuckets {
             0
@@ -133,6 +142,7 @@ impl<'a> Table<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn hash(&self, ns: u32, key: &[u8]) -> u64 {
         key_hash(self.seed, ns, key)
     }
@@ -157,18 +167,24 @@ impl<'a> Table<'a> {
         keys: &[K],
         mut each: impl FnMut(Option<Found>) -> bool,
     ) {
-        // All hashes first, then the probes: the hashing of one key overlaps the memory reads
-        // of the next (measured: a batch of 512 a tenth faster than hashing inside each lookup).
-        let hashes: Vec<u64> = keys.iter().map(|k| self.hash(ns, k.as_ref())).collect();
-        for (key, &hash) in keys.iter().zip(&hashes) {
-            let key = key.as_ref();
-            let found = if key.len() > MAX_KEY_LEN {
-                None
-            } else {
-                self.lookup_hashed(coh, hash, ns, key)
-            };
-            if !each(found) {
-                break;
+        // All hashes of a run first, then its probes: the hashing of one key overlaps the
+        // memory reads of the next (measured: a batch of 512 a tenth faster than hashing inside
+        // each lookup). Runs of HASH_RUN keep the hashes on the stack: no allocation per call.
+        let mut hashes = [0u64; HASH_RUN];
+        for run in keys.chunks(HASH_RUN) {
+            for (h, k) in hashes.iter_mut().zip(run) {
+                *h = self.hash(ns, k.as_ref());
+            }
+            for (key, &hash) in run.iter().zip(&hashes) {
+                let key = key.as_ref();
+                let found = if key.len() > MAX_KEY_LEN {
+                    None
+                } else {
+                    self.lookup_hashed(coh, hash, ns, key)
+                };
+                if !each(found) {
+                    return;
+                }
             }
         }
     }
@@ -282,6 +298,7 @@ impl<'a> Table<'a> {
     }
 
     /// The generation entry `slot` holds now (0 when empty).
+    #[inline]
     pub(crate) fn generation_at<C: Coherence>(&self, coh: &C, slot: u64) -> u64 {
         let e = self.entry(slot);
         coh.refresh(addr(e), 64);

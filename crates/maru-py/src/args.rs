@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use maru_client::{MaruConfig, PageId};
 use maru_proto::MAX_KEY_LEN;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyInt, PyString};
+use pyo3::types::{PyBool, PyBytes, PyInt, PyList, PyString, PyTuple};
 
 use crate::buffer::RawBuf;
 use crate::errors::{invalid, invalid_key};
@@ -23,17 +23,44 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// A key as bytes: `str` (UTF-8), `bytes`, or `int` (its decimal string, so `key=12345`
 /// works as in the documented examples); not empty and at most `MAX_KEY_LEN` bytes.
 pub fn key_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
-    let key: Cow<'a, [u8]> = if let Ok(s) = obj.cast::<PyString>() {
-        Cow::Borrowed(s.to_str()?.as_bytes())
-    } else if obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>() {
-        Cow::Owned(obj.str()?.to_str()?.as_bytes().to_vec())
+    // SAFETY: `obj` is borrowed for 'a, and the reference it stands for keeps the object alive
+    // for that long.
+    unsafe { key_of(obj) }
+}
+
+/// [`key_bytes`] of `obj`, with the bytes of a `str` or `bytes` borrowed for `'a` (no copy):
+/// a str's UTF-8 form and a bytes object's bytes never change and live as long as the object.
+///
+/// # Safety
+/// Something must keep `obj` alive for `'a` (a reference the caller holds, or a tuple holding
+/// it).
+unsafe fn key_of<'a>(obj: &Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
+    // The exact types first: a type-pointer comparison, where the subclass checks are calls
+    // into the interpreter.
+    let borrowed = if let Ok(s) = obj.cast_exact::<PyString>() {
+        Some(s.to_str()?.as_bytes())
+    } else if let Ok(b) = obj.cast_exact::<PyBytes>() {
+        Some(b.as_bytes())
+    } else if let Ok(s) = obj.cast::<PyString>() {
+        Some(s.to_str()?.as_bytes())
     } else if let Ok(b) = obj.cast::<PyBytes>() {
-        Cow::Borrowed(b.as_bytes())
+        Some(b.as_bytes())
     } else {
-        return Err(invalid_key(format!(
-            "key must be str, bytes or int, not {}",
-            type_name(obj)
-        )));
+        None
+    };
+    let key: Cow<'a, [u8]> = match borrowed {
+        // SAFETY: the bytes belong to the object (its UTF-8 form or its bytes), which the
+        // caller keeps alive for 'a and which never changes them.
+        Some(b) => Cow::Borrowed(unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) }),
+        None if obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>() => {
+            Cow::Owned(obj.str()?.to_str()?.as_bytes().to_vec())
+        }
+        None => {
+            return Err(invalid_key(format!(
+                "key must be str, bytes or int, not {}",
+                type_name(obj)
+            )))
+        }
     };
     if key.is_empty() {
         return Err(invalid_key("key must not be empty"));
@@ -47,37 +74,40 @@ pub fn key_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
     Ok(key)
 }
 
-/// Every key of an iterable, checked as [`key_bytes`] checks one.
-pub fn keys_vec(keys: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
-    key_objects(keys)?
-        .iter()
-        .map(|k| Ok(key_bytes(k)?.into_owned()))
-        .collect()
+/// The items of an iterable as a tuple: a tuple as it is, a list in one C call, anything else
+/// by iterating it; what is not iterable is the InvalidArgumentError "`what`, not <type>". A
+/// tuple holds a strong reference to every item and none can be replaced, so what is borrowed
+/// from its items stays valid while it lives, also while the GIL is released and other
+/// threads change the caller's list.
+pub fn items<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyTuple>> {
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        return Ok(t.clone());
+    }
+    if let Ok(l) = obj.cast_exact::<PyList>() {
+        return Ok(l.to_tuple());
+    }
+    let iter = obj
+        .try_iter()
+        .map_err(|_| invalid(format!("{what}, not {}", type_name(obj))))?;
+    PyTuple::new(obj.py(), iter.collect::<PyResult<Vec<_>>>()?)
 }
 
-/// The objects of an iterable of keys.
-fn key_objects<'py>(keys: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    let iter = keys.try_iter().map_err(|_| {
-        invalid(format!(
-            "keys must be an iterable of keys, not {}",
-            type_name(keys)
-        ))
-    })?;
-    iter.collect()
-}
-
-/// `f` of the keys of an iterable, borrowed from their objects (no copy per key: a call
-/// answered from the key index costs less than an allocation per key).
+/// `f` of the keys of an iterable, borrowed from their objects: no copy and no allocation per
+/// key (a call answered from the key index costs less than an allocation per key). The keys
+/// stay valid inside `f` also if it releases the GIL.
 pub fn with_keys<T>(
     keys: &Bound<'_, PyAny>,
     f: impl FnOnce(&[&[u8]]) -> PyResult<T>,
 ) -> PyResult<T> {
-    let objects = key_objects(keys)?;
-    let keys = objects
-        .iter()
-        .map(key_bytes)
-        .collect::<PyResult<Vec<_>>>()?;
-    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_ref()).collect();
+    let tuple = items(keys, "keys must be an iterable of keys")?;
+    let mut owned: Vec<Cow<'_, [u8]>> = Vec::with_capacity(tuple.len());
+    for i in 0..tuple.len() {
+        let item = tuple.get_borrowed_item(i)?;
+        // SAFETY: `tuple` holds a strong reference to its item and outlives `owned` (declared
+        // after it, so dropped first), and nothing borrowed from `owned` leaves this function.
+        owned.push(unsafe { key_of(&item) }?);
+    }
+    let refs: Vec<&[u8]> = owned.iter().map(|k| k.as_ref()).collect();
     f(&refs)
 }
 
@@ -145,13 +175,16 @@ pub fn buffer(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<RawBuf> {
 
 /// A destination buffer of a copy-out read.
 pub fn writable(obj: &Bound<'_, PyAny>) -> PyResult<RawBuf> {
-    RawBuf::get_writable(obj).map_err(|_| {
-        invalid(format!(
-            "the buffer must be a writable object with the buffer protocol (bytearray, \
-             numpy array, …), not {}",
-            type_name(obj)
-        ))
-    })
+    RawBuf::get_writable(obj).map_err(|_| not_writable(obj, "the buffer"))
+}
+
+/// The refusal of `obj`, passed as `what`, as a destination of a copy.
+pub fn not_writable(obj: &Bound<'_, PyAny>, what: &str) -> PyErr {
+    invalid(format!(
+        "{what} must be a writable object with the buffer protocol (bytearray, numpy array, \
+         …), not {}",
+        type_name(obj)
+    ))
 }
 
 /// `alloc(size)`: an int from 1 to the chunk size.

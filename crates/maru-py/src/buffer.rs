@@ -290,3 +290,76 @@ impl Drop for RawBuf {
         });
     }
 }
+
+/// The writable buffers of many objects (`batch_retrieve_into`'s destinations): each acquired
+/// once, all held in one allocation, all released when this drops. It holds the GIL token, so
+/// it is dropped where the GIL is held (it cannot enter a GIL-released closure; only the
+/// slices do).
+pub struct WritableBufs<'py> {
+    _py: Python<'py>,
+    /// Filled in place and never grown past its capacity, so no `Py_buffer` moves while it is
+    /// exported (an exporter may point into its own `Py_buffer`, as `ShmBuffer` does).
+    views: Vec<ffi::Py_buffer>,
+}
+
+impl<'py> WritableBufs<'py> {
+    /// The buffers of every item of `objs`; `refused(i, obj)` is the error of an item that has
+    /// no writable contiguous buffer.
+    pub fn get(
+        objs: &Bound<'py, pyo3::types::PyTuple>,
+        refused: impl Fn(usize, &Bound<'py, PyAny>) -> PyErr,
+    ) -> PyResult<Self> {
+        use pyo3::types::PyTupleMethods;
+        let mut me = WritableBufs {
+            _py: objs.py(),
+            views: Vec::with_capacity(objs.len()),
+        };
+        for i in 0..objs.len() {
+            let obj = objs.get_borrowed_item(i)?;
+            let slot = me.views.spare_capacity_mut()[0].as_mut_ptr();
+            // SAFETY: `obj` is alive (the tuple holds it) and we hold the GIL; `slot` is
+            // writable storage for one Py_buffer inside the vector's capacity (i < capacity).
+            let rc = unsafe {
+                ffi::PyObject_GetBuffer(obj.as_ptr(), slot, ffi::PyBUF_SIMPLE | ffi::PyBUF_WRITABLE)
+            };
+            if rc != 0 {
+                // The exporter's own reason is replaced by ours, which names the argument.
+                drop(PyErr::fetch(objs.py()));
+                return Err(refused(i, &obj));
+            }
+            // SAFETY: PyObject_GetBuffer returned 0, so it filled slot `len`; from here Drop
+            // releases it.
+            unsafe { me.views.set_len(me.views.len() + 1) };
+        }
+        Ok(me)
+    }
+
+    /// Every buffer's bytes, to copy into.
+    pub fn slices(&mut self) -> Vec<&mut [u8]> {
+        self.views
+            .iter_mut()
+            .map(|v| {
+                let len = usize::try_from(v.len).unwrap_or(0);
+                if len == 0 || v.buf.is_null() || v.readonly != 0 {
+                    return &mut [][..];
+                }
+                // SAFETY: the exporter guarantees `len` contiguous writable bytes at `buf`
+                // while the buffer is held (until our drop); `&mut self` keeps these the only
+                // slices we make of them. As with `RawBuf::as_mut_slice`, Python gives no
+                // exclusivity (the caller may pass views of one buffer twice, another thread
+                // may write it): the copies only ever store into these bytes.
+                unsafe { std::slice::from_raw_parts_mut(v.buf as *mut u8, len) }
+            })
+            .collect()
+    }
+}
+
+impl Drop for WritableBufs<'_> {
+    fn drop(&mut self) {
+        for v in &mut self.views {
+            // SAFETY: each view was filled by PyObject_GetBuffer and is released once; the
+            // GIL is held (this value holds its token).
+            unsafe { ffi::PyBuffer_Release(v) };
+        }
+    }
+}

@@ -13,10 +13,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::args::{
-    alloc_size, buffer, key_bytes, keys_vec, page_of, read_config, some, store_source, with_keys,
-    writable, StoreSource,
+    alloc_size, buffer, items, key_bytes, not_writable, page_of, read_config, some, store_source,
+    with_keys, writable, StoreSource,
 };
-use crate::buffer::{memoryview, RawBuf, RegionViews};
+use crate::buffer::{memoryview, RawBuf, RegionViews, WritableBufs};
 use crate::errors::{invalid, py_err, raise};
 use crate::types::{
     region_stats_dict, store_regions_dict, AllocHandle, MaruHandle, MemoryInfo, OwnedRegionManager,
@@ -51,6 +51,28 @@ fn memory_info(py: Python<'_>, view: View) -> PyResult<Py<MemoryInfo>> {
             generation: Some(generation),
         },
     )
+}
+
+/// The list of a copy-out batch's answers: each length as an int, None for a miss. Equal
+/// lengths share one int object (ints are immutable), so a batch of same-sized chunks makes
+/// one int rather than one per chunk.
+fn lengths_list<'py>(py: Python<'py>, got: &[Option<usize>]) -> PyResult<Bound<'py, PyList>> {
+    let mut last: Option<(usize, Bound<'py, PyAny>)> = None;
+    let mut out = Vec::with_capacity(got.len());
+    for n in got {
+        out.push(match *n {
+            None => py.None().into_bound(py),
+            Some(n) => match &last {
+                Some((m, obj)) if *m == n => obj.clone(),
+                _ => {
+                    let obj = n.into_pyobject(py)?.into_any();
+                    last = Some((n, obj.clone()));
+                    obj
+                }
+            },
+        });
+    }
+    PyList::new(py, out)
 }
 
 /// Main interface: stores, retrieves and deletes KV-cache chunks in shared memory through a
@@ -91,6 +113,107 @@ impl PyMaruHandler {
 
     fn delete_with_status(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<DeleteStatus> {
         self.keyed(py, key, |h, k| h.delete(k))
+    }
+
+    /// `batch_store` with its keys converted.
+    fn batch_store_keys(
+        &self,
+        py: Python<'_>,
+        keys: &[&[u8]],
+        infos: Option<&Bound<'_, PyAny>>,
+        prefixes: Option<&Bound<'_, PyAny>>,
+        handles: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<bool>> {
+        let (infos, all_pages) = match (some(infos), some(handles)) {
+            (Some(infos), None) => (infos, false),
+            (None, Some(handles)) => (handles, true),
+            (Some(_), Some(_)) => {
+                return Err(invalid("batch_store: pass infos or handles, not both"))
+            }
+            (None, None) => return Err(invalid("batch_store: needs infos or handles")),
+        };
+        if all_pages && some(prefixes).is_some() {
+            return Err(invalid(
+                "batch_store: handles are stored as they are; prefixes need infos",
+            ));
+        }
+        let infos: Vec<Bound<'_, PyAny>> = infos.try_iter()?.collect::<PyResult<_>>()?;
+        let prefixes: Vec<Bound<'_, PyAny>> = match prefixes.filter(|p| !p.is_none()) {
+            Some(p) => p.try_iter()?.collect::<PyResult<_>>()?,
+            None => Vec::new(),
+        };
+        if keys.len() != infos.len() || (!prefixes.is_empty() && prefixes.len() != keys.len()) {
+            return Err(invalid(format!(
+                "batch_store: {} keys, {} infos and {} prefixes do not match",
+                keys.len(),
+                infos.len(),
+                prefixes.len()
+            )));
+        }
+        enum Src {
+            Page(PageId, u64),
+            Copy(RawBuf, Option<RawBuf>),
+        }
+        let mut srcs = Vec::with_capacity(infos.len());
+        for (i, info) in infos.iter().enumerate() {
+            let prefix = prefixes.get(i).filter(|p| !p.is_none());
+            if all_pages || info.is_instance_of::<AllocHandle>() {
+                if prefix.is_some() {
+                    return Err(invalid(format!(
+                        "batch_store: infos[{i}] is a handle, stored as written; prefixes[{i}] \
+                         must be None"
+                    )));
+                }
+                let (page, size) = page_of(info, &format!("batch_store: handles[{i}]"))?;
+                srcs.push(Src::Page(page, size));
+                continue;
+            }
+            let data = buffer(info, &format!("batch_store: infos[{i}]"))?;
+            let prefix = prefix
+                .map(|p| buffer(p, &format!("batch_store: prefixes[{i}]")))
+                .transpose()?;
+            if data.as_slice().is_empty() && prefix.as_ref().is_none_or(|p| p.as_slice().is_empty())
+            {
+                return Err(invalid(format!(
+                    "batch_store: infos[{i}] is empty (a value has at least 1 byte)"
+                )));
+            }
+            srcs.push(Src::Copy(data, prefix));
+        }
+        let items: Vec<(&[u8], StoreItem<'_>)> = keys
+            .iter()
+            .zip(&srcs)
+            .map(|(k, s)| {
+                let item = match s {
+                    Src::Page(page, len) => StoreItem::Page {
+                        page: *page,
+                        len: *len,
+                    },
+                    Src::Copy(data, prefix) => StoreItem::Bytes {
+                        prefix: prefix.as_ref().map_or(&[][..], |p| p.as_slice()),
+                        data: data.as_slice(),
+                    },
+                };
+                (*k, item)
+            })
+            .collect();
+        let copied: usize = items
+            .iter()
+            .map(|(_, item)| match item {
+                StoreItem::Bytes { prefix, data } => prefix.len() + data.len(),
+                StoreItem::Page { .. } => 0,
+            })
+            .sum();
+        let h = &self.h;
+        let outcomes = if copied > DETACH_COPY_BYTES {
+            py.detach(|| h.batch_store(&items))
+        } else {
+            h.with_hook(&Self::hook(py)).batch_store(&items)
+        }
+        .map_err(py_err(py))?;
+        drop(items);
+        drop(srcs);
+        Ok(vec![true; outcomes.len()])
     }
 }
 
@@ -326,9 +449,7 @@ impl PyMaruHandler {
         py: Python<'py>,
         keys: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let keys = keys_vec(keys)?;
-        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-        let views = self.call(py, |h| h.batch_retrieve(&refs))?;
+        let views = with_keys(keys, |refs| self.call(py, |h| h.batch_retrieve(refs)))?;
         // One exporter and memoryview per region touched; each key's view is a slice of it.
         let mut regions = RegionViews::new(py);
         let mut out = Vec::with_capacity(views.len());
@@ -364,101 +485,19 @@ impl PyMaruHandler {
         prefixes: Option<&Bound<'_, PyAny>>,
         handles: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Vec<bool>> {
-        let keys = keys_vec(keys)?;
-        let (infos, all_pages) = match (some(infos), some(handles)) {
-            (Some(infos), None) => (infos, false),
-            (None, Some(handles)) => (handles, true),
-            (Some(_), Some(_)) => {
-                return Err(invalid("batch_store: pass infos or handles, not both"))
-            }
-            (None, None) => return Err(invalid("batch_store: needs infos or handles")),
-        };
-        if all_pages && some(prefixes).is_some() {
-            return Err(invalid(
-                "batch_store: handles are stored as they are; prefixes need infos",
-            ));
-        }
-        let infos: Vec<Bound<'_, PyAny>> = infos.try_iter()?.collect::<PyResult<_>>()?;
-        let prefixes: Vec<Bound<'_, PyAny>> = match prefixes.filter(|p| !p.is_none()) {
-            Some(p) => p.try_iter()?.collect::<PyResult<_>>()?,
-            None => Vec::new(),
-        };
-        if keys.len() != infos.len() || (!prefixes.is_empty() && prefixes.len() != keys.len()) {
-            return Err(invalid(format!(
-                "batch_store: {} keys, {} infos and {} prefixes do not match",
-                keys.len(),
-                infos.len(),
-                prefixes.len()
-            )));
-        }
-        enum Src {
-            Page(PageId, u64),
-            Copy(RawBuf, Option<RawBuf>),
-        }
-        let mut srcs = Vec::with_capacity(infos.len());
-        for (i, info) in infos.iter().enumerate() {
-            let prefix = prefixes.get(i).filter(|p| !p.is_none());
-            if all_pages || info.is_instance_of::<AllocHandle>() {
-                if prefix.is_some() {
-                    return Err(invalid(format!(
-                        "batch_store: infos[{i}] is a handle, stored as written; prefixes[{i}] \
-                         must be None"
-                    )));
-                }
-                let (page, size) = page_of(info, &format!("batch_store: handles[{i}]"))?;
-                srcs.push(Src::Page(page, size));
-                continue;
-            }
-            let data = buffer(info, &format!("batch_store: infos[{i}]"))?;
-            let prefix = prefix
-                .map(|p| buffer(p, &format!("batch_store: prefixes[{i}]")))
-                .transpose()?;
-            if data.as_slice().is_empty() && prefix.as_ref().is_none_or(|p| p.as_slice().is_empty())
-            {
-                return Err(invalid(format!(
-                    "batch_store: infos[{i}] is empty (a value has at least 1 byte)"
-                )));
-            }
-            srcs.push(Src::Copy(data, prefix));
-        }
-        let items: Vec<(&[u8], StoreItem<'_>)> = keys
-            .iter()
-            .zip(&srcs)
-            .map(|(k, s)| {
-                let item = match s {
-                    Src::Page(page, len) => StoreItem::Page {
-                        page: *page,
-                        len: *len,
-                    },
-                    Src::Copy(data, prefix) => StoreItem::Bytes {
-                        prefix: prefix.as_ref().map_or(&[][..], |p| p.as_slice()),
-                        data: data.as_slice(),
-                    },
-                };
-                (k.as_slice(), item)
-            })
-            .collect();
-        let copied: usize = items
-            .iter()
-            .map(|(_, item)| match item {
-                StoreItem::Bytes { prefix, data } => prefix.len() + data.len(),
-                StoreItem::Page { .. } => 0,
-            })
-            .sum();
-        let h = &self.h;
-        let outcomes = if copied > DETACH_COPY_BYTES {
-            py.detach(|| h.batch_store(&items))
-        } else {
-            h.with_hook(&Self::hook(py)).batch_store(&items)
-        }
-        .map_err(py_err(py))?;
-        drop(items);
-        drop(srcs);
-        Ok(vec![true; outcomes.len()])
+        with_keys(keys, |keys| {
+            self.batch_store_keys(py, keys, infos, prefixes, handles)
+        })
     }
 
-    fn batch_exists(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<bool>> {
-        with_keys(keys, |refs| self.call(py, |h| h.batch_exists(refs)))
+    fn batch_exists<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let found = with_keys(keys, |refs| self.call(py, |h| h.batch_exists(refs)))?;
+        // True and False are shared objects: the list takes a reference to one of them per key.
+        PyList::new(py, found)
     }
 
     /// How many leading keys of `keys` exist (a prefix match stops at the first miss).
@@ -485,28 +524,29 @@ impl PyMaruHandler {
     }
 
     /// `retrieve_into` for many keys, `buffers[i]` for `keys[i]`.
-    fn batch_retrieve_into(
+    fn batch_retrieve_into<'py>(
         &self,
-        py: Python<'_>,
-        keys: &Bound<'_, PyAny>,
-        buffers: &Bound<'_, PyAny>,
-    ) -> PyResult<Vec<Option<usize>>> {
-        let keys = keys_vec(keys)?;
-        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-        let mut bufs = Vec::with_capacity(refs.len());
-        for b in buffers.try_iter()? {
-            bufs.push(writable(&b?)?);
-        }
-        let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-        let total: usize = slices.iter().map(|s| s.len()).sum();
-        let h = &self.h;
-        let result = if total > DETACH_COPY_BYTES {
-            py.detach(|| h.batch_retrieve_into(&refs, &mut slices))
-        } else {
-            h.with_hook(&Self::hook(py))
-                .batch_retrieve_into(&refs, &mut slices)
-        };
-        result.map_err(py_err(py))
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        buffers: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let got = with_keys(keys, |refs| {
+            let buffers = items(buffers, "buffers must be an iterable of writable buffers")?;
+            let mut bufs = WritableBufs::get(&buffers, |i, b| {
+                not_writable(b, &format!("batch_retrieve_into: buffers[{i}]"))
+            })?;
+            let mut slices = bufs.slices();
+            let total: usize = slices.iter().map(|s| s.len()).sum();
+            let h = &self.h;
+            if total > DETACH_COPY_BYTES {
+                py.detach(|| h.batch_retrieve_into(refs, &mut slices))
+            } else {
+                h.with_hook(&Self::hook(py))
+                    .batch_retrieve_into(refs, &mut slices)
+            }
+            .map_err(py_err(py))
+        })?;
+        lengths_list(py, &got)
     }
 
     fn batch_pin(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<bool>> {

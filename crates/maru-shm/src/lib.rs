@@ -20,4 +20,6 @@ mod stream_copy;
 pub use huge_pages::HugePageMount;
 pub use mapping::{fs_page_size, system_page_size, MapMode, Mapping, ShmError, HUGE_PAGE_SIZE};
 pub use pool::{discover, parse_size, Pool, PoolError, PoolKind, PoolSpec, SpecError};
+#[cfg(target_arch = "x86_64")]
+pub use stream_copy::copy_from_shared;
 pub use stream_copy::{copy_to_shared, STREAM_COPY_MIN};

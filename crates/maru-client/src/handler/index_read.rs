@@ -14,7 +14,9 @@
 //! path (`retrieve`, which maps the region); later reads of that region need no round trip.
 //! Unlike `retrieve`, a copy takes no hold: nothing stays borrowed after it returns.
 
+use std::cell::RefCell;
 use std::io;
+use std::sync::Arc;
 
 #[cfg(not(target_arch = "x86_64"))]
 use maru_index::copy_atomic;
@@ -22,6 +24,7 @@ use maru_index::{Found, IndexReader, Location, PageSource};
 use maru_proto::IndexInfo;
 
 use super::connected::Connected;
+use super::mapped::MappedRegion;
 use super::{check_key, check_keys, during, read, Hooked};
 use crate::error::{Error, Result};
 
@@ -50,8 +53,23 @@ impl ClientIndex {
     }
 }
 
-/// The pages of the regions this handler has mapped.
-struct Mapped<'a>(&'a Connected);
+/// The pages of the regions this handler has mapped, with the region of the last copy kept
+/// at hand: a batch's pages are mostly in a few regions, and looking the region up under the
+/// lock for every page costs about as much as copying a 4 KiB page. A region kept here stays
+/// mapped (the `Arc`) until the call ends, as one looked up for the copy would.
+struct Mapped<'a> {
+    c: &'a Connected,
+    last: RefCell<Option<(u32, Arc<MappedRegion>)>>,
+}
+
+impl<'a> Mapped<'a> {
+    fn new(c: &'a Connected) -> Self {
+        Mapped {
+            c,
+            last: RefCell::new(None),
+        }
+    }
+}
 
 /// A page whose region is not mapped here (yet).
 fn unmapped() -> io::Error {
@@ -60,10 +78,17 @@ fn unmapped() -> io::Error {
 
 impl PageSource for Mapped<'_> {
     fn copy_out(&self, at: Location, dst: &mut [u8]) -> io::Result<()> {
-        let region = read(&self.0.mapped)
-            .get(&u64::from(at.region))
-            .cloned()
-            .ok_or_else(unmapped)?;
+        let mut last = self.last.borrow_mut();
+        let region = match &*last {
+            Some((id, region)) if *id == at.region => region,
+            _ => {
+                let region = read(&self.c.mapped)
+                    .get(&u64::from(at.region))
+                    .cloned()
+                    .ok_or_else(unmapped)?;
+                &last.insert((at.region, region)).1
+            }
+        };
         let end = at.offset.checked_add(dst.len() as u64);
         if end.is_none_or(|e| e > region.mapping.len() as u64) {
             return Err(io::Error::new(
@@ -85,28 +110,18 @@ impl PageSource for Mapped<'_> {
 
 /// Copies `dst.len()` bytes from a page another process may be rewriting (a reused page):
 /// the copy may be torn, and the generation recheck that follows discards it then. On x86-64
-/// one `rep movsb` (memcpy speed with ERMSB; [`maru_index::copy_atomic`]'s word loads reach a fraction of
-/// it): the loads are the instruction's, outside Rust's memory model, so a concurrent write is
-/// not a data race of this program; `lfence` completes them before the recheck's loads.
+/// [`maru_shm::copy_from_shared`]: loads outside Rust's memory model at memcpy speed
+/// ([`maru_index::copy_atomic`]'s word loads reach a fraction of it), streaming stores for
+/// large pages, completed before the recheck's loads.
 ///
 /// # Safety
 /// `src` must be valid for reads of `dst.len()` bytes (a live mapping) and must not overlap
 /// `dst`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn copy_racy(src: *const u8, dst: &mut [u8]) {
-    // SAFETY: the caller guarantees `src..src + len` is readable and disjoint from `dst`,
-    // which is writable for `len` bytes; `rep movsb` touches exactly those bytes (direction
-    // flag clear, as the ABI guarantees) and the registers it clobbers are declared.
-    unsafe {
-        std::arch::asm!(
-            "rep movsb",
-            "lfence",
-            inout("rcx") dst.len() => _,
-            inout("rsi") src => _,
-            inout("rdi") dst.as_mut_ptr() => _,
-            options(nostack, preserves_flags)
-        );
-    }
+    // SAFETY: the caller's guarantees are `copy_from_shared`'s; `dst` is writable for its
+    // length.
+    unsafe { maru_shm::copy_from_shared(dst.as_mut_ptr(), src, dst.len()) }
 }
 
 /// See the x86-64 version; elsewhere, atomic word loads.
@@ -135,26 +150,79 @@ impl Connected {
             .filter(|_| !self.fence.is_lost() && self.check_open().is_ok())
     }
 
-    fn copy_from_index(&self, ix: &ClientIndex, key: &[u8], buf: &mut [u8]) -> Result<Copy> {
+    fn copy_from_index(
+        &self,
+        ix: &ClientIndex,
+        key: &[u8],
+        buf: &mut [u8],
+        src: &Mapped<'_>,
+    ) -> Result<Copy> {
         for _ in 0..READ_ATTEMPTS {
             let Some(found) = ix.reader.lookup(ix.ns, key) else {
                 return Ok(Copy::Miss);
             };
             let len = fits(&found, buf)?;
-            match ix.reader.read_found_into(&found, &Mapped(self), buf) {
+            match ix.reader.read_found_into(&found, src, buf) {
                 Ok(true) => return Ok(Copy::Done(len)),
                 Ok(false) => continue,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Copy::Unmapped),
-                Err(e) => {
-                    return Err(Error::protocol(
-                        "retrieve_into",
-                        format!("the key index names an unusable location: {e}"),
-                    ))
-                }
+                Err(e) => return Err(unusable_location(e)),
             }
         }
         Ok(Copy::Miss)
     }
+
+    /// `copy_from_index` of every key, `bufs[i]` for `keys[i]`, into `out`; the keys whose
+    /// region is not mapped here go to `unmapped`. All lookups come first (independent reads
+    /// of the index, which overlap one another), then all copies, then all generation
+    /// rechecks: a recheck later than right after its copy still proves the copy good (the
+    /// generation was the same at the lookup and at the recheck, so the page was the key's
+    /// throughout), and the rare key that changed is read again on its own.
+    fn batch_copy_from_index(
+        &self,
+        ix: &ClientIndex,
+        keys: &[&[u8]],
+        bufs: &mut [&mut [u8]],
+        out: &mut [Option<usize>],
+        unmapped: &mut Vec<usize>,
+    ) -> Result<()> {
+        let mut found = Vec::with_capacity(keys.len());
+        ix.reader.batch_lookup(ix.ns, keys, &mut found);
+        let src = Mapped::new(self);
+        for (i, (f, buf)) in found.iter().zip(bufs.iter_mut()).enumerate() {
+            let Some(f) = f else { continue };
+            let len = fits(f, buf)?;
+            match src.copy_out(f.location, &mut buf[..len]) {
+                Ok(()) => out[i] = Some(len),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => unmapped.push(i),
+                Err(e) => return Err(unusable_location(e)),
+            }
+        }
+        for (i, f) in found.iter().enumerate() {
+            let Some(f) = f.filter(|_| out[i].is_some()) else {
+                continue;
+            };
+            if ix.reader.is_current(&f) {
+                continue;
+            }
+            out[i] = match self.copy_from_index(ix, keys[i], bufs[i], &src)? {
+                Copy::Done(n) => Some(n),
+                Copy::Miss => None,
+                Copy::Unmapped => {
+                    unmapped.push(i);
+                    None
+                }
+            };
+        }
+        Ok(())
+    }
+}
+
+fn unusable_location(e: io::Error) -> Error {
+    Error::protocol(
+        "retrieve_into",
+        format!("the key index names an unusable location: {e}"),
+    )
 }
 
 fn fits(found: &Found, buf: &[u8]) -> Result<usize> {
@@ -227,7 +295,7 @@ impl Hooked<'_> {
             let c = self.h.connected(self.hook)?;
             if let Some(ix) = c.live_index() {
                 c.settle_for_read(self.hook);
-                match c.copy_from_index(ix, key, buf)? {
+                match c.copy_from_index(ix, key, buf, &Mapped::new(&c))? {
                     Copy::Done(n) => return Ok(Some(n)),
                     Copy::Miss => return Ok(None),
                     Copy::Unmapped => {}
@@ -266,13 +334,7 @@ impl Hooked<'_> {
             match c.live_index() {
                 Some(ix) => {
                     c.settle_for_read(self.hook);
-                    for (i, (key, buf)) in keys.iter().zip(bufs.iter_mut()).enumerate() {
-                        match c.copy_from_index(ix, key, buf)? {
-                            Copy::Done(n) => out[i] = Some(n),
-                            Copy::Miss => {}
-                            Copy::Unmapped => rest.push(i),
-                        }
-                    }
+                    c.batch_copy_from_index(ix, keys, bufs, &mut out, &mut rest)?;
                 }
                 None => rest.extend(0..keys.len()),
             }
