@@ -334,8 +334,40 @@ impl<'py> WritableBufs<'py> {
         Ok(me)
     }
 
-    /// Every buffer's bytes, to copy into.
-    pub fn slices(&mut self) -> Vec<&mut [u8]> {
+    /// Every buffer's bytes, to copy into. Buffers that share bytes (views of one buffer
+    /// given twice) are refused: two copies into one place would leave the earlier key's
+    /// bytes overwritten by the later one's with no error, and two `&mut` slices of one
+    /// memory are not allowed to exist.
+    pub fn slices(&mut self, what: &str) -> PyResult<Vec<&mut [u8]>> {
+        if let Some((a, b)) = self.overlapping() {
+            return Err(crate::errors::invalid(format!(
+                "{what}: buffers[{a}] and buffers[{b}] share memory; each key needs a buffer \
+                 of its own"
+            )));
+        }
+        Ok(self.writable_slices())
+    }
+
+    /// Two buffers whose bytes overlap, if any. Destinations usually come in address order
+    /// (slices of one big buffer), which one pass confirms; other orders are sorted first.
+    fn overlapping(&self) -> Option<(usize, usize)> {
+        let mut ranges: Vec<(usize, usize, usize)> = self
+            .views
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.len > 0 && !v.buf.is_null())
+            .map(|(i, v)| (v.buf as usize, v.buf as usize + v.len as usize, i))
+            .collect();
+        if !ranges.is_sorted_by_key(|r| r.0) {
+            ranges.sort_unstable_by_key(|r| r.0);
+        }
+        ranges
+            .windows(2)
+            .find(|w| w[1].0 < w[0].1)
+            .map(|w| (w[0].2.min(w[1].2), w[0].2.max(w[1].2)))
+    }
+
+    fn writable_slices(&mut self) -> Vec<&mut [u8]> {
         self.views
             .iter_mut()
             .map(|v| {
@@ -345,9 +377,9 @@ impl<'py> WritableBufs<'py> {
                 }
                 // SAFETY: the exporter guarantees `len` contiguous writable bytes at `buf`
                 // while the buffer is held (until our drop); `&mut self` keeps these the only
-                // slices we make of them. As with `RawBuf::as_mut_slice`, Python gives no
-                // exclusivity (the caller may pass views of one buffer twice, another thread
-                // may write it): the copies only ever store into these bytes.
+                // slices we make of them, and `slices` refused overlapping buffers. Another
+                // thread may still write the bytes (Python gives no exclusivity): the copies
+                // only ever store into them.
                 unsafe { std::slice::from_raw_parts_mut(v.buf as *mut u8, len) }
             })
             .collect()

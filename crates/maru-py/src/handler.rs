@@ -535,7 +535,7 @@ impl PyMaruHandler {
             let mut bufs = WritableBufs::get(&buffers, |i, b| {
                 not_writable(b, &format!("batch_retrieve_into: buffers[{i}]"))
             })?;
-            let mut slices = bufs.slices();
+            let mut slices = bufs.slices("batch_retrieve_into")?;
             let total: usize = slices.iter().map(|s| s.len()).sum();
             let h = &self.h;
             if total > DETACH_COPY_BYTES {
