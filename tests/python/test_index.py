@@ -102,7 +102,9 @@ def test_batch_argument_errors_are_typed(handler: MaruHandler, key: Callable[[st
     # Destinations that share bytes would let one key's copy overwrite another's.
     big = bytearray(2 * chunk)
     with pytest.raises(InvalidArgumentError, match=r"buffers\[0\] and buffers\[2\] share memory"):
-        handler.batch_retrieve_into([k, k, k], [memoryview(big)[chunk:], bytearray(chunk), memoryview(big)[chunk // 2 :]])
+        handler.batch_retrieve_into(
+            [k, k, k], [memoryview(big)[chunk:], bytearray(chunk), memoryview(big)[chunk // 2 :]]
+        )
     assert handler.batch_retrieve_into([k, k], [memoryview(big)[:chunk], memoryview(big)[chunk:]]) == [chunk, chunk]
     # A refused call leaves the buffers it had acquired released: they can be resized.
     buf = bytearray(chunk)
