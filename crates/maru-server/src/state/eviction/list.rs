@@ -3,7 +3,7 @@
 //! before a node, unlink.
 //!
 //! Memory per key: the key's own bytes in a byte arena (the registry's, `registry::arena`:
-//! no allocation and no pointer per key), 20 bytes of node (the key's 8-byte place in the
+//! no allocation and no pointer per key), a 24-byte node (the key's 8-byte place in the
 //! arena, links and flags) and a 4-byte index slot (plus hashbrown's control byte). Nodes of
 //! removed keys are reused through a free list, so the slab never grows past the most keys the
 //! policy held at once. Why an arena rather than a box per key: a rebuild at start fills the
@@ -36,6 +36,8 @@ struct Node {
     /// The policy's one bit of history (CLOCK's reference bit, SIEVE's visited bit).
     mark: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<Node>() == 24);
 
 /// Keys in order, `head` first.
 pub(super) struct KeyList {
