@@ -95,6 +95,9 @@ pub fn unpin_current() {
     }
 }
 
+/// How a spinner thread's name begins (followed by its CPU).
+pub const SPINNER_NAME: &str = "bench-idle-";
+
 /// The spinners; stopped on drop.
 pub struct Spinners {
     stop: Arc<AtomicBool>,
@@ -109,7 +112,7 @@ impl Spinners {
         for cpu in allowed_cpus_of_process() {
             let stop = stop.clone();
             let t = std::thread::Builder::new()
-                .name(format!("bench-idle-{cpu}"))
+                .name(format!("{SPINNER_NAME}{cpu}"))
                 .spawn(move || {
                     // Without both, the spinner would compete with the benchmark instead of
                     // filling idle time; if either fails, spinning is worse than nothing.

@@ -96,6 +96,7 @@ pub(crate) fn attach<C: Coherence>(seg: &Segment, coh: &C) -> Result<Attached, I
     let mut stale_tags = Vec::new();
     let mut key = Vec::new();
     for slot in 0..t.slots() {
+        t.prefetch_key(slot + crate::table::PREFETCH_AHEAD);
         let e = t.entry(slot);
         let version = e[W_VERSION].load(Acquire);
         let generation = e[W_GENERATION].load(Acquire);

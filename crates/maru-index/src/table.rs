@@ -443,6 +443,31 @@ impl<'a> Table<'a> {
 
     /// The key bytes of a live entry, read by the writer (or at attach, before anyone writes):
     /// None when the entry names bytes outside the area or a length beyond the maximum.
+    /// Asks the CPU to start loading the key bytes of `slot`'s entry, for a walk in slot
+    /// order that reads them a few slots later. Entries are in hash order and key bytes in
+    /// the order keys came, so each key's bytes are a cache miss of their own; walked one
+    /// after another, the misses happen one at a time (measured at 1M keys: half the time of
+    /// the walk), issued ahead they overlap. A hint only: it reads nothing a caller sees.
+    pub(crate) fn prefetch_key(&self, slot: u64) {
+        if slot >= self.slots() {
+            return;
+        }
+        let e = self.entry(slot);
+        let len = (e[W_NS_KEYLEN].load(Relaxed) >> 32) as usize;
+        if len <= INLINE_KEY_BYTES || len > MAX_KEY_LEN {
+            return;
+        }
+        let Ok(start) = usize::try_from(e[W_KEY0].load(Relaxed)) else {
+            return;
+        };
+        let words = len.div_ceil(8);
+        for at in [start, start.saturating_add(words - 1)] {
+            if let Some(w) = self.keys.get(at) {
+                prefetch(w);
+            }
+        }
+    }
+
     pub(crate) fn stored_key(&self, slot: u64, out: &mut Vec<u8>) -> Option<(u32, u64)> {
         let e = self.entry(slot);
         let nk = e[W_NS_KEYLEN].load(Acquire);
@@ -466,3 +491,18 @@ impl<'a> Table<'a> {
         Some((ns, k0))
     }
 }
+
+/// How far ahead of a walk in slot order [`Table::prefetch_key`] is asked for: enough misses
+/// in flight to overlap, few enough that their lines are still in cache when read.
+pub(crate) const PREFETCH_AHEAD: u64 = 16;
+
+#[cfg(all(target_arch = "x86_64", not(loom)))]
+fn prefetch(w: &AtomicU64) {
+    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // SAFETY: SSE is part of every x86-64 CPU (the baseline target enables it), and a
+    // prefetch reads nothing the program sees: it cannot fault, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(w.as_ptr() as *const i8) };
+}
+
+#[cfg(any(not(target_arch = "x86_64"), loom))]
+fn prefetch(_: &AtomicU64) {}

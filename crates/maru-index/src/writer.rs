@@ -289,6 +289,7 @@ impl<C: Coherence> IndexWriter<C> {
         let table = self.seg.table();
         let mut key = Vec::with_capacity(MAX_KEY_LEN);
         for slot in 0..table.slots() {
+            table.prefetch_key(slot + crate::table::PREFETCH_AHEAD);
             let e = table.entry(slot);
             let generation = e[W_GENERATION].load(Relaxed);
             if generation == 0 {

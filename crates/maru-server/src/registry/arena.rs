@@ -55,7 +55,7 @@ pub struct KeyRef(u64);
 
 impl KeyRef {
     /// The empty key: no bytes, offset 0, valid in any arena.
-    const EMPTY: KeyRef = KeyRef(0);
+    pub const EMPTY: KeyRef = KeyRef(0);
 
     fn new(chunk: usize, pos: usize, len: usize) -> KeyRef {
         debug_assert!((chunk as u64) < MAX_CHUNKS && pos + len <= CHUNK && len <= MAX_KEY);

@@ -7,10 +7,12 @@
 //! is a private in-process map: it stores only compact, pointer-free values (16-byte [`Entry`]s,
 //! and keys in byte arenas addressed by offset) and never hands out references into itself.
 
-mod arena;
+pub(crate) mod arena;
+mod bulk;
 mod namespaces;
 mod sharded;
 
+pub use bulk::Staged;
 pub use namespaces::Namespaces;
 pub use sharded::ShardedRegistry;
 
@@ -116,10 +118,6 @@ pub trait KeyRegistry: Send + Sync {
     /// Keys are at most [`maru_proto::MAX_KEY_LEN`] bytes (the decoder refuses longer ones);
     /// an implementation may panic on a key it cannot hold.
     fn insert_if_absent(&self, key: &[u8], entry: Entry) -> bool;
-
-    /// Makes room for `additional` more keys at once, so a bulk load (the rebuild at start)
-    /// does not grow the tables step by step.
-    fn reserve(&self, _additional: usize) {}
 
     fn lookup(&self, key: &[u8]) -> Option<Entry>;
 

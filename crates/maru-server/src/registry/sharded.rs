@@ -46,7 +46,7 @@ use hashbrown::hash_table::{Entry as Slot, HashTable};
 use super::arena::{Arena, KeyRef};
 use super::{Entry, KeyRegistry, RegionSlot, RegistryCounts, Removal};
 
-const SHARDS: usize = 64;
+pub(super) const SHARDS: usize = 64;
 
 /// Compaction never runs for less garbage than this (per shard), whatever the table's size:
 /// a small shard under churn compacts every few thousand removed bytes, not every few.
@@ -55,13 +55,13 @@ const COMPACT_MIN: usize = 16 * 1024;
 const _: () = assert!(std::mem::size_of::<(KeyRef, Entry)>() == 24);
 
 #[derive(Default)]
-struct Shard {
-    table: HashTable<(KeyRef, Entry)>,
+pub(super) struct Shard {
+    pub(super) table: HashTable<(KeyRef, Entry)>,
     /// The bytes of the keys of `table`'s slots (and garbage). Invariant: the arena's live
     /// keys are exactly those of the slots.
-    arena: Arena,
-    bytes: u64,
-    pinned: u64,
+    pub(super) arena: Arena,
+    pub(super) bytes: u64,
+    pub(super) pinned: u64,
 }
 
 impl Shard {
@@ -85,10 +85,10 @@ impl Shard {
 /// fight over a line that holds both locks.
 #[repr(align(64))]
 #[derive(Default)]
-struct Padded(RwLock<Shard>);
+pub(super) struct Padded(pub(super) RwLock<Shard>);
 
 pub struct ShardedRegistry {
-    shards: Box<[Padded]>,
+    pub(super) shards: Box<[Padded]>,
     hasher: foldhash::fast::RandomState,
 }
 
@@ -106,7 +106,7 @@ impl Default for ShardedRegistry {
 fn read(l: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
-fn write(l: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
+pub(super) fn write(l: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -120,15 +120,20 @@ impl ShardedRegistry {
 
     /// The one hash of a key: both a lookup and the table's rehash (of a key read back from
     /// the arena) go through here, so they agree.
-    fn hash(&self, key: &[u8]) -> u64 {
+    pub(super) fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
     }
 
-    fn locate(&self, key: &[u8]) -> (u64, &RwLock<Shard>) {
+    /// `key`'s hash and the number of its shard.
+    pub(super) fn shard_of(&self, key: &[u8]) -> (u64, usize) {
         let hash = self.hash(key);
         // The table probes with the low bits and tags slots with the top seven, so the shard
         // comes from bits in between: keys of one shard still spread over the whole table.
-        let shard = (hash >> 32) as usize % SHARDS;
+        (hash, (hash >> 32) as usize % SHARDS)
+    }
+
+    fn locate(&self, key: &[u8]) -> (u64, &RwLock<Shard>) {
+        let (hash, shard) = self.shard_of(key);
         (hash, &self.shards[shard].0)
     }
 
@@ -168,15 +173,6 @@ impl KeyRegistry for ShardedRegistry {
                 *pinned += (entry.pins > 0) as u64;
                 true
             }
-        }
-    }
-
-    fn reserve(&self, additional: usize) {
-        let per_shard = additional.div_ceil(SHARDS);
-        for s in &self.shards {
-            let mut shard = write(&s.0);
-            let Shard { table, arena, .. } = &mut *shard;
-            table.reserve(per_shard, |(r, _)| self.hash(arena.get(*r)));
         }
     }
 

@@ -20,31 +20,29 @@
 //!
 //! Lock order: region mutexes, then the index's mutex; nothing is taken under it.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use maru_index::{ErrorKind, IndexError, IndexWriter, Inserted, Location};
-use maru_proto::{ErrorCode, Handle, IndexInfo, RegionInfo, WireError};
+use maru_proto::{ErrorCode, IndexInfo, WireError};
 
-use super::holds::PageRec;
 use super::regions::TableRegion;
 use super::{err, lock, ServerState};
 use crate::config::IndexConfig;
-use crate::registry::{Entry, KeyRegistry, Namespaces, RegionSlot};
+use crate::registry::Namespaces;
 
 /// The server's writer of the index, and its namespace numbers.
 pub(crate) struct KeyIndex {
     /// `None` once closed (at shutdown).
-    inner: Mutex<Option<Writer>>,
+    pub(super) inner: Mutex<Option<Writer>>,
     /// Absolute, as clients are told.
     path: PathBuf,
     ephemeral: bool,
 }
 
-struct Writer {
-    index: IndexWriter,
-    names: Namespaces,
+pub(super) struct Writer {
+    pub(super) index: IndexWriter,
+    pub(super) names: Namespaces,
 }
 
 /// One registration, as the index stores it.
@@ -80,13 +78,13 @@ fn is_corruption(kind: &ErrorKind) -> bool {
 }
 
 /// `(namespace name, key)` of a registry key (`[name length][name][key]`).
-fn split_scoped(scoped: &[u8]) -> (&[u8], &[u8]) {
+pub(super) fn split_scoped(scoped: &[u8]) -> (&[u8], &[u8]) {
     let n = scoped.first().map_or(0, |&n| n as usize);
     let name_end = (1 + n).min(scoped.len());
     (&scoped[1.min(scoped.len())..name_end], &scoped[name_end..])
 }
 
-fn scoped(name: &[u8], key: &[u8], out: &mut Vec<u8>) {
+pub(super) fn scoped(name: &[u8], key: &[u8], out: &mut Vec<u8>) {
     out.push(name.len() as u8);
     out.extend_from_slice(name);
     out.extend_from_slice(key);
@@ -290,24 +288,6 @@ impl Writer {
     }
 }
 
-/// What a start-up rebuild found.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Restored {
-    pub keys: u64,
-    pub regions: u64,
-    /// Keys dropped from the index because the resource manager no longer holds their
-    /// region for this server.
-    pub dropped: u64,
-}
-
-/// Keys of one region found in the index: scoped keys in one buffer, with their places.
-#[derive(Default)]
-struct RegionKeys {
-    keys: Vec<u8>,
-    /// (end of the scoped key in `keys`, namespace, offset, len, generation)
-    entries: Vec<(usize, u32, u64, u32, u64)>,
-}
-
 impl ServerState {
     /// Writes through to `index` from now on.
     pub fn with_index(mut self, index: KeyIndex) -> ServerState {
@@ -335,164 +315,6 @@ impl ServerState {
     pub(super) fn unindex(&self, scoped: &[u8]) {
         if let Some(ix) = &self.index {
             ix.remove(scoped);
-        }
-    }
-
-    /// Rebuilds the registry, the region table and the reference counts from a re-attached
-    /// index, keeping the keys whose regions the resource manager still holds for this
-    /// server; the others are dropped from the index. Call before serving.
-    pub fn restore_from_index(&self) -> Result<Restored, String> {
-        let Some(ix) = &self.index else {
-            return Ok(Restored::default());
-        };
-        // Regions of the previous process that no key names (adopted from it at the
-        // resource manager, their sessions gone with it) go back at the first reconcile.
-        self.reconcile_due
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut g = lock(&ix.inner);
-        let Some(w) = g.as_mut() else {
-            return Ok(Restored::default());
-        };
-        if w.index.is_empty() {
-            // No key, but sessions that may resume may still own regions.
-            if let Ok(list) = self.list_owned_at_start() {
-                self.keep_for_resume(list, Vec::new());
-            }
-            return Ok(Restored::default());
-        }
-        // Keys whose regions nobody can vouch for are dropped: a key the registry does not
-        // know must not stay in the index (a register would answer "existed" for it).
-        let listed: HashMap<u64, Handle> = match self.list_owned_at_start() {
-            Ok(list) => list.into_iter().map(|h| (h.region_id, h)).collect(),
-            Err(e) => {
-                tracing::warn!(
-                    keys = w.index.len(),
-                    "the resource manager cannot list this server's regions ({e}); the key \
-                     index's keys are dropped"
-                );
-                HashMap::new()
-            }
-        };
-        let mut by_region: HashMap<u64, RegionKeys> = HashMap::new();
-        let mut gone: Vec<(u32, Vec<u8>)> = Vec::new();
-        let mut max_generation = 0;
-        w.index.for_each(|ns, key, found| {
-            let region = u64::from(found.location.region);
-            let name = w.names.name(ns);
-            match name {
-                Some(name) if listed.contains_key(&region) => {
-                    let r = by_region.entry(region).or_default();
-                    scoped(name, key, &mut r.keys);
-                    r.entries.push((
-                        r.keys.len(),
-                        ns,
-                        found.location.offset,
-                        found.location.len,
-                        found.generation,
-                    ));
-                    max_generation = max_generation.max(found.generation);
-                }
-                _ => gone.push((ns, key.to_vec())),
-            }
-        });
-        let mut done = Restored::default();
-        // Within the reconnect grace, the regions of sessions that may resume stay: the
-        // adopted ones no key names, and the restored ones (kept as if owned until claimed
-        // or until the grace ends).
-        let unnamed: Vec<Handle> = listed
-            .iter()
-            .filter(|(id, _)| !by_region.contains_key(id))
-            .map(|(_, h)| h.clone())
-            .collect();
-        let restored_ids: Vec<u64> = by_region.keys().copied().collect();
-        let keep = self.keep_for_resume(unnamed, restored_ids);
-        let total: usize = by_region.values().map(|r| r.entries.len()).sum();
-        self.registry.reserve(total);
-        self.capacity.reserve(total);
-        for (region_id, keys) in by_region {
-            let handle = &listed[&region_id];
-            let info = match self.rm.access(handle) {
-                Ok(access) => RegionInfo {
-                    handle: handle.clone(),
-                    access,
-                },
-                Err(e) => {
-                    tracing::warn!(
-                        region = region_id,
-                        keys = keys.entries.len(),
-                        "cannot describe a region of the key index ({e}); its keys are dropped"
-                    );
-                    let mut start = 0;
-                    for &(end, ns, ..) in &keys.entries {
-                        gone.push((ns, split_scoped(&keys.keys[start..end]).1.to_vec()));
-                        start = end;
-                    }
-                    continue;
-                }
-            };
-            let slot = RegionSlot(
-                self.next_slot
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            );
-            let Some(region) = TableRegion::restored(slot, info) else {
-                return Err(format!("region {region_id} does not fit a frame"));
-            };
-            let region = Arc::new(region);
-            {
-                let mut st = lock(&region.state);
-                st.owner_live = keep;
-                let mut start = 0;
-                for &(end, ns, offset, len, generation) in &keys.entries {
-                    let key = &keys.keys[start..end];
-                    start = end;
-                    let Ok(entry) = Entry::new(slot, offset, u64::from(len)) else {
-                        gone.push((ns, split_scoped(key).1.to_vec()));
-                        continue;
-                    };
-                    if !self.registry.insert_if_absent(key, entry) {
-                        continue;
-                    }
-                    st.refs += 1;
-                    let page = (offset / crate::registry::PAGE_ALIGN) as u32;
-                    let rec: &mut PageRec = st.pages.entry(page).or_default();
-                    rec.keys += 1;
-                    rec.generation = generation;
-                    self.capacity.registered(key, u64::from(len), &region.usage);
-                    done.keys += 1;
-                }
-            }
-            let mut table = self.regions.write().unwrap_or_else(|e| e.into_inner());
-            table.by_id.insert(region_id, slot);
-            table.by_slot.insert(slot.0, region);
-            done.regions += 1;
-        }
-        for (ns, key) in &gone {
-            w.index.remove(*ns, key);
-        }
-        done.dropped = gone.len() as u64;
-        self.next_generation
-            .fetch_max(max_generation + 1, std::sync::atomic::Ordering::Relaxed);
-        Ok(done)
-    }
-
-    /// The resource manager's list of this server's regions, at start. A predecessor that
-    /// is still going away (its process exiting) holds the server's identity for a moment
-    /// and the resource manager refuses it to anyone else meanwhile: that refusal is
-    /// retried for a bounded time, since giving up would drop the index's keys.
-    fn list_owned_at_start(&self) -> Result<Vec<Handle>, crate::RmCallError> {
-        const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            match self.rm.list_owned() {
-                Err(e)
-                    if e.code() == Some(maru_proto::ErrorCode::SessionConflict)
-                        && std::time::Instant::now() < deadline =>
-                {
-                    tracing::info!("{e}; retrying");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                other => return other,
-            }
         }
     }
 
@@ -532,6 +354,7 @@ mod tests {
     use super::*;
     use crate::resource_manager::RegionSource;
     use crate::state::fixtures::*;
+    use crate::state::Restored;
 
     fn key_in(ns: &[u8], key: &[u8]) -> Vec<u8> {
         let mut s = Vec::new();
@@ -649,52 +472,5 @@ mod tests {
         assert_eq!(split_scoped(&s), (&b""[..], &b"k"[..]));
         assert_eq!(split_scoped(&[]), (&b""[..], &b""[..]));
         assert_eq!(split_scoped(&[5, b'a']), (&b"a"[..], &b""[..]));
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use std::time::Instant;
-
-    use super::*;
-    use crate::state::fixtures::*;
-
-    /// Where a restart of 1M keys spends its time (run by hand:
-    /// `cargo test --release -p maru-server --lib one_million -- --ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn one_million_keys_restart_phases() {
-        let dir = tempfile::tempdir().unwrap();
-        let n = 1_000_000u64;
-        let cfg = IndexConfig {
-            capacity: n + 1000,
-            key_area_bytes: (n + 1000) * 48,
-            ..IndexConfig::at(dir.path().join("keys.index"))
-        };
-        let (st, rm) = state(&[]);
-        let st = st.with_index(KeyIndex::open(&cfg).unwrap());
-        let (_p, a, r) = client_with_region(&st, "a");
-        let keys: Vec<Vec<u8>> = (0..n)
-            .map(|i| {
-                let mut k = vec![0u8];
-                k.extend_from_slice(format!("lmcache@llama3-8b@tp1@0@{i:016x}").as_bytes());
-                k
-            })
-            .collect();
-        let t = Instant::now();
-        for chunk in keys.chunks(1024) {
-            let batch: Vec<_> = chunk.iter().map(|k| reg(k, &r, 0, 1)).collect();
-            st.batch_register(&a, &batch).unwrap();
-        }
-        println!("register: {:?}", t.elapsed());
-        st.shut_down_regions();
-        let t = Instant::now();
-        let ix = KeyIndex::open(&cfg).unwrap();
-        println!("attach: {:?}", t.elapsed());
-        let st2 = ServerState::new(Box::new(rm.clone()), vec![], "h".into(), crate::PIN_TTL)
-            .with_index(ix);
-        let t = Instant::now();
-        assert_eq!(st2.restore_from_index().unwrap().keys, n);
-        println!("rebuild: {:?}", t.elapsed());
     }
 }

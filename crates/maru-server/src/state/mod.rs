@@ -8,8 +8,9 @@
 //!   reachable, the reconcile that finds regions it holds for this server that the table does
 //!   not know, and the shutdown that returns everything;
 //! * `keys`: register, lookup, exists and delete, one key or a batch;
-//! * `index`: write-through to the key index in shared memory, and the rebuild from it at
-//!   start;
+//! * `index`: write-through to the key index in shared memory;
+//! * `restore`: the rebuild of the registry, the region table and the eviction policy from a
+//!   re-attached index at start;
 //! * `holds`: view holds on pages, generations, and when a page goes back to its owner;
 //! * `notices`: the page-return notices, one per owner per operation, written without ever
 //!   blocking the operation (each session's outbox);
@@ -55,6 +56,7 @@ mod keys;
 mod leases;
 mod notices;
 mod regions;
+mod restore;
 mod resume;
 mod sessions;
 mod stats;
@@ -62,10 +64,11 @@ mod stats;
 #[cfg(test)]
 mod fixtures;
 
+pub use index::IndexOpenError;
 pub(crate) use index::KeyIndex;
-pub use index::{IndexOpenError, Restored};
 pub(crate) use keys::Scratch;
 pub use leases::PIN_TTL;
+pub use restore::Restored;
 pub(crate) use sessions::Peer;
 
 use eviction::{Capacity, EvictionConfig};

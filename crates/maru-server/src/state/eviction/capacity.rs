@@ -137,15 +137,46 @@ impl Capacity {
         !self.is_stopped()
     }
 
-    /// Makes room in the policy for `additional` keys about to be registered in bulk.
-    pub fn reserve(&self, additional: usize) {
-        self.policy().reserve(additional);
-    }
-
     /// A key registered into a region (call with the region's mutex held).
     pub fn registered(&self, key: &[u8], len: u64, region: &RegionUsage) {
         self.policy().insert(key);
         self.count_in(key, len, region);
+    }
+
+    /// Fills the policy with the keys of a rebuild at start (the order is the index's, which
+    /// says nothing of their recency: the index keeps none). The counts come separately, once
+    /// per region and namespace ([`Capacity::restored`]).
+    pub fn load_policy<'a>(&self, keys: impl Iterator<Item = &'a [u8]>, count: usize) {
+        let mut policy = self.policy();
+        policy.reserve(count);
+        for key in keys {
+            policy.insert(key);
+        }
+    }
+
+    /// Counts the keys of a rebuild at start: per region (keys, bytes), per namespace name
+    /// (keys, bytes), as [`Capacity::registered`] would have one key at a time.
+    pub fn restored(&self, regions: &[(&RegionUsage, u64, u64)], namespaces: &[(&[u8], u64, u64)]) {
+        for (region, keys, bytes) in regions {
+            add(&region.keys, *keys);
+            add(&region.bytes, *bytes);
+            region.last_used.store(self.use_stamp(), Ordering::Relaxed);
+        }
+        let mut over_quota = false;
+        for (name, keys, bytes) in namespaces {
+            let ns = self.usage.namespace_bytes(name);
+            add(&ns.keys, *keys);
+            let total = ns.bytes.fetch_add(*bytes, Ordering::Relaxed) + bytes;
+            over_quota |= self
+                .config
+                .quotas
+                .get(String::from_utf8_lossy(name).as_ref())
+                .is_some_and(|q| total as f64 > *q as f64 * self.config.high);
+            add(&self.key_bytes, *bytes);
+        }
+        if over_quota || self.over_high() {
+            self.nudge();
+        }
     }
 
     /// Keys registered together (with their regions' mutexes held), with their lengths and

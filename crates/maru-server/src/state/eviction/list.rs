@@ -2,30 +2,48 @@
 //! index from key bytes to slab slot. Every operation is O(1): find, push at either end or
 //! before a node, unlink.
 //!
-//! Memory per key: the key's own bytes in a boxed slice (plus its 16-byte pointer and the
-//! allocator's header), 12 bytes of links and flags, and a 4-byte index slot (plus hashbrown's
-//! control byte). Nodes of removed keys are reused through a free list, so the slab never
-//! grows past the most keys the policy held at once.
+//! Memory per key: the key's own bytes in a byte arena (the registry's, `registry::arena`:
+//! no allocation and no pointer per key), a 24-byte node (the key's 8-byte place in the
+//! arena, links and flags) and a 4-byte index slot (plus hashbrown's control byte). Nodes of
+//! removed keys are reused through a free list, so the slab never grows past the most keys the
+//! policy held at once. Why an arena rather than a box per key: a rebuild at start fills the
+//! policy with every key at once, and a million small allocations (and the fresh pages under
+//! them) were most of its time.
+//!
+//! Removed keys leave their bytes in the arena as garbage; the arena is compacted (live keys
+//! copied into a fresh one, in arena order) once garbage is more than half of it and at least
+//! [`COMPACT_MIN`] bytes and one byte per index slot, the rule the registry's shards follow
+//! (see `registry::sharded`): the arena stays within about twice its live keys, and each
+//! compaction is paid for by as many removed bytes as it copies.
 
 use std::hash::BuildHasher;
 
 use hashbrown::hash_table::{Entry as Slot, HashTable};
 
+use crate::registry::arena::{Arena, KeyRef};
+
 /// "No node": the end of the list, or no hand yet.
 pub(super) const NIL: u32 = u32::MAX;
 
+/// Compaction never runs for less garbage than this.
+const COMPACT_MIN: usize = 64 * 1024;
+
 struct Node {
-    key: Box<[u8]>,
+    /// `KeyRef::EMPTY` while the node is free.
+    key: KeyRef,
     prev: u32,
     next: u32,
     /// The policy's one bit of history (CLOCK's reference bit, SIEVE's visited bit).
     mark: bool,
 }
 
+const _: () = assert!(std::mem::size_of::<Node>() == 24);
+
 /// Keys in order, `head` first.
 pub(super) struct KeyList {
     nodes: Vec<Node>,
     free: Vec<u32>,
+    keys: Arena,
     index: HashTable<u32>,
     hasher: foldhash::fast::RandomState,
     pub(super) head: u32,
@@ -38,6 +56,7 @@ impl Default for KeyList {
         KeyList {
             nodes: Vec::new(),
             free: Vec::new(),
+            keys: Arena::default(),
             index: HashTable::new(),
             hasher: foldhash::fast::RandomState::default(),
             head: NIL,
@@ -53,23 +72,21 @@ impl KeyList {
     }
 
     pub fn reserve(&mut self, additional: usize) {
-        let nodes = &self.nodes;
-        let hasher = &self.hasher;
-        self.index
-            .reserve(additional, |&i| hasher.hash_one(&nodes[i as usize].key));
+        let (nodes, keys, hasher) = (&self.nodes, &self.keys, &self.hasher);
+        self.index.reserve(additional, |&i| {
+            hasher.hash_one(keys.get(nodes[i as usize].key))
+        });
         self.nodes
             .reserve(additional.saturating_sub(self.free.len()));
     }
 
     pub fn find(&self, key: &[u8]) -> Option<u32> {
         let hash = self.hasher.hash_one(key);
-        self.index
-            .find(hash, |&i| &*self.nodes[i as usize].key == key)
-            .copied()
+        self.index.find(hash, |&i| self.key(i) == key).copied()
     }
 
     pub fn key(&self, i: u32) -> &[u8] {
-        &self.nodes[i as usize].key
+        self.keys.get(self.nodes[i as usize].key)
     }
 
     pub fn next(&self, i: u32) -> u32 {
@@ -91,18 +108,19 @@ impl KeyList {
     /// Adds `key` (absent) unlinked, indexed; returns its node.
     fn alloc(&mut self, key: &[u8]) -> Option<u32> {
         let hash = self.hasher.hash_one(key);
-        let nodes = &self.nodes;
-        let hasher = &self.hasher;
+        let (nodes, keys, hasher) = (&self.nodes, &self.keys, &self.hasher);
         let slot = self.index.entry(
             hash,
-            |&i| &*nodes[i as usize].key == key,
-            |&i| hasher.hash_one(&nodes[i as usize].key),
+            |&i| keys.get(nodes[i as usize].key) == key,
+            |&i| hasher.hash_one(keys.get(nodes[i as usize].key)),
         );
         let Slot::Vacant(vacant) = slot else {
             return None;
         };
         let node = Node {
-            key: key.into(),
+            // Keys come from the registry, whose keys the arena holds too (see
+            // `registry::arena`): the push does not fail.
+            key: self.keys.push(key),
             prev: NIL,
             next: NIL,
             mark: false,
@@ -174,7 +192,8 @@ impl KeyList {
     /// Removes node `i`; returns its key.
     pub fn remove(&mut self, i: u32) -> Box<[u8]> {
         self.unlink(i);
-        let key = std::mem::take(&mut self.nodes[i as usize].key);
+        let r = std::mem::replace(&mut self.nodes[i as usize].key, KeyRef::EMPTY);
+        let key: Box<[u8]> = self.keys.get(r).into();
         let hash = self.hasher.hash_one(&key);
         if let Ok(slot) = self.index.find_entry(hash, |&j| j == i) {
             slot.remove();
@@ -182,11 +201,18 @@ impl KeyList {
         self.free.push(i);
         self.len -= 1;
         if self.len == 0 {
-            // Nothing live: give the slab's memory back.
+            // Nothing live: give the slab's and the arena's memory back.
             *self = KeyList {
                 hasher: self.hasher.clone(),
                 ..KeyList::default()
             };
+            return key;
+        }
+        self.keys.remove(r);
+        let dead = self.keys.dead();
+        if dead > self.keys.used() / 2 && dead >= COMPACT_MIN.max(self.index.capacity()) {
+            // Free nodes hold the empty key, which compaction leaves as it is.
+            self.keys.compact(self.nodes.iter_mut().map(|n| &mut n.key));
         }
         key
     }
@@ -226,5 +252,35 @@ mod tests {
         l.remove(b);
         l.remove(c);
         assert_eq!((l.len(), l.head, l.tail, l.nodes.len()), (0, NIL, NIL, 0));
+    }
+
+    /// A sliding window of keys (insert the newest, remove the oldest) keeps the arena
+    /// within about twice its live keys, and compaction keeps every live key findable, in
+    /// order, with its mark.
+    #[test]
+    fn churn_keeps_the_arena_bounded_and_the_keys_findable() {
+        let mut l = KeyList::default();
+        let key = |i: u64| format!("key {i} {}", "x".repeat((i % 40) as usize)).into_bytes();
+        const WINDOW: u64 = 2_000;
+        let mut worst = 0;
+        for i in 0..200_000u64 {
+            let n = l.push_front(&key(i)).unwrap();
+            l.set_mark(n, i % 3 == 0);
+            if i >= WINDOW {
+                let old = l.find(&key(i - WINDOW)).unwrap();
+                assert_eq!(&*l.remove(old), &key(i - WINDOW)[..]);
+            }
+            worst = worst.max(l.keys.used());
+        }
+        let live: usize = (200_000 - WINDOW..200_000).map(|i| key(i).len()).sum();
+        assert!(
+            worst <= 2 * live + COMPACT_MIN.max(l.index.capacity()) + 64,
+            "arena reached {worst} bytes for {live} live"
+        );
+        let want: Vec<Vec<u8>> = (200_000 - WINDOW..200_000).rev().map(key).collect();
+        assert_eq!(order(&l), want);
+        for i in 200_000 - WINDOW..200_000 {
+            assert_eq!(l.mark(l.find(&key(i)).unwrap()), i % 3 == 0);
+        }
     }
 }

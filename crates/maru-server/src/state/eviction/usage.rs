@@ -132,7 +132,8 @@ impl Usage {
         self.namespace_bytes(namespace_of(key))
     }
 
-    fn namespace_bytes(&self, namespace: &[u8]) -> Arc<NamespaceCounters> {
+    /// The counters of the namespace named `namespace` (created on first use).
+    pub fn namespace_bytes(&self, namespace: &[u8]) -> Arc<NamespaceCounters> {
         if namespace.is_empty() {
             return self.default_ns.clone();
         }
