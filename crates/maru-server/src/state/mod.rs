@@ -66,6 +66,7 @@ pub(crate) use index::KeyIndex;
 pub use index::{IndexOpenError, Restored};
 pub(crate) use keys::Scratch;
 pub use leases::PIN_TTL;
+pub use resume::{ResumeClaim, Resumed};
 pub(crate) use sessions::Peer;
 
 use eviction::{Capacity, EvictionConfig};
