@@ -10,7 +10,7 @@ use super::connected::Connected;
 use super::mapped::MappedRegion;
 use super::owned::Owned;
 use super::write_behind::Settle;
-use super::{check_key, check_keys, during, lock_hooked, Hooked};
+use super::{check_key, check_keys, during, lock_hooked, read, Hooked, Lifecycle};
 use crate::claims::PinBook;
 use crate::error::{Error, Result};
 use crate::view::View;
@@ -147,8 +147,8 @@ impl Hooked<'_> {
     pub fn pin(&self, key: &[u8]) -> Result<bool> {
         during("pin", || {
             let found = self.bool_op(key, Request::Pin { key })?;
-            if found {
-                self.pin_book()?.pinned(key);
+            if let (true, Some(book)) = (found, self.pin_book()) {
+                book.pinned(key);
             }
             Ok(found)
         })
@@ -157,9 +157,10 @@ impl Hooked<'_> {
     pub fn batch_pin(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
         during("batch_pin", || {
             let found = self.bools(keys, |keys| Request::BatchPin { keys })?;
-            let book = self.pin_book()?;
-            for (key, _) in keys.iter().zip(&found).filter(|(_, f)| **f) {
-                book.pinned(key);
+            if let Some(book) = self.pin_book() {
+                for (key, _) in keys.iter().zip(&found).filter(|(_, f)| **f) {
+                    book.pinned(key);
+                }
             }
             Ok(found)
         })
@@ -168,7 +169,9 @@ impl Hooked<'_> {
     pub fn unpin(&self, key: &[u8]) -> Result<bool> {
         during("unpin", || {
             let had = self.bool_op(key, Request::Unpin { key })?;
-            self.pin_book()?.unpinned(key, had);
+            if let Some(book) = self.pin_book() {
+                book.unpinned(key, had);
+            }
             Ok(had)
         })
     }
@@ -176,16 +179,23 @@ impl Hooked<'_> {
     pub fn batch_unpin(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
         during("batch_unpin", || {
             let had = self.bools(keys, |keys| Request::BatchUnpin { keys })?;
-            let book = self.pin_book()?;
-            for (key, h) in keys.iter().zip(&had) {
-                book.unpinned(key, *h);
+            if let Some(book) = self.pin_book() {
+                for (key, h) in keys.iter().zip(&had) {
+                    book.unpinned(key, *h);
+                }
             }
             Ok(had)
         })
     }
 
-    fn pin_book(&self) -> Result<Arc<PinBook>> {
-        Ok(self.h.connected(self.hook)?.conns.pins.clone())
+    /// The session's pin book, without waiting: an answered pin is booked even when the
+    /// server is lost right after (a resume carries the book over; a pin the restarted
+    /// server does not have leaves it at the next unpin).
+    fn pin_book(&self) -> Option<Arc<PinBook>> {
+        match &*read(&self.h.lifecycle) {
+            Lifecycle::Connected(c) => Some(c.conns.pins.clone()),
+            _ => None,
+        }
     }
 
     /// Whether the page at `offset` of region `region_id` still holds the registration of
