@@ -46,6 +46,7 @@
 //! [`MaruHandler::with_hook`] to run any operation with a hook.
 
 mod alloc;
+mod claims;
 mod config;
 mod connections;
 mod error;

@@ -4,54 +4,21 @@
 //!
 //! A view from `retrieve` also holds its page at the server (docs/ARCHITECTURE.md §8): the
 //! page's bytes are not reused while the view or any clone of it lives. The last clone's drop
-//! queues the release in the session's [`ReleaseQueue`], which the next request of the
-//! session carries (or the watcher within 50 ms).
+//! queues the release in the session's `ReleaseQueue` (`claims`), which the next request of
+//! the session carries (or the watcher within 50 ms).
 
 use std::sync::Arc;
 
-use maru_proto::PageRef;
 use maru_shm::Mapping;
 
+use crate::claims::Hold;
 use crate::error::{Error, ErrorKind, Result};
-use crate::watch::Inbox;
 
 /// A page of an owned region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PageId {
     pub region_id: u64,
     pub page_index: u64,
-}
-
-/// Page holds whose views are gone, waiting to be told to the server (taking from it costs
-/// one load on every request when there is nothing).
-#[derive(Debug, Default)]
-pub(crate) struct ReleaseQueue {
-    pages: Inbox<PageRef>,
-}
-
-impl ReleaseQueue {
-    fn push(&self, page: PageRef) {
-        self.pages.add([page]);
-    }
-
-    /// Every release queued so far (empty without taking the lock when there is none).
-    pub fn take(&self) -> Vec<PageRef> {
-        self.pages.take()
-    }
-}
-
-/// A view's hold on its page at the server; dropping it (with the view's last clone) queues
-/// the release.
-#[derive(Debug)]
-pub(crate) struct Hold {
-    pub page: PageRef,
-    pub queue: Arc<ReleaseQueue>,
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        self.queue.push(self.page);
-    }
 }
 
 /// A byte range of a mapped region: where a key's value is (retrieve), or a page being
@@ -76,9 +43,10 @@ impl View {
     pub fn generation(&self) -> u64 {
         self.generation
     }
-    /// Whether the view holds its page at the server (views from `retrieve` do).
+    /// Whether the view holds its page at the server (views from `retrieve` do, unless a
+    /// restarted server did not take the hold back at the session's resume).
     pub fn holds_page(&self) -> bool {
-        self.hold.is_some()
+        self.hold.as_ref().is_some_and(|h| h.is_live())
     }
 
     /// The mapping the view points into; holding it keeps the memory mapped.

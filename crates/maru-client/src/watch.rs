@@ -32,8 +32,8 @@ use maru_proto::{decode_response, encode_request, PageRef, Request, Response, MA
 use maru_shm::Mapping;
 use maru_transport::{busy, FrameBuf, Stream};
 
+use crate::claims::ReleaseQueue;
 use crate::connections::read_again;
-use crate::view::ReleaseQueue;
 use crate::wait::WaitHook;
 
 /// The owned mappings to detach from the pool when the session ends or is lost, under a

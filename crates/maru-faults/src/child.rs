@@ -253,6 +253,27 @@ fn key(prefix: &str, i: u64) -> Vec<u8> {
     format!("{prefix}-{i}").into_bytes()
 }
 
+/// Where views lie, as `region:offset` joined by commas (see [`pages_of`]).
+fn pages<'v>(views: impl Iterator<Item = &'v View>) -> String {
+    let at: Vec<String> = views
+        .map(|v| format!("{}:{}", v.region_id(), v.offset()))
+        .collect();
+    at.join(",")
+}
+
+/// The pages an answer's `pages` field names, as (region id, offset).
+pub fn pages_of(answer: &str) -> BTreeSet<(u64, u64)> {
+    field(answer, "pages")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (r, o) = p.split_once(':')?;
+            Some((r.parse().ok()?, o.parse().ok()?))
+        })
+        .collect()
+}
+
 /// The `n` keys of `prefix` from `from` on.
 fn keys_in(prefix: &str, from: u64, n: u64) -> Vec<Vec<u8>> {
     (from..from + n).map(|i| key(prefix, i)).collect()
@@ -428,7 +449,40 @@ impl ChildState {
                         Err(e) => return Err(err_line(e.kind(), &e, &format!("at={i}"))),
                     }
                 }
-                Ok(format!("ok held={held} missing={missing} corrupt={bad}"))
+                let at = self.held.iter().map(|(_, v)| v);
+                Ok(format!(
+                    "ok held={held} missing={missing} corrupt={bad} pages={}",
+                    pages(at)
+                ))
+            }
+            // release: drops the held views (their holds' releases go with the next request,
+            // or from the watcher within 50 ms)
+            "release" => {
+                let n = self.held.len();
+                self.held.clear();
+                Ok(format!("ok released={n}"))
+            }
+            // touch: one round trip (renew_pins), which resumes a session whose server
+            // restarted; how many held views still hold their page
+            "touch" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                h.renew_pins()
+                    .map_err(|e| err_line(e.kind(), &e, "op=renew_pins"))?;
+                let live = self.held.iter().filter(|(_, v)| v.holds_page()).count();
+                Ok(format!("ok live={live}"))
+            }
+            // where PREFIX FROM N: the pages the keys found lie at (views dropped at once)
+            "where" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let keys = keys_in(s(1)?, n(2)?, n(3)?);
+                let views = batch(h, &keys, "op=batch_retrieve", MaruHandler::batch_retrieve)?;
+                let found: Vec<View> = views.into_iter().flatten().collect();
+                let line = format!("ok found={} pages={}", found.len(), pages(found.iter()));
+                drop(found);
+                // Carries the releases of those views, so they hold nothing afterwards.
+                h.renew_pins()
+                    .map_err(|e| err_line(e.kind(), &e, "op=renew_pins"))?;
+                Ok(line)
             }
             // check_held: what the held views show now
             "check_held" => {
@@ -472,6 +526,16 @@ impl ChildState {
                 Ok(format!(
                     "ok pinned={}",
                     found.iter().filter(|f| **f).count()
+                ))
+            }
+            // unpin PREFIX FROM N (batch_unpin): how many this handler had pinned
+            "unpin" => {
+                let h = self.h.as_ref().ok_or_else(not_connected)?;
+                let keys = keys_in(s(1)?, n(2)?, n(3)?);
+                let had = batch(h, &keys, "op=batch_unpin", MaruHandler::batch_unpin)?;
+                Ok(format!(
+                    "ok unpinned={}",
+                    had.iter().filter(|f| **f).count()
                 ))
             }
             // delete PREFIX FROM N (batch_delete)

@@ -21,6 +21,7 @@ pub mod lat;
 pub mod load;
 pub mod ns;
 pub mod payload;
+pub mod restart;
 
 use std::path::Path;
 

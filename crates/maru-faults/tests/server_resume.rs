@@ -5,37 +5,15 @@
 //! process never gave out is refused and changes nothing (docs/ARCHITECTURE.md §8,
 //! *Restart*).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
-
-use maru_faults::child::{field, num, ChildProc};
-use maru_faults::{wait_until, KIB, MIB};
-use maru_proto::{
-    decode_frame, Body, ErrorCode, Hello, Request, Response, Role, ServerUrl, HEADER_LEN,
-};
-use maru_testkit::{wire, BinaryCluster, ClusterOpts};
-
-const T: Duration = Duration::from_secs(30);
-const CLIENT_TIMEOUT_MS: u64 = 3000;
+use maru_faults::child::{field, num};
+use maru_faults::restart::{cluster, connect, resume, T};
+use maru_faults::{wait_until, MIB};
+use maru_proto::{ErrorCode, Request, Response, Role, ServerUrl};
+use maru_testkit::{wire, BinaryCluster};
 
 #[test]
 fn child_role() {
     maru_faults::child::run_if_child();
-}
-
-fn connect(name: &str, url: &str) -> ChildProc {
-    ChildProc::spawn_connected(name, url, 2 * MIB, 16 * KIB, CLIENT_TIMEOUT_MS, T)
-}
-
-/// A cluster whose restarted server waits `grace_secs` for sessions to resume (the
-/// resource manager keeps a dead server's regions for 30 s).
-fn cluster(grace_secs: f64) -> BinaryCluster {
-    BinaryCluster::start(ClusterOpts {
-        rm_extra: vec!["--server-grace-secs".into(), "30".into()],
-        server_extra: vec!["--reconnect-grace-secs".into(), grace_secs.to_string()],
-        ..ClusterOpts::default()
-    })
 }
 
 fn ids(line: &str) -> Vec<u64> {
@@ -146,39 +124,6 @@ fn a_handler_away_past_the_reconnect_grace_loses_its_session() {
     }
 }
 
-/// Sends `req` as the first request of a fresh Unix connection and returns the reply.
-fn first_request(url: &str, req: &Request) -> Response {
-    let ServerUrl::Unix(path) = ServerUrl::parse(url).unwrap() else {
-        panic!("not a unix url: {url}")
-    };
-    let mut s = UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    s.write_all(&wire::request(1, req)).unwrap();
-    let mut head = [0u8; HEADER_LEN];
-    s.read_exact(&mut head).unwrap();
-    let len = u32::from_le_bytes(head[HEADER_LEN - 4..].try_into().unwrap()) as usize;
-    let mut frame = head.to_vec();
-    frame.resize(HEADER_LEN + len, 0);
-    s.read_exact(&mut frame[HEADER_LEN..]).unwrap();
-    match decode_frame(&frame).unwrap().body {
-        Body::Response(r) => r,
-        other => panic!("not a response: {other:?}"),
-    }
-}
-
-fn resume(url: &str, token: [u8; 16], regions: Vec<u64>) -> Response {
-    let hello = Hello {
-        role: Role::Client,
-        instance_id: "probe",
-        host: "probe",
-        pid: std::process::id(),
-        start_time: 0,
-        session_token: Some(token),
-        namespace: "",
-    };
-    first_request(url, &Request::Resume { hello, regions })
-}
-
 #[test]
 fn a_resume_with_an_unknown_token_is_refused_and_changes_nothing() {
     let mut c = cluster(20.0);
@@ -206,7 +151,7 @@ fn a_resume_with_an_unknown_token_is_refused_and_changes_nothing() {
     );
     // The real token still resumes, with its region: the refusal changed nothing.
     match resume(&c.unix_url(), token, vec![region, 999_999]) {
-        Response::Resumed { refused, hello } => {
+        Response::Resumed { refused, hello, .. } => {
             assert_eq!(refused, vec![999_999], "only the unknown region is refused");
             assert_eq!(hello.session_token, token);
         }

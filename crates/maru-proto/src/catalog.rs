@@ -13,9 +13,10 @@ use crate::response::{
     get_region_records, get_regions, get_rm_allocations, get_wire_error,
 };
 use crate::types::{
-    delete_status, get_access, get_entry, get_handle, get_ids, get_keys, get_pages, get_region,
-    Access, DeleteStatus, Handle, Hello, HelloOk, Location, PageRef, RegionInfo, RegionRecord,
-    RegisterEntry, RmAllocation, Slot,
+    delete_status, get_access, get_entry, get_handle, get_ids, get_keys, get_pages, get_positions,
+    get_region, get_resume_holds, get_resume_pins, Access, DeleteStatus, Handle, Hello, HelloOk,
+    Location, PageRef, RegionInfo, RegionRecord, RegisterEntry, ResumeHold, ResumePin,
+    RmAllocation, Slot,
 };
 
 /// Which daemon answers a request.
@@ -272,11 +273,23 @@ catalog! {
         Descriptor { region_id: u64, writable: bool } = DESCRIPTOR 0x0218 "descriptor"
             Server,
         /// The first request of a connection of a handler whose server restarted: the hello
-        /// of its session (token required) and the RM region ids it owns. Within the
-        /// server's reconnect grace the session comes back with the regions the server holds
-        /// and nobody else claims; answered with [`Response::Resumed`].
-        Resume { hello: Hello<'a>, regions: Vec<u64> } = RESUME 0x0219 "resume" Server
-            => Request::Resume { hello: get_hello(r)?, regions: get_ids(r)? },
+        /// of its session (token required), the RM region ids it owns, its pins with their
+        /// counts and the holds of its live views, from its own books. Within the server's
+        /// reconnect grace the session comes back with the regions the server holds and
+        /// nobody else claims, the pins of keys that exist and the holds of pages that still
+        /// hold the same registration of the same key; answered with [`Response::Resumed`].
+        Resume {
+            hello: Hello<'a>,
+            regions: Vec<u64>,
+            pins: Vec<ResumePin<'a>>,
+            holds: Vec<ResumeHold<'a>>,
+        } = RESUME 0x0219 "resume" Server
+            => Request::Resume {
+                hello: get_hello(r)?,
+                regions: get_ids(r)?,
+                pins: get_resume_pins(r)?,
+                holds: get_resume_holds(r)?,
+            },
     }
 
     /// Every response. Errors travel as [`Response::Error`] with [`crate::FLAG_ERROR`] set.
@@ -323,9 +336,21 @@ catalog! {
         Descriptor { offset: u64, len: u64, writable: bool } = R_DESCRIPTOR 0x820D
             => Response::Descriptor { offset: r.u64()?, len: r.u64()?, writable: r.bool()? },
         /// The answer to [`Request::Resume`]: the regions of the request the session does
-        /// not own again (the handler detaches them), then the hello's answer.
-        Resumed { refused: Vec<u64>, hello: HelloOk } = R_RESUMED 0x820E
-            => Response::Resumed { refused: get_ids(r)?, hello: get_hello_ok(r)? },
+        /// not own again (the handler detaches them), the positions (ascending) of the
+        /// request's pins and holds the session does not have again (the handler drops them
+        /// from its books), then the hello's answer.
+        Resumed {
+            refused: Vec<u64>,
+            refused_pins: Vec<u32>,
+            refused_holds: Vec<u32>,
+            hello: HelloOk,
+        } = R_RESUMED 0x820E
+            => Response::Resumed {
+                refused: get_ids(r)?,
+                refused_pins: get_positions(r)?,
+                refused_holds: get_positions(r)?,
+                hello: get_hello_ok(r)?,
+            },
     }
 }
 

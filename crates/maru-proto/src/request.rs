@@ -7,8 +7,8 @@ use crate::error::{DecodeError, EncodeError};
 use crate::frame::{check_version, encode_with};
 use crate::header::Header;
 use crate::types::{
-    get_entry, put_entry, put_handle, put_ids, put_keys, put_pages, Hello, RegisterEntry, Role,
-    MIN_KEY,
+    get_entry, put_entry, put_handle, put_ids, put_keys, put_pages, put_resume_holds,
+    put_resume_pins, Hello, RegisterEntry, Role, MIN_KEY,
 };
 
 /// Appends a request frame to `buf`. On error `buf` is left as it was.
@@ -39,9 +39,16 @@ pub fn decode_request<'a>(header: &Header, payload: &'a [u8]) -> Result<Request<
 fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeError> {
     match req {
         Request::Hello(h) => put_hello(w, h)?,
-        Request::Resume { hello, regions } => {
+        Request::Resume {
+            hello,
+            regions,
+            pins,
+            holds,
+        } => {
             put_hello(w, hello)?;
             put_ids(w, regions)?;
+            put_resume_pins(w, pins)?;
+            put_resume_holds(w, holds)?;
         }
         Request::Heartbeat
         | Request::Goodbye

@@ -57,8 +57,15 @@ pub fn decode_response(header: &Header, payload: &[u8]) -> Result<Response, Deco
 fn encode_response_payload(w: &mut Writer, resp: &Response) -> Result<(), EncodeError> {
     match resp {
         Response::HelloOk(h) => put_hello_ok(w, h)?,
-        Response::Resumed { refused, hello } => {
+        Response::Resumed {
+            refused,
+            refused_pins,
+            refused_holds,
+            hello,
+        } => {
             crate::types::put_ids(w, refused)?;
+            crate::types::put_positions(w, refused_pins)?;
+            crate::types::put_positions(w, refused_holds)?;
             put_hello_ok(w, hello)?;
         }
         Response::Ok => {}

@@ -67,8 +67,10 @@ pub struct ClientStats {
     pub keys: u64,
     /// Bytes referenced by the keys in the instance's regions.
     pub key_bytes: u64,
-    /// Pins on those keys.
+    /// Pins the instance's sessions hold.
     pub pins: u64,
+    /// View holds the instance's sessions have on pages (of any instance's regions).
+    pub holds: u64,
     pub hits: u64,
     pub evictions: u64,
     pub evicted_bytes: u64,

@@ -153,6 +153,24 @@ pub struct PageRef {
     pub offset: u64,
 }
 
+/// A pin a resuming session held before its server restarted: the key (without namespace:
+/// the session's) and how many times the session had pinned it (at least once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumePin<'a> {
+    pub key: &'a [u8],
+    pub count: u32,
+}
+
+/// View holds a resuming session held before its server restarted: `count` holds on `page`,
+/// taken by lookups of `key` that found the registration of `generation` there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeHold<'a> {
+    pub key: &'a [u8],
+    pub page: PageRef,
+    pub generation: u64,
+    pub count: u32,
+}
+
 /// Registration of a key at a location inside a region the caller owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegisterEntry<'a> {
@@ -325,4 +343,85 @@ pub(crate) fn put_ids(w: &mut Writer, ids: &[u64]) -> Result<(), EncodeError> {
 pub(crate) fn get_ids(r: &mut Reader) -> Result<Vec<u64>, DecodeError> {
     let n = r.count(8)?;
     (0..n).map(|_| r.u64()).collect()
+}
+
+pub(crate) fn put_resume_pins(w: &mut Writer, pins: &[ResumePin]) -> Result<(), EncodeError> {
+    w.count(pins.len())?;
+    for p in pins {
+        w.key(p.key)?;
+        w.u32(p.count);
+    }
+    Ok(())
+}
+
+/// A claim's count: a session claims a pin or a hold at least once.
+fn claim_count(r: &mut Reader, what: &'static str) -> Result<u32, DecodeError> {
+    match r.u32()? {
+        0 => Err(DecodeError::InvalidField(what)),
+        n => Ok(n),
+    }
+}
+
+pub(crate) fn get_resume_pins<'a>(r: &mut Reader<'a>) -> Result<Vec<ResumePin<'a>>, DecodeError> {
+    let n = r.count(MIN_KEY + 4)?;
+    (0..n)
+        .map(|_| {
+            Ok(ResumePin {
+                key: r.key()?,
+                count: claim_count(r, "pin count")?,
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn put_resume_holds(w: &mut Writer, holds: &[ResumeHold]) -> Result<(), EncodeError> {
+    w.count(holds.len())?;
+    for h in holds {
+        w.key(h.key)?;
+        w.u64(h.page.region_id);
+        w.u64(h.page.offset);
+        w.u64(h.generation);
+        w.u32(h.count);
+    }
+    Ok(())
+}
+
+pub(crate) fn get_resume_holds<'a>(r: &mut Reader<'a>) -> Result<Vec<ResumeHold<'a>>, DecodeError> {
+    let n = r.count(MIN_KEY + 28)?;
+    (0..n)
+        .map(|_| {
+            Ok(ResumeHold {
+                key: r.key()?,
+                page: PageRef {
+                    region_id: r.u64()?,
+                    offset: r.u64()?,
+                },
+                generation: r.u64()?,
+                count: claim_count(r, "hold count")?,
+            })
+        })
+        .collect()
+}
+
+/// Positions in a request's list (the claims of a resume the server refused), ascending.
+pub(crate) fn put_positions(w: &mut Writer, at: &[u32]) -> Result<(), EncodeError> {
+    w.count(at.len())?;
+    for i in at {
+        w.u32(*i);
+    }
+    Ok(())
+}
+
+pub(crate) fn get_positions(r: &mut Reader) -> Result<Vec<u32>, DecodeError> {
+    let n = r.count(4)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let i = r.u32()?;
+        // Ascending and below the batch limit: one answer per claim, none out of range.
+        if i as usize >= crate::MAX_BATCH || out.last().is_some_and(|&l| i <= l) {
+            return Err(DecodeError::InvalidField("claim position"));
+        }
+        out.push(i);
+    }
+    Ok(out)
 }

@@ -256,10 +256,34 @@ fn resume_and_its_answer_roundtrip_with_and_without_an_index() {
         session_token: Some([5; SESSION_TOKEN_LEN]),
         namespace: "tenant",
     };
-    for regions in [vec![], vec![1, u64::MAX]] {
+    let pins = [
+        ResumePin {
+            key: b"a",
+            count: 1,
+        },
+        ResumePin {
+            key: b"",
+            count: u32::MAX,
+        },
+    ];
+    let holds = [ResumeHold {
+        key: b"k",
+        page: PageRef {
+            region_id: 3,
+            offset: 8192,
+        },
+        generation: 11,
+        count: 2,
+    }];
+    for (regions, pins, holds) in [
+        (vec![], vec![], vec![]),
+        (vec![1, u64::MAX], pins.to_vec(), holds.to_vec()),
+    ] {
         roundtrip_request(&Request::Resume {
             hello: hello.clone(),
             regions,
+            pins,
+            holds,
         });
     }
     for index in [
@@ -271,6 +295,8 @@ fn resume_and_its_answer_roundtrip_with_and_without_an_index() {
     ] {
         roundtrip_response(Response::Resumed {
             refused: vec![4],
+            refused_pins: vec![0, 7],
+            refused_holds: vec![(MAX_BATCH - 1) as u32],
             hello: HelloOk {
                 server: "s".into(),
                 hostname: "h".into(),
@@ -278,5 +304,177 @@ fn resume_and_its_answer_roundtrip_with_and_without_an_index() {
                 index,
             },
         });
+    }
+}
+
+/// A resume frame with the given claim lists, bytes as they are.
+fn resume_frame(pins: &[u8], holds: &[u8]) -> Vec<u8> {
+    let hello = Hello::sessionless(Role::Client, "h", 1, 2);
+    let mut buf = Vec::new();
+    encode_request(
+        &mut buf,
+        1,
+        &Request::Resume {
+            hello,
+            regions: vec![],
+            pins: vec![],
+            holds: vec![],
+        },
+    )
+    .unwrap();
+    // The two empty lists are the payload's last eight bytes.
+    buf.truncate(buf.len() - 8);
+    buf.extend_from_slice(pins);
+    buf.extend_from_slice(holds);
+    let len = (buf.len() - HEADER_LEN) as u32;
+    buf[20..24].copy_from_slice(&len.to_le_bytes());
+    buf
+}
+
+fn list(items: &[&[u8]]) -> Vec<u8> {
+    let mut out = (items.len() as u32).to_le_bytes().to_vec();
+    for i in items {
+        out.extend_from_slice(i);
+    }
+    out
+}
+
+fn pin_bytes(key: &[u8], count: u32) -> Vec<u8> {
+    let mut out = (key.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(key);
+    out.extend_from_slice(&count.to_le_bytes());
+    out
+}
+
+fn hold_bytes(key: &[u8], region: u64, offset: u64, generation: u64, count: u32) -> Vec<u8> {
+    let mut out = (key.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(key);
+    for v in [region, offset, generation] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&count.to_le_bytes());
+    out
+}
+
+#[test]
+fn malformed_resume_claims_are_typed_errors() {
+    let none = list(&[]);
+    let good_pin = pin_bytes(b"k", 2);
+    let good_hold = hold_bytes(b"k", 1, 0, 5, 1);
+    // The hand-made frame decodes when its claims are well formed.
+    match decode_frame(&resume_frame(&list(&[&good_pin]), &list(&[&good_hold])))
+        .unwrap()
+        .body
+    {
+        Body::Request(Request::Resume { pins, holds, .. }) => {
+            assert_eq!(
+                pins,
+                [ResumePin {
+                    key: b"k",
+                    count: 2
+                }]
+            );
+            assert_eq!(
+                holds[0].page,
+                PageRef {
+                    region_id: 1,
+                    offset: 0
+                }
+            );
+            assert_eq!((holds[0].generation, holds[0].count), (5, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    let cases: Vec<(&str, Vec<u8>, DecodeError)> = vec![
+        (
+            "a pin counted zero times",
+            resume_frame(&list(&[&pin_bytes(b"k", 0)]), &none),
+            DecodeError::InvalidField("pin count"),
+        ),
+        (
+            "a hold counted zero times",
+            resume_frame(&none, &list(&[&hold_bytes(b"k", 1, 0, 5, 0)])),
+            DecodeError::InvalidField("hold count"),
+        ),
+        (
+            "a pin's key over the limit",
+            resume_frame(&list(&[&pin_bytes(&[0; MAX_KEY_LEN + 1], 1)]), &none),
+            DecodeError::TooLong {
+                what: "key",
+                len: MAX_KEY_LEN + 1,
+                max: MAX_KEY_LEN,
+            },
+        ),
+        (
+            "more holds than a batch",
+            resume_frame(&none, &((MAX_BATCH + 1) as u32).to_le_bytes()),
+            DecodeError::TooLong {
+                what: "batch",
+                len: MAX_BATCH + 1,
+                max: MAX_BATCH,
+            },
+        ),
+        (
+            "a pin count that lies about the bytes behind it",
+            resume_frame(&(MAX_BATCH as u32).to_le_bytes(), &none),
+            DecodeError::Truncated {
+                needed: MAX_BATCH * 8,
+                got: 4,
+            },
+        ),
+        (
+            "a hold cut short",
+            resume_frame(&none, &list(&[&good_hold[..good_hold.len() - 2], &[0; 33]])),
+            DecodeError::Truncated { needed: 4, got: 3 },
+        ),
+        (
+            "the hold list missing",
+            resume_frame(&none, &[]),
+            DecodeError::Truncated { needed: 4, got: 0 },
+        ),
+    ];
+    for (what, frame, want) in cases {
+        assert_eq!(decode_frame(&frame).unwrap_err(), want, "{what}");
+    }
+    // Two more bytes than the lists: trailing bytes are refused, not ignored.
+    let mut long = resume_frame(&none, &none);
+    long.extend_from_slice(&[0, 0]);
+    let len = (long.len() - HEADER_LEN) as u32;
+    long[20..24].copy_from_slice(&len.to_le_bytes());
+    assert_eq!(
+        decode_frame(&long).unwrap_err(),
+        DecodeError::TrailingBytes(2)
+    );
+}
+
+#[test]
+fn refused_claim_positions_are_ascending_and_in_range() {
+    let answer = |pins: &[u32]| {
+        let mut buf = Vec::new();
+        encode_response(
+            &mut buf,
+            1,
+            &Response::Resumed {
+                refused: vec![],
+                refused_pins: pins.to_vec(),
+                refused_holds: vec![],
+                hello: HelloOk {
+                    server: "s".into(),
+                    hostname: "h".into(),
+                    session_token: [1; SESSION_TOKEN_LEN],
+                    index: None,
+                },
+            },
+        )
+        .unwrap();
+        decode_frame(&buf).map(|_| ())
+    };
+    assert!(answer(&[0, 1, 4095]).is_ok());
+    for bad in [&[3, 3][..], &[4, 2], &[MAX_BATCH as u32]] {
+        assert_eq!(
+            answer(bad).unwrap_err(),
+            DecodeError::InvalidField("claim position"),
+            "{bad:?}"
+        );
     }
 }

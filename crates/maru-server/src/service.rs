@@ -12,7 +12,7 @@ use maru_proto::{
 use maru_transport::Stream;
 
 use crate::reply;
-use crate::state::{Peer, Scratch, ServerState};
+use crate::state::{Peer, ResumeClaim, Resumed, Scratch, ServerState};
 
 /// What one connection remembers between requests.
 pub(crate) struct ConnCtx {
@@ -113,9 +113,28 @@ fn dispatch(
             let ok = state.hello(&mut ctx.peer, hello)?;
             return respond(out, id, &Response::HelloOk(ok));
         }
-        (Peer::New, Request::Resume { hello, regions }) => {
-            let (hello, refused) = state.resume(&mut ctx.peer, hello, regions)?;
-            return respond(out, id, &Response::Resumed { refused, hello });
+        (
+            Peer::New,
+            Request::Resume {
+                hello,
+                regions,
+                pins,
+                holds,
+            },
+        ) => {
+            let claim = ResumeClaim {
+                regions,
+                pins,
+                holds,
+            };
+            let done: Resumed = state.resume(&mut ctx.peer, hello, &claim)?;
+            let answer = Response::Resumed {
+                refused: done.refused_regions,
+                refused_pins: done.refused_pins,
+                refused_holds: done.refused_holds,
+                hello: done.hello,
+            };
+            return respond(out, id, &answer);
         }
         (Peer::New, _) => return Err(not_handshaken()),
         (_, Request::Goodbye) => {

@@ -17,8 +17,8 @@ use maru_transport::busy::{self, Backoff};
 use maru_transport::fds::FdReader;
 use maru_transport::{FrameBuf, Stream, TransportError};
 
+use crate::claims::{PinBook, ReleaseQueue};
 use crate::error::{Error, Result};
-use crate::view::ReleaseQueue;
 use crate::wait::{wait_readable, ReplyClock, Wait, WaitHook, Waiting};
 
 mod resume;
@@ -295,11 +295,22 @@ pub(crate) struct Timing {
     pub busy_poll: bool,
 }
 
+/// A session's books of its claims at the server (see `claims`): new for a new session, the
+/// lost one's for a resumed session.
+#[derive(Default)]
+pub(crate) struct Books {
+    pub releases: Arc<ReleaseQueue>,
+    pub pins: Arc<PinBook>,
+}
+
 /// The connection pool of one instance session. Connections are taken for one call and put
 /// back, so concurrent callers each get their own and no lock is held across a round trip.
 pub(crate) struct ConnectionPool {
-    /// Releases of dropped views, carried by the session's next request on any connection.
+    /// The session's view holds: releases of dropped views, carried by the session's next
+    /// request on any connection, and the live ones (kept across a resume).
     pub releases: Arc<ReleaseQueue>,
+    /// The session's pins as the handler counts them (kept across a resume).
+    pub pins: Arc<PinBook>,
     url: ServerUrl,
     identity: Identity,
     session: [u8; SESSION_TOKEN_LEN],
@@ -362,12 +373,15 @@ impl ConnectionPool {
         let clock = ReplyClock::new();
         let w = timing.wait(hook, &clock);
         let (conn, server) = handshake(&url, &identity, None, &w)?;
+        let books = Books::default();
         Ok(ConnectionPool::around(
-            conn, server, url, identity, max_idle, timing, clock,
+            conn, server, url, identity, max_idle, timing, clock, books,
         ))
     }
 
-    /// The pool of the session `server` answered for on `conn`, its first connection.
+    /// The pool of the session `server` answered for on `conn`, its first connection, over
+    /// the session's books.
+    #[allow(clippy::too_many_arguments)]
     fn around(
         mut conn: PooledConn,
         server: HelloOk,
@@ -376,11 +390,13 @@ impl ConnectionPool {
         max_idle: usize,
         timing: Timing,
         clock: ReplyClock,
+        books: Books,
     ) -> ConnectionPool {
-        let releases = Arc::new(ReleaseQueue::default());
+        let Books { releases, pins } = books;
         conn.releases = Some(releases.clone());
         ConnectionPool {
             releases,
+            pins,
             url,
             identity,
             session: server.session_token,

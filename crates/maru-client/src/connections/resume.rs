@@ -5,25 +5,38 @@ use std::time::{Duration, Instant};
 
 use maru_proto::{Hello, Request, Response, Role, ServerUrl, SESSION_TOKEN_LEN};
 
-use super::{ConnectionPool, Identity, PooledConn, Timing};
+use super::{Books, ConnectionPool, Identity, PooledConn, Timing};
+use crate::claims::Claims;
 use crate::error::{Error, Result};
 use crate::wait::{ReplyClock, WaitHook};
 
+/// What a restarted server did not give back to a resumed session: region ids, and the
+/// positions of the claim's pins and holds.
+pub(crate) struct Refused {
+    pub regions: Vec<u64>,
+    pub pins: Vec<u32>,
+    pub holds: Vec<u32>,
+}
+
 impl ConnectionPool {
     /// Takes up the session of `session` again at a restarted server (see
-    /// `maru_proto::Request::Resume`), presenting the regions it owns: the pool of the
-    /// resumed session and the regions the server refused. Connecting is tried again while
-    /// the server is not listening yet, until the handler's timeout; a refusal of the
-    /// session is returned as the server's error.
+    /// `maru_proto::Request::Resume`), presenting the regions it owns and the pins and holds
+    /// of `books` that `claims` took from them: the pool of the resumed session, over the
+    /// same books, and what the server refused. Connecting is tried again while the server
+    /// is not listening yet, until the handler's timeout; a refusal of the session is
+    /// returned as the server's error.
+    #[allow(clippy::too_many_arguments)]
     pub fn resume(
         url: ServerUrl,
         identity: Identity,
         session: [u8; SESSION_TOKEN_LEN],
         regions: &[u64],
+        claims: &Claims,
+        books: Books,
         max_idle: usize,
         timing: Timing,
         hook: &dyn WaitHook,
-    ) -> Result<(ConnectionPool, Vec<u64>)> {
+    ) -> Result<(ConnectionPool, Refused)> {
         let clock = ReplyClock::new();
         let w = timing.wait(hook, &clock);
         let deadline = Instant::now() + timing.timeout;
@@ -52,12 +65,27 @@ impl ConnectionPool {
                 namespace: &identity.namespace,
             },
             regions: regions.to_vec(),
+            pins: claims.pins(),
+            holds: claims.holds(),
         };
         let (refused, server) = match conn.call(&req, &w)? {
-            Response::Resumed { refused, hello } => (refused, hello),
+            Response::Resumed {
+                refused,
+                refused_pins,
+                refused_holds,
+                hello,
+            } => {
+                let refused = Refused {
+                    regions: refused,
+                    pins: refused_pins,
+                    holds: refused_holds,
+                };
+                (refused, hello)
+            }
             other => return Err(Error::unexpected("resume", &other)),
         };
-        let pool = ConnectionPool::around(conn, server, url, identity, max_idle, timing, clock);
+        let pool =
+            ConnectionPool::around(conn, server, url, identity, max_idle, timing, clock, books);
         Ok((pool, refused))
     }
 }

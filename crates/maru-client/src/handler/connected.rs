@@ -15,8 +15,9 @@ use super::pool_check::PoolCheck;
 use super::region_fd::{FdMode, RegionFds};
 use super::write_behind::Settle;
 use super::{during, lock_hooked, read, write, Added, Hooked, Lifecycle};
+use crate::claims::Claims;
 use crate::config::MaruConfig;
-use crate::connections::{ConnectionPool, Timing};
+use crate::connections::{Books, ConnectionPool, Timing};
 use crate::error::{Error, Result};
 use crate::fork::{self, Birth};
 use crate::view::PageId;
@@ -218,11 +219,12 @@ impl Hooked<'_> {
     }
 
     /// After the server was lost: takes the session up again at the restarted server with
-    /// the regions it owns (see `ConnectionPool::resume`). The old state's owned mappings
-    /// were detached when the server was lost; every region the server gives back to the
-    /// session is mapped again, shared, and its pages handed out before the loss and not
-    /// stored are kept from being stored (their bytes stayed in the detached copy). Regions
-    /// the server refused are dropped with the keys this handler stored in them.
+    /// the regions it owns and the pins and live view holds of its books (see
+    /// `ConnectionPool::resume`; what the server refuses leaves the books). The old state's
+    /// owned mappings were detached when the server was lost; every region the server gives
+    /// back to the session is mapped again, shared, and its pages handed out before the loss
+    /// and not stored are kept from being stored (their bytes stayed in the detached copy).
+    /// Regions the server refused are dropped with the keys this handler stored in them.
     pub(super) fn resume(&self, old: &Arc<Connected>) -> Result<Arc<Connected>> {
         let h = self.h;
         // Stop the old watcher (its connection is gone) before its state is taken apart.
@@ -240,17 +242,36 @@ impl Hooked<'_> {
             grace: h.config.reply_grace,
             busy_poll: h.config.busy_poll,
         };
-        let (conns, refused) = match ConnectionPool::resume(
+        let books = Books {
+            releases: old.conns.releases.clone(),
+            pins: old.conns.pins.clone(),
+        };
+        let claims = Claims::take(&books.releases, &books.pins);
+        let resumed = ConnectionPool::resume(
             h.url.clone(),
             old.conns.identity().clone(),
             old.conns.token(),
             &ids,
+            &claims,
+            books,
             h.config.max_inflight as usize,
             timing,
             self.hook,
-        ) {
-            Ok(r) => r,
+        );
+        let (conns, refused) = match resumed {
+            Ok((conns, refused)) => {
+                let (pins_lost, holds_lost) = claims.granted(&refused.pins, &refused.holds);
+                if pins_lost + holds_lost > 0 {
+                    tracing::info!(
+                        "maru: resume: the restarted server did not take back {pins_lost} \
+                         pin(s) and {holds_lost} view hold(s) (keys gone or changed); views \
+                         without a hold read as raw addresses do"
+                    );
+                }
+                (conns, refused.regions)
+            }
             Err(e) => {
+                claims.failed();
                 // The server answered and will not take the session back: later calls fail
                 // as lost without asking again.
                 if matches!(e.kind(), crate::ErrorKind::Remote(_)) {

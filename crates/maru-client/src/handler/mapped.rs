@@ -9,7 +9,7 @@ use maru_shm::{MapMode, Mapping};
 use super::connected::Connected;
 use super::{read, write, Hooked};
 use crate::error::{Error, ErrorKind, Result};
-use crate::view::{Hold, View};
+use crate::view::View;
 use crate::wait::WaitHook;
 
 /// A mapped region: one of ours (read-write, populated) or another instance's (read-only).
@@ -60,18 +60,17 @@ impl Connected {
     /// lookup took the hold): the hold's release is queued when the view's last clone goes.
     pub fn held_view(
         &self,
+        key: &[u8],
         region: &MappedRegion,
         offset: u64,
         len: u64,
         generation: u64,
     ) -> Result<View> {
-        let hold = Arc::new(Hold {
-            page: PageRef {
-                region_id: region.id(),
-                offset,
-            },
-            queue: self.conns.releases.clone(),
-        });
+        let page = PageRef {
+            region_id: region.id(),
+            offset,
+        };
+        let hold = Arc::new(self.conns.releases.hold(key, page, generation));
         // The hold exists from here: a view refused below still releases it.
         let mut view = region.view(offset, len, self.stride)?;
         view.generation = generation;

@@ -10,7 +10,8 @@ use super::connected::Connected;
 use super::mapped::MappedRegion;
 use super::owned::Owned;
 use super::write_behind::Settle;
-use super::{check_key, check_keys, during, lock_hooked, Hooked};
+use super::{check_key, check_keys, during, lock_hooked, read, Hooked, Lifecycle};
+use crate::claims::PinBook;
 use crate::error::{Error, Result};
 use crate::view::View;
 use crate::wait::WaitHook;
@@ -26,6 +27,7 @@ impl Hooked<'_> {
                 Response::Lookup(Some(loc)) => {
                     let region = c.region_for(&loc.region, self.hook)?;
                     Ok(Some(c.held_view(
+                        key,
                         &region,
                         loc.offset,
                         loc.len,
@@ -54,7 +56,7 @@ impl Hooked<'_> {
                     other => return Err(Error::unexpected("batch_lookup", &other)),
                 };
                 let mut mapped: Vec<Option<Arc<MappedRegion>>> = vec![None; regions.len()];
-                for slot in entries {
+                for (key, slot) in batch.iter().zip(entries) {
                     let Some(slot) = slot else {
                         out.push(None);
                         continue;
@@ -78,6 +80,7 @@ impl Hooked<'_> {
                         }
                     };
                     out.push(Some(c.held_view(
+                        key,
                         &region,
                         slot.offset,
                         slot.len,
@@ -138,24 +141,61 @@ impl Hooked<'_> {
         })
     }
 
+    // Pins and unpins are booked by the handler too, so that a resume after a server
+    // restart can claim them back (`claims`).
+
     pub fn pin(&self, key: &[u8]) -> Result<bool> {
-        during("pin", || self.bool_op(key, Request::Pin { key }))
+        during("pin", || {
+            let found = self.bool_op(key, Request::Pin { key })?;
+            if let (true, Some(book)) = (found, self.pin_book()) {
+                book.pinned(key);
+            }
+            Ok(found)
+        })
     }
 
     pub fn batch_pin(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
         during("batch_pin", || {
-            self.bools(keys, |keys| Request::BatchPin { keys })
+            let found = self.bools(keys, |keys| Request::BatchPin { keys })?;
+            if let Some(book) = self.pin_book() {
+                for (key, _) in keys.iter().zip(&found).filter(|(_, f)| **f) {
+                    book.pinned(key);
+                }
+            }
+            Ok(found)
         })
     }
 
     pub fn unpin(&self, key: &[u8]) -> Result<bool> {
-        during("unpin", || self.bool_op(key, Request::Unpin { key }))
+        during("unpin", || {
+            let had = self.bool_op(key, Request::Unpin { key })?;
+            if let Some(book) = self.pin_book() {
+                book.unpinned(key, had);
+            }
+            Ok(had)
+        })
     }
 
     pub fn batch_unpin(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
         during("batch_unpin", || {
-            self.bools(keys, |keys| Request::BatchUnpin { keys })
+            let had = self.bools(keys, |keys| Request::BatchUnpin { keys })?;
+            if let Some(book) = self.pin_book() {
+                for (key, h) in keys.iter().zip(&had) {
+                    book.unpinned(key, *h);
+                }
+            }
+            Ok(had)
         })
+    }
+
+    /// The session's pin book, without waiting: an answered pin is booked even when the
+    /// server is lost right after (a resume carries the book over; a pin the restarted
+    /// server does not have leaves it at the next unpin).
+    fn pin_book(&self) -> Option<Arc<PinBook>> {
+        match &*read(&self.h.lifecycle) {
+            Lifecycle::Connected(c) => Some(c.conns.pins.clone()),
+            _ => None,
+        }
     }
 
     /// Whether the page at `offset` of region `region_id` still holds the registration of

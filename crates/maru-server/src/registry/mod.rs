@@ -129,10 +129,21 @@ pub trait KeyRegistry: Send + Sync {
     fn remove_if_unpinned(&self, key: &[u8], region: RegionSlot) -> Removal;
 
     /// Adds a pin; false when the key does not exist.
-    fn pin(&self, key: &[u8]) -> bool;
+    fn pin(&self, key: &[u8]) -> bool {
+        self.pin_n(key, 1)
+    }
+
+    /// Adds `n` pins at once (a resumed session's); false when the key does not exist.
+    fn pin_n(&self, key: &[u8], n: u32) -> bool;
 
     /// Takes a pin away; false when the key does not exist or is not pinned.
-    fn unpin(&self, key: &[u8]) -> bool;
+    fn unpin(&self, key: &[u8]) -> bool {
+        self.unpin_n(key, 1)
+    }
+
+    /// Takes up to `n` pins away at once; false when the key does not exist or is not
+    /// pinned.
+    fn unpin_n(&self, key: &[u8], n: u32) -> bool;
 
     fn counts(&self) -> RegistryCounts;
 

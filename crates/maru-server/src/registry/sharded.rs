@@ -208,24 +208,24 @@ impl KeyRegistry for ShardedRegistry {
         }
     }
 
-    fn pin(&self, key: &[u8]) -> bool {
+    fn pin_n(&self, key: &[u8], n: u32) -> bool {
         self.with_pins(key, |pinned, e| {
-            if e.pins == 0 {
+            if e.pins == 0 && n > 0 {
                 *pinned += 1;
             }
             // Saturating: a key pinned four billion times stays pinned, which is the
             // safe direction.
-            e.pins = e.pins.saturating_add(1);
+            e.pins = e.pins.saturating_add(n);
             true
         })
     }
 
-    fn unpin(&self, key: &[u8]) -> bool {
+    fn unpin_n(&self, key: &[u8], n: u32) -> bool {
         self.with_pins(key, |pinned, e| {
             if e.pins == 0 {
                 return false;
             }
-            e.pins -= 1;
+            e.pins = e.pins.saturating_sub(n);
             if e.pins == 0 {
                 *pinned -= 1;
             }

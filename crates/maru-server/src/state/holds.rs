@@ -8,8 +8,8 @@
 //! A page is *returned* to its region's owner — a notice on the owner's watch connection,
 //! after which the owner's allocator may hand the page out again — exactly when no key
 //! points at it and no hold is on it: [`ServerState::detach_key`] is the one place a key
-//! leaves its page (delete and eviction), and [`release_page_hold`] the one place a
-//! hold does; both return the page once both counts are zero. A region goes back to the
+//! leaves its page (delete and eviction), and `release_page_holds` the one place a
+//! hold ends; both return the page once both counts are zero. A region goes back to the
 //! resource manager once its owner let it go, no key points into it and no page of it is
 //! held (`regions::take_if_unreferenced`).
 //!
@@ -51,6 +51,20 @@ pub(crate) struct HoldBook {
     by_page: HashMap<(u32, u32), u32>,
 }
 
+impl HoldBook {
+    /// Holds the session has, each page's counted.
+    pub(super) fn holds(&self) -> u64 {
+        self.by_page.values().map(|&n| u64::from(n)).sum()
+    }
+}
+
+/// A hold a resuming session claims (see [`ServerState::restore_holds`]).
+pub(crate) struct Claim {
+    pub page: PageRef,
+    pub generation: u64,
+    pub count: u32,
+}
+
 /// A found key with the hold taken on its page (if a session asked for one).
 pub(crate) struct Held {
     pub region: Arc<TableRegion>,
@@ -79,7 +93,7 @@ impl ServerState {
     /// A key leaves its page (deleted, or evicted), under the region's mutex, which the
     /// caller holds and has already uncounted the key from `refs` under. Returns the page for
     /// its owner when nothing holds it any more; a held page stays detached until its last
-    /// hold goes (see [`release_page_hold`]).
+    /// hold goes (see `release_page_holds`).
     pub(super) fn detach_key(
         &self,
         region: &TableRegion,
@@ -94,14 +108,46 @@ impl ServerState {
 
     /// Looks `key` up and, for a session, takes a hold on its page in the same step.
     pub(crate) fn find_and_hold(&self, session: Option<&Session>, key: &[u8]) -> Option<Held> {
+        self.hold_found(session, key, None)
+    }
+
+    /// Gives a resumed session the holds of its live views from before the restart: `claims`
+    /// are (namespace-scoped key, claim). A claim is granted only where a lookup of the key
+    /// by the session would take the same hold now — the key exists, points at the claimed
+    /// page, and the page holds the claimed registration — so a session can hold nothing it
+    /// could not have looked up. Returns the positions of the refused claims, ascending.
+    pub(super) fn restore_holds(&self, session: &Session, claims: &[(Vec<u8>, Claim)]) -> Vec<u32> {
+        let mut refused = Vec::new();
+        for (i, (key, claim)) in claims.iter().enumerate() {
+            if self.hold_found(Some(session), key, Some(claim)).is_none() {
+                refused.push(i as u32);
+            }
+        }
+        refused
+    }
+
+    /// Looks `key` up and, for a session, takes holds on its page in the same step: one, or
+    /// for a resumed `claim` its count, and only if the key is where the claim says.
+    fn hold_found(
+        &self,
+        session: Option<&Session>,
+        key: &[u8],
+        claim: Option<&Claim>,
+    ) -> Option<Held> {
         loop {
             let entry = self.registry.lookup(key)?;
             let region = self.table().by_slot.get(&entry.region.0).cloned()?;
+            if claim.is_some_and(|c| {
+                c.page.region_id != region.info.handle.region_id || c.page.offset != entry.offset()
+            }) {
+                return None;
+            }
             let mut st = lock(&region.state);
             // Deletes remove keys under this mutex: if the key still points here now, its page
             // cannot be returned before the hold below is counted.
             match self.registry.lookup(key) {
                 Some(now) if now.same_place(&entry) => {}
+                Some(_) if claim.is_some() => return None,
                 Some(_) => continue,
                 None => return None,
             }
@@ -110,11 +156,20 @@ impl ServerState {
             }
             let page = page_of(&entry);
             let generation = st.pages.get(&page).map_or(0, |r| r.generation);
+            if claim.is_some_and(|c| c.generation != generation) {
+                return None;
+            }
+            let count = claim.map_or(1, |c| c.count);
             if let Some(session) = session {
-                if let Some(rec) = st.pages.get_mut(&page) {
-                    rec.holds += 1;
-                    st.held += 1;
+                match st.pages.get_mut(&page) {
+                    Some(rec) => match rec.holds.checked_add(count) {
+                        Some(n) => rec.holds = n,
+                        None => return None,
+                    },
+                    None if claim.is_some() => return None,
+                    None => {}
                 }
+                st.held += u64::from(count);
                 drop(st);
                 let mut book = lock(&session.holds);
                 // Checked under the book's mutex: a session's end marks it ended before it
@@ -122,11 +177,12 @@ impl ServerState {
                 if session.is_ended() {
                     drop(book);
                     let mut returned = Returned::default();
-                    self.release_page_hold(&region, page, &mut returned);
+                    self.release_page_holds(&region, page, count, &mut returned);
                     self.send_returns(returned);
                     return None;
                 }
-                *book.by_page.entry((region.slot.0, page)).or_insert(0) += 1;
+                // No overflow: the session's holds of a page are some of the page's.
+                *book.by_page.entry((region.slot.0, page)).or_insert(0) += count;
             } else {
                 drop(st);
             }
@@ -161,7 +217,7 @@ impl ServerState {
                     book.by_page.remove(&(region.slot.0, page));
                 }
             }
-            self.release_page_hold(&region, page, &mut returned);
+            self.release_page_holds(&region, page, 1, &mut returned);
         }
         self.send_returns(returned);
     }
@@ -175,29 +231,34 @@ impl ServerState {
             let Some(region) = self.table().by_slot.get(&slot).cloned() else {
                 continue;
             };
-            for _ in 0..count {
-                self.release_page_hold(&region, page, &mut returned);
-            }
+            self.release_page_holds(&region, page, count, &mut returned);
             n += u64::from(count);
         }
         self.send_returns(returned);
         n
     }
 
-    /// One hold on `page` of `region` ends: the page goes back to its owner if no key points
+    /// `n` holds on `page` of `region` end: the page goes back to its owner if no key points
     /// at it any more, and the region to the resource manager if that was all that kept it.
     /// The page, if it goes back, joins `returned`.
-    fn release_page_hold(&self, region: &Arc<TableRegion>, page: u32, returned: &mut Returned) {
+    fn release_page_holds(
+        &self,
+        region: &Arc<TableRegion>,
+        page: u32,
+        n: u32,
+        returned: &mut Returned,
+    ) {
         let (page_back, to_free) = {
             let mut st = lock(&region.state);
             let Some(rec) = st.pages.get_mut(&page) else {
                 return;
             };
-            if rec.holds == 0 {
+            let n = n.min(rec.holds);
+            if n == 0 {
                 return;
             }
-            rec.holds -= 1;
-            st.held -= 1;
+            rec.holds -= n;
+            st.held -= u64::from(n);
             let back = free_if_unused(region, &mut st, page);
             (back, self.take_if_unreferenced(region, &mut st))
         };
@@ -318,5 +379,58 @@ mod tests {
         st.disconnect(&mut rp);
         assert_eq!(queued(&owner).len(), 1);
         assert!(st.find_and_hold(Some(&reader), b"k").is_none());
+    }
+
+    #[test]
+    fn a_restored_hold_needs_its_key_at_its_page_with_its_registration() {
+        let (st, _rm, (_op, owner, r)) = state_with_owner("owner");
+        let (_op2, other, r2) = client_with_region(&st, "other");
+        let (_rp, reader, _) = client(&st, "reader");
+        let id = r.info.handle.region_id;
+        assert!(st.register(&owner, &reg(b"k", &r, 4096, 10)).unwrap());
+        assert!(st.register(&other, &reg(b"o", &r2, 0, 10)).unwrap());
+        let generation = st.find_and_hold(None, b"k").unwrap().generation;
+        let page = PageRef {
+            region_id: id,
+            offset: 4096,
+        };
+        let claim = |key: &[u8], page: PageRef, generation: u64, count: u32| {
+            (
+                key.to_vec(),
+                Claim {
+                    page,
+                    generation,
+                    count,
+                },
+            )
+        };
+        let claims = [
+            claim(b"k", page, generation, 3),
+            claim(b"missing", page, generation, 1),
+            claim(b"k", page, generation + 1, 1),
+            claim(b"k", PageRef { offset: 0, ..page }, generation, 1),
+            // Another key's page, claimed under a key the session names.
+            claim(
+                b"k",
+                PageRef {
+                    region_id: r2.info.handle.region_id,
+                    offset: 0,
+                },
+                generation,
+                1,
+            ),
+            claim(b"k", page, generation, u32::MAX),
+        ];
+        assert_eq!(st.restore_holds(&reader, &claims), [1, 2, 3, 4, 5]);
+        assert_eq!(lock(&reader.holds).holds(), 3);
+        // The granted holds keep the page past its key's delete, until the third release.
+        assert_eq!(st.delete(b"k"), DeleteStatus::Deleted);
+        st.release_holds(&reader, &[page, page]);
+        assert!(queued(&owner).is_empty(), "one hold left");
+        st.release_holds(&reader, &[page]);
+        assert_eq!(queued(&owner), [page]);
+        // A claim on a page whose key is gone is refused and changes nothing.
+        assert_eq!(st.restore_holds(&reader, &claims[..1]), [0]);
+        assert_eq!(lock(&reader.holds).holds(), 0);
     }
 }

@@ -101,12 +101,35 @@ impl ServerState {
         let leases = std::mem::take(&mut *lock(&session.leases));
         let mut n = 0;
         for (key, lease) in leases.by_key {
-            for _ in 0..lease.count {
-                self.registry.unpin(&key);
-            }
+            self.registry.unpin_n(&key, lease.count);
             n += u64::from(lease.count);
         }
         n
+    }
+
+    /// Gives a resumed session the pins it held before the restart, each leased from now:
+    /// `pins` are (namespace-scoped key, count). A key that does not exist now gets none;
+    /// returns the positions of those, ascending.
+    pub(super) fn restore_pins(&self, session: &Session, pins: &[(Vec<u8>, u32)]) -> Vec<u32> {
+        let mut leases = lock(&session.leases);
+        let mut refused = Vec::new();
+        if session.is_ended() {
+            return (0..pins.len() as u32).collect();
+        }
+        let deadline = Instant::now() + self.pin_ttl;
+        for (i, (key, count)) in pins.iter().enumerate() {
+            if !self.registry.pin_n(key, *count) {
+                refused.push(i as u32);
+                continue;
+            }
+            self.capacity.touch(key);
+            let lease = leases
+                .by_key
+                .entry(key.as_slice().into())
+                .or_insert(Lease { count: 0, deadline });
+            lease.count = lease.count.saturating_add(*count);
+        }
+        refused
     }
 
     /// The lease clock: drops every pin whose deadline is before `now`; returns how many.
@@ -122,9 +145,7 @@ impl ServerState {
                 if lease.deadline > now {
                     return true;
                 }
-                for _ in 0..lease.count {
-                    self.registry.unpin(key);
-                }
+                self.registry.unpin_n(key, lease.count);
                 expired += u64::from(lease.count);
                 false
             });
@@ -189,5 +210,27 @@ mod tests {
         assert_eq!(st.renew_pins(&a), 2);
         assert_eq!(st.expire_leases(first_deadline), 0, "renewed past it");
         assert!(st.unpin(&a, b"x") && st.unpin(&a, b"y"));
+    }
+
+    #[test]
+    fn restored_pins_count_as_pinned_and_only_on_keys_that_exist() {
+        let (st, _rm, (_pa, a, r)) = state_with_owner("a");
+        let (_pb, b, _) = client(&st, "b");
+        assert!(st.register(&a, &reg(b"k", &r, 0, 1)).unwrap());
+        let pins = [
+            (b"missing".to_vec(), 1),
+            (b"k".to_vec(), 2),
+            (b"k".to_vec(), 1),
+        ];
+        assert_eq!(st.restore_pins(&b, &pins), [0]);
+        assert_eq!(lock(&b.leases).pins(), 3);
+        assert!(!st.unpin(&a, b"k"), "restored pins are the session's own");
+        assert_eq!(st.delete(b"k"), DeleteStatus::Pinned);
+        assert!(st.unpin(&b, b"k") && st.unpin(&b, b"k"));
+        assert_eq!(st.delete(b"k"), DeleteStatus::Pinned);
+        // Leased as pins are: the lease clock drops them at their deadline.
+        let later = Instant::now() + st.pin_ttl + Duration::from_millis(1);
+        assert_eq!(st.expire_leases(later), 1);
+        assert_eq!(st.delete(b"k"), DeleteStatus::Deleted);
     }
 }

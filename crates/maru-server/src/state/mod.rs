@@ -69,6 +69,7 @@ pub(crate) use index::KeyIndex;
 pub(crate) use keys::Scratch;
 pub use leases::PIN_TTL;
 pub use restore::Restored;
+pub use resume::{ResumeClaim, Resumed};
 pub(crate) use sessions::Peer;
 
 use eviction::{Capacity, EvictionConfig};

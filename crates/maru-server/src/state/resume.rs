@@ -6,7 +6,10 @@
 //! rebuild restored (they are not freed with their last key, nor evicted to make room). A
 //! handler presenting one of those tokens in a [`maru_proto::Request::Resume`] gets its session
 //! back, with the regions it lists that the server holds and no other session claimed; the
-//! rest are refused. At the end of the grace the tokens are forgotten and what nobody claimed
+//! rest are refused. It also gets back the pins of its books on keys that exist, leased
+//! from now, and the holds of its live views on pages that still hold the registration the
+//! view was taken of; what it does not get back is named in the answer, so the handler drops
+//! it from its books. At the end of the grace the tokens are forgotten and what nobody claimed
 //! goes the way a dead session's regions go.
 //!
 //! The file is not synced: it matters only while the pool's shared memory survives, and a
@@ -17,12 +20,33 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use maru_proto::{ErrorCode, Handle, Hello, HelloOk, RegionInfo, Role, WireError};
+use maru_proto::{
+    ErrorCode, Handle, Hello, HelloOk, RegionInfo, ResumeHold, ResumePin, Role, WireError,
+};
 
+use super::holds::Claim;
 use super::sessions::{Peer, Session, SessionRec};
 use super::{err, lock, ServerState};
 
 type Token = [u8; maru_proto::SESSION_TOKEN_LEN];
+
+/// What a resuming handler claims from its books: the regions it owns, its pins (keys
+/// without the namespace, with their counts) and the holds of its live views.
+pub struct ResumeClaim<'a> {
+    pub regions: &'a [u64],
+    pub pins: &'a [ResumePin<'a>],
+    pub holds: &'a [ResumeHold<'a>],
+}
+
+/// The answer to a resume: the hello's, and the positions of what the session does not have
+/// again (region ids; positions in the claim's pins and holds, ascending).
+#[derive(Debug)]
+pub struct Resumed {
+    pub hello: HelloOk,
+    pub refused_regions: Vec<u64>,
+    pub refused_pins: Vec<u32>,
+    pub refused_holds: Vec<u32>,
+}
 
 /// What a restarted server keeps for the sessions of the process before it.
 #[derive(Default)]
@@ -182,15 +206,18 @@ impl ServerState {
         self.save_tokens(&sessions);
     }
 
-    /// A handler takes its session up again after a restart (see the module docs). Returns
-    /// the hello's answer and the listed regions the session does not own again. A refusal
-    /// of the whole (no grace, an unknown token) changes nothing.
+    /// A handler takes its session up again after a restart (see the module docs), with the
+    /// pins and view holds of its books that still stand (`leases::restore_pins`,
+    /// `holds::restore_holds`). Returns the hello's answer and what of the claim the session
+    /// does not have again. A refusal of the whole (no grace, an unknown token) changes
+    /// nothing.
     pub fn resume(
         &self,
         peer: &mut Peer,
         hello: &Hello,
-        regions: &[u64],
-    ) -> Result<(HelloOk, Vec<u64>), WireError> {
+        claim: &ResumeClaim,
+    ) -> Result<Resumed, WireError> {
+        let regions = claim.regions;
         if !matches!(peer, Peer::New) {
             return Err(err(
                 ErrorCode::InvalidArgument,
@@ -267,15 +294,44 @@ impl ServerState {
                 refused.push(id);
             }
         }
+        let scoped = |key: &[u8]| [session.scope(), key].concat();
+        let pins: Vec<(Vec<u8>, u32)> = claim
+            .pins
+            .iter()
+            .map(|p| (scoped(p.key), p.count))
+            .collect();
+        let refused_pins = self.restore_pins(&session, &pins);
+        let holds: Vec<(Vec<u8>, Claim)> = claim
+            .holds
+            .iter()
+            .map(|h| {
+                let c = Claim {
+                    page: h.page,
+                    generation: h.generation,
+                    count: h.count,
+                };
+                (scoped(h.key), c)
+            })
+            .collect();
+        let refused_holds = self.restore_holds(&session, &holds);
         tracing::info!(
             instance = %session.instance_id,
             session = session.id,
             claimed = regions.len() - refused.len().min(regions.len()),
             refused = refused.len(),
+            pins = pins.len() - refused_pins.len(),
+            refused_pins = refused_pins.len(),
+            holds = holds.len() - refused_holds.len(),
+            refused_holds = refused_holds.len(),
             "session resumed"
         );
         let ok = self.hello_ok(hello.namespace, token);
         *peer = Peer::Client(session);
-        Ok((ok, refused))
+        Ok(Resumed {
+            hello: ok,
+            refused_regions: refused,
+            refused_pins,
+            refused_holds,
+        })
     }
 }

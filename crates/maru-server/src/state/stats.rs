@@ -36,8 +36,8 @@ impl ServerState {
                 table.by_slot.values().map(|r| r.info.handle.len).sum(),
             )
         };
-        // Several sessions may share an instance id (a label): their connections and pins add
-        // up. Pins are the session's own (its leases), counted by namespace too.
+        // Several sessions may share an instance id (a label): their connections, pins and
+        // holds add up. Pins are the session's own (its leases), counted by namespace too.
         let mut pins_by_namespace: HashMap<String, u64> = HashMap::new();
         let sessions: Vec<_> = lock(&self.sessions)
             .values()
@@ -46,6 +46,7 @@ impl ServerState {
         for (session, connections) in sessions {
             let id = &session.instance_id;
             let pins = lock(&session.leases).pins();
+            let holds = lock(&session.holds).holds();
             *pins_by_namespace
                 .entry(String::from_utf8_lossy(namespace_of(session.scope())).into_owned())
                 .or_default() += pins;
@@ -58,6 +59,7 @@ impl ServerState {
             c.connected = true;
             c.connections += connections as u64;
             c.pins += pins;
+            c.holds += holds;
         }
         for (id, e) in self.capacity.usage.evicted_by_instance() {
             let c = per_instance

@@ -300,6 +300,19 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
                 ..hello.clone()
             },
             regions: vec![7, 9],
+            pins: vec![ResumePin {
+                key: b"chunk-0",
+                count: 2,
+            }],
+            holds: vec![ResumeHold {
+                key: b"chunk-1",
+                page: PageRef {
+                    region_id: 7,
+                    offset: 8192,
+                },
+                generation: 5,
+                count: 1,
+            }],
         },
     ];
     let responses: Vec<Response> = vec![
@@ -364,6 +377,8 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
         Response::Regions(vec![region]),
         Response::Resumed {
             refused: vec![9],
+            refused_pins: vec![],
+            refused_holds: vec![0],
             hello: HelloOk {
                 server: "maru-server 0.1.0".into(),
                 hostname: "host".into(),
