@@ -7,7 +7,8 @@ use maru_proto::{Hello, RegisterEntry, Role};
 
 use super::regions::TableRegion;
 use super::sessions::{Peer, Session};
-use super::ServerState;
+use super::{KeyIndex, ServerState};
+use crate::config::IndexConfig;
 use crate::testing::FakeRm;
 
 pub(super) const MIB: u64 = 1 << 20;
@@ -87,4 +88,38 @@ pub(super) fn reg<'a>(
         offset,
         len,
     }
+}
+
+/// `key` in namespace `ns`, as the registry and the index hold it.
+pub(super) fn key_in(ns: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    super::index::scoped(ns, key, &mut s);
+    s
+}
+
+/// The configuration of a key index in `dir` with room for `capacity` keys and
+/// `key_area_bytes` of long keys.
+pub(super) fn index_config(
+    dir: &tempfile::TempDir,
+    capacity: u64,
+    key_area_bytes: u64,
+) -> IndexConfig {
+    IndexConfig {
+        capacity,
+        key_area_bytes,
+        ..IndexConfig::at(dir.path().join("keys.index"))
+    }
+}
+
+/// A state without pools writing through to the index `cfg` (see [`state`]).
+pub(super) fn indexed_state(cfg: &IndexConfig) -> (ServerState, Arc<FakeRm>) {
+    let (st, rm) = state(&[]);
+    (st.with_index(KeyIndex::open(cfg).unwrap()), rm)
+}
+
+/// The state a restarted server starts with: the same resource manager and index, nothing
+/// rebuilt yet.
+pub(super) fn restarted_state(rm: &Arc<FakeRm>, cfg: &IndexConfig) -> ServerState {
+    ServerState::new(Box::new(rm.clone()), vec![], "h".into(), super::PIN_TTL)
+        .with_index(KeyIndex::open(cfg).unwrap())
 }

@@ -356,25 +356,14 @@ mod tests {
     use crate::state::fixtures::*;
     use crate::state::Restored;
 
-    fn key_in(ns: &[u8], key: &[u8]) -> Vec<u8> {
-        let mut s = Vec::new();
-        scoped(ns, key, &mut s);
-        s
-    }
-
     /// Register, delete and eviction keep the index in step with the registry; a new state
     /// on the same index and resource manager rebuilds keys, generations and reference
     /// counts, and drops the keys of a region the resource manager no longer holds.
     #[test]
     fn the_index_follows_the_registry_and_rebuilds_it() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = IndexConfig {
-            capacity: 1000,
-            key_area_bytes: 64 << 10,
-            ..IndexConfig::at(dir.path().join("keys.index"))
-        };
-        let (st, rm) = state(&[]);
-        let st = st.with_index(KeyIndex::open(&cfg).unwrap());
+        let cfg = index_config(&dir, 1000, 64 << 10);
+        let (st, rm) = indexed_state(&cfg);
         let (_p, a, r1) = client_with_region(&st, "a");
         let r2 = st.request_region(&a, MIB).unwrap();
         let (k1, k2, k3, kb) = (
@@ -423,8 +412,7 @@ mod tests {
             1,
             "r2 had no key left; r1 stays for the index"
         );
-        let st2 = ServerState::new(Box::new(rm.clone()), vec![], "h".into(), crate::PIN_TTL)
-            .with_index(KeyIndex::open(&cfg).unwrap());
+        let st2 = restarted_state(&rm, &cfg);
         let restored = st2.restore_from_index().unwrap();
         assert_eq!(
             restored,
@@ -456,8 +444,7 @@ mod tests {
         assert!(st2.register(&c, &reg(&k1, &r3, 0, 1)).unwrap());
         st2.shut_down_regions();
         rm.free(&r3.info.handle).unwrap();
-        let st3 = ServerState::new(Box::new(rm.clone()), vec![], "h".into(), crate::PIN_TTL)
-            .with_index(KeyIndex::open(&cfg).unwrap());
+        let st3 = restarted_state(&rm, &cfg);
         assert_eq!(st3.restore_from_index().unwrap().dropped, 1);
         assert_eq!(reader.len(), 0);
     }

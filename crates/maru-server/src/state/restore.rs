@@ -319,16 +319,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::config::IndexConfig;
     use crate::registry::KeyRegistry;
     use crate::state::fixtures::*;
-    use crate::state::KeyIndex;
-
-    fn key_in(ns: &[u8], key: &[u8]) -> Vec<u8> {
-        let mut s = Vec::new();
-        scoped(ns, key, &mut s);
-        s
-    }
 
     /// Per region id: reference count, page records (keys), usage (keys, bytes).
     type Books = BTreeMap<u64, (u64, BTreeMap<u32, u32>, (u64, u64))>;
@@ -374,13 +366,8 @@ mod tests {
     #[test]
     fn a_rebuild_restores_the_books_registrations_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = IndexConfig {
-            capacity: 10_000,
-            key_area_bytes: 1 << 20,
-            ..IndexConfig::at(dir.path().join("keys.index"))
-        };
-        let (st, rm) = state(&[]);
-        let st = st.with_index(KeyIndex::open(&cfg).unwrap());
+        let cfg = index_config(&dir, 10_000, 1 << 20);
+        let (st, rm) = indexed_state(&cfg);
         let (_p, a, r1) = client_with_region(&st, "a");
         let r2 = st.request_region(&a, MIB).unwrap();
         let mut keys = Vec::new();
@@ -423,8 +410,7 @@ mod tests {
         let newest = *latest.values().max().unwrap();
         st.shut_down_regions();
 
-        let st2 = ServerState::new(Box::new(rm.clone()), vec![], "h".into(), crate::PIN_TTL)
-            .with_index(KeyIndex::open(&cfg).unwrap());
+        let st2 = restarted_state(&rm, &cfg);
         let restored = st2.restore_from_index().unwrap();
         assert_eq!(
             restored,
@@ -467,13 +453,8 @@ mod tests {
     fn a_key_the_index_holds_twice_is_restored_once() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = IndexConfig {
-            capacity: 100,
-            key_area_bytes: 64 << 10,
-            ..IndexConfig::at(dir.path().join("keys.index"))
-        };
-        let (st, rm) = state(&[]);
-        let st = st.with_index(KeyIndex::open(&cfg).unwrap());
+        let cfg = index_config(&dir, 100, 64 << 10);
+        let (st, rm) = indexed_state(&cfg);
         let (_p, a, r1) = client_with_region(&st, "a");
         let k = key_in(b"tenant", b"the key");
         assert!(st.register(&a, &reg(&k, &r1, 4096, 10)).unwrap());
@@ -493,8 +474,7 @@ mod tests {
                 Ok(maru_index::Inserted::New(_))
             ));
         }
-        let st2 = ServerState::new(Box::new(rm.clone()), vec![], "h".into(), crate::PIN_TTL)
-            .with_index(KeyIndex::open(&cfg).unwrap());
+        let st2 = restarted_state(&rm, &cfg);
         let restored = st2.restore_from_index().unwrap();
         assert_eq!((restored.keys, restored.dropped), (1, 1));
         assert_eq!(st2.registry.counts().keys, 1);
@@ -515,7 +495,6 @@ mod timing {
     use std::time::Instant;
 
     use super::*;
-    use crate::config::IndexConfig;
     use crate::state::fixtures::*;
     use crate::state::KeyIndex;
 
@@ -539,13 +518,8 @@ mod timing {
     fn one_million_keys_restart_phases() {
         let dir = tempfile::tempdir().unwrap();
         let n = 1_000_000u64;
-        let cfg = IndexConfig {
-            capacity: n + 1000,
-            key_area_bytes: (n + 1000) * 48,
-            ..IndexConfig::at(dir.path().join("keys.index"))
-        };
-        let (st, rm) = state(&[]);
-        let st = st.with_index(KeyIndex::open(&cfg).unwrap());
+        let cfg = index_config(&dir, n + 1000, (n + 1000) * 48);
+        let (st, rm) = indexed_state(&cfg);
         let (_p, a, r) = client_with_region(&st, "a");
         let keys: Vec<Vec<u8>> = (0..n)
             .map(|i| {
