@@ -119,6 +119,36 @@ def registration(rep: dict[str, Any]) -> None:
         )
 
 
+def key_index(rep: dict[str, Any]) -> None:
+    ix = rep.get("index")
+    if not ix:
+        return
+    print(
+        f"\n**Key index**: a restart on {ix['keys']:,} keys serves its first lookup after "
+        f"{f(ix['restart_s'], 2)} s ({f(ix['restart_cpu_s'], 2)} s of CPU), {ix['restored_keys']:,} keys restored."
+    )
+    py = ix.get("python")
+    if not py:
+        return
+    rows = [
+        ["`exists` hit / miss, p50", f"{f(py['exists_p50_us'])} / {f(py['exists_miss_p50_us'])} µs"],
+        ["`batch_exists(512)`, p50", f"{f(py['batch_exists_512_p50_us'])} µs"],
+        ["`retrieve_into` 4 KiB, p50", f"{f(py['retrieve_into_p50_us'])} µs"],
+    ]
+    floor = (rep.get("floor") or {}).get("memcpy_out_gbps")
+    for b in (32, 512):
+        gbps = py.get(f"batch_retrieve_into_{b}_gbps")
+        if gbps is None:
+            continue
+        vs_floor = f"{f(gbps / floor)}× the run's memcpy out of shm, " if floor else ""
+        rows.append([f"`batch_retrieve_into` {b} × 4 KiB",
+                     f"{f(gbps)} GB/s ({vs_floor}{f(py[f'batch_retrieve_into_{b}_vs_memcpy'])}× a hot "
+                     "copy of the same bytes)"])
+    if "batch_retrieve_into_4x1m_cold_gbps" in py:
+        rows.append(["`batch_retrieve_into` 4 × 1 MiB, cold", f"{f(py['batch_retrieve_into_4x1m_cold_gbps'])} GB/s"])
+    print("\n" + md(["Python read from the index", "result"], rows))
+
+
 def full(rep: dict[str, Any]) -> None:
     header(rep)
     cols: list[tuple[str, Any]] = [
@@ -177,6 +207,7 @@ def full(rep: dict[str, Any]) -> None:
                           ("redis GB/s", "gbps"), ("Maru row", maru_row),
                           ("Maru p50 µs", "floor_us"), ("Maru/Redis", "ratio")]))
     registration(rep)
+    key_index(rep)
     tg = rep.get("targets") or []
     if tg:
         print("\n**Targets**\n")
@@ -296,6 +327,7 @@ def compact(rep: dict[str, Any]) -> None:
         print(md(["Redis", "value", "keys", "Maru row"] + [name for _, name in TRANSPORTS], rows))
 
     registration(rep)
+    key_index(rep)
 
     tg = rep.get("targets") or []
     if tg:
