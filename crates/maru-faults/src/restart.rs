@@ -26,10 +26,17 @@ pub fn connect(name: &str, url: &str) -> ChildProc {
 /// A cluster whose restarted server waits `grace_secs` for sessions to resume (the
 /// resource manager keeps a dead server's regions for 30 s).
 pub fn cluster(grace_secs: f64) -> BinaryCluster {
+    cluster_with(grace_secs, ClusterOpts::default())
+}
+
+/// As [`cluster`], on `opts` (its server's extra arguments come after the grace's).
+pub fn cluster_with(grace_secs: f64, opts: ClusterOpts) -> BinaryCluster {
+    let mut server_extra = vec!["--reconnect-grace-secs".into(), grace_secs.to_string()];
+    server_extra.extend(opts.server_extra);
     BinaryCluster::start(ClusterOpts {
         rm_extra: vec!["--server-grace-secs".into(), "30".into()],
-        server_extra: vec!["--reconnect-grace-secs".into(), grace_secs.to_string()],
-        ..ClusterOpts::default()
+        server_extra,
+        ..opts
     })
 }
 

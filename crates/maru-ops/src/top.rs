@@ -274,6 +274,7 @@ mod tests {
             bytes: 5 << 20,
             pinned_keys: 7,
             pins_expired: 0,
+            pages_parked: 0,
             regions: 2,
             region_bytes: 64 << 20,
             clients: vec![ClientStats {

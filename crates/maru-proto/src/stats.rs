@@ -126,6 +126,11 @@ pub struct ServerStats {
     /// Pins dropped by the lease clock because their deadline passed (since start).
     #[serde(default)]
     pub pins_expired: u64,
+    /// Pages freed during a restarted server's reconnect grace and kept from reuse until
+    /// the previous process's sessions are back or forgotten (a view of theirs may show
+    /// them).
+    #[serde(default)]
+    pub pages_parked: u64,
     pub regions: u64,
     pub region_bytes: u64,
     pub clients: Vec<ClientStats>,

@@ -31,6 +31,12 @@ pub(crate) fn render(state: &ServerState) -> String {
             "Pins dropped because their lease ran out",
             s.pins_expired as f64,
         ),
+        (
+            "maru_pages_parked",
+            "gauge",
+            "Freed pages kept from reuse until the sessions of before a restart are back",
+            s.pages_parked as f64,
+        ),
         ("maru_regions", "gauge", "Live regions", s.regions as f64),
         (
             "maru_region_bytes",

@@ -9,9 +9,10 @@
 //! after which the owner's allocator may hand the page out again — exactly when no key
 //! points at it and no hold is on it: [`ServerState::detach_key`] is the one place a key
 //! leaves its page (delete and eviction), and `release_page_holds` the one place a
-//! hold ends; both return the page once both counts are zero. A region goes back to the
+//! hold ends; both return the page once both counts are zero (unless it parks for a
+//! session that has not resumed after a restart: `parking`). A region goes back to the
 //! resource manager once its owner let it go, no key points into it and no page of it is
-//! held (`regions::take_if_unreferenced`).
+//! held or parked (`regions::take_if_unreferenced`).
 //!
 //! Every registration also gets a *generation* from a counter that never repeats, kept with
 //! the page and returned with each lookup, so a reader that kept only an address can ask
@@ -43,6 +44,9 @@ pub(super) struct PageRec {
     pub keys: u32,
     /// Holds of views over the page, of any session.
     pub holds: u32,
+    /// Freed during a restarted server's reconnect grace and kept for the sessions that
+    /// have not resumed (see `parking`).
+    pub parked: bool,
 }
 
 /// The holds one session has, by (region slot, page).
@@ -103,7 +107,7 @@ impl ServerState {
         let page = page_of(entry);
         let rec = st.pages.get_mut(&page)?;
         rec.keys = rec.keys.saturating_sub(1);
-        free_if_unused(region, st, page)
+        self.free_if_unused(region, st, page)
     }
 
     /// Looks `key` up and, for a session, takes a hold on its page in the same step.
@@ -114,12 +118,16 @@ impl ServerState {
     /// Gives a resumed session the holds of its live views from before the restart: `claims`
     /// are (namespace-scoped key, claim). A claim is granted only where a lookup of the key
     /// by the session would take the same hold now — the key exists, points at the claimed
-    /// page, and the page holds the claimed registration — so a session can hold nothing it
-    /// could not have looked up. Returns the positions of the refused claims, ascending.
+    /// page, and the page holds the claimed registration — or where the page is parked and
+    /// was freed from the claimed registration (`parking`): either way the view shows what
+    /// it showed before the restart. Returns the positions of the refused claims, ascending.
     pub(super) fn restore_holds(&self, session: &Session, claims: &[(Vec<u8>, Claim)]) -> Vec<u32> {
         let mut refused = Vec::new();
         for (i, (key, claim)) in claims.iter().enumerate() {
-            if self.hold_found(Some(session), key, Some(claim)).is_none() {
+            // A key gone since the restart may have left its page parked for this view.
+            if self.hold_found(Some(session), key, Some(claim)).is_none()
+                && !self.hold_parked(session, claim)
+            {
                 refused.push(i as u32);
             }
         }
@@ -171,18 +179,9 @@ impl ServerState {
                 }
                 st.held += u64::from(count);
                 drop(st);
-                let mut book = lock(&session.holds);
-                // Checked under the book's mutex: a session's end marks it ended before it
-                // takes this mutex to release the book.
-                if session.is_ended() {
-                    drop(book);
-                    let mut returned = Returned::default();
-                    self.release_page_holds(&region, page, count, &mut returned);
-                    self.send_returns(returned);
+                if !self.book_hold(session, &region, page, count) {
                     return None;
                 }
-                // No overflow: the session's holds of a page are some of the page's.
-                *book.by_page.entry((region.slot.0, page)).or_insert(0) += count;
             } else {
                 drop(st);
             }
@@ -193,6 +192,30 @@ impl ServerState {
                 region,
             });
         }
+    }
+
+    /// Books `count` holds on `page` of `region`, already counted at the page, for
+    /// `session`; false (and the holds released again) when the session has ended.
+    pub(super) fn book_hold(
+        &self,
+        session: &Session,
+        region: &Arc<TableRegion>,
+        page: u32,
+        count: u32,
+    ) -> bool {
+        let mut book = lock(&session.holds);
+        // Checked under the book's mutex: a session's end marks it ended before it takes
+        // this mutex to release the book.
+        if session.is_ended() {
+            drop(book);
+            let mut returned = Returned::default();
+            self.release_page_holds(region, page, count, &mut returned);
+            self.send_returns(returned);
+            return false;
+        }
+        // No overflow: the session's holds of a page are some of the page's.
+        *book.by_page.entry((region.slot.0, page)).or_insert(0) += count;
+        true
     }
 
     /// The session's views of `pages` are gone: one hold each. Pages it holds no hold on
@@ -259,7 +282,7 @@ impl ServerState {
             }
             rec.holds -= n;
             st.held -= u64::from(n);
-            let back = free_if_unused(region, &mut st, page);
+            let back = self.free_if_unused(region, &mut st, page);
             (back, self.take_if_unreferenced(region, &mut st))
         };
         if let Some(p) = page_back {
@@ -285,18 +308,30 @@ impl ServerState {
     }
 }
 
-/// Under the region's mutex: forgets `page` and names it for its owner once no key points at
-/// it and no hold is on it.
-fn free_if_unused(region: &TableRegion, st: &mut RegionState, page: u32) -> Option<PageRef> {
-    let rec = st.pages.get(&page)?;
-    if rec.keys > 0 || rec.holds > 0 {
-        return None;
+impl ServerState {
+    /// Under the region's mutex: forgets `page` and names it for its owner once no key
+    /// points at it and no hold is on it — unless it parks for the sessions that may still
+    /// resume (see `parking`), or is parked already.
+    pub(super) fn free_if_unused(
+        &self,
+        region: &TableRegion,
+        st: &mut RegionState,
+        page: u32,
+    ) -> Option<PageRef> {
+        let rec = st.pages.get(&page)?;
+        if rec.keys > 0 || rec.holds > 0 || rec.parked {
+            return None;
+        }
+        let generation = rec.generation;
+        if generation < self.park_below() && self.park(region.slot.0, st, page, generation) {
+            return None;
+        }
+        st.pages.remove(&page);
+        st.owner_live.then_some(PageRef {
+            region_id: region.info.handle.region_id,
+            offset: u64::from(page) * PAGE_ALIGN,
+        })
     }
-    st.pages.remove(&page);
-    st.owner_live.then_some(PageRef {
-        region_id: region.info.handle.region_id,
-        offset: u64::from(page) * PAGE_ALIGN,
-    })
 }
 
 #[cfg(test)]

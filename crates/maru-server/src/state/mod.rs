@@ -12,6 +12,8 @@
 //! * `restore`: the rebuild of the registry, the region table and the eviction policy from a
 //!   re-attached index at start;
 //! * `holds`: view holds on pages, generations, and when a page goes back to its owner;
+//! * `parking`: pages freed during a restarted server's reconnect grace, kept from reuse
+//!   until the sessions of the process before it are back or forgotten;
 //! * `notices`: the page-return notices, one per owner per operation, written without ever
 //!   blocking the operation (each session's outbox);
 //! * `leases`: pins as leases of a session, renewed, expired by the lease clock;
@@ -55,6 +57,7 @@ mod index;
 mod keys;
 mod leases;
 mod notices;
+mod parking;
 mod regions;
 mod restore;
 mod resume;
@@ -139,6 +142,10 @@ pub(crate) struct ServerState {
     index: Option<KeyIndex>,
     /// What the previous process's sessions may claim back (see `resume`).
     resume: Mutex<resume::ResumeBook>,
+    /// Pages kept from reuse until those sessions are back or forgotten (see `parking`).
+    parked: Mutex<parking::ParkBook>,
+    /// The park book's generation bound, readable without its lock (0: nothing parks).
+    park_below: AtomicU64,
 }
 
 impl ServerState {
@@ -179,6 +186,8 @@ impl ServerState {
             connections: AtomicUsize::new(0),
             index: None,
             resume: Mutex::new(resume::ResumeBook::default()),
+            parked: Mutex::new(parking::ParkBook::default()),
+            park_below: AtomicU64::new(0),
         }
     }
 }

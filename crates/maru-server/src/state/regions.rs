@@ -37,6 +37,9 @@ pub(super) struct RegionState {
     pub(super) pages: HashMap<u32, PageRec>,
     /// Holds on pages of the region, all sessions together: a held region is not freed.
     pub(super) held: u64,
+    /// Pages of the region parked for sessions that may still resume (see `parking`): they
+    /// keep the region as holds do.
+    pub(super) parked: u64,
 }
 
 /// A region in the server's table: allocated at the resource manager on behalf of one
@@ -96,6 +99,7 @@ impl TableRegion {
                 freed: false,
                 pages: HashMap::new(),
                 held: 0,
+                parked: 0,
             }),
             usage: RegionUsage::default(),
             asked_back: AtomicBool::new(false),
@@ -342,7 +346,7 @@ impl ServerState {
         region: &TableRegion,
         st: &mut RegionState,
     ) -> Option<Handle> {
-        if st.owner_live || st.refs > 0 || st.held > 0 || st.freed {
+        if st.owner_live || st.refs > 0 || st.held > 0 || st.parked > 0 || st.freed {
             return None;
         }
         st.freed = true;

@@ -267,6 +267,10 @@ impl ServerState {
         done.dropped = rb.gone.len() as u64;
         self.next_generation
             .fetch_max(rb.max_generation + 1, Ordering::Relaxed);
+        if keep {
+            // Every restored registration may be under a view of a session not back yet.
+            self.start_parking(self.next_generation.load(Ordering::Relaxed));
+        }
         Ok(done)
     }
 

@@ -63,6 +63,9 @@ pub(super) struct ResumeBook {
     unnamed: HashMap<u64, Handle>,
     /// Ids of restored regions (keys name them) not claimed yet.
     restored: HashSet<u64>,
+    /// Resumes between taking their token and booking their holds: parking lasts while any
+    /// is under way (see `parking`).
+    resuming: usize,
 }
 
 impl ResumeBook {
@@ -117,6 +120,28 @@ impl ServerState {
             "waiting for the previous sessions to resume"
         );
         true
+    }
+
+    /// Whether some session of the previous process may still resume (or is resuming).
+    pub(super) fn resume_pending(&self) -> bool {
+        let book = lock(&self.resume);
+        book.active(Instant::now()) && (!book.tokens.is_empty() || book.resuming > 0)
+    }
+
+    /// As a restart on an index whose tokens file named `tokens` would: the grace and the
+    /// parking begin (tests of what happens before those sessions resume).
+    #[cfg(test)]
+    pub(super) fn expect_resume(&self, tokens: &[Token], grace: Duration) {
+        {
+            let mut book = lock(&self.resume);
+            book.grace = grace;
+            book.tokens = tokens.iter().copied().collect();
+        }
+        assert!(self.keep_for_resume(Vec::new(), Vec::new()));
+        let next = self
+            .next_generation
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.start_parking(next);
     }
 
     /// Whether `token` is one of a session that may still resume.
@@ -202,6 +227,8 @@ impl ServerState {
         for (_, h) in unnamed {
             self.free_at_rm(h);
         }
+        // The sessions that did not come back are forgotten: nothing of theirs is viewed.
+        self.end_parking();
         let sessions = lock(&self.sessions);
         self.save_tokens(&sessions);
     }
@@ -253,6 +280,7 @@ impl ServerState {
             ));
         }
         book.tokens.remove(&token);
+        book.resuming += 1;
         let session = self.new_session(hello, token);
         let mut refused = Vec::new();
         let mut to_table = Vec::new();
@@ -314,6 +342,15 @@ impl ServerState {
             })
             .collect();
         let refused_holds = self.restore_holds(&session, &holds);
+        let all_back = {
+            let mut book = lock(&self.resume);
+            book.resuming -= 1;
+            book.tokens.is_empty() && book.resuming == 0
+        };
+        if all_back {
+            // Every listed session is back with its holds: no absent view can show a page.
+            self.end_parking();
+        }
         tracing::info!(
             instance = %session.instance_id,
             session = session.id,

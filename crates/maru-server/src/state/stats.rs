@@ -80,6 +80,7 @@ impl ServerState {
             bytes: counts.bytes,
             pinned_keys: counts.pinned_keys,
             pins_expired: self.pins_expired.load(std::sync::atomic::Ordering::Relaxed),
+            pages_parked: self.pages_parked(),
             regions,
             region_bytes,
             clients,

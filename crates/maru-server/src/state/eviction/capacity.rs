@@ -303,6 +303,9 @@ impl ServerState {
         // Passes that found nothing in a row: once they have covered every key, nothing left
         // may go now.
         let mut empty_passes = 0;
+        // Read once per round: a page parking begins or ends for meanwhile is still safe
+        // (an evicted key's page parks or not at its free, whatever was read here).
+        let park_below = self.park_below();
         loop {
             let needed = need(returned);
             if needed == 0 || Instant::now() >= deadline {
@@ -317,7 +320,9 @@ impl ServerState {
                     self.registry.lookup(key).is_some_and(|e| {
                         e.pins == 0
                             && allow(key, &e)
-                            && regions.get(&e.region.0).is_none_or(|r| !page_held(r, &e))
+                            && regions
+                                .get(&e.region.0)
+                                .is_none_or(|r| !page_held(r, &e, park_below))
                     })
                 });
             if victims.is_empty() {
@@ -386,13 +391,17 @@ impl ServerState {
 /// Whether a view holds the page `entry` points at. Asked under the policy's mutex, which
 /// region mutexes are taken before: so it only tries the region's mutex, and a region busy
 /// right now counts as unheld (evicting a held key is safe: its page stays detached until its
-/// last hold ends; it only frees nothing at once).
-fn page_held(region: &TableRegion, entry: &Entry) -> bool {
+/// last hold ends; it only frees nothing at once). A page of a registration older than
+/// `park_below` counts as held too: freed now, it would park for the sessions that may still
+/// resume (see `parking`).
+fn page_held(region: &TableRegion, entry: &Entry, park_below: u64) -> bool {
     let st = match region.state.try_lock() {
         Ok(st) => st,
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
         Err(TryLockError::WouldBlock) => return false,
     };
     let page = (entry.offset() / PAGE_ALIGN) as u32;
-    st.held > 0 && st.pages.get(&page).is_some_and(|r| r.holds > 0)
+    st.pages
+        .get(&page)
+        .is_some_and(|r| (st.held > 0 && r.holds > 0) || r.generation < park_below)
 }

@@ -331,13 +331,17 @@ impl ServerState {
         });
         let mut own_oldest: Option<u64> = None;
         let mut candidates = Vec::new();
+        // During parking an older key's page is as good as held (see `parking`).
+        let park_below = self.park_below();
         for r in &regions {
             let st = lock(&r.state);
             if r.session() == caller {
                 let evictable = own_pages.get(&r.slot.0).is_some_and(|pages| {
-                    pages
-                        .iter()
-                        .any(|p| st.pages.get(p).is_none_or(|rec| rec.holds == 0))
+                    pages.iter().any(|p| {
+                        st.pages
+                            .get(p)
+                            .is_none_or(|rec| rec.holds == 0 && rec.generation >= park_below)
+                    })
                 });
                 if evictable {
                     let used = get(&r.usage.last_used);
@@ -355,7 +359,18 @@ impl ServerState {
                 last_used: get(&r.usage.last_used),
                 keys: st.refs,
                 pinned: pinned.get(&r.slot.0).copied().unwrap_or(0),
-                held: st.held,
+                // A parked page is as good as held: it cannot be given back; so is, during
+                // parking, a page of an older key (evicted, it would park).
+                held: st.held
+                    + st.parked
+                    + if park_below > 0 {
+                        st.pages
+                            .values()
+                            .filter(|rec| rec.generation < park_below)
+                            .count() as u64
+                    } else {
+                        0
+                    },
                 asked: r.asked_back.load(Ordering::Relaxed),
             });
         }
@@ -382,7 +397,7 @@ impl ServerState {
         }
         let emptied = {
             let st = lock(&region.state);
-            st.refs == 0 && st.held == 0 && st.owner_live && !st.freed
+            st.refs == 0 && st.held == 0 && st.parked == 0 && st.owner_live && !st.freed
         };
         let id = region.info.handle.region_id;
         if emptied {
