@@ -341,7 +341,8 @@ impl Connected {
 impl Connected {
     /// Asks the server to evict victims of this handler's own regions (`MakeRoom`) and takes
     /// one of the pages it frees. `otherwise` is the error when it frees none: everything
-    /// left in these regions is pinned or viewed.
+    /// left in these regions is pinned or viewed (or, at a server restarted a moment ago,
+    /// kept for the views of sessions that have not come back yet).
     fn room_in_own_regions(
         &self,
         owned: &mut Owned,
@@ -366,7 +367,8 @@ impl Connected {
                 kind,
                 format!(
                     "{message}; nothing in this handler's regions could be evicted (every key \
-                     left there is pinned or viewed)"
+                     left there is pinned or viewed, or kept for the views of sessions a \
+                     restarted server is still waiting for)"
                 ),
             )
         })
