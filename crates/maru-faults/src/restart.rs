@@ -1,8 +1,10 @@
 //! Set-up shared by the tests of sessions that ride through a metadata-server restart
-//! (`tests/server_resume.rs`, `tests/resume_claims.rs`): a cluster whose restarted server
-//! waits for sessions to resume, scripted client processes on it, and raw first requests of
-//! a connection (a resume as a handler sends it, or as a forger would).
+//! (`tests/server_resume.rs`, `tests/resume_claims.rs`, `tests/resume_parking.rs`): a
+//! cluster whose restarted server waits for sessions to resume, scripted client processes on
+//! it, views taken before a restart and the reuse of their pages after it, and raw first
+//! requests of a connection (a resume as a handler sends it, or as a forger would).
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use maru_proto::{decode_frame, Body, Hello, Request, Response, Role, ServerUrl, HEADER_LEN};
 use maru_testkit::{wire, BinaryCluster, ClusterOpts};
 
-use crate::child::ChildProc;
+use crate::child::{num, pages_of, ChildProc};
 use crate::{KIB, MIB};
 
 /// How long a test waits for any one answer.
@@ -94,4 +96,57 @@ pub fn resume(url: &str, token: [u8; 16], regions: Vec<u64>) -> Response {
         holds: vec![],
     };
     first_request(url, &req)
+}
+
+/// Pages as the scripted clients name them: region id and offset.
+pub type Pages = BTreeSet<(u64, u64)>;
+
+/// Holds of views the server counts for its sessions, all instances together.
+pub fn holds(c: &BinaryCluster) -> u64 {
+    c.server_stats().clients.iter().map(|s| s.holds).sum()
+}
+
+/// A writer stores 16 keys (`k 0..16`, the first pages of its 128-page region) and a holder
+/// views them: both processes and the viewed pages.
+pub fn viewed_keys(c: &BinaryCluster) -> (ChildProc, ChildProc, Pages) {
+    let mut writer = connect("writer", &c.unix_url());
+    assert_eq!(num(&writer.ok("store k 0 16", T), "stored"), 16);
+    let mut holder = connect("holder", &c.unix_url());
+    let a = holder.ok("hold k 0 16", T);
+    assert_eq!((num(&a, "held"), num(&a, "corrupt")), (16, 0), "{a}");
+    let viewed = pages_of(&a);
+    assert_eq!(viewed.len(), 16);
+    (writer, holder, viewed)
+}
+
+/// The holder releases its 16 views, then [`reused_by_the_writer`]; closes both processes.
+pub fn released_pages_are_reused(
+    c: &BinaryCluster,
+    mut writer: ChildProc,
+    mut holder: ChildProc,
+    viewed: &Pages,
+) {
+    assert_eq!(num(&holder.ok("release", T), "released"), 16);
+    assert!(
+        crate::wait_until(T, || holds(c) == 0),
+        "the releases did not arrive"
+    );
+    reused_by_the_writer(c, &mut writer, viewed);
+    for p in [&mut writer, &mut holder] {
+        p.ok("close", T);
+    }
+}
+
+/// The writer, its region full of 112 keys `n 0..112`, stores 16 more (`m 0..16`): they take
+/// exactly the `viewed` pages (freed by now), and every stored key reads back intact.
+pub fn reused_by_the_writer(c: &BinaryCluster, writer: &mut ChildProc, viewed: &Pages) {
+    assert_eq!(num(&writer.ok("store m 0 16", T), "stored"), 16);
+    let reused = pages_of(&writer.ok("where m 0 16", T));
+    assert_eq!(&reused, viewed, "the freed pages were not the ones reused");
+    let mut reader = connect("reader", &c.unix_url());
+    for (prefix, n) in [("n", 112), ("m", 16)] {
+        let a = reader.ok(&format!("verify {prefix} 0 {n}"), T);
+        assert_eq!((num(&a, "found"), num(&a, "corrupt")), (n, 0), "{a}");
+    }
+    reader.ok("close", T);
 }

@@ -6,26 +6,21 @@
 //! the rest, forged ones included, changing nothing for them (docs/ARCHITECTURE.md §8,
 //! *Restart*).
 
-use std::collections::BTreeSet;
-
 use maru_faults::child::{num, pages_of, ChildProc};
-use maru_faults::restart::{cluster, connect, first_frame, first_frame_kept, resume_hello, T};
-use maru_faults::wait_until;
+use maru_faults::restart::{
+    cluster, connect, first_frame, first_frame_kept, holds, released_pages_are_reused,
+    resume_hello, viewed_keys, T,
+};
 use maru_proto::{
     encode_request, ErrorCode, Location, PageRef, Request, Response, ResumeHold, ResumePin, Role,
     ServerUrl,
 };
-use maru_testkit::{wire, BinaryCluster};
+use maru_testkit::wire;
 use maru_transport::BlockingConn;
 
 #[test]
 fn child_role() {
     maru_faults::child::run_if_child();
-}
-
-/// Holds of view the server counts for its sessions, all instances together.
-fn holds(c: &BinaryCluster) -> u64 {
-    c.server_stats().clients.iter().map(|s| s.holds).sum()
 }
 
 fn delete(p: &mut ChildProc, prefix: &str, n: u64) -> (u64, u64) {
@@ -73,14 +68,7 @@ fn a_pin_taken_before_a_restart_still_pins_its_key_after_the_resume() {
 #[test]
 fn a_view_taken_before_a_restart_keeps_its_page_until_it_is_released() {
     let mut c = cluster(20.0);
-    // The writer's region has 128 pages of 16 KiB; its first 16 keys are viewed.
-    let mut writer = connect("writer", &c.unix_url());
-    assert_eq!(num(&writer.ok("store k 0 16", T), "stored"), 16);
-    let mut holder = connect("holder", &c.unix_url());
-    let a = holder.ok("hold k 0 16", T);
-    assert_eq!((num(&a, "held"), num(&a, "corrupt")), (16, 0), "{a}");
-    let viewed = pages_of(&a);
-    assert_eq!(viewed.len(), 16);
+    let (mut writer, mut holder, viewed) = viewed_keys(&c);
 
     c.restart_server();
     assert_eq!(holds(&c), 0, "holds live in the server's memory");
@@ -104,22 +92,7 @@ fn a_view_taken_before_a_restart_keeps_its_page_until_it_is_released() {
 
     // Negative control: released, the pages go back to the writer, whose next stores (its
     // region full) take exactly them.
-    assert_eq!(num(&holder.ok("release", T), "released"), 16);
-    assert!(
-        wait_until(T, || holds(&c) == 0),
-        "the releases did not arrive"
-    );
-    assert_eq!(num(&writer.ok("store m 0 16", T), "stored"), 16);
-    let reused: BTreeSet<(u64, u64)> = pages_of(&writer.ok("where m 0 16", T));
-    assert_eq!(reused, viewed, "released pages were not the ones reused");
-    let mut reader = connect("reader", &c.unix_url());
-    for (prefix, n) in [("n", 112), ("m", 16)] {
-        let a = reader.ok(&format!("verify {prefix} 0 {n}"), T);
-        assert_eq!((num(&a, "found"), num(&a, "corrupt")), (n, 0), "{a}");
-    }
-    for p in [&mut writer, &mut holder, &mut reader] {
-        p.ok("close", T);
-    }
+    released_pages_are_reused(&c, writer, holder, &viewed);
 }
 
 /// A raw client session of the test's own: its connection (kept open so the session lives

@@ -5,21 +5,17 @@
 //! the grace ends without it; a pool they fill refuses stores with its usual error
 //! (docs/ARCHITECTURE.md §8, *Restart*).
 
-use std::collections::BTreeSet;
-
 use maru_faults::child::{num, pages_of, ChildProc};
-use maru_faults::restart::{cluster, cluster_with, connect, T};
+use maru_faults::restart::{
+    cluster, cluster_with, connect, holds, released_pages_are_reused, reused_by_the_writer,
+    viewed_keys, Pages, T,
+};
 use maru_faults::{wait_until, MIB};
 use maru_testkit::{BinaryCluster, ClusterOpts};
 
 #[test]
 fn child_role() {
     maru_faults::child::run_if_child();
-}
-
-/// Holds of views the server counts for its sessions, all instances together.
-fn holds(c: &BinaryCluster) -> u64 {
-    c.server_stats().clients.iter().map(|s| s.holds).sum()
 }
 
 fn parked(c: &BinaryCluster) -> u64 {
@@ -32,14 +28,7 @@ fn parked(c: &BinaryCluster) -> u64 {
 /// viewed page and that the views still show their keys; returns both processes and the
 /// viewed pages.
 fn delete_while_the_holder_is_away(c: &mut BinaryCluster) -> (ChildProc, ChildProc, Pages) {
-    let mut writer = connect("writer", &c.unix_url());
-    assert_eq!(num(&writer.ok("store k 0 16", T), "stored"), 16);
-    let mut holder = connect("holder", &c.unix_url());
-    let a = holder.ok("hold k 0 16", T);
-    assert_eq!((num(&a, "held"), num(&a, "corrupt")), (16, 0), "{a}");
-    let viewed = pages_of(&a);
-    assert_eq!(viewed.len(), 16);
-
+    let (mut writer, mut holder, viewed) = viewed_keys(c);
     c.restart_server();
     let a = writer.ok("delete k 0 16", T);
     assert_eq!((num(&a, "deleted"), num(&a, "pinned")), (16, 0), "{a}");
@@ -64,26 +53,10 @@ fn delete_while_the_holder_is_away(c: &mut BinaryCluster) -> (ChildProc, ChildPr
     (writer, holder, viewed)
 }
 
-type Pages = BTreeSet<(u64, u64)>;
-
-/// Released pages go back to the writer, whose region is full: its next 16 stores take
-/// exactly them, and every stored key reads back intact.
-fn reused_by_the_writer(c: &BinaryCluster, writer: &mut ChildProc, viewed: &Pages) {
-    assert_eq!(num(&writer.ok("store m 0 16", T), "stored"), 16);
-    let reused = pages_of(&writer.ok("where m 0 16", T));
-    assert_eq!(&reused, viewed, "the freed pages were not the ones reused");
-    let mut reader = connect("reader", &c.unix_url());
-    for (prefix, n) in [("n", 112), ("m", 16)] {
-        let a = reader.ok(&format!("verify {prefix} 0 {n}"), T);
-        assert_eq!((num(&a, "found"), num(&a, "corrupt")), (n, 0), "{a}");
-    }
-    reader.ok("close", T);
-}
-
 #[test]
 fn a_view_keeps_its_page_when_its_key_goes_before_the_holder_resumes() {
     let mut c = cluster(20.0);
-    let (mut writer, mut holder, viewed) = delete_while_the_holder_is_away(&mut c);
+    let (writer, mut holder, viewed) = delete_while_the_holder_is_away(&mut c);
 
     // The holder's first call resumes it: its claims on the parked pages name the
     // registrations freed there, so they are granted.
@@ -94,15 +67,7 @@ fn a_view_keeps_its_page_when_its_key_goes_before_the_holder_resumes() {
     assert_eq!(num(&a, "intact"), 16, "a view lied after its resume: {a}");
 
     // Negative control: released, the pages go back to the writer.
-    assert_eq!(num(&holder.ok("release", T), "released"), 16);
-    assert!(
-        wait_until(T, || holds(&c) == 0),
-        "the releases did not arrive"
-    );
-    reused_by_the_writer(&c, &mut writer, &viewed);
-    for p in [&mut writer, &mut holder] {
-        p.ok("close", T);
-    }
+    released_pages_are_reused(&c, writer, holder, &viewed);
 }
 
 #[test]
