@@ -65,7 +65,7 @@ impl PinBook {
     }
 }
 
-/// A live hold as the book knows it: the lookup of `key` found the registration of
+/// What a resume claims a group of holds on: the lookup of `key` found the registration of
 /// `generation` at `page`.
 #[derive(Debug, Clone)]
 struct HoldRec {
@@ -75,15 +75,21 @@ struct HoldRec {
 }
 
 /// A place for one live hold; `tag` changes each time the place is reused, so a hold that
-/// left the book can never take out the hold booked after it in its place.
+/// left the book can never take out the hold booked after it in its place. The place keeps
+/// its key buffer when the hold goes, so booking the next hold there copies the key without
+/// an allocation.
 #[derive(Debug)]
 struct Slot {
     tag: u32,
-    rec: Option<HoldRec>,
+    live: bool,
+    /// The lookup of `key` found the registration of `generation` at `page`.
+    key: Vec<u8>,
+    page: PageRef,
+    generation: u64,
 }
 
 /// The live holds, in reusable places: booking and releasing a hold (once per view) cost no
-/// hashing and, once the places exist, no allocation but the key's.
+/// hashing and, once the places exist, no allocation.
 #[derive(Debug, Default)]
 struct LiveHolds {
     slots: Vec<Slot>,
@@ -98,44 +104,58 @@ struct LiveHolds {
 }
 
 impl LiveHolds {
-    fn insert(&mut self, rec: HoldRec) -> u64 {
+    fn insert(&mut self, key: &[u8], page: PageRef, generation: u64) -> u64 {
         self.len += 1;
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
-                self.slots.push(Slot { tag: 0, rec: None });
+                self.slots.push(Slot {
+                    tag: 0,
+                    live: false,
+                    key: Vec::new(),
+                    page,
+                    generation,
+                });
                 (self.slots.len() - 1) as u32
             }
         };
         let slot = &mut self.slots[index as usize];
-        slot.rec = Some(rec);
+        slot.key.clear();
+        slot.key.extend_from_slice(key);
+        slot.page = page;
+        slot.generation = generation;
+        slot.live = true;
         (u64::from(slot.tag) << 32) | u64::from(index)
     }
 
     fn slot(&mut self, id: u64) -> Option<&mut Slot> {
         let slot = self.slots.get_mut((id as u32) as usize)?;
-        (slot.tag == (id >> 32) as u32 && slot.rec.is_some()).then_some(slot)
+        (slot.tag == (id >> 32) as u32 && slot.live).then_some(slot)
     }
 
-    fn remove(&mut self, id: u64) -> Option<HoldRec> {
+    /// Takes hold `id` out of the book: the page it held, if it was there.
+    fn remove(&mut self, id: u64) -> Option<PageRef> {
         let index = id as u32;
         let slot = self.slot(id)?;
-        let rec = slot.rec.take();
+        slot.live = false;
         slot.tag = slot.tag.wrapping_add(1);
+        let page = slot.page;
         self.free.push(index);
         self.len -= 1;
-        rec
+        Some(page)
     }
 
     fn contains(&mut self, id: u64) -> bool {
         self.slot(id).is_some()
     }
 
-    fn iter(&self) -> impl Iterator<Item = (u64, &HoldRec)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| {
-            let rec = s.rec.as_ref()?;
-            Some(((u64::from(s.tag) << 32) | i as u64, rec))
-        })
+    /// Every live hold: its id and the place that describes it.
+    fn iter(&self) -> impl Iterator<Item = (u64, &Slot)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live)
+            .map(|(i, s)| ((u64::from(s.tag) << 32) | i as u64, s))
     }
 }
 
@@ -151,12 +171,7 @@ pub(crate) struct ReleaseQueue {
 impl ReleaseQueue {
     /// Books the hold a lookup of `key` took on `page` (the registration of `generation`).
     pub fn hold(self: &Arc<Self>, key: &[u8], page: PageRef, generation: u64) -> Hold {
-        let rec = HoldRec {
-            key: key.into(),
-            page,
-            generation,
-        };
-        let id = lock(&self.live).insert(rec);
+        let id = lock(&self.live).insert(key, page, generation);
         Hold {
             id,
             queue: self.clone(),
@@ -166,13 +181,13 @@ impl ReleaseQueue {
     fn release(&self, id: u64) {
         let mut live = lock(&self.live);
         // Not booked: a restarted server did not take the hold back, so it has none to end.
-        let Some(rec) = live.remove(id) else {
+        let Some(page) = live.remove(id) else {
             return;
         };
         match &mut live.parked {
-            Some(parked) => parked.push((id, rec.page)),
+            Some(parked) => parked.push((id, page)),
             None => {
-                live.released.push(rec.page);
+                live.released.push(page);
                 self.any.store(true, Ordering::Release);
             }
         }
@@ -252,8 +267,8 @@ impl Claims {
             let mut live = lock(&releases.live);
             live.released.clear();
             live.parked = Some(Vec::new());
-            for (id, rec) in live.iter() {
-                let at = (rec.key.clone(), rec.page, rec.generation);
+            for (id, slot) in live.iter() {
+                let at = (Arc::from(&slot.key[..]), slot.page, slot.generation);
                 groups.entry(at).or_default().push(id);
             }
         }
