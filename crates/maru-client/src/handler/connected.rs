@@ -23,7 +23,6 @@ use crate::fork::{self, Birth};
 use crate::view::PageId;
 use crate::wait::WaitHook;
 use crate::watch::{Fence, WatchLink, Watcher};
-use maru_shm::MapMode;
 
 pub(super) struct Connected {
     pub conns: ConnectionPool,
@@ -297,22 +296,13 @@ impl Hooked<'_> {
             }
             let info = r.region.info.clone();
             let source = c.region_source(&info, true, "resume", self.hook);
-            let mapped = source.and_then(|s| {
-                let mut out = None;
-                let mut s = Some(s);
-                self.hook.block(&mut || {
-                    if let Some(s) = s.take() {
-                        out = Some(s.map(&info, MapMode::ReadWrite, true));
-                    }
-                });
-                match out {
-                    Some(Ok(m)) => Ok(m),
-                    Some(Err(e)) => Err(Error::io("resume", std::io::Error::other(e.to_string()))),
-                    None => Err(Error::io(
-                        "resume",
-                        std::io::Error::other("the wait hook did not run the mapping"),
-                    )),
-                }
+            let mapped = source.and_then(|s| match s.map_owned(&info, self.hook) {
+                Some(Ok(m)) => Ok(m),
+                Some(Err(e)) => Err(Error::io("resume", std::io::Error::other(e.to_string()))),
+                None => Err(Error::io(
+                    "resume",
+                    std::io::Error::other("the wait hook did not run the mapping"),
+                )),
             });
             let mapping = match mapped {
                 Ok(m) => m,
@@ -325,14 +315,7 @@ impl Hooked<'_> {
                     continue;
                 }
             };
-            let region = Arc::new(MappedRegion {
-                info,
-                mapping: Arc::new(mapping),
-                owned: true,
-            });
-            c.fence.add(id, region.mapping.clone());
-            write(&c.mapped).insert(id, region.clone());
-            r.region = region;
+            r.region = c.install_owned(info, mapping);
             kept.push(r);
         }
         // Pages allocated and not stored were handed out over the detached mapping.

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use maru_proto::{DeleteStatus, ErrorCode, PageRef, Request, Response};
-use maru_shm::{MapMode, Mapping, ShmError};
+use maru_proto::{DeleteStatus, ErrorCode, PageRef, RegionInfo, Request, Response};
+use maru_shm::{Mapping, ShmError};
 
 use super::connected::Connected;
 use super::mapped::MappedRegion;
@@ -246,20 +246,11 @@ impl Connected {
         };
         let mapped = match file {
             Err(e) => Err(e),
-            Ok(source) => {
-                let mut out: Option<Result<Mapping, ShmError>> = None;
-                let mut source = Some(source);
-                hook.block(&mut || {
-                    if let Some(s) = source.take() {
-                        out = Some(s.map(&info, MapMode::ReadWrite, true));
-                    }
-                });
-                match out {
-                    Some(Ok(m)) => Ok(m),
-                    Some(Err(e)) => Err(why.unmappable(region_id, e)),
-                    None => Err(why.unusable("the wait hook did not run the mapping".into())),
-                }
-            }
+            Ok(source) => match source.map_owned(&info, hook) {
+                Some(Ok(m)) => Ok(m),
+                Some(Err(e)) => Err(why.unmappable(region_id, e)),
+                None => Err(why.unusable("the wait hook did not run the mapping".into())),
+            },
         };
         let mapping = match mapped {
             Ok(m) => m,
@@ -269,18 +260,25 @@ impl Connected {
                 return Err(e);
             }
         };
+        Ok(OwnedRegion {
+            region: self.install_owned(info, mapping),
+            alloc: PageAllocator::new(pages as u32),
+            retiring: false,
+        })
+    }
+
+    /// An owned region, mapped: fenced (the watcher detaches it when the server goes) and
+    /// found by its id from now on.
+    pub fn install_owned(&self, info: RegionInfo, mapping: Mapping) -> Arc<MappedRegion> {
+        let id = info.handle.region_id;
         let region = Arc::new(MappedRegion {
             info,
             mapping: Arc::new(mapping),
             owned: true,
         });
-        self.fence.add(region_id, region.mapping.clone());
-        write(&self.mapped).insert(region_id, region.clone());
-        Ok(OwnedRegion {
-            region,
-            alloc: PageAllocator::new(pages as u32),
-            retiring: false,
-        })
+        self.fence.add(id, region.mapping.clone());
+        write(&self.mapped).insert(id, region.clone());
+        region
     }
 
     /// Takes a page: active region, then any other owned region, then a new region (the
@@ -534,7 +532,8 @@ impl Hooked<'_> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use maru_proto::{Access, Handle, RegionInfo};
+    use maru_proto::{Access, Handle};
+    use maru_shm::MapMode;
 
     /// An owned region of `pages` 4 KiB pages over a file in a temp dir under /dev/shm.
     pub fn owned_region(region_id: u64, pages: u32) -> (tempfile::TempDir, OwnedRegion) {
