@@ -44,12 +44,11 @@ impl Manager {
             .mode(0o600)
             .open(state::lock(state_dir))
             .map_err(dir_err)?;
-        take_lock(&lock).map_err(|e| match e {
-            Some(e) => dir_err(e),
-            None => RmError::Locked {
+        if !take_lock(&lock).map_err(dir_err)? {
+            return Err(RmError::Locked {
                 path: state_dir.to_owned(),
-            },
-        })?;
+            });
+        }
 
         let mut pools = Vec::new();
         for spec in specs {
@@ -259,18 +258,18 @@ impl Manager {
 /// a test harness) can see the lock of its own dropped predecessor for that instant.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
 
-/// Takes the state directory's lock, waiting up to [`LOCK_WAIT`] for a holder to let go.
-/// `Err(None)` means another holder kept it.
-fn take_lock(lock: &File) -> Result<(), Option<io::Error>> {
+/// Takes the state directory's lock, waiting up to [`LOCK_WAIT`] for a holder to let go;
+/// false when another holder kept it.
+fn take_lock(lock: &File) -> io::Result<bool> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match lock.try_lock() {
-            Ok(()) => return Ok(()),
-            Err(std::fs::TryLockError::Error(e)) => return Err(Some(e)),
+            Ok(()) => return Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
             Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5))
             }
-            Err(std::fs::TryLockError::WouldBlock) => return Err(None),
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
         }
     }
 }

@@ -27,11 +27,12 @@ use super::sessions::Session;
 use super::{lock, ServerState};
 use crate::registry::PAGE_ALIGN;
 
-/// The pages parked while the previous process's sessions may still resume.
+/// The pages parked while the previous process's sessions may still resume. Registrations
+/// older than `ServerState::park_below` park when freed (0: nothing parks); that generation
+/// changes only under this book's mutex, so a page parked under it is freed by
+/// [`ServerState::end_parking`].
 #[derive(Default)]
 pub(super) struct ParkBook {
-    /// Registrations older than this generation park when freed (0: nothing parks).
-    below: u64,
     /// Parked pages, by (region slot, page); each once.
     pages: Vec<(u32, u32)>,
 }
@@ -44,7 +45,7 @@ impl ServerState {
         if !self.resume_pending() {
             return;
         }
-        lock(&self.parked).below = first_generation;
+        let _book = lock(&self.parked);
         self.park_below.store(first_generation, Ordering::Release);
     }
 
@@ -58,7 +59,7 @@ impl ServerState {
     /// (`generation`) is from before the restart and parking is on. True when parked.
     pub(super) fn park(&self, slot: u32, st: &mut RegionState, page: u32, generation: u64) -> bool {
         let mut book = lock(&self.parked);
-        if generation >= book.below {
+        if generation >= self.park_below() {
             return false;
         }
         let Some(rec) = st.pages.get_mut(&page) else {
@@ -81,7 +82,6 @@ impl ServerState {
     pub(super) fn end_parking(&self) {
         let pages = {
             let mut book = lock(&self.parked);
-            book.below = 0;
             self.park_below.store(0, Ordering::Release);
             std::mem::take(&mut book.pages)
         };

@@ -360,17 +360,13 @@ impl ServerState {
                 keys: st.refs,
                 pinned: pinned.get(&r.slot.0).copied().unwrap_or(0),
                 // A parked page is as good as held: it cannot be given back; so is, during
-                // parking, a page of an older key (evicted, it would park).
+                // parking, a page of an older key (evicted, it would park). Only whether the
+                // count is zero matters.
                 held: st.held
                     + st.parked
-                    + if park_below > 0 {
-                        st.pages
-                            .values()
-                            .filter(|rec| rec.generation < park_below)
-                            .count() as u64
-                    } else {
-                        0
-                    },
+                    + u64::from(
+                        park_below > 0 && st.pages.values().any(|rec| rec.generation < park_below),
+                    ),
                 asked: r.asked_back.load(Ordering::Relaxed),
             });
         }
