@@ -23,7 +23,6 @@
 //! Lock order: a region's mutex, then (after releasing it) a session's hold book or outbox;
 //! the outbox is innermost.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -32,7 +31,7 @@ use maru_proto::PageRef;
 use super::notices::Returned;
 use super::regions::{RegionState, TableRegion};
 use super::sessions::Session;
-use super::{lock, ServerState};
+use super::{lock, IdMap, ServerState};
 use crate::registry::{Entry, KeyRegistry, PAGE_ALIGN};
 
 /// What the server knows of one page of a region that a key points at or a view holds.
@@ -52,7 +51,7 @@ pub(super) struct PageRec {
 /// The holds one session has, by (region slot, page).
 #[derive(Default)]
 pub(crate) struct HoldBook {
-    by_page: HashMap<(u32, u32), u32>,
+    by_page: IdMap<(u32, u32), u32>,
 }
 
 impl HoldBook {
@@ -67,6 +66,26 @@ pub(crate) struct Claim {
     pub page: PageRef,
     pub generation: u64,
     pub count: u32,
+}
+
+/// Holds counted at their pages and not yet booked for their session: (region, page, count).
+/// The last region also saves a batch's next key of the same region a table lookup.
+#[derive(Default)]
+pub(crate) struct Holds {
+    taken: Vec<(Arc<TableRegion>, u32, u32)>,
+}
+
+impl Holds {
+    pub(super) fn add(&mut self, region: &Arc<TableRegion>, page: u32, count: u32) {
+        self.taken.push((region.clone(), page, count));
+    }
+
+    fn last_region(&self, slot: u32) -> Option<Arc<TableRegion>> {
+        self.taken
+            .last()
+            .filter(|(r, ..)| r.slot.0 == slot)
+            .map(|(r, ..)| r.clone())
+    }
 }
 
 /// A found key with the hold taken on its page (if a session asked for one).
@@ -112,7 +131,24 @@ impl ServerState {
 
     /// Looks `key` up and, for a session, takes a hold on its page in the same step.
     pub(crate) fn find_and_hold(&self, session: Option<&Session>, key: &[u8]) -> Option<Held> {
-        self.hold_found(session, key, None)
+        let mut holds = Holds::default();
+        let held = self.hold_found(session.is_some(), key, None, &mut holds)?;
+        match session {
+            Some(s) if !self.book_holds(s, &mut holds) => None,
+            _ => Some(held),
+        }
+    }
+
+    /// [`find_and_hold`](Self::find_and_hold) for a batch: the holds go into `holds`, and
+    /// [`book_holds`](Self::book_holds) books them for the session at the batch's end, under
+    /// one lock of its book.
+    pub(crate) fn find_and_hold_in(
+        &self,
+        session: Option<&Session>,
+        key: &[u8],
+        holds: &mut Holds,
+    ) -> Option<Held> {
+        self.hold_found(session.is_some(), key, None, holds)
     }
 
     /// Gives a resumed session the holds of its live views from before the restart: `claims`
@@ -125,8 +161,11 @@ impl ServerState {
         let mut refused = Vec::new();
         for (i, (key, claim)) in claims.iter().enumerate() {
             // A key gone since the restart may have left its page parked for this view.
-            if self.hold_found(Some(session), key, Some(claim)).is_none()
-                && !self.hold_parked(session, claim)
+            let mut holds = Holds::default();
+            let found = self
+                .hold_found(true, key, Some(claim), &mut holds)
+                .is_some();
+            if !(found && self.book_holds(session, &mut holds) || self.hold_parked(session, claim))
             {
                 refused.push(i as u32);
             }
@@ -134,17 +173,22 @@ impl ServerState {
         refused
     }
 
-    /// Looks `key` up and, for a session, takes holds on its page in the same step: one, or
-    /// for a resumed `claim` its count, and only if the key is where the claim says.
+    /// Looks `key` up and, for a session (`hold`), takes holds on its page in the same step:
+    /// one, or for a resumed `claim` its count, and only if the key is where the claim says.
+    /// The holds are counted at the page and go into `holds`, for the caller to book.
     fn hold_found(
         &self,
-        session: Option<&Session>,
+        hold: bool,
         key: &[u8],
         claim: Option<&Claim>,
+        holds: &mut Holds,
     ) -> Option<Held> {
         loop {
             let entry = self.registry.lookup(key)?;
-            let region = self.table().by_slot.get(&entry.region.0).cloned()?;
+            let region = match holds.last_region(entry.region.0) {
+                Some(r) => r,
+                None => self.table().by_slot.get(&entry.region.0).cloned()?,
+            };
             if claim.is_some_and(|c| {
                 c.page.region_id != region.info.handle.region_id || c.page.offset != entry.offset()
             }) {
@@ -168,7 +212,7 @@ impl ServerState {
                 return None;
             }
             let count = claim.map_or(1, |c| c.count);
-            if let Some(session) = session {
+            if hold {
                 match st.pages.get_mut(&page) {
                     Some(rec) => match rec.holds.checked_add(count) {
                         Some(n) => rec.holds = n,
@@ -179,9 +223,7 @@ impl ServerState {
                 }
                 st.held += u64::from(count);
                 drop(st);
-                if !self.book_hold(session, &region, page, count) {
-                    return None;
-                }
+                holds.add(&region, page, count);
             } else {
                 drop(st);
             }
@@ -194,52 +236,68 @@ impl ServerState {
         }
     }
 
-    /// Books `count` holds on `page` of `region`, already counted at the page, for
-    /// `session`; false (and the holds released again) when the session has ended.
-    pub(super) fn book_hold(
-        &self,
-        session: &Session,
-        region: &Arc<TableRegion>,
-        page: u32,
-        count: u32,
-    ) -> bool {
+    /// Books `holds`, already counted at their pages, for `session`, and empties them; false
+    /// (and the holds released again) when the session has ended.
+    pub(crate) fn book_holds(&self, session: &Session, holds: &mut Holds) -> bool {
+        if holds.taken.is_empty() {
+            return !session.is_ended();
+        }
         let mut book = lock(&session.holds);
         // Checked under the book's mutex: a session's end marks it ended before it takes
         // this mutex to release the book.
         if session.is_ended() {
             drop(book);
             let mut returned = Returned::default();
-            self.release_page_holds(region, page, count, &mut returned);
+            for (region, page, count) in holds.taken.drain(..) {
+                self.release_page_holds(&region, page, count, &mut returned);
+            }
             self.send_returns(returned);
             return false;
         }
-        // No overflow: the session's holds of a page are some of the page's.
-        *book.by_page.entry((region.slot.0, page)).or_insert(0) += count;
+        for (region, page, count) in holds.taken.drain(..) {
+            // No overflow: the session's holds of a page are some of the page's.
+            *book.by_page.entry((region.slot.0, page)).or_insert(0) += count;
+        }
         true
     }
 
     /// The session's views of `pages` are gone: one hold each. Pages it holds no hold on
-    /// are ignored (a release can only be for one's own holds).
+    /// are ignored (a release can only be for one's own holds). The session's book is
+    /// locked once for all of them, each page's region once per run of pages in it.
     pub fn release_holds(&self, session: &Session, pages: &[PageRef]) {
-        let mut returned = Returned::default();
-        for p in pages {
-            let Ok(region) = self.get_region(p.region_id) else {
-                continue;
-            };
-            if !p.offset.is_multiple_of(PAGE_ALIGN) {
-                continue;
-            }
-            let page = (p.offset / PAGE_ALIGN) as u32;
-            {
-                let mut book = lock(&session.holds);
-                let Some(n) = book.by_page.get_mut(&(region.slot.0, page)) else {
+        let mut ending: Vec<(Arc<TableRegion>, u32)> = Vec::with_capacity(pages.len());
+        {
+            let table = self.table();
+            for p in pages {
+                if !p.offset.is_multiple_of(PAGE_ALIGN) {
                     continue;
+                }
+                let region = match ending.last() {
+                    Some((r, _)) if r.info.handle.region_id == p.region_id => r.clone(),
+                    _ => match table.by_id(p.region_id) {
+                        Some(r) => r.clone(),
+                        None => continue,
+                    },
+                };
+                ending.push((region, (p.offset / PAGE_ALIGN) as u32));
+            }
+        }
+        {
+            let mut book = lock(&session.holds);
+            ending.retain(|(region, page)| {
+                let at = (region.slot.0, *page);
+                let Some(n) = book.by_page.get_mut(&at) else {
+                    return false;
                 };
                 *n -= 1;
                 if *n == 0 {
-                    book.by_page.remove(&(region.slot.0, page));
+                    book.by_page.remove(&at);
                 }
-            }
+                true
+            });
+        }
+        let mut returned = Returned::default();
+        for (region, page) in ending {
             self.release_page_holds(&region, page, 1, &mut returned);
         }
         self.send_returns(returned);
@@ -399,6 +457,63 @@ mod tests {
             }],
         );
         assert!(rm.live().is_empty(), "last hold gone: region freed");
+    }
+
+    #[test]
+    fn a_batch_lookup_books_every_hold_and_a_batch_release_returns_each_page_once() {
+        let (st, _rm, (_op, owner, r)) = state_with_owner("owner");
+        let (_op2, other, r2) = client_with_region(&st, "other");
+        let (_rp, reader, _) = client(&st, "reader");
+        let at = |region: &TableRegion, offset| PageRef {
+            region_id: region.info.handle.region_id,
+            offset,
+        };
+        let (pa, pb, pc) = (at(&r, 0), at(&r, 4096), at(&r2, 0));
+        assert!(st.register(&owner, &reg(b"a", &r, 0, 10)).unwrap());
+        assert!(st.register(&owner, &reg(b"b", &r, 4096, 10)).unwrap());
+        assert!(st.register(&other, &reg(b"c", &r2, 0, 10)).unwrap());
+        let mut scratch = crate::state::keys::Scratch::default();
+        let keys: [&[u8]; 5] = [b"a", b"c", b"a", b"missing", b"b"];
+        let (scoped, rest) = scratch.scoped_all(b"", &keys);
+        let mut out = Vec::new();
+        st.write_batch_lookup(&mut out, 1, Some(&reader), &scoped, rest);
+        assert_eq!(lock(&reader.holds).holds(), 4, "one hold per key found");
+        for k in [b"a", b"b", b"c"] {
+            assert_eq!(st.delete(k), DeleteStatus::Deleted);
+        }
+        assert!(queued(&owner).is_empty() && queued(&other).is_empty());
+        // Across regions and out of order; a page held twice keeps its second hold.
+        st.release_holds(&reader, &[pa, pc, pb]);
+        assert_eq!(queued(&owner), [pb]);
+        assert_eq!(queued(&other), [pc]);
+        // A release beyond the session's holds changes nothing.
+        st.release_holds(&reader, &[pb, pc]);
+        assert_eq!(lock(&reader.holds).holds(), 1);
+        st.release_holds(&reader, &[pa]);
+        assert_eq!(queued(&owner), [pb, pa]);
+        assert_eq!(lock(&reader.holds).holds(), 0);
+    }
+
+    #[test]
+    fn a_batch_lookup_by_an_ended_session_finds_nothing_and_holds_nothing() {
+        let (st, _rm, (_op, owner, r)) = state_with_owner("owner");
+        let (mut rp, reader, _) = client(&st, "reader");
+        assert!(st.register(&owner, &reg(b"a", &r, 0, 10)).unwrap());
+        st.disconnect(&mut rp);
+        let mut scratch = crate::state::keys::Scratch::default();
+        let keys: [&[u8]; 2] = [b"a", b"a"];
+        let (scoped, rest) = scratch.scoped_all(b"", &keys);
+        let mut out = Vec::new();
+        st.write_batch_lookup(&mut out, 1, Some(&reader), &scoped, rest);
+        let header = maru_proto::Header::decode(&out[..maru_proto::HEADER_LEN]).unwrap();
+        match maru_proto::decode_response(&header, &out[maru_proto::HEADER_LEN..]).unwrap() {
+            maru_proto::Response::BatchLookup { entries, .. } => {
+                assert!(entries.iter().all(Option::is_none), "{entries:?}")
+            }
+            other => panic!("not a batch lookup: {other:?}"),
+        }
+        assert_eq!(st.delete(b"a"), DeleteStatus::Deleted);
+        assert_eq!(queued(&owner).len(), 1, "no hold kept the page");
     }
 
     #[test]

@@ -6,16 +6,16 @@
 //! for its slot knows the key was deleted (and its region freed) in between: it answers "not
 //! found", which is what it would have answered a moment later.
 
-use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
 
 use maru_proto::{DeleteStatus, ErrorCode, RegisterEntry, WireError};
 
+use super::holds::Holds;
 use super::index::ToIndex;
 use super::notices::Returned;
 use super::regions::{check_live, RegionState, TableRegion};
 use super::sessions::{session_ended, Session};
-use super::{err, lock, ServerState};
+use super::{err, lock, IdMap, ServerState};
 use crate::registry::{Entry, KeyRegistry, Removal};
 use crate::reply;
 
@@ -26,7 +26,7 @@ pub(crate) struct Scratch {
     /// Keys behind their namespace's prefix (see [`Scratch::scoped`]).
     scoped: Vec<u8>,
     slots: Vec<Option<(u32, u64, u64, u64)>>,
-    table_index: HashMap<u32, u32>,
+    table_index: IdMap<u32, u32>,
 }
 
 impl Scratch {
@@ -72,7 +72,7 @@ impl Scratch {
 /// The parts of [`Scratch`] a batch lookup uses besides its scoped keys.
 pub(crate) struct ScratchRest<'s> {
     slots: &'s mut Vec<Option<(u32, u64, u64, u64)>>,
-    table_index: &'s mut HashMap<u32, u32>,
+    table_index: &'s mut IdMap<u32, u32>,
 }
 
 /// A registration as the key index stores it.
@@ -226,8 +226,9 @@ impl ServerState {
         let mut used: Vec<Arc<TableRegion>> = Vec::new();
         // One use-clock tick for the batch: its keys were read together.
         let now = self.capacity.use_stamp();
+        let mut holds = Holds::default();
         for k in keys {
-            let slot = self.find_and_hold(session, k).map(|h| {
+            let slot = self.find_and_hold_in(session, k, &mut holds).map(|h| {
                 super::eviction::usage_hit(&h.region.usage, now);
                 let next = used.len() as u32;
                 let index = *scratch.table_index.entry(h.region.slot.0).or_insert(next);
@@ -237,6 +238,12 @@ impl ServerState {
                 (index, h.offset, h.len, h.generation)
             });
             scratch.slots.push(slot);
+        }
+        if let Some(s) = session {
+            if !self.book_holds(s, &mut holds) {
+                // The session ended meanwhile: its holds are released, so nothing is found.
+                scratch.slots.iter_mut().for_each(|slot| *slot = None);
+            }
         }
         self.capacity
             .batch_read(keys, scratch.slots.iter().map(|s| s.is_some()));

@@ -75,6 +75,11 @@ pub use restore::Restored;
 pub use resume::{ResumeClaim, Resumed};
 pub(crate) use sessions::Peer;
 
+/// A map keyed by the server's own small numbers (region slots, page numbers, region ids),
+/// on every lookup's and release's path: a seeded foldhash, where SipHash would cost more
+/// than the rest of a page's bookkeeping.
+pub(crate) type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 use eviction::{Capacity, EvictionConfig};
 use regions::RegionTable;
 use sessions::SessionRec;

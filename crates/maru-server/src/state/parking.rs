@@ -20,7 +20,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::holds::Claim;
+use super::holds::{Claim, Holds};
 use super::notices::Returned;
 use super::regions::RegionState;
 use super::sessions::Session;
@@ -143,7 +143,9 @@ impl ServerState {
             rec.holds = n;
             st.held += u64::from(claim.count);
         }
-        self.book_hold(session, &region, page, claim.count)
+        let mut holds = Holds::default();
+        holds.add(&region, page, claim.count);
+        self.book_holds(session, &mut holds)
     }
 }
 

@@ -7,7 +7,6 @@
 //! a delete (see `keys`); both end in `take_if_unreferenced`, under the region's own mutex.
 //! How the region then reaches the resource manager is `freeing`'s.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLockReadGuard, Weak};
 
@@ -16,7 +15,7 @@ use maru_proto::{ErrorCode, Handle, RegionInfo, RegionRecord, WireError};
 use super::eviction::RegionUsage;
 use super::holds::PageRec;
 use super::sessions::{session_ended, Session};
-use super::{err, lock, ServerState};
+use super::{err, lock, IdMap, ServerState};
 use crate::registry::RegionSlot;
 use crate::reply;
 use crate::resource_manager::RmCallError;
@@ -34,7 +33,7 @@ pub(super) struct RegionState {
     /// Gone from the table; on its way back to the resource manager.
     pub(super) freed: bool,
     /// Pages that a key points at or a view holds (see `holds`).
-    pub(super) pages: HashMap<u32, PageRec>,
+    pub(super) pages: IdMap<u32, PageRec>,
     /// Holds on pages of the region, all sessions together: a held region is not freed.
     pub(super) held: u64,
     /// Pages of the region parked for sessions that may still resume (see `parking`): they
@@ -97,7 +96,7 @@ impl TableRegion {
                 refs: 0,
                 owner_live: owner.is_some(),
                 freed: false,
-                pages: HashMap::new(),
+                pages: IdMap::default(),
                 held: 0,
                 parked: 0,
             }),
@@ -131,12 +130,12 @@ impl TableRegion {
 /// The regions of the table, by the server's slot and by the resource manager's id.
 #[derive(Default)]
 pub(super) struct RegionTable {
-    pub(super) by_slot: HashMap<u32, Arc<TableRegion>>,
-    pub(super) by_id: HashMap<u64, RegionSlot>,
+    pub(super) by_slot: IdMap<u32, Arc<TableRegion>>,
+    pub(super) by_id: IdMap<u64, RegionSlot>,
 }
 
 impl RegionTable {
-    fn by_id(&self, region_id: u64) -> Option<&Arc<TableRegion>> {
+    pub(super) fn by_id(&self, region_id: u64) -> Option<&Arc<TableRegion>> {
         self.by_id
             .get(&region_id)
             .and_then(|s| self.by_slot.get(&s.0))

@@ -32,7 +32,7 @@ use maru_proto::{Handle, RegionInfo};
 use super::holds::PageRec;
 use super::index::{scoped, split_scoped};
 use super::regions::TableRegion;
-use super::{lock, ServerState};
+use super::{lock, IdMap, ServerState};
 use crate::registry::{Entry, RegionSlot, PAGE_ALIGN};
 
 /// What a start-up rebuild found.
@@ -59,7 +59,7 @@ struct Building {
     region: Arc<TableRegion>,
     refs: u64,
     bytes: u64,
-    pages: HashMap<u32, PageRec>,
+    pages: IdMap<u32, PageRec>,
 }
 
 /// The state of a rebuild between its passes.
@@ -144,7 +144,7 @@ impl ServerState {
                                     region: Arc::new(region),
                                     refs: 0,
                                     bytes: 0,
-                                    pages: HashMap::new(),
+                                    pages: IdMap::default(),
                                 });
                                 let p = Some((rb.regions.len() - 1) as u32);
                                 rb.places.insert(region_id, p);

@@ -8,7 +8,6 @@
 //! table lock while holding the policy (the predicate only *tries* a region's mutex, to see
 //! whether a view holds the victim's page).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use super::{policy, EvictionPolicy};
 use crate::registry::{Entry, KeyRegistry, Removal, PAGE_ALIGN};
 use crate::state::notices::Returned;
 use crate::state::regions::TableRegion;
-use crate::state::{lock, ServerState};
+use crate::state::{lock, IdMap, ServerState};
 
 /// Victims the evictor takes per pass over the policy, and keys it may examine for them: a
 /// pass holds the policy's mutex (and so delays reads that report a use) for a bounded time.
@@ -299,7 +298,7 @@ impl ServerState {
         let mut done = Evicted::default();
         // A snapshot: the predicate runs under the policy's mutex, where the table lock is
         // not taken.
-        let regions: HashMap<u32, Arc<TableRegion>> = self.table().by_slot.clone();
+        let regions: IdMap<u32, Arc<TableRegion>> = self.table().by_slot.clone();
         // Passes that found nothing in a row: once they have covered every key, nothing left
         // may go now.
         let mut empty_passes = 0;
