@@ -74,6 +74,32 @@ fn write_behind_dedup_frees_the_page_and_keeps_the_first_value() {
 }
 
 #[test]
+fn stores_of_existing_keys_behind_a_full_region_take_back_their_pages() {
+    let c = cluster();
+    // 4 pages and no expansion: the 64 registrations allowed in flight are far more.
+    let h = c.handler(MaruConfig {
+        pool_size: 4 * 64 * 1024,
+        auto_expand: false,
+        ..write_behind(&c)
+    });
+    assert_eq!(
+        h.store_bytes(b"kept", b"", b"first").unwrap(),
+        StoreOutcome::Sent
+    );
+    h.flush().unwrap();
+    // Each later store takes a page of its own, which only its reply (the key exists) gives
+    // back; once none is free, the replies in flight are collected instead of failing.
+    for i in 0..40u32 {
+        let outcome = h.store_bytes(b"kept", b"", &i.to_le_bytes()).unwrap();
+        assert_eq!(outcome, StoreOutcome::Sent, "store {i}");
+    }
+    h.flush().unwrap();
+    assert_eq!(h.retrieve(b"kept").unwrap().unwrap().to_vec(), b"first");
+    let allocated: u64 = h.owned_regions().iter().map(|r| r.allocated_pages).sum();
+    assert_eq!(allocated, 1, "only the stored key keeps a page");
+}
+
+#[test]
 fn write_behind_refuses_a_page_that_is_already_on_its_way() {
     let c = cluster();
     let h = c.handler(write_behind(&c));

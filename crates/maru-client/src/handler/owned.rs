@@ -295,6 +295,14 @@ impl Connected {
         if let Some(found) = take_free_page(owned) {
             return Ok(found);
         }
+        // Write-behind stores still in flight may be of keys that already existed: their
+        // replies give those pages back, so they are all collected before more room is sought.
+        if !owned.behind.inflight.is_empty() {
+            self.settle_behind(owned, hook, Settle::All);
+            if let Some(found) = take_free_page(owned) {
+                return Ok(found);
+            }
+        }
         // Pages deleted a moment ago may be on their way back: the server returns them on the
         // watch connection before it answers the delete, so one sync there brings every page
         // it has returned so far.
