@@ -178,7 +178,7 @@ def full(rep: dict[str, Any]) -> None:
         print(table(cont, cols))
     diag = [r for r in res if r["api"] in dict(DIAGNOSTIC)]
     if diag:
-        print("\n**Where a call's time goes: `exists` back to back, blocks of 100 rotating with the floor**\n")
+        print("\n**Where a call's time goes: `pin` and `unpin` in turn, back to back, blocks of 100 rotating with the floor**\n")
         print(table(diag, cols))
     cross = [r for r in res if r["op"] in ("first_retrieve_1gib", "retrieve_1gib")]
     if cross:
@@ -269,7 +269,7 @@ def compact(rep: dict[str, Any]) -> None:
 
     diag = [r for r in res if r["api"] in dict(DIAGNOSTIC)]
     if diag:
-        print("\n**Where a call's time goes**: `exists` back to back, blocks of 100 rotating with the blocking "
+        print("\n**Where a call's time goes**: `pin` and `unpin` in turn, back to back, blocks of 100 rotating with the blocking "
               "floor; p50 µs (ratio to it)\n")
         print(md(["client path", "api"] + [name for _, name in TRANSPORTS],
                  [[what, f"`{api}`"] + [latency_cell(find(diag, api=api, transport=t)) for t, _ in TRANSPORTS]

@@ -7,7 +7,7 @@ use maru_proto::RegionInfo;
 
 use crate::floor::{Floors, Probe, Transport};
 use crate::plan::{key_of, Plan, GIB};
-use crate::stats::{round3, Row};
+use crate::stats::{round3, round4, Row};
 use crate::table::{self, size, Out};
 use crate::wire;
 use crate::worker::Launcher;
@@ -108,7 +108,7 @@ impl Bench {
         row.floor_gbps = gbps;
         row.floor = what;
         if floor_us > 0.0 {
-            row.ratio = Some(round3(row.p50_us / floor_us));
+            row.ratio = Some(round4(row.p50_us / floor_us));
         }
         Ok(row)
     }

@@ -122,6 +122,12 @@ impl InProcess {
             unix: Some(sock.clone()),
             rm_url: rm.url(),
             max_clients: 1024,
+            // As `maru up` runs it: with the key index (on tmpfs, beside the state), gone with
+            // the run.
+            index: Some(maru_server::IndexConfig {
+                ephemeral: true,
+                ..maru_server::IndexConfig::at(dir.join("server.index"))
+            }),
             ..Default::default()
         });
         let server = match server {

@@ -296,7 +296,9 @@ fn key_ops(
     Ok(())
 }
 
-/// Where the time of a call goes, as extra rows (not targets). `exists` back to back — not
+/// Where the time of a call goes, as extra rows (not targets). `pin` and `unpin` of the same
+/// key in turn (calls that always make a round trip: `exists` reads the key index), back to
+/// back — not
 /// alternating with floor ping-pongs every 50 calls — in blocks of 100 calls that rotate
 /// between: the raw floor (echo ping-pong of the same sizes, api `floor`), the plain
 /// blocking RPC of maru-transport (api `raw`: the server and the socket, no
@@ -319,7 +321,8 @@ fn diagnostics(
     const BLOCK: usize = 100;
     let n = b.plan.iters.max(BLOCK);
     let parsed: maru_proto::ServerUrl = url.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut raw = maru_transport::BlockingConn::connect_admin(&parsed, Duration::from_secs(10))?;
+    // A session of its own: pins need one (an administrator's connection only reads).
+    let mut raw = crate::registry::connect(&parsed, "bench-raw")?;
     let sleeping = MaruHandler::new(MaruConfig {
         server_url: url.to_owned(),
         pool_size: 4 * KIB,
@@ -329,39 +332,52 @@ fn diagnostics(
         ..MaruConfig::default()
     })?;
     sleeping.connect()?;
-    let mut probe = b.probe(t, "exists", 1)?;
+    let mut probe = b.probe(t, "pin", 1)?;
     let (req, resp) = probe.sizes();
     let mut spinning = b.floors.spinning_probe(t, req, resp)?;
     let mut samples: [Samples; 6] = Default::default();
-    let mut k = 0usize;
-    let mut next_key = || {
-        k += 1;
-        &stored[k % stored.len()]
+    // Call i pins key i / 2 when i is even and unpins it when odd, so no pin outlives a block.
+    let key_of = |i: usize| &stored[(i / 2) % stored.len()];
+    let pin_or_unpin = |h: &MaruHandler, i: usize| -> anyhow::Result<Duration> {
+        let key = key_of(i);
+        let (ok, d) = timed(|| {
+            Ok(if i.is_multiple_of(2) {
+                h.pin(key)?
+            } else {
+                h.unpin(key)?
+            })
+        })?;
+        if !ok {
+            bail!("pin or unpin of a stored key answered false");
+        }
+        Ok(d)
     };
     for _ in 0..n / BLOCK {
         for _ in 0..BLOCK {
             probe.tick()?;
         }
-        for _ in 0..BLOCK {
-            let key = next_key();
-            let (resp, d) = timed(|| Ok(raw.call(&maru_proto::Request::Exists { key })?))?;
+        for i in 0..BLOCK {
+            let key = key_of(i);
+            let req = if i.is_multiple_of(2) {
+                maru_proto::Request::Pin { key }
+            } else {
+                maru_proto::Request::Unpin { key }
+            };
+            let (resp, d) = timed(|| Ok(raw.call(&req)?))?;
             if resp != maru_proto::Response::Bool(true) {
-                bail!("raw exists answered {resp:?}");
+                bail!("raw pin or unpin answered {resp:?}");
             }
             samples[0].push(d);
         }
-        for _ in 0..BLOCK {
-            let key = next_key();
-            samples[1].push(timed(|| Ok(h.exists(key)?))?.1);
+        for i in 0..BLOCK {
+            samples[1].push(pin_or_unpin(h, i)?);
         }
-        for _ in 0..BLOCK {
-            let key = next_key();
-            samples[2].push(timed(|| Ok(sleeping.exists(key)?))?.1);
+        for i in 0..BLOCK {
+            samples[2].push(pin_or_unpin(&sleeping, i)?);
         }
         let old = cpu::set_timer_slack_ns(4_000_000);
-        for _ in 0..BLOCK {
-            let key = next_key();
-            samples[3].push(timed(|| Ok(sleeping.exists(key)?))?.1);
+        for i in 0..BLOCK {
+            samples[3].push(pin_or_unpin(&sleeping, i)?);
         }
         cpu::set_timer_slack_ns(old);
         for _ in 0..BLOCK {
@@ -385,11 +401,11 @@ fn diagnostics(
     .iter()
     .zip(samples)
     {
-        let mut p = b.probe(t, "exists", 1)?;
+        let mut p = b.probe(t, "pin", 1)?;
         p.samples = floor.clone();
         b.api = Some(api);
-        let row = Row::new("exists", t.name(), 4 * KIB, 1, &s.summary())
-            .note("back to back, blocks of 100 rotating with the floor");
+        let row = Row::new("pin", t.name(), 4 * KIB, 1, &s.summary())
+            .note("pin and unpin in turn, back to back, blocks of 100 rotating with the floor");
         b.push_probed(t, row, p);
     }
     b.api = None;
