@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use maru_client::{DeleteStatus, ErrorKind, MaruConfig, MIB};
+use maru_client::{DeleteStatus, ErrorKind, MaruConfig, View, MIB};
 
 const CHUNK: u64 = 64 * 1024;
 
@@ -121,8 +121,9 @@ fn store_delete_store_again_reuses_pages_without_leaking() {
     });
 }
 
-/// Writers store values whose every byte names the value; readers check each view twice,
-/// with deletes and reuse of pages happening all the while. Returns the wrong bytes seen.
+/// Writers store values whose every byte names the value; readers (of single views and of
+/// batches) check each view twice, with deletes and reuse of pages happening all the while.
+/// Returns the wrong bytes seen.
 fn churn(url: String, c: &InProcessCluster) -> (u64, u64) {
     let writer = Arc::new(c.handler(one_region(c, url.clone())));
     let readers: Vec<_> = (0..2)
@@ -168,16 +169,30 @@ fn churn(url: String, c: &InProcessCluster) -> (u64, u64) {
             let mut i = t;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let Ok(Some(view)) = h.retrieve(&key(i % KEYS)) else {
-                    continue;
+                // Half the readers take single views, half batches of six keys in a row.
+                let views: Vec<View> = if t % 2 == 0 {
+                    h.retrieve(&key(i % KEYS))
+                        .ok()
+                        .flatten()
+                        .into_iter()
+                        .collect()
+                } else {
+                    let keys: Vec<Vec<u8>> = (i..i + 6).map(|k| key(k % KEYS)).collect();
+                    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+                    match h.batch_retrieve(&refs) {
+                        Ok(found) => found.into_iter().flatten().collect(),
+                        Err(_) => continue,
+                    }
                 };
-                let first = view.to_vec();
+                let firsts: Vec<Vec<u8>> = views.iter().map(|v| v.to_vec()).collect();
                 std::thread::yield_now();
-                let second = view.to_vec();
-                let stamp = first[0];
-                let bad = first.iter().chain(&second).filter(|b| **b != stamp).count();
-                wrong.fetch_add(bad as u64, Ordering::Relaxed);
-                checked.fetch_add(1, Ordering::Relaxed);
+                for (view, first) in views.iter().zip(&firsts) {
+                    let second = view.to_vec();
+                    let stamp = first[0];
+                    let bad = first.iter().chain(&second).filter(|b| **b != stamp).count();
+                    wrong.fetch_add(bad as u64, Ordering::Relaxed);
+                    checked.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }));
     }

@@ -68,6 +68,10 @@ pub(crate) struct Claim {
     pub count: u32,
 }
 
+/// The most keys of a batch lookup one lock of a region's mutex covers: a batch of one region
+/// keeps that region's registrations and deletes waiting for at most this many lookups.
+const HOLD_RUN: usize = 64;
+
 /// Holds counted at their pages and not yet booked for their session: (region, page, count).
 /// The last region also saves a batch's next key of the same region a table lookup.
 #[derive(Default)]
@@ -139,18 +143,6 @@ impl ServerState {
         }
     }
 
-    /// [`find_and_hold`](Self::find_and_hold) for a batch: the holds go into `holds`, and
-    /// [`book_holds`](Self::book_holds) books them for the session at the batch's end, under
-    /// one lock of its book.
-    pub(crate) fn find_and_hold_in(
-        &self,
-        session: Option<&Session>,
-        key: &[u8],
-        holds: &mut Holds,
-    ) -> Option<Held> {
-        self.hold_found(session.is_some(), key, None, holds)
-    }
-
     /// Gives a resumed session the holds of its live views from before the restart: `claims`
     /// are (namespace-scoped key, claim). A claim is granted only where a lookup of the key
     /// by the session would take the same hold now — the key exists, points at the claimed
@@ -203,37 +195,98 @@ impl ServerState {
                 Some(_) => continue,
                 None => return None,
             }
-            if st.freed {
-                return None;
-            }
-            let page = page_of(&entry);
-            let generation = st.pages.get(&page).map_or(0, |r| r.generation);
-            if claim.is_some_and(|c| c.generation != generation) {
-                return None;
-            }
-            let count = claim.map_or(1, |c| c.count);
-            if hold {
-                match st.pages.get_mut(&page) {
-                    Some(rec) => match rec.holds.checked_add(count) {
-                        Some(n) => rec.holds = n,
-                        None => return None,
-                    },
-                    None if claim.is_some() => return None,
-                    None => {}
-                }
-                st.held += u64::from(count);
-                drop(st);
-                holds.add(&region, page, count);
-            } else {
-                drop(st);
-            }
-            return Some(Held {
-                offset: entry.offset(),
-                len: entry.len(),
-                generation,
-                region,
-            });
+            return self.hold_at(&region, &mut st, &entry, hold, claim, holds);
         }
+    }
+
+    /// [`find_and_hold`](Self::find_and_hold) for every key of `keys`, each answer to `each`,
+    /// in order; the holds go into `holds`, for [`book_holds`](Self::book_holds) to book at
+    /// the batch's end under one lock of the session's book. A run of keys in one region (at most [`HOLD_RUN`]) is looked up
+    /// under a single lock of the region's mutex: under it, a key found in that region stays
+    /// there until the unlock, so it needs one lookup and no lock of its own.
+    pub(crate) fn find_and_hold_all(
+        &self,
+        hold: bool,
+        keys: &[&[u8]],
+        holds: &mut Holds,
+        mut each: impl FnMut(Option<Held>),
+    ) {
+        let mut i = 0;
+        // The entry of `keys[i]` when a run ended on it, found in another region.
+        let mut next: Option<Entry> = None;
+        while i < keys.len() {
+            let Some(entry) = next.take().or_else(|| self.registry.lookup(keys[i])) else {
+                each(None);
+                i += 1;
+                continue;
+            };
+            let region = match holds.last_region(entry.region.0) {
+                Some(r) => r,
+                None => match self.table().by_slot.get(&entry.region.0).cloned() {
+                    Some(r) => r,
+                    None => {
+                        each(None);
+                        i += 1;
+                        continue;
+                    }
+                },
+            };
+            let mut st = lock(&region.state);
+            let end = keys.len().min(i + HOLD_RUN);
+            while i < end {
+                match self.registry.lookup(keys[i]) {
+                    None => each(None),
+                    Some(e) if e.region == entry.region => {
+                        each(self.hold_at(&region, &mut st, &e, hold, None, holds))
+                    }
+                    Some(e) => {
+                        next = Some(e);
+                        break;
+                    }
+                }
+                i += 1;
+            }
+        }
+    }
+
+    /// Under `region`'s mutex (`st`), for `entry`, a key's entry found under it: the
+    /// registration's generation at its page and, with `hold`, the holds (one, or a `claim`'s
+    /// count) counted at the page and put in `holds`. `None` when the region is being freed,
+    /// the claim names another registration, or the count would overflow.
+    fn hold_at(
+        &self,
+        region: &Arc<TableRegion>,
+        st: &mut RegionState,
+        entry: &Entry,
+        hold: bool,
+        claim: Option<&Claim>,
+        holds: &mut Holds,
+    ) -> Option<Held> {
+        if st.freed {
+            return None;
+        }
+        let page = page_of(entry);
+        let rec = st.pages.get_mut(&page);
+        let generation = rec.as_ref().map_or(0, |r| r.generation);
+        if claim.is_some_and(|c| c.generation != generation) {
+            return None;
+        }
+        let count = claim.map_or(1, |c| c.count);
+        if hold {
+            match rec {
+                Some(rec) => rec.holds = rec.holds.checked_add(count)?,
+                None if claim.is_some() => return None,
+                None => {}
+            }
+            st.held += u64::from(count);
+            holds.add(region, page, count);
+        }
+        Some(Held {
+            offset: entry.offset(),
+            len: entry.len(),
+            generation,
+            region: region.clone(),
+        })
     }
 
     /// Books `holds`, already counted at their pages, for `session`, and empties them; false

@@ -227,18 +227,18 @@ impl ServerState {
         // One use-clock tick for the batch: its keys were read together.
         let now = self.capacity.use_stamp();
         let mut holds = Holds::default();
-        for k in keys {
-            let slot = self.find_and_hold_in(session, k, &mut holds).map(|h| {
+        self.find_and_hold_all(session.is_some(), keys, &mut holds, |found| {
+            let slot = found.map(|h| {
                 super::eviction::usage_hit(&h.region.usage, now);
                 let next = used.len() as u32;
                 let index = *scratch.table_index.entry(h.region.slot.0).or_insert(next);
                 if index == next {
-                    used.push(h.region.clone());
+                    used.push(h.region);
                 }
                 (index, h.offset, h.len, h.generation)
             });
             scratch.slots.push(slot);
-        }
+        });
         if let Some(s) = session {
             if !self.book_holds(s, &mut holds) {
                 // The session ended meanwhile: its holds are released, so nothing is found.
