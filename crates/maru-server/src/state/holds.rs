@@ -350,8 +350,11 @@ impl ServerState {
             });
         }
         let mut returned = Returned::default();
-        for (region, page) in ending {
-            self.release_page_holds(&region, page, 1, &mut returned);
+        let mut pages: Vec<(u32, u32)> = Vec::new();
+        for run in ending.chunk_by(|a, b| Arc::ptr_eq(&a.0, &b.0)) {
+            pages.clear();
+            pages.extend(run.iter().map(|(_, page)| (*page, 1)));
+            self.release_holds_in(&run[0].0, &pages, &mut returned);
         }
         self.send_returns(returned);
     }
@@ -382,21 +385,40 @@ impl ServerState {
         n: u32,
         returned: &mut Returned,
     ) {
-        let (page_back, to_free) = {
+        self.release_holds_in(region, &[(page, n)], returned);
+    }
+
+    /// [`release_page_holds`](Self::release_page_holds) for each (page, holds) of `pages`,
+    /// all of `region`, under one lock of its mutex.
+    fn release_holds_in(
+        &self,
+        region: &Arc<TableRegion>,
+        pages: &[(u32, u32)],
+        returned: &mut Returned,
+    ) {
+        let mut back = Vec::new();
+        let to_free = {
             let mut st = lock(&region.state);
-            let Some(rec) = st.pages.get_mut(&page) else {
-                return;
-            };
-            let n = n.min(rec.holds);
-            if n == 0 {
+            let mut released = false;
+            for &(page, n) in pages {
+                let Some(rec) = st.pages.get_mut(&page) else {
+                    continue;
+                };
+                let n = n.min(rec.holds);
+                if n == 0 {
+                    continue;
+                }
+                rec.holds -= n;
+                st.held -= u64::from(n);
+                released = true;
+                back.extend(self.free_if_unused(region, &mut st, page));
+            }
+            if !released {
                 return;
             }
-            rec.holds -= n;
-            st.held -= u64::from(n);
-            let back = self.free_if_unused(region, &mut st, page);
-            (back, self.take_if_unreferenced(region, &mut st))
+            self.take_if_unreferenced(region, &mut st)
         };
-        if let Some(p) = page_back {
+        for p in back {
             returned.add(region, p);
         }
         if let Some(h) = to_free {
