@@ -169,13 +169,32 @@ pub(crate) struct ReleaseQueue {
 }
 
 impl ReleaseQueue {
-    /// Books the hold a lookup of `key` took on `page` (the registration of `generation`).
+    /// Books the hold a lookup of `key` took on `page` (the registration of `generation`); the
+    /// handler books a lookup's holds together ([`ReleaseQueue::hold_all`]).
+    #[cfg(test)]
     pub fn hold(self: &Arc<Self>, key: &[u8], page: PageRef, generation: u64) -> Hold {
         let id = lock(&self.live).insert(key, page, generation);
         Hold {
             id,
             queue: self.clone(),
         }
+    }
+
+    /// Books the hold a lookup took for each (key, page, generation) of `items`, under one
+    /// lock.
+    pub fn hold_all<'k>(
+        self: &Arc<Self>,
+        items: impl Iterator<Item = (&'k [u8], PageRef, u64)>,
+    ) -> Vec<Arc<Hold>> {
+        let mut live = lock(&self.live);
+        items
+            .map(|(key, page, generation)| {
+                Arc::new(Hold {
+                    id: live.insert(key, page, generation),
+                    queue: self.clone(),
+                })
+            })
+            .collect()
     }
 
     fn release(&self, id: u64) {
@@ -472,11 +491,11 @@ mod tests {
             |t: std::time::Instant| t.elapsed().as_nanos() as f64 / (rounds * 256) as f64;
         let t = std::time::Instant::now();
         for _ in 0..rounds {
-            let views: Vec<Arc<Hold>> = keys
-                .iter()
-                .enumerate()
-                .map(|(i, k)| Arc::new(q.hold(k, page(i as u64 * 4096), 1)))
-                .collect();
+            let views: Vec<Arc<Hold>> = q.hold_all(
+                keys.iter()
+                    .enumerate()
+                    .map(|(i, k)| (k.as_slice(), page(i as u64 * 4096), 1)),
+            );
             drop(views);
             assert_eq!(q.take().len(), 256);
         }

@@ -8,6 +8,7 @@ use maru_shm::{MapMode, Mapping};
 
 use super::connected::Connected;
 use super::{read, write, Hooked};
+use crate::claims::Hold;
 use crate::error::{Error, ErrorKind, Result};
 use crate::view::View;
 use crate::wait::WaitHook;
@@ -56,22 +57,30 @@ impl MappedRegion {
 }
 
 impl Connected {
-    /// A view of a key's value that the server holds the page of for this session (the
-    /// lookup took the hold): the hold's release is queued when the view's last clone goes.
+    /// Books the holds a lookup took for this session on the pages of `found` — (key, region
+    /// id, offset, generation) each — under one lock: a hold's release is queued when its
+    /// last owner (a view's last clone) goes. Booked before any region is mapped, so a lookup
+    /// whose region then fails to map still releases every hold it took.
+    pub fn book_holds<'k>(
+        &self,
+        found: impl IntoIterator<Item = (&'k [u8], u64, u64, u64)>,
+    ) -> Vec<Arc<Hold>> {
+        self.conns.releases.hold_all(found.into_iter().map(
+            |(key, region_id, offset, generation)| (key, PageRef { region_id, offset }, generation),
+        ))
+    }
+
+    /// A view of a key's value whose page the server holds for this session (`hold`, from
+    /// [`Connected::book_holds`]).
     pub fn held_view(
         &self,
-        key: &[u8],
         region: &MappedRegion,
         offset: u64,
         len: u64,
         generation: u64,
+        hold: Arc<Hold>,
     ) -> Result<View> {
-        let page = PageRef {
-            region_id: region.id(),
-            offset,
-        };
-        let hold = Arc::new(self.conns.releases.hold(key, page, generation));
-        // The hold exists from here: a view refused below still releases it.
+        // A view refused here drops `hold`, which releases it.
         let mut view = region.view(offset, len, self.stride)?;
         view.generation = generation;
         view.hold = Some(hold);

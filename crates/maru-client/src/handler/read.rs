@@ -25,13 +25,16 @@ impl Hooked<'_> {
             match c.call(&Request::Lookup { key }, self.hook)? {
                 Response::Lookup(None) => Ok(None),
                 Response::Lookup(Some(loc)) => {
+                    let id = loc.region.handle.region_id;
+                    let hold = c.book_holds([(key, id, loc.offset, loc.generation)]);
                     let region = c.region_for(&loc.region, self.hook)?;
+                    let hold = hold.into_iter().next().expect("one hold booked");
                     Ok(Some(c.held_view(
-                        key,
                         &region,
                         loc.offset,
                         loc.len,
                         loc.generation,
+                        hold,
                     )?))
                 }
                 other => Err(Error::unexpected("lookup", &other)),
@@ -55,12 +58,10 @@ impl Hooked<'_> {
                     }
                     other => return Err(Error::unexpected("batch_lookup", &other)),
                 };
-                let mut mapped: Vec<Option<Arc<MappedRegion>>> = vec![None; regions.len()];
-                for (key, slot) in batch.iter().zip(entries) {
-                    let Some(slot) = slot else {
-                        out.push(None);
-                        continue;
-                    };
+                // Every slot's region, checked before anything is booked.
+                let mut found = Vec::with_capacity(batch.len());
+                for (key, slot) in batch.iter().zip(&entries) {
+                    let Some(slot) = slot else { continue };
                     let i = slot.region_index as usize;
                     let info = regions.get(i).ok_or_else(|| {
                         Error::protocol(
@@ -71,20 +72,31 @@ impl Hooked<'_> {
                             ),
                         )
                     })?;
+                    found.push((*key, info.handle.region_id, slot.offset, slot.generation));
+                }
+                let mut holds = c.book_holds(found).into_iter();
+                let mut mapped: Vec<Option<Arc<MappedRegion>>> = vec![None; regions.len()];
+                for slot in entries {
+                    let Some(slot) = slot else {
+                        out.push(None);
+                        continue;
+                    };
+                    let hold = holds.next().expect("a hold booked for each slot found");
+                    let i = slot.region_index as usize;
                     let region = match &mapped[i] {
                         Some(r) => r.clone(),
                         None => {
-                            let r = c.region_for(info, self.hook)?;
+                            let r = c.region_for(&regions[i], self.hook)?;
                             mapped[i] = Some(r.clone());
                             r
                         }
                     };
                     out.push(Some(c.held_view(
-                        key,
                         &region,
                         slot.offset,
                         slot.len,
                         slot.generation,
+                        hold,
                     )?));
                 }
             }
