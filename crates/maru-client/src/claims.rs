@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use maru_proto::{PageRef, ResumeHold, ResumePin, MAX_BATCH, MAX_FRAME};
+use maru_proto::{encode_request, PageRef, Request, ResumeHold, ResumePin, MAX_BATCH, MAX_FRAME};
+
+use crate::uses::UseQueue;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -166,6 +168,8 @@ pub(crate) struct ReleaseQueue {
     live: Mutex<LiveHolds>,
     /// Whether `released` has any: lets a request see there is nothing without locking.
     any: AtomicBool,
+    /// The session's reads through the key index, told to the server the same way.
+    pub uses: UseQueue,
 }
 
 impl ReleaseQueue {
@@ -214,6 +218,20 @@ impl ReleaseQueue {
 
     fn is_live(&self, id: u64) -> bool {
         lock(&self.live).contains(id)
+    }
+
+    /// Appends what waits to be told in front of the session's next request to `out`, as
+    /// frames that ask for no reply: the releases queued so far, then the reads through the
+    /// key index (`uses`).
+    pub fn encode_pending(&self, out: &mut Vec<u8>) {
+        for chunk in self.take().chunks(MAX_BATCH) {
+            let release = Request::ReleaseHolds {
+                pages: chunk.to_vec(),
+            };
+            // Infallible: a batch of pages fits a frame.
+            let _ = encode_request(out, 0, &release);
+        }
+        self.uses.encode_into(out);
     }
 
     /// Every release queued so far (empty without taking the lock when there is none).

@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use maru_proto::{decode_response, encode_request, PageRef, Request, Response, MAX_BATCH};
+use maru_proto::{decode_response, encode_request, PageRef, Request, Response};
 use maru_shm::Mapping;
 use maru_transport::{busy, FrameBuf, Stream};
 
@@ -229,20 +229,13 @@ pub(crate) struct WatchLink {
 }
 
 impl WatchLink {
-    /// Sends the releases queued so far on the watch connection (no reply), followed by
-    /// `then` in the same write.
+    /// Sends the releases and index reads queued so far on the watch connection (no reply),
+    /// followed by `then` in the same write.
     fn flush_releases(&self, then: &[u8]) -> bool {
-        let pages = self.releases.take();
-        if pages.is_empty() && then.is_empty() {
-            return true;
-        }
         let mut frame = Vec::new();
-        for chunk in pages.chunks(MAX_BATCH) {
-            let req = Request::ReleaseHolds {
-                pages: chunk.to_vec(),
-            };
-            // Infallible: a batch of pages fits a frame.
-            let _ = encode_request(&mut frame, 0, &req);
+        self.releases.encode_pending(&mut frame);
+        if frame.is_empty() && then.is_empty() {
+            return true;
         }
         frame.extend_from_slice(then);
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());

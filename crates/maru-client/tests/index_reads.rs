@@ -293,6 +293,41 @@ fn reader_processes_get_zero_wrong_answers_from_a_churning_writer() {
     assert!(version > 2, "the writer churned");
 }
 
+#[test]
+fn reads_through_the_index_reach_the_server_later_as_uses() {
+    let c = indexed(10_000);
+    let w = c.handler(small_pages(&c));
+    let r = c.handler(small_pages(&c));
+    let keys: Vec<Vec<u8>> = (0..4).map(|i| format!("used-{i}").into_bytes()).collect();
+    for k in &keys {
+        w.store_bytes(k, b"", &value(k, 1)).unwrap();
+    }
+    // Map the writer's region in the reader (a retrieve), so the copies below need no RPC.
+    drop(r.retrieve(&keys[0]).unwrap().unwrap());
+    let touched = || ops(&c, "touch");
+    wait_until(
+        "the retrieve's own traffic to settle",
+        Duration::from_secs(5),
+        || touched() == 0,
+    );
+    let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; CHUNK]; 3];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+    let refs: Vec<&[u8]> = keys[..3].iter().map(|k| k.as_slice()).collect();
+    assert_eq!(
+        r.batch_retrieve_into(&refs, &mut slices).unwrap(),
+        [Some(CHUNK); 3]
+    );
+    // Told with the reader's next request, or by its watcher within a round (50 ms).
+    wait_until("the reads to be told", Duration::from_secs(5), || {
+        touched() >= 1
+    });
+    // An existence check is no use: nothing more is told for it, neither in front of the
+    // reader's next request (a pin, answered after anything sent before it) nor later.
+    assert!(r.exists(&keys[3]).unwrap());
+    assert!(r.pin(&keys[3]).unwrap());
+    assert_eq!(touched(), 1, "only the copies were told");
+}
+
 /// A reader process (see above): exists, batch_exists, retrieve_into and batch_retrieve_into
 /// for 3 s, checking every answer it can; prints `reads=N copies=M wrong=W`.
 #[test]

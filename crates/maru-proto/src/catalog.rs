@@ -272,6 +272,11 @@ catalog! {
         /// region the session owns. Refused over TCP and for a pool that is a device.
         Descriptor { region_id: u64, writable: bool } = DESCRIPTOR 0x0218 "descriptor"
             Server,
+        /// These keys were read without asking the server (copied out through the key
+        /// index): each counts as a use for eviction, as a lookup's would. Answered with
+        /// nothing, like [`Request::ReleaseHolds`]: it travels in front of the session's next
+        /// request.
+        Touch { keys: Vec<&'a [u8]> } = TOUCH 0x021A "touch" Server,
         /// The first request of a connection of a handler whose server restarted: the hello
         /// of its session (token required), the RM region ids it owns, its pins with their
         /// counts and the holds of its live views, from its own books. Within the server's

@@ -104,7 +104,8 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         | Request::BatchExists { keys }
         | Request::BatchDelete { keys }
         | Request::BatchPin { keys }
-        | Request::BatchUnpin { keys } => put_keys(w, keys)?,
+        | Request::BatchUnpin { keys }
+        | Request::Touch { keys } => put_keys(w, keys)?,
     }
     Ok(())
 }

@@ -66,7 +66,8 @@ pub(crate) fn handle_frame(
         out.truncate(before);
         encode_error(out, id, &e);
     }
-    // No reply is an answered request too (release_holds; watch answers on its own path).
+    // No reply is an answered request too (release_holds, touch; watch answers on its own
+    // path).
     let ok = out.len() == before
         || out
             .get(before + 8..before + 10)
@@ -283,6 +284,13 @@ fn dispatch(
         Request::ReleaseHolds { pages } => {
             // No reply: releases travel in front of other requests.
             state.release_holds(client()?, pages);
+            Ok(())
+        }
+        Request::Touch { keys } => {
+            // No reply, like release_holds.
+            client()?;
+            let (keys, _) = scratch.scoped_all(scope, keys);
+            state.touch(&keys);
             Ok(())
         }
         Request::GiveBack { region_id } => {

@@ -144,18 +144,18 @@ impl PooledConn {
         let id = self.next_id;
         self.next_id += 1;
         self.tx.clear();
-        // Releases of views dropped since the session's last request leave in the same write,
-        // as frames that ask for no reply.
-        let released = self.releases.as_ref().map(|q| q.take()).unwrap_or_default();
-        for chunk in released.chunks(maru_proto::MAX_BATCH) {
-            let release = Request::ReleaseHolds {
-                pages: chunk.to_vec(),
-            };
-            // Infallible: a batch of pages fits a frame.
-            let _ = encode_request(&mut self.tx, 0, &release);
+        // Releases of views dropped since the session's last request, and reads through the
+        // key index, leave in the same write, as frames that ask for no reply.
+        if let Some(q) = &self.releases {
+            q.encode_pending(&mut self.tx);
         }
-        encode_request(&mut self.tx, id, req)
-            .map_err(|e| Error::transport(op, e.into(), w.timeout))?;
+        let pending = self.tx.len();
+        if let Err(e) = encode_request(&mut self.tx, id, req) {
+            // What was pending still goes: releases must not be lost with a request too large.
+            self.tx.truncate(pending);
+            let _ = self.stream.write_all(&self.tx);
+            return Err(Error::transport(op, e.into(), w.timeout));
+        }
         self.stream
             .write_all(&self.tx)
             .map_err(|e| Error::transport(op, e.into(), w.timeout))?;

@@ -296,7 +296,10 @@ impl Hooked<'_> {
             if let Some(ix) = c.live_index() {
                 c.settle_for_read(self.hook);
                 match c.copy_from_index(ix, key, buf, &Mapped::new(&c))? {
-                    Copy::Done(n) => return Ok(Some(n)),
+                    Copy::Done(n) => {
+                        c.conns.releases.uses.used([key]);
+                        return Ok(Some(n));
+                    }
                     Copy::Miss => return Ok(None),
                     Copy::Unmapped => {}
                 }
@@ -335,6 +338,8 @@ impl Hooked<'_> {
                 Some(ix) => {
                     c.settle_for_read(self.hook);
                     c.batch_copy_from_index(ix, keys, bufs, &mut out, &mut rest)?;
+                    let read = keys.iter().zip(&out).filter(|(_, n)| n.is_some());
+                    c.conns.releases.uses.used(read.map(|(k, _)| *k));
                 }
                 None => rest.extend(0..keys.len()),
             }

@@ -255,6 +255,27 @@ impl ServerState {
         );
     }
 
+    /// Keys a client read without asking (through the key index): uses for eviction, as
+    /// lookups' are (a key gone meanwhile is no use of anything). The namespace's hit and miss
+    /// counters stay the server's own: the index's misses are never told.
+    pub fn touch(&self, keys: &[&[u8]]) {
+        // The regions' last uses too, which pick the region a full pool takes back.
+        let now = self.capacity.use_stamp();
+        {
+            let table = self.table();
+            for k in keys {
+                let region = self
+                    .registry
+                    .lookup(k)
+                    .and_then(|e| table.by_slot.get(&e.region.0));
+                if let Some(r) = region {
+                    super::eviction::usage_hit(&r.usage, now);
+                }
+            }
+        }
+        self.capacity.used(keys);
+    }
+
     pub fn delete(&self, key: &[u8]) -> DeleteStatus {
         let mut returned = Returned::default();
         let status = self.delete_into(key, &mut returned);

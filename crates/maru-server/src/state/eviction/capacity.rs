@@ -262,6 +262,15 @@ impl Capacity {
         add(&ns.misses, misses);
     }
 
+    /// Uses of `keys` that the server did not answer (reads through the key index): the
+    /// policy's, without the hit counters. Keys it does not track are skipped.
+    pub fn used(&self, keys: &[&[u8]]) {
+        let mut policy = self.policy();
+        for key in keys {
+            policy.touch(key);
+        }
+    }
+
     /// A use of `key` that is no read (a pin).
     pub fn touch(&self, key: &[u8]) {
         self.policy().touch(key);

@@ -40,6 +40,32 @@ fn evict_all(st: &crate::state::ServerState) {
 }
 
 #[test]
+fn a_read_through_the_index_told_later_is_a_use_but_no_hit() {
+    let (st, _rm, (_p, a, r)) = state_with_owner("a");
+    for i in 0..4u64 {
+        let k = key(&format!("k{i}"));
+        assert!(st.register(&a, &reg(&k, &r, i * PAGE, PAGE)).unwrap());
+    }
+    let (k1, gone) = (key("k1"), key("never-stored"));
+    st.touch(&[k1.as_slice(), gone.as_slice()]);
+    let before = st.capacity.key_bytes();
+    let done = st.evict(
+        forever(),
+        &|_, _| true,
+        &mut |_| (3 * PAGE).saturating_sub(before - st.capacity.key_bytes()),
+        &mut Returned::default(),
+    );
+    assert_eq!(done.keys, 3);
+    assert!(st.registry.lookup(&k1).is_some(), "the touched key stays");
+    let ns = &st.stats().namespaces[0];
+    assert_eq!(
+        (ns.hits, ns.misses),
+        (0, 0),
+        "the server's counters are its own"
+    );
+}
+
+#[test]
 fn victims_are_unpinned_keys_oldest_first_and_exists_is_no_use() {
     let (st, _rm, (_p, a, r)) = state_with_owner("a");
     for i in 0..8u64 {
