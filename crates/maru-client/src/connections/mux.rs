@@ -29,7 +29,7 @@ use maru_transport::{FrameBuf, Stream, TransportError};
 use super::{read_again, PooledConn, Sent};
 use crate::claims::ReleaseQueue;
 use crate::error::{Error, Result};
-use crate::wait::{poll_until, wait_readable, NoHook, Wait, WaitHook, Waiting};
+use crate::wait::{poll_until, wait_readable, NoHook, ReplyClock, Wait, WaitHook, Waiting};
 
 /// A reply as a caller gets it: a response, a typed refusal, or why neither came.
 type Reply = std::result::Result<std::result::Result<Response, WireError>, TransportError>;
@@ -57,8 +57,8 @@ pub(crate) struct Mux {
     tx: Mutex<Vec<u8>>,
     /// The session's queued view releases, sent in front of the next request.
     releases: Option<Arc<ReleaseQueue>>,
-    /// The read side, used by the leader only (the lock is never contended).
-    read: Mutex<ReadSide>,
+    /// The read side, taken by the leader while it reads (the lock is never contended).
+    read: Mutex<Option<ReadSide>>,
     book: Mutex<Book>,
     /// Signalled when a slot frees up for a caller waiting beyond `max_inflight`.
     room: Condvar,
@@ -121,6 +121,17 @@ impl Failure {
     }
 }
 
+/// The timing of waits inside the hook: straight to `poll`, no grace (spent already).
+fn quiet(clock: &ReplyClock) -> Wait<'_> {
+    Wait {
+        hook: &NoHook,
+        busy_poll: false,
+        grace: Duration::ZERO,
+        clock,
+        timeout: Duration::ZERO,
+    }
+}
+
 /// How a caller's wait for its reply went on.
 enum Step {
     Done(Reply),
@@ -136,10 +147,10 @@ impl Mux {
             stream: conn.stream,
             tx: Mutex::new(conn.tx),
             releases: conn.releases,
-            read: Mutex::new(ReadSide {
+            read: Mutex::new(Some(ReadSide {
                 rx: conn.rx,
                 spin: conn.spin,
-            }),
+            })),
             book: Mutex::new(Book {
                 slots: Vec::with_capacity(max_inflight.min(64)),
                 next_id: conn.next_id,
@@ -289,9 +300,9 @@ impl Mux {
 
     /// As the leader: reads until `id`'s reply came (or the deadline passed, or the
     /// connection failed), delivering every other reply on the way, then hands over. The
-    /// grace is spent in the caller's context, the rest inside the hook, so that the
-    /// replies of the others are delivered while their callers (and this one) have given
-    /// up the GIL.
+    /// grace is spent in the caller's context; the rest of the wait, and the hand-over, run
+    /// inside the hook, so that the others' replies are delivered, and the next leader reads,
+    /// while this caller has given up its context (the GIL) and before it takes it back.
     fn lead(
         &self,
         id: u64,
@@ -300,31 +311,53 @@ impl Mux {
         w: &Wait,
         mut sent: Option<Sent>,
     ) -> Reply {
-        let mut read = lock(&self.read);
-        let rd: &mut ReadSide = &mut read;
         let until = (Instant::now() + grace).min(deadline);
         // The grace, as a lent connection spends it: its tail must not reach the hook.
         let in_place = Wait {
             hook: &NoHook,
             ..*w
         };
-        let mut mine = self.read_until(rd, id, until, &in_place, &mut sent, true);
-        if mine.is_none() {
-            let clock = w.clock;
-            w.hook.block(&mut || {
-                let quiet = Wait {
-                    hook: &NoHook,
-                    busy_poll: false,
-                    grace: Duration::ZERO,
-                    clock,
-                    timeout: Duration::ZERO,
-                };
-                mine = self.read_until(rd, id, deadline, &quiet, &mut sent, false);
-            });
+        if let Some(mine) = self.lead_until(id, until, &in_place, &mut sent, true, false) {
+            return mine;
         }
-        drop(read);
-        let mine = mine.unwrap_or(Err(TransportError::Timeout));
+        let clock = w.clock;
+        let mut mine = None;
+        w.hook.block(&mut || {
+            let quiet = quiet(clock);
+            mine = self.lead_until(id, deadline, &quiet, &mut sent, false, true);
+        });
+        // A hook that did not run the wait leaves the read side to hand over here.
         self.finish(id, true);
+        mine.unwrap_or(Err(TransportError::Timeout))
+    }
+
+    /// One stretch of leading: takes the read side, reads until `id`'s reply, a failure or
+    /// `until`, and puts the read side back. Hands it over (gives up `id`'s slot) when the
+    /// wait is over: the reply came, the connection failed, or `last` and `until` passed.
+    fn lead_until(
+        &self,
+        id: u64,
+        until: Instant,
+        w: &Wait,
+        sent: &mut Option<Sent>,
+        spin: bool,
+        last: bool,
+    ) -> Option<Reply> {
+        // Only the leader takes it, so it is always there.
+        let taken = lock(&self.read).take();
+        let mine = match taken {
+            Some(mut rd) => {
+                let mine = self.read_until(&mut rd, id, until, w, sent, spin);
+                *lock(&self.read) = Some(rd);
+                mine
+            }
+            None => Some(Err(TransportError::Unexpected(
+                "the shared connection's read side was taken".to_owned(),
+            ))),
+        };
+        if mine.is_some() || last {
+            self.finish(id, true);
+        }
         mine
     }
 
@@ -443,8 +476,18 @@ impl Mux {
         if let Some(step) = self.sleep_until(id, until) {
             return step;
         }
-        let mut step = None;
-        w.hook.block(&mut || step = self.sleep_until(id, deadline));
+        let (mut step, clock) = (None, w.clock);
+        w.hook.block(&mut || {
+            step = match self.sleep_until(id, deadline) {
+                // Read at once, without taking the caller's context back first.
+                Some(Step::Lead) => {
+                    let quiet = quiet(clock);
+                    let mine = self.lead_until(id, deadline, &quiet, &mut None, false, true);
+                    Some(Step::Done(mine.unwrap_or(Err(TransportError::Timeout))))
+                }
+                other => other,
+            }
+        });
         match step.or_else(|| self.check(id)) {
             Some(s) => s,
             None => {
@@ -631,7 +674,6 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wait::ReplyClock;
     use crate::ErrorKind;
     use maru_proto::encode_response;
     use std::os::unix::net::UnixStream;
