@@ -17,7 +17,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -65,6 +65,8 @@ pub(crate) struct Mux {
     max_inflight: usize,
     /// The most calls ever in flight at once on the session's shared connections.
     peak: Arc<AtomicUsize>,
+    /// `Book::dead` is set, readable without the lock (each call checks it).
+    dead: AtomicBool,
 }
 
 struct ReadSide {
@@ -89,7 +91,8 @@ struct Book {
 
 struct Slot {
     id: u64,
-    thread: Thread,
+    /// Who to wake; none for a caller that led from the start (it never sleeps).
+    thread: Option<Thread>,
     reply: Option<Reply>,
 }
 
@@ -132,6 +135,11 @@ fn quiet(clock: &ReplyClock) -> Wait<'_> {
     }
 }
 
+/// Never seen: only the leader takes the read side, and it puts it back before it hands over.
+fn missing_read_side() -> TransportError {
+    TransportError::Unexpected("the shared connection's read side was taken".to_owned())
+}
+
 /// How a caller's wait for its reply went on.
 enum Step {
     Done(Reply),
@@ -161,6 +169,7 @@ impl Mux {
             room: Condvar::new(),
             max_inflight: max_inflight.max(1),
             peak,
+            dead: AtomicBool::new(false),
         }
     }
 
@@ -170,7 +179,7 @@ impl Mux {
 
     /// Whether the connection failed (the next call opens a fresh one).
     pub fn is_dead(&self) -> bool {
-        lock(&self.book).dead.is_some()
+        self.dead.load(Ordering::Acquire)
     }
 
     pub fn shutdown(&self) {
@@ -221,14 +230,17 @@ impl Mux {
             if book.slots.len() < self.max_inflight {
                 let id = book.next_id;
                 book.next_id += 1;
-                book.slots.push(Slot {
-                    id,
-                    thread: std::thread::current(),
-                    reply: None,
-                });
-                self.peak.fetch_max(book.slots.len(), Ordering::Relaxed);
                 let leading = !book.leader;
                 book.leader = true;
+                book.slots.push(Slot {
+                    id,
+                    thread: (!leading).then(std::thread::current),
+                    reply: None,
+                });
+                let n = book.slots.len();
+                if n > self.peak.load(Ordering::Relaxed) {
+                    self.peak.fetch_max(n, Ordering::Relaxed);
+                }
                 return Ok((id, leading));
             }
             if Instant::now() >= deadline {
@@ -317,22 +329,27 @@ impl Mux {
             hook: &NoHook,
             ..*w
         };
-        if let Some(mine) = self.lead_until(id, until, &in_place, &mut sent, true, false) {
+        let mine = match lock(&self.read).as_mut() {
+            Some(rd) => self.read_until(rd, id, until, &in_place, &mut sent, true),
+            None => Some(Err(missing_read_side())),
+        };
+        if let Some(mine) = mine {
+            self.finish(id, true);
             return mine;
         }
         let clock = w.clock;
         let mut mine = None;
         w.hook.block(&mut || {
             let quiet = quiet(clock);
-            mine = self.lead_until(id, deadline, &quiet, &mut sent, false, true);
+            mine = self.lead_until(id, deadline, &quiet, &mut sent, true);
         });
         // A hook that did not run the wait leaves the read side to hand over here.
         self.finish(id, true);
         mine.unwrap_or(Err(TransportError::Timeout))
     }
 
-    /// One stretch of leading: takes the read side, reads until `id`'s reply, a failure or
-    /// `until`, and puts the read side back. Hands it over (gives up `id`'s slot) when the
+    /// The leader's wait inside the hook: takes the read side, reads until `id`'s reply, a
+    /// failure or `until`, and puts the read side back. Hands it over (gives up `id`'s slot) when the
     /// wait is over: the reply came, the connection failed, or `last` and `until` passed.
     fn lead_until(
         &self,
@@ -340,20 +357,18 @@ impl Mux {
         until: Instant,
         w: &Wait,
         sent: &mut Option<Sent>,
-        spin: bool,
         last: bool,
     ) -> Option<Reply> {
-        // Only the leader takes it, so it is always there.
+        // Taken out of the lock, not borrowed through its guard: this runs inside the hook,
+        // which takes only what can move to another thread.
         let taken = lock(&self.read).take();
         let mine = match taken {
             Some(mut rd) => {
-                let mine = self.read_until(&mut rd, id, until, w, sent, spin);
+                let mine = self.read_until(&mut rd, id, until, w, sent, false);
                 *lock(&self.read) = Some(rd);
                 mine
             }
-            None => Some(Err(TransportError::Unexpected(
-                "the shared connection's read side was taken".to_owned(),
-            ))),
+            None => Some(Err(missing_read_side())),
         };
         if mine.is_some() || last {
             self.finish(id, true);
@@ -464,7 +479,9 @@ impl Mux {
         slot.reply = Some(reply);
         let thread = slot.thread.clone();
         drop(book);
-        thread.unpark();
+        if let Some(t) = thread {
+            t.unpark();
+        }
         Ok(())
     }
 
@@ -482,7 +499,7 @@ impl Mux {
                 // Read at once, without taking the caller's context back first.
                 Some(Step::Lead) => {
                     let quiet = quiet(clock);
-                    let mine = self.lead_until(id, deadline, &quiet, &mut None, false, true);
+                    let mine = self.lead_until(id, deadline, &quiet, &mut None, true);
                     Some(Step::Done(mine.unwrap_or(Err(TransportError::Timeout))))
                 }
                 other => other,
@@ -564,7 +581,7 @@ impl Mux {
                 .iter()
                 .filter(|s| s.reply.is_none())
                 .min_by_key(|s| s.id)
-                .map(|s| s.thread.clone())
+                .and_then(|s| s.thread.clone())
         };
         (next, book.room_waiters > 0)
     }
@@ -591,8 +608,9 @@ impl Mux {
         let mut book = lock(&self.book);
         if book.dead.is_none() {
             book.dead = Some(f);
+            self.dead.store(true, Ordering::Release);
         }
-        let waiters: Vec<Thread> = book.slots.iter().map(|s| s.thread.clone()).collect();
+        let waiters: Vec<Thread> = book.slots.iter().filter_map(|s| s.thread.clone()).collect();
         drop(book);
         for t in waiters {
             t.unpark();
