@@ -43,8 +43,9 @@ pub struct MaruConfig {
     /// Bound on every wait for the server (connect, each reply).
     pub timeout_ms: u64,
     /// Pipelining: the calls of the handler's threads share one connection, each with its
-    /// own request id, instead of taking a connection each (descriptor requests and those
-    /// that wait on the resource manager still take one of their own). A call that is alone
+    /// own request id, instead of taking a connection each (descriptor requests, and those
+    /// that wait on the resource manager while other calls are in flight, still take one of
+    /// their own). A call that is alone
     /// waits exactly as on a connection of its own. `false`: a connection per concurrent
     /// call.
     pub use_async_rpc: bool,

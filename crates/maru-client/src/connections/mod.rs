@@ -360,10 +360,11 @@ fn handshake(
     }
 }
 
-/// Requests that go on the shared connection. Those that wait on the resource manager (a region
-/// granted or given back, room made by eviction) take milliseconds; the server answers a
-/// connection's requests in order, so on the shared connection they would hold up every
-/// lookup queued behind them.
+/// Requests that go on the shared connection even while other calls are in flight on it. Those
+/// that wait on the resource manager (a region granted or given back, room made by eviction)
+/// take milliseconds; the server answers a connection's requests in order, so they would hold
+/// up every lookup queued behind them: they take a connection of their own then (and the
+/// shared one when it is idle, so that a handler used by one thread keeps two connections).
 fn shares(req: &Request) -> bool {
     !matches!(
         req,
@@ -490,8 +491,10 @@ impl ConnectionPool {
     /// fresh one); a typed error reply leaves it usable.
     pub fn call(&self, req: &Request, hook: &dyn WaitHook) -> Result<Response> {
         let w = self.wait(hook);
-        if let Some(shared) = self.shared.as_ref().filter(|_| shares(req)) {
-            return self.call_shared(shared, req, &w);
+        if let Some(shared) = &self.shared {
+            if shares(req) || shared.idle() {
+                return self.call_shared(shared, req, &w);
+            }
         }
         let (mut conn, pooled) = match self.take_idle() {
             Some(c) => (c, true),

@@ -186,6 +186,11 @@ impl Mux {
         let _ = self.stream.shutdown();
     }
 
+    /// No call is in flight.
+    fn idle(&self) -> bool {
+        lock(&self.book).slots.is_empty()
+    }
+
     /// Sends `req` and waits for its reply, as [`PooledConn::call`] does on a lent
     /// connection: the same grace, the same errors.
     pub fn call(&self, req: &Request, w: &Wait) -> Result<Response> {
@@ -643,6 +648,11 @@ impl Shared {
     /// The most calls the session has had in flight at once on its shared connections.
     pub fn peak_inflight(&self) -> usize {
         self.peak.load(Ordering::Relaxed)
+    }
+
+    /// No call is in flight on the shared connection (or there is none yet).
+    pub fn idle(&self) -> bool {
+        self.live().is_none_or(|m| m.idle())
     }
 
     fn live(&self) -> Option<Arc<Mux>> {
