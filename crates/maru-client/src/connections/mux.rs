@@ -834,6 +834,37 @@ mod tests {
         assert!(e.found_connection_dead(), "{e}");
     }
 
+    /// The leader times out with a follower still waiting: the follower takes the read side
+    /// over, skips the leader's late reply and gets its own.
+    #[test]
+    fn a_leader_that_times_out_hands_the_read_side_to_a_waiting_caller() {
+        let (m, mut server) = mux(64);
+        let mut rx = FrameBuf::new();
+        let m1 = m.clone();
+        let leader = std::thread::spawn(move || {
+            m1.call(
+                &Request::Exists { key: b"a" },
+                &wait(Duration::from_millis(100)),
+            )
+        });
+        let first = requests(&mut rx, &mut server, 1)[0];
+        let m2 = m.clone();
+        let follower = std::thread::spawn(move || {
+            m2.call(
+                &Request::Exists { key: b"b" },
+                &wait(Duration::from_secs(10)),
+            )
+        });
+        let second = requests(&mut rx, &mut server, 1)[0];
+        let e = leader.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        answer(&mut server, first, true);
+        answer(&mut server, second, false);
+        assert_eq!(follower.join().unwrap().unwrap(), Response::Bool(false));
+        let book = lock(&m.book);
+        assert!(book.slots.is_empty() && !book.leader && book.dead.is_none());
+    }
+
     #[test]
     fn callers_beyond_max_inflight_wait_for_room() {
         let (m, mut server) = mux(2);
