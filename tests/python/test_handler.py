@@ -4,6 +4,7 @@ including the error paths."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -457,3 +458,36 @@ def test_write_behind_failure_is_reported_not_lost(fresh_cluster: Cluster, key: 
         failures += 1
     assert failures >= 1, "a store the server never saw was reported as stored"
     w.close()
+
+
+@pytest.mark.parametrize("use_async_rpc", [True, False])
+def test_threads_of_one_handler_get_their_own_replies(
+    make_config: ConfigFactory, handlers: list[MaruHandler], transport: str, cluster: Cluster, key: Key, use_async_rpc: bool
+) -> None:
+    """Pipelined on one shared connection (the waits release the GIL) or a connection each:
+    every thread's calls get their own answers."""
+    h = MaruHandler(make_config(server_url=cluster.url(transport), use_async_rpc=use_async_rpc))
+    handlers.append(h)
+    keys = [key(f"mux-{i}") for i in range(16)]
+    for i, k in enumerate(keys):
+        assert h.store(k, bytes([i]) * 100)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for n in range(150):
+                i = (t * 5 + n) % len(keys)
+                view = h.retrieve(keys[i])
+                assert view is not None and bytes(view.view) == bytes([i]) * 100
+                assert h.pin(keys[i]) and h.unpin(keys[i])
+                assert not h.pin(key(f"missing-{t}-{n}"))
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads), "a thread hangs"
+    assert errors == []

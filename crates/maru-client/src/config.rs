@@ -42,10 +42,17 @@ pub struct MaruConfig {
     pub auto_connect: bool,
     /// Bound on every wait for the server (connect, each reply).
     pub timeout_ms: u64,
-    /// Accepted for compatibility; replies are always awaited with the GIL-aware wait.
+    /// Pipelining: the calls of the handler's threads share one connection, each with its
+    /// own request id, instead of taking a connection each (descriptor requests, and those
+    /// that wait on the resource manager while other calls are in flight, still take one of
+    /// their own). A call that is alone
+    /// waits exactly as on a connection of its own. `false`: a connection per concurrent
+    /// call.
     pub use_async_rpc: bool,
-    /// Most idle connections kept in the pool (concurrent callers beyond it get a fresh
-    /// connection that is closed afterwards).
+    /// With `use_async_rpc`, the most calls in flight at once on the shared connection (a
+    /// caller beyond it waits, within its timeout, for one to end); it also bounds the idle
+    /// connections kept (concurrent callers beyond it get a fresh connection that is closed
+    /// afterwards).
     pub max_inflight: u32,
     /// Map every live region at connect instead of lazily at first retrieve.
     pub eager_map: bool,

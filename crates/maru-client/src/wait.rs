@@ -152,7 +152,8 @@ impl Drop for Waiting {
     }
 }
 
-fn poll_until(fd: RawFd, deadline: Instant) -> io::Result<bool> {
+/// Waits in `poll` until `fd` is readable (`true`) or `deadline` passed (`false`).
+pub(crate) fn poll_until(fd: RawFd, deadline: Instant) -> io::Result<bool> {
     loop {
         let now = Instant::now();
         if now >= deadline {

@@ -161,7 +161,11 @@ fn eager_map_maps_existing_regions_at_connect() {
 #[test]
 fn concurrent_readers_use_their_own_connections() {
     let c = cluster();
-    let h = Arc::new(c.handler(c.config()));
+    // Without pipelining (with it they share one: tests/pipelining.rs).
+    let h = Arc::new(c.handler(MaruConfig {
+        use_async_rpc: false,
+        ..c.config()
+    }));
     for i in 0..32u32 {
         h.store_bytes(format!("c-{i}").as_bytes(), b"", &i.to_le_bytes())
             .unwrap();

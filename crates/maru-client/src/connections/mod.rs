@@ -1,6 +1,8 @@
 //! The connections of one instance session: [`PooledConn`], a handshaken socket whose reply
-//! waits go through [`crate::wait`], and [`ConnectionPool`], which lends one to each call so
-//! that concurrent callers never share a socket and no lock is held across a round trip.
+//! waits go through [`crate::wait`], and [`ConnectionPool`], which either lends one to each
+//! call, so that concurrent callers never share a socket, or (with `use_async_rpc`) pipelines
+//! the calls of all threads on one shared connection (`mux`). No lock is held across a round
+//! trip either way.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -21,6 +23,7 @@ use crate::claims::{PinBook, ReleaseQueue};
 use crate::error::{Error, Result};
 use crate::wait::{wait_readable, ReplyClock, Wait, WaitHook, Waiting};
 
+mod mux;
 mod resume;
 
 /// Whether a failed read is worth trying again: the socket's safety-net timeout passed or a
@@ -303,8 +306,10 @@ pub(crate) struct Books {
     pub pins: Arc<PinBook>,
 }
 
-/// The connection pool of one instance session. Connections are taken for one call and put
-/// back, so concurrent callers each get their own and no lock is held across a round trip.
+/// The connection pool of one instance session. Without pipelining, connections are taken for
+/// one call and put back, so concurrent callers each get their own; with it, calls share one
+/// connection (see `mux`) and only descriptor requests and the requests that wait on the
+/// resource manager take a connection of their own.
 pub(crate) struct ConnectionPool {
     /// The session's view holds: releases of dropped views, carried by the session's next
     /// request on any connection, and the live ones (kept across a resume).
@@ -321,6 +326,16 @@ pub(crate) struct ConnectionPool {
     closed: AtomicBool,
     timing: Timing,
     clock: ReplyClock,
+    /// The shared connection (`use_async_rpc`); `None`: a connection per call.
+    shared: Option<mux::Shared>,
+}
+
+/// How a session's calls use its connections: `max_inflight` bounds the calls in flight on the
+/// shared connection when `pipelined`, else the idle connections kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sharing {
+    pub pipelined: bool,
+    pub max_inflight: usize,
 }
 
 fn handshake(
@@ -345,6 +360,21 @@ fn handshake(
     }
 }
 
+/// Requests that go on the shared connection even while other calls are in flight on it. Those
+/// that wait on the resource manager (a region granted or given back, room made by eviction)
+/// take milliseconds; the server answers a connection's requests in order, so they would hold
+/// up every lookup queued behind them: they take a connection of their own then (and the
+/// shared one when it is idle, so that a handler used by one thread keeps two connections).
+fn shares(req: &Request) -> bool {
+    !matches!(
+        req,
+        Request::RequestRegion { .. }
+            | Request::ReturnRegion { .. }
+            | Request::MakeRoom { .. }
+            | Request::GiveBack { .. }
+    )
+}
+
 /// Requests that may be sent again on a fresh connection when a pooled one turns out to be
 /// dead (the server restarted or dropped an idle connection): they change nothing.
 fn idempotent(req: &Request) -> bool {
@@ -366,7 +396,7 @@ impl ConnectionPool {
     pub fn establish(
         url: ServerUrl,
         identity: Identity,
-        max_idle: usize,
+        sharing: Sharing,
         timing: Timing,
         hook: &dyn WaitHook,
     ) -> Result<ConnectionPool> {
@@ -375,7 +405,7 @@ impl ConnectionPool {
         let (conn, server) = handshake(&url, &identity, None, &w)?;
         let books = Books::default();
         Ok(ConnectionPool::around(
-            conn, server, url, identity, max_idle, timing, clock, books,
+            conn, server, url, identity, sharing, timing, clock, books,
         ))
     }
 
@@ -387,7 +417,7 @@ impl ConnectionPool {
         server: HelloOk,
         url: ServerUrl,
         identity: Identity,
-        max_idle: usize,
+        sharing: Sharing,
         timing: Timing,
         clock: ReplyClock,
         books: Books,
@@ -402,10 +432,13 @@ impl ConnectionPool {
             session: server.session_token,
             index: server.index,
             idle: Mutex::new(vec![conn]),
-            max_idle,
+            max_idle: sharing.max_inflight,
             closed: AtomicBool::new(false),
             timing,
             clock,
+            shared: sharing
+                .pipelined
+                .then(|| mux::Shared::new(sharing.max_inflight)),
         }
     }
 
@@ -458,6 +491,11 @@ impl ConnectionPool {
     /// fresh one); a typed error reply leaves it usable.
     pub fn call(&self, req: &Request, hook: &dyn WaitHook) -> Result<Response> {
         let w = self.wait(hook);
+        if let Some(shared) = &self.shared {
+            if shares(req) || shared.idle() {
+                return self.call_shared(shared, req, &w);
+            }
+        }
         let (mut conn, pooled) = match self.take_idle() {
             Some(c) => (c, true),
             None => (self.open(&w)?, false),
@@ -483,6 +521,39 @@ impl ConnectionPool {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// One request, one reply on the shared connection. A connection that failed is replaced
+    /// by the next call; an idempotent request that found a connection from before dead goes
+    /// again on a fresh one, as on a lent connection.
+    fn call_shared(&self, shared: &mux::Shared, req: &Request, w: &Wait) -> Result<Response> {
+        let (conn, fresh) = shared.get(w.hook, || self.unshared_conn(w))?;
+        match conn.call(req, w) {
+            Err(e) if !fresh && e.found_connection_dead() && idempotent(req) => {
+                let (conn, _) = shared.get(w.hook, || self.unshared_conn(w))?;
+                conn.call(req, w)
+            }
+            got => got,
+        }
+    }
+
+    /// A connection for the shared one: an idle one that never asked for a descriptor (whose
+    /// replies may bring one), else a fresh one; whether it is fresh.
+    fn unshared_conn(&self, w: &Wait) -> Result<(PooledConn, bool)> {
+        match self.take_idle() {
+            Some(c) if !c.fd_reads => Ok((c, false)),
+            Some(c) => {
+                self.put_back(c);
+                Ok((self.open(w)?, true))
+            }
+            None => Ok((self.open(w)?, true)),
+        }
+    }
+
+    /// The most calls the session had in flight at once on its shared connection (0 without
+    /// pipelining).
+    pub fn peak_inflight(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s.peak_inflight())
     }
 
     /// A descriptor of region `region_id`'s file from the server, over a Unix connection
@@ -516,19 +587,25 @@ impl ConnectionPool {
         Some(got)
     }
 
-    /// Drops every idle connection (the server sees them close); connections still in use
-    /// are dropped when their call ends.
-    /// The descriptors of the idle connections (none if another thread held the pool's lock
-    /// when the process forked: that lock is never released in the child).
+    /// The descriptors of the idle connections and the shared one (none of a kind if another
+    /// thread held its lock when the process forked: that lock is never released in the
+    /// child).
     pub fn raw_fds(&self) -> Vec<std::os::fd::RawFd> {
-        match self.idle.try_lock() {
+        let mut fds = match self.idle.try_lock() {
             Ok(idle) => idle.iter().map(|c| c.raw_fd()).collect(),
             Err(_) => Vec::new(),
-        }
+        };
+        fds.extend(self.shared.as_ref().and_then(|s| s.raw_fd()));
+        fds
     }
 
+    /// Drops every idle connection and the shared one (the server sees them close);
+    /// connections still in use are dropped when their call ends.
     pub fn close_all(&self) {
         self.closed.store(true, Ordering::Release);
+        if let Some(s) = &self.shared {
+            s.close();
+        }
         let conns = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
         for c in conns {
             let _ = c.stream.shutdown();

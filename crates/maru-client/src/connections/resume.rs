@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use maru_proto::{Hello, Request, Response, Role, ServerUrl, SESSION_TOKEN_LEN};
 
-use super::{Books, ConnectionPool, Identity, PooledConn, Timing};
+use super::{Books, ConnectionPool, Identity, PooledConn, Sharing, Timing};
 use crate::claims::Claims;
 use crate::error::{Error, Result};
 use crate::wait::{ReplyClock, WaitHook};
@@ -33,7 +33,7 @@ impl ConnectionPool {
         regions: &[u64],
         claims: &Claims,
         books: Books,
-        max_idle: usize,
+        sharing: Sharing,
         timing: Timing,
         hook: &dyn WaitHook,
     ) -> Result<(ConnectionPool, Refused)> {
@@ -85,7 +85,7 @@ impl ConnectionPool {
             other => return Err(Error::unexpected("resume", &other)),
         };
         let pool =
-            ConnectionPool::around(conn, server, url, identity, max_idle, timing, clock, books);
+            ConnectionPool::around(conn, server, url, identity, sharing, timing, clock, books);
         Ok((pool, refused))
     }
 }

@@ -17,7 +17,7 @@ use super::write_behind::Settle;
 use super::{during, lock_hooked, read, write, Added, Hooked, Lifecycle};
 use crate::claims::Claims;
 use crate::config::MaruConfig;
-use crate::connections::{Books, ConnectionPool, Timing};
+use crate::connections::{Books, ConnectionPool, Sharing, Timing};
 use crate::error::{Error, Result};
 use crate::fork::{self, Birth};
 use crate::view::PageId;
@@ -154,7 +154,10 @@ impl Hooked<'_> {
         let conns = ConnectionPool::establish(
             h.url.clone(),
             h.identity.here(),
-            h.config.max_inflight as usize,
+            Sharing {
+                pipelined: h.config.use_async_rpc,
+                max_inflight: h.config.max_inflight as usize,
+            },
             timing,
             self.hook,
         )?;
@@ -253,7 +256,10 @@ impl Hooked<'_> {
             &ids,
             &claims,
             books,
-            h.config.max_inflight as usize,
+            Sharing {
+                pipelined: h.config.use_async_rpc,
+                max_inflight: h.config.max_inflight as usize,
+            },
             timing,
             self.hook,
         );

@@ -339,6 +339,8 @@ forward! {
     /// Connected and the server answers a heartbeat.
     fn healthcheck(&self) -> bool;
     fn stats(&self) -> Result<HandlerStats>;
+    /// See [`HandlerStats::peak_inflight`] (no round trip; 0 when not connected).
+    fn peak_inflight(&self) -> usize;
     /// Allocator state of every owned region (empty when not connected).
     fn owned_regions(&self) -> Vec<OwnedRegionStats>;
     /// Pages of a region: an owned region's allocator size, else the mapped size / stride.

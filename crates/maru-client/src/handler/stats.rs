@@ -27,6 +27,9 @@ pub struct OwnedRegionStats {
 pub struct HandlerStats {
     pub server: ServerStats,
     pub regions: Vec<OwnedRegionStats>,
+    /// The most calls this handler's session had in flight at once on its shared connection
+    /// (`use_async_rpc`; bounded by `max_inflight`); 0 without pipelining.
+    pub peak_inflight: usize,
 }
 
 impl Owned {
@@ -67,8 +70,19 @@ impl Hooked<'_> {
                 other => return Err(Error::unexpected("stats", &other)),
             };
             let regions = lock_hooked(&c.owned, self.hook).stats(c.chunk());
-            Ok(HandlerStats { server, regions })
+            Ok(HandlerStats {
+                server,
+                regions,
+                peak_inflight: c.conns.peak_inflight(),
+            })
         })
+    }
+
+    /// See [`HandlerStats::peak_inflight`] (no round trip; 0 when not connected).
+    pub fn peak_inflight(&self) -> usize {
+        self.h
+            .connected(self.hook)
+            .map_or(0, |c| c.conns.peak_inflight())
     }
 
     pub fn owned_regions(&self) -> Vec<OwnedRegionStats> {

@@ -59,7 +59,9 @@ where
             let Ok(mut s) = stream else { return };
             let (region, sent, mut answer) = (region.clone(), sent.clone(), per_conn());
             std::thread::spawn(move || {
-                while let Ok((h, _)) = maru_transport::read_frame(&mut s) {
+                // One buffer for the connection: pipelined requests arrive in one read.
+                let mut rx = maru_transport::FrameBuf::new();
+                while let Ok((h, _)) = rx.read_frame(&mut s) {
                     let resp = match h.msg_type {
                         msg_type::HELLO => Response::HelloOk(HelloOk {
                             server: tag.into(),
@@ -158,4 +160,27 @@ pub fn stalled_server() -> (String, std::thread::JoinHandle<()>) {
         while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
     });
     (url, t)
+}
+
+/// A fake server that holds every `exists` for `delay` and then closes the connection (a
+/// server dying with calls in flight); counts its connections.
+pub fn dying_server(dir: &std::path::Path, delay: Duration) -> (String, Arc<AtomicUsize>) {
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    let url = fake_server(
+        dir,
+        "dying",
+        move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            move |t| {
+                if t == msg_type::EXISTS {
+                    std::thread::sleep(delay);
+                    return None;
+                }
+                Some(Response::Ok)
+            }
+        },
+        |_| {},
+    );
+    (url, conns)
 }
