@@ -271,24 +271,22 @@ impl Mux {
         }
     }
 
-    /// Writes request `id`, behind the session's queued releases; the frame's length.
+    /// Writes request `id`, behind the session's queued releases and index reads; the frame's
+    /// length.
     fn send(&self, id: u64, req: &Request) -> std::result::Result<usize, TransportError> {
         let mut tx = lock(&self.tx);
         tx.clear();
-        let released = self.releases.as_ref().map(|q| q.take()).unwrap_or_default();
-        for chunk in released.chunks(maru_proto::MAX_BATCH) {
-            let release = Request::ReleaseHolds {
-                pages: chunk.to_vec(),
-            };
-            // Infallible: a batch of pages fits a frame.
-            let _ = encode_request(&mut tx, 0, &release);
+        if let Some(q) = &self.releases {
+            q.encode_pending(&mut tx);
         }
         let start = tx.len();
-        encode_request(&mut tx, id, req)?;
-        let written = match &self.stream {
-            Stream::Unix(s) => (&*s).write_all(&tx),
-            Stream::Tcp(s) => (&*s).write_all(&tx),
-        };
+        if let Err(e) = encode_request(&mut tx, id, req) {
+            // What was pending still goes: releases must not be lost with a request too large.
+            tx.truncate(start);
+            let _ = self.write(&tx);
+            return Err(e.into());
+        }
+        let written = self.write(&tx);
         if let Err(e) = written {
             // Part of the frame may be out: nothing more can go on this connection.
             let kept = TransportError::Io(io::Error::new(e.kind(), e.to_string()));
@@ -296,6 +294,13 @@ impl Mux {
             return Err(TransportError::Io(e));
         }
         Ok(tx.len() - start)
+    }
+
+    fn write(&self, bytes: &[u8]) -> io::Result<()> {
+        match &self.stream {
+            Stream::Unix(s) => (&*s).write_all(bytes),
+            Stream::Tcp(s) => (&*s).write_all(bytes),
+        }
     }
 
     /// Waits for the reply to `id`: reads for everyone while this caller leads, else sleeps
