@@ -88,13 +88,6 @@ pub fn on_server_side<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Lets the calling thread (and what it starts) run on every allowed CPU.
-pub fn unpin_current() {
-    if sides().is_some() {
-        pin_current(&allowed_cpus_of_process());
-    }
-}
-
 /// How a spinner thread's name begins (followed by its CPU).
 pub const SPINNER_NAME: &str = "bench-idle-";
 

@@ -163,13 +163,13 @@ pub fn run(args: BenchArgs, subcommand: &[&str]) -> anyhow::Result<()> {
         }
     }
     if on(Section::Concurrency) {
-        // Many clients use every CPU (the daemons stay where they are).
-        cpu::unpin_current();
+        // The clients stay on the client side and the daemons on theirs, as in every row: a
+        // deployment gives the server a core of its own (docs/PERFORMANCE.md has the rows with
+        // clients on every CPU too).
         for (u, t) in per_transport.clone() {
             b.section(&format!("Concurrency (retrieve 4 KiB), {}", t.name()));
             concurrency::run(&mut b, t, u).with_context(|| format!("concurrency over {u}"))?;
         }
-        cpu::enter_client_side();
     }
     if on(Section::Connect) {
         for (u, t) in per_transport.clone() {
