@@ -29,6 +29,22 @@ impl WaitHook for NoHook {
     }
 }
 
+/// Takes `m`, waiting through `hook` when another thread holds it: a thread waiting for a
+/// lock that a call holds across its round trip (or a connect) must not keep the caller's
+/// context, the GIL, from the other threads.
+pub(crate) fn lock_hooked<'a, T: Send>(
+    m: &'a std::sync::Mutex<T>,
+    hook: &dyn WaitHook,
+) -> std::sync::MutexGuard<'a, T> {
+    loop {
+        match m.try_lock() {
+            Ok(g) => return g,
+            Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => hook.block(&mut || drop(m.lock())),
+        }
+    }
+}
+
 /// The longest grace a measured reply time can ask for. Handing a wait to the hook costs a
 /// Python caller up to the interpreter's switch interval (5 ms) when another thread is busy,
 /// while holding on keeps that thread out for the grace: a fifth of the switch interval

@@ -18,7 +18,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -29,25 +29,15 @@ use maru_transport::{FrameBuf, Stream, TransportError};
 use super::{read_again, PooledConn, Sent};
 use crate::claims::ReleaseQueue;
 use crate::error::{Error, Result};
-use crate::wait::{poll_until, wait_readable, NoHook, ReplyClock, Wait, WaitHook, Waiting};
+use crate::wait::{
+    lock_hooked, poll_until, wait_readable, NoHook, ReplyClock, Wait, WaitHook, Waiting,
+};
 
 /// A reply as a caller gets it: a response, a typed refusal, or why neither came.
 type Reply = std::result::Result<std::result::Result<Response, WireError>, TransportError>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Takes `m`, waiting through `hook` if another thread holds it (a thread that waits for a
-/// connect must not keep the caller's context, the GIL, from the others).
-fn lock_hooked<'a, T: Send>(m: &'a Mutex<T>, hook: &dyn WaitHook) -> MutexGuard<'a, T> {
-    loop {
-        match m.try_lock() {
-            Ok(g) => return g,
-            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-            Err(TryLockError::WouldBlock) => hook.block(&mut || drop(m.lock())),
-        }
-    }
 }
 
 /// One connection shared by the session's concurrent calls.

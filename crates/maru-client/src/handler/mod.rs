@@ -34,7 +34,7 @@ mod store;
 mod write_behind;
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use maru_proto::{DeleteStatus, ServerUrl, MAX_KEY_LEN};
 use maru_transport::local_identity;
@@ -43,7 +43,7 @@ use crate::config::MaruConfig;
 use crate::connections::Identity;
 use crate::error::{Error, Result};
 use crate::view::{AllocHandle, PageId, View};
-use crate::wait::{NoHook, WaitHook};
+use crate::wait::{lock_hooked, NoHook, WaitHook};
 
 use connected::Connected;
 pub use region_fd::REGION_FDS_ENV;
@@ -81,17 +81,6 @@ pub struct MaruHandler {
 pub struct Hooked<'a> {
     h: &'a MaruHandler,
     hook: &'a dyn WaitHook,
-}
-
-/// Takes `m`, waiting through `hook` when it is contended (see the module docs).
-fn lock_hooked<'a, T: Send>(m: &'a Mutex<T>, hook: &dyn WaitHook) -> MutexGuard<'a, T> {
-    loop {
-        match m.try_lock() {
-            Ok(g) => return g,
-            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-            Err(TryLockError::WouldBlock) => hook.block(&mut || drop(m.lock())),
-        }
-    }
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
