@@ -158,6 +158,10 @@ impl Waiting {
 
     /// No other call of the process is waiting (a wait outside a counted call counts none).
     fn alone() -> bool {
+        #[cfg(test)]
+        if tests::ALONE.with(|a| a.get()) {
+            return true;
+        }
         WAITING.load(Ordering::Acquire) <= 1
     }
 }
@@ -243,6 +247,12 @@ mod tests {
 
     static CLOCK: ReplyClock = ReplyClock::new();
 
+    thread_local! {
+        /// Makes this thread's waits count as alone, whatever other tests of the binary wait
+        /// for meanwhile ([`Waiting`] counts the whole process).
+        pub(super) static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     fn wait(hook: &dyn WaitHook, grace: Duration, busy_poll: bool, timeout: Duration) -> Wait<'_> {
         Wait {
             hook,
@@ -268,6 +278,7 @@ mod tests {
         }
         let (a, _b) = UnixStream::pair().unwrap();
         let hook = Counting(Default::default());
+        ALONE.with(|a| a.set(true));
         for busy_poll in [false, true] {
             hook.0.store(0, Ordering::SeqCst);
             let w = wait(
@@ -320,6 +331,7 @@ mod tests {
             b
         });
         let mut spin = Backoff::default();
+        ALONE.with(|a| a.set(true));
         let t = Instant::now();
         let seen = wait_for(a.as_raw_fd(), &w, &mut spin).unwrap();
         assert!(seen - t >= Duration::from_millis(2), "seen when it came");
