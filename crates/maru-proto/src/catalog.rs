@@ -410,7 +410,7 @@ mod tests {
                 "rm_list"
             ]
         );
-        assert_eq!(SERVER_REQUESTS.len(), 29);
+        assert_eq!(SERVER_REQUESTS.len(), 30);
         assert!(SERVER_REQUESTS[..3] == RM_REQUESTS[..3]);
         assert!(SERVER_REQUESTS[3..]
             .iter()
