@@ -9,8 +9,9 @@ use std::sync::Mutex;
 
 use maru_proto::{encode_request, Request, MAX_BATCH};
 
-/// The most keys waiting to be told; reads beyond it until the next send are not told (the
-/// keys read most recently before it are).
+/// The most keys waiting to be told; reads beyond it are not told until the next send takes
+/// the ones waiting (the watcher sends every 50 ms, so only a burst of this many reads within
+/// one round loses any).
 const MAX_PENDING: usize = 4 * MAX_BATCH;
 
 /// Keys read through the index and not told yet, in one byte buffer.
