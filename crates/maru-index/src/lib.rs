@@ -7,6 +7,9 @@
 //!   corruption), insert-if-absent, remove, update, iterate.
 //! - [`IndexReader`]: lookup, batch lookup, prefix length, copy-out reads with a generation
 //!   recheck ([`IndexReader::read_into`]).
+//! - [`LaneFile`] / [`LaneWriter`]: hold lanes, a second file where clients hold pages they
+//!   found in the index without a round trip, and the server looks before it returns a page
+//!   (`lanes.rs` has the protocol and why it is sound).
 //! - [`Coherence`]: what happens around loads and stores on memory that is not coherent
 //!   (CXL 2.0 sharing between hosts); nothing on ordinary memory.
 //!
@@ -51,12 +54,13 @@
 //! # Ok::<(), maru_index::IndexError>(())
 //! ```
 
-// The loom build keeps only the table protocol and its model.
+// The loom build keeps only the table and lanes protocols and their models.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 mod coherence;
 mod error;
 mod hash;
+mod lanes;
 pub mod layout;
 mod sync;
 mod table;
@@ -78,11 +82,14 @@ pub mod model;
 pub use coherence::{Coherence, Coherent, FlushLines};
 pub use error::{ErrorKind, IndexError};
 pub use hash::key_hash;
+pub use lanes::{MAX_LANES, MAX_LANE_PAGE, MAX_LANE_SLOTS};
 pub use layout::Geometry;
 pub use table::{Found, Location};
 
 #[cfg(not(loom))]
 pub use attach::{AttachReport, TornEntry};
+#[cfg(not(loom))]
+pub use lanes::{LaneFile, LaneWriter};
 #[cfg(not(loom))]
 pub use reader::{copy_atomic, IndexReader, PageSource, ReadOutcome};
 #[cfg(not(loom))]

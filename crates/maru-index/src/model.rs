@@ -1,9 +1,11 @@
-//! The table over loom's atomics in memory, for tests/loom.rs: the same protocol code as the
-//! mapped file, with a trivial allocator (each long key gets fresh key words).
+//! The table and the hold lanes over loom's atomics in memory, for tests/loom.rs: the same
+//! protocol code as the mapped files, with a trivial allocator (each long key gets fresh key
+//! words).
 
 use crate::coherence::Coherent;
+use crate::lanes::{LaneGeometry, Lanes};
 use crate::layout::*;
-use crate::sync::{AtomicU32, AtomicU64};
+use crate::sync::{fence, AtomicU32, AtomicU64, Ordering::Acquire};
 use crate::table::{Found, Location, Table};
 
 /// A one-bucket table with room for `key_words` words of long keys.
@@ -72,6 +74,12 @@ impl MemTable {
         self.table().lookup(&Coherent, ns, key)
     }
 
+    /// A reader's recheck of `found`'s generation, as `IndexReader::is_current` makes it.
+    pub fn is_current(&self, found: &Found) -> bool {
+        fence(Acquire);
+        self.table().generation_at(&Coherent, found.slot) == found.generation
+    }
+
     /// Inserts `key` at a chosen slot with its bytes at word `key_at` of the key area: lets a
     /// model make a key overflow into the next bucket, or reuse a removed key's slot and words.
     #[allow(clippy::too_many_arguments)]
@@ -93,5 +101,60 @@ impl MemTable {
     /// because every MemTable hashes with the same constant key.
     pub fn home_bucket(nbuckets: u64, ns: u32, key: &[u8]) -> u64 {
         crate::table::home_of(crate::hash::key_hash([1, 2], ns, key), nbuckets)
+    }
+}
+
+/// Hold lanes in memory: `lanes` lanes of `slots` slots, the server's and the clients' calls
+/// as `LaneFile` and `LaneWriter` make them.
+pub struct MemLanes {
+    words: Vec<AtomicU64>,
+    geometry: LaneGeometry,
+}
+
+impl MemLanes {
+    pub fn new(lanes: u32, slots: u32) -> MemLanes {
+        let geometry = LaneGeometry::new(lanes, slots).expect("a small geometry");
+        MemLanes {
+            words: (0..geometry.words()).map(|_| AtomicU64::new(0)).collect(),
+            geometry,
+        }
+    }
+
+    fn lanes(&self) -> Lanes<'_> {
+        Lanes {
+            words: &self.words,
+            geometry: self.geometry,
+        }
+    }
+
+    pub fn assign(&self, lane: u32) -> u8 {
+        self.lanes().assign(lane)
+    }
+
+    pub fn reset(&self, lane: u32) {
+        self.lanes().reset(lane)
+    }
+
+    pub fn is_held(&self, region: u32, page: u32) -> bool {
+        self.lanes().is_held(region, page)
+    }
+
+    pub fn claim(&self, lane: u32, tag: u8, slot: u32, region: u32, page: u32) -> bool {
+        self.lanes().claim(lane, tag, slot, region, page)
+    }
+
+    pub fn fence(&self) {
+        self.lanes().fence()
+    }
+
+    pub fn release(&self, lane: u32, tag: u8, slot: u32, region: u32, page: u32) {
+        self.lanes().release(lane, tag, slot, region, page)
+    }
+
+    /// The (tag, region, page) slot `slot` of `lane` holds, or None when it is empty.
+    pub fn slot(&self, lane: u32, slot: u32) -> Option<(u8, u32, u32)> {
+        let v = self.lanes().slot_value(lane, slot);
+        let (region, page) = crate::lanes::unpack_slot(v);
+        (v != 0).then_some(((v >> 56) as u8, region, page))
     }
 }

@@ -1,5 +1,6 @@
 //! Model checks of the entry protocol with loom: every interleaving (up to a preemption bound)
-//! of one writer changing entries and one reader looking them up. Run with
+//! of one writer changing entries and one reader looking them up; and of the hold lanes: a
+//! client holding a page against the server removing its key and looking for holds. Run with
 //! `RUSTFLAGS="--cfg loom" cargo test -p maru-index --release --test loom`.
 //!
 //! In each model the writer runs on the model's own thread and the reader is spawned: loom
@@ -10,7 +11,7 @@
 
 use loom::sync::Arc;
 use loom::thread;
-use maru_index::model::MemTable;
+use maru_index::model::{MemLanes, MemTable};
 use maru_index::{Found, Location};
 
 fn at(region: u32) -> Location {
@@ -107,5 +108,110 @@ fn a_key_that_overflowed_is_never_missed() {
         assert!(got.is_none() || got == Some((at(2), 2)), "{got:?}");
         assert_eq!(seen(t.lookup(0, &stays)), Some((at(1), 1)));
         assert_eq!(seen(t.lookup(0, &churns)), None);
+    });
+}
+
+/// A client looks a key up and holds its page (claim, fence, recheck) while the server removes
+/// the key and scans for holds: never does the client keep the hold while the server finds none
+/// and returns the page.
+#[test]
+fn a_held_page_is_never_returned() {
+    model(|| {
+        let t = Arc::new(MemTable::new(1, 4));
+        let lanes = Arc::new(MemLanes::new(1, 2));
+        let tag = lanes.assign(0);
+        let key = b"short";
+        let page = at(1);
+        t.insert(0, key, page, 1);
+        let client = {
+            let (t, lanes) = (t.clone(), lanes.clone());
+            thread::spawn(move || {
+                let Some(f) = t.lookup(0, key) else {
+                    return false;
+                };
+                assert!(lanes.claim(0, tag, 1, f.location.region, 7));
+                lanes.fence();
+                let keeps = t.is_current(&f);
+                if !keeps {
+                    lanes.release(0, tag, 1, f.location.region, 7);
+                }
+                keeps
+            })
+        };
+        t.remove(0, key).unwrap();
+        let held = lanes.is_held(page.region, 7);
+        let keeps = client.join().unwrap();
+        assert!(
+            held || !keeps,
+            "the client holds a page the server returned"
+        );
+    });
+}
+
+/// A page's bytes as plain memory, so that loom reports any access to them that is not ordered
+/// by happens-before.
+struct PageBytes(loom::cell::UnsafeCell<u64>);
+
+// SAFETY: the models access the cell only under the lane protocol, and loom checks that its
+// accesses are ordered (a race is a model failure, not undefined behaviour).
+unsafe impl Sync for PageBytes {}
+
+/// A client reads its held page, then releases the slot; the server writes the page (its next
+/// owner's bytes) only once a scan finds no hold. The client's read happens before the write:
+/// loom would report the two plain accesses as a race otherwise, and the read sees the old
+/// bytes.
+#[test]
+fn a_released_page_is_reused_only_after_its_reads() {
+    model(|| {
+        let lanes = Arc::new(MemLanes::new(1, 1));
+        let page = Arc::new(PageBytes(loom::cell::UnsafeCell::new(1)));
+        let tag = lanes.assign(0);
+        assert!(lanes.claim(0, tag, 0, 2, 5));
+        lanes.fence();
+        let client = {
+            let (lanes, page) = (lanes.clone(), page.clone());
+            thread::spawn(move || {
+                // SAFETY: the page is held: the server does not write it until the release.
+                let seen = page.0.with(|p| unsafe { *p });
+                lanes.release(0, tag, 0, 2, 5);
+                seen
+            })
+        };
+        let reused = !lanes.is_held(2, 5);
+        if reused {
+            // SAFETY: no lane holds the page, so no client reads it any more.
+            page.0.with_mut(|p| unsafe { *p = 2 });
+        }
+        assert_eq!(client.join().unwrap(), 1);
+    });
+}
+
+/// A client of the lane's previous session (old tag) releases and claims while the lane's new
+/// session claims the same slot for the same page: the old client never clears the new hold.
+#[test]
+fn a_stale_client_never_clears_a_new_sessions_hold() {
+    model(|| {
+        let lanes = Arc::new(MemLanes::new(1, 2));
+        let old = lanes.assign(0);
+        assert!(lanes.claim(0, old, 0, 3, 4));
+        lanes.reset(0);
+        let new = lanes.assign(0);
+        let stale = {
+            let lanes = lanes.clone();
+            thread::spawn(move || {
+                lanes.release(0, old, 0, 3, 4);
+                lanes.claim(0, old, 0, 3, 4)
+            })
+        };
+        let claimed = lanes.claim(0, new, 0, 3, 4);
+        let stale_claimed = stale.join().unwrap();
+        assert!(claimed != stale_claimed, "exactly one claim fills the slot");
+        let expect = if claimed { new } else { old };
+        assert_eq!(lanes.slot(0, 0), Some((expect, 3, 4)));
+        assert!(lanes.is_held(3, 4));
+        lanes.release(0, old, 0, 3, 4);
+        assert_eq!(lanes.slot(0, 0).is_some(), claimed);
+        lanes.release(0, new, 0, 3, 4);
+        assert_eq!(lanes.slot(0, 0), None);
     });
 }
