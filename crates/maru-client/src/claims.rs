@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use maru_proto::{encode_request, PageRef, Request, ResumeHold, ResumePin, MAX_BATCH, MAX_FRAME};
 
+use maru_index::LaneWriter;
+
 use crate::uses::UseQueue;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -88,7 +90,24 @@ struct Slot {
     key: Vec<u8>,
     page: PageRef,
     generation: u64,
+    /// The (region, page) this place claims in the session's lane, at the lane slot of the
+    /// place's own number (None: the server holds the page for the session).
+    lane: Option<(u32, u32)>,
 }
+
+/// The session's lane, shared by its holds (a newtype for `Debug`).
+#[derive(Clone)]
+pub(crate) struct Lane(pub Arc<LaneWriter>);
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lane")
+    }
+}
+
+/// The unit the server numbers a region's pages in (its registry's page alignment): a lane
+/// claim names `offset / LANE_PAGE`.
+pub(crate) const LANE_PAGE: u64 = 4096;
 
 /// The live holds, in reusable places: booking and releasing a hold (once per view) cost no
 /// hashing and, once the places exist, no allocation.
@@ -103,6 +122,8 @@ struct LiveHolds {
     /// Releases to tell the server (under the same mutex as the book: a release takes one
     /// lock).
     released: Vec<PageRef>,
+    /// The session's lane of the server's hold lanes, when this host maps it.
+    lane: Option<Lane>,
 }
 
 impl LiveHolds {
@@ -117,6 +138,7 @@ impl LiveHolds {
                     key: Vec::new(),
                     page,
                     generation,
+                    lane: None,
                 });
                 (self.slots.len() - 1) as u32
             }
@@ -135,16 +157,21 @@ impl LiveHolds {
         (slot.tag == (id >> 32) as u32 && slot.live).then_some(slot)
     }
 
-    /// Takes hold `id` out of the book: the page it held, if it was there.
-    fn remove(&mut self, id: u64) -> Option<PageRef> {
+    /// Takes hold `id` out of the book: the page it held, if it was there, and whether the
+    /// session's lane held it (its claim there ends now).
+    fn remove(&mut self, id: u64) -> Option<(PageRef, bool)> {
         let index = id as u32;
         let slot = self.slot(id)?;
         slot.live = false;
         slot.tag = slot.tag.wrapping_add(1);
         let page = slot.page;
+        let claim = slot.lane.take();
+        if let (Some((region, pg)), Some(lane)) = (claim, &self.lane) {
+            lane.0.release(index, region, pg);
+        }
         self.free.push(index);
         self.len -= 1;
-        Some(page)
+        Some((page, claim.is_some()))
     }
 
     fn contains(&mut self, id: u64) -> bool {
@@ -201,14 +228,64 @@ impl ReleaseQueue {
             .collect()
     }
 
+    /// Books a hold in the session's lane for each (key, page, generation, lane region, lane
+    /// page) of `items`, under one lock, then fences: each is None where the lane has no room
+    /// (or holds another session's claim there). The caller rechecks each key's generation in
+    /// the index after this; a hold whose key changed is dropped, which ends its claim. None
+    /// when the session has no lane, or a resume is out (its holds are the server's business
+    /// until it is answered).
+    pub fn hold_all_in_lane<'k>(
+        self: &Arc<Self>,
+        items: impl Iterator<Item = (&'k [u8], PageRef, u64, u32, u32)>,
+    ) -> Option<Vec<Option<Arc<Hold>>>> {
+        let mut live = lock(&self.live);
+        let lane = live.lane.clone().filter(|_| live.parked.is_none())?;
+        let holds = items
+            .map(|(key, page, generation, region, pg)| {
+                let id = live.insert(key, page, generation);
+                if lane.0.claim(id as u32, region, pg) {
+                    live.slots[id as u32 as usize].lane = Some((region, pg));
+                    Some(Arc::new(Hold {
+                        id,
+                        queue: self.clone(),
+                    }))
+                } else {
+                    live.remove(id);
+                    None
+                }
+            })
+            .collect();
+        drop(live);
+        // Between the claims and the caller's rechecks of the index: the server fences between
+        // a key's removal and its scan of the lanes, so one of the two sees the other.
+        lane.0.fence();
+        Some(holds)
+    }
+
+    /// The session's lane from now on (its connect, or its resume at a restarted server).
+    /// Claims in the lane before are the server's holds now — the resume claimed every live
+    /// hold — so they leave the lane they were in, and their releases are told.
+    pub fn set_lane(&self, lane: Option<Arc<LaneWriter>>) {
+        let mut live = lock(&self.live);
+        let old = live.lane.take();
+        for (index, slot) in live.slots.iter_mut().enumerate() {
+            if let (Some((region, pg)), Some(old)) = (slot.lane.take(), &old) {
+                old.0.release(index as u32, region, pg);
+            }
+        }
+        live.lane = lane.map(Lane);
+    }
+
     fn release(&self, id: u64) {
         let mut live = lock(&self.live);
         // Not booked: a restarted server did not take the hold back, so it has none to end.
-        let Some(page) = live.remove(id) else {
+        let Some((page, in_lane)) = live.remove(id) else {
             return;
         };
         match &mut live.parked {
             Some(parked) => parked.push((id, page)),
+            // The lane's claim ended at `remove`: the server learns of it at its next scan.
+            None if in_lane => {}
             None => {
                 live.released.push(page);
                 self.any.store(true, Ordering::Release);

@@ -2,7 +2,9 @@
 //! real daemons: a retrieved view keeps showing its value after the key is deleted and the
 //! owner stores again; `free` of a stored page waits for its readers; deleted pages are
 //! reused by their owner once released, on a pool with room for one region; and under 16
-//! threads storing, reading and deleting, no view ever shows another value's bytes.
+//! threads storing, reading and deleting, no view ever shows another value's bytes — with
+//! holds taken by the server, and with holds taken in the session's lane of a server that
+//! keeps a key index (§10, *Holds without a round trip*).
 
 mod common;
 
@@ -21,6 +23,23 @@ fn one_region_cluster() -> InProcessCluster {
         |dir, rm| rm.pools = vec![maru_testkit::shm_pool(dir, "p0", 2 * MIB)],
         |_, _| {},
     )
+}
+
+/// As [`one_region_cluster`], with a key index and its hold lanes (`lanes` of them).
+fn one_region_indexed(lanes: u32) -> InProcessCluster {
+    InProcessCluster::with(
+        |dir, rm| rm.pools = vec![maru_testkit::shm_pool(dir, "p0", 2 * MIB)],
+        move |dir, s| {
+            s.index = Some(maru_server::IndexConfig {
+                hold_lanes: lanes,
+                ..maru_server::IndexConfig::at(dir.join("keys.index"))
+            })
+        },
+    )
+}
+
+fn ops(c: &InProcessCluster, name: &str) -> u64 {
+    c.stats().ops.get(name).map_or(0, |o| o.count)
 }
 
 fn one_region(c: &InProcessCluster, url: String) -> MaruConfig {
@@ -222,4 +241,95 @@ fn sixteen_threads_with_deletes_never_see_wrong_bytes() {
         assert_eq!(wrong, 0, "{url}: {wrong} wrong bytes in {checked} views");
         assert!(started.elapsed() < Duration::from_secs(60));
     }
+}
+
+#[test]
+fn a_view_held_in_the_lane_keeps_its_page_until_it_goes() {
+    let c = one_region_indexed(4);
+    let owner = c.handler(one_region(&c, c.url().to_string()));
+    let reader = c.handler(c.config());
+    // The reader maps the owner's region with its first view (a round trip).
+    owner.store_bytes(b"first", b"", b"FFFF").unwrap();
+    drop(reader.retrieve(b"first").unwrap().unwrap());
+    owner.store_bytes(b"a", b"", b"AAAA").unwrap();
+    let lookups = ops(&c, "lookup") + ops(&c, "batch_lookup");
+    let view = reader.retrieve(b"a").unwrap().unwrap();
+    let batch = reader.batch_retrieve(&[b"a", b"first"]).unwrap();
+    assert_eq!(
+        ops(&c, "lookup") + ops(&c, "batch_lookup"),
+        lookups,
+        "the views came from the index and the lane, without asking"
+    );
+    assert!(view.holds_page() && view.generation() > 0);
+    assert!(batch
+        .iter()
+        .all(|v| v.as_ref().is_some_and(|v| v.holds_page())));
+    drop(batch);
+    assert_eq!(owner.delete(b"a").unwrap(), DeleteStatus::Deleted);
+    assert_eq!(owner.delete(b"first").unwrap(), DeleteStatus::Deleted);
+    // The first view's page, held by the server, comes back with the release the reader's
+    // watcher sends; the page the lane holds stays out.
+    wait_until("the page held by the server back", Duration::from_secs(5), || {
+        owner.owned_regions()[0].allocated_pages == 1
+    });
+    // Fill the region with pinned keys: the held page is never among their pages.
+    let pages = owner.owned_regions()[0].page_count;
+    let mut stored = Vec::new();
+    for i in 0..pages {
+        let key = format!("b{i}").into_bytes();
+        match owner.store_bytes(&key, b"", b"BBBB") {
+            Ok(_) => {
+                assert!(owner.pin(&key).unwrap());
+                stored.push(key);
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Exhausted, "{e}");
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        stored.len() as u64,
+        pages - 1,
+        "all pages but the viewed one"
+    );
+    assert_eq!(view.to_vec(), b"AAAA", "a page held in the lane was reused");
+    // The view goes: its page comes back within the server's next rounds, and the owner
+    // stores into it.
+    let (region, offset) = (view.region_id(), view.offset() as u64);
+    drop(view);
+    wait_until("the viewed page back", Duration::from_secs(5), || {
+        owner.store_bytes(b"c", b"", b"CCCC").is_ok()
+    });
+    let again = reader.retrieve(b"c").unwrap().unwrap();
+    assert_eq!((again.region_id(), again.offset() as u64), (region, offset));
+    assert_eq!(again.to_vec(), b"CCCC");
+}
+
+#[test]
+fn without_lanes_every_view_is_held_by_the_server() {
+    let c = one_region_indexed(0);
+    let owner = c.handler(one_region(&c, c.url().to_string()));
+    let reader = c.handler(c.config());
+    owner.store_bytes(b"a", b"", b"AAAA").unwrap();
+    drop(reader.retrieve(b"a").unwrap().unwrap());
+    let lookups = ops(&c, "lookup");
+    let view = reader.retrieve(b"a").unwrap().unwrap();
+    assert_eq!(ops(&c, "lookup"), lookups + 1);
+    assert!(view.holds_page());
+}
+
+#[test]
+fn sixteen_threads_with_deletes_never_see_wrong_bytes_through_the_lanes() {
+    let c = one_region_indexed(8);
+    let url = c.url().to_string();
+    let (wrong, checked) = churn(url.clone(), &c);
+    // Keys the server found for a lookup count as its hits; the lanes' views do not.
+    let asked: u64 = c.stats().namespaces.iter().map(|n| n.hits).sum();
+    assert!(checked > 50, "only {checked} views checked");
+    assert_eq!(wrong, 0, "{wrong} wrong bytes in {checked} views");
+    assert!(
+        asked * 2 < checked,
+        "the server found {asked} of {checked} views: the lanes served few"
+    );
 }

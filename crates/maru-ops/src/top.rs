@@ -275,6 +275,7 @@ mod tests {
             pinned_keys: 7,
             pins_expired: 0,
             pages_parked: 0,
+            pages_lane_kept: 0,
             regions: 2,
             region_bytes: 64 << 20,
             clients: vec![ClientStats {

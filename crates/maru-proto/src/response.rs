@@ -167,6 +167,11 @@ fn put_hello_ok(w: &mut Writer, h: &HelloOk) -> Result<(), EncodeError> {
     if let Some(ix) = &h.index {
         w.str(&ix.path)?;
         w.u32(ix.namespace);
+        if let Some(l) = &ix.lane {
+            w.str(&l.path)?;
+            w.u32(l.lane);
+            w.u8(l.tag);
+        }
     }
     Ok(())
 }
@@ -183,6 +188,16 @@ pub(crate) fn get_hello_ok(r: &mut Reader) -> Result<HelloOk, DecodeError> {
             Some(crate::IndexInfo {
                 path: r.str()?.to_owned(),
                 namespace: r.u32()?,
+                // Without the lane fields: the server gives the session no lane.
+                lane: if r.remaining() == 0 {
+                    None
+                } else {
+                    Some(crate::LaneInfo {
+                        path: r.str()?.to_owned(),
+                        lane: r.u32()?,
+                        tag: r.u8()?,
+                    })
+                },
             })
         },
     })

@@ -131,6 +131,10 @@ pub struct ServerStats {
     /// them).
     #[serde(default)]
     pub pages_parked: u64,
+    /// Pages whose keys are gone, kept because a view holds them in a hold lane (they go back
+    /// within a tick of its end).
+    #[serde(default)]
+    pub pages_lane_kept: u64,
     pub regions: u64,
     pub region_bytes: u64,
     pub clients: Vec<ClientStats>,

@@ -88,6 +88,22 @@ pub struct IndexInfo {
     pub path: String,
     /// The session's namespace's number in the index.
     pub namespace: u32,
+    /// The session's lane in the server's hold lanes, for clients that can map them
+    /// read-write (`None`: no lanes, or none free; holds then take a round trip).
+    pub lane: Option<LaneInfo>,
+}
+
+/// Where a session takes view holds without a round trip: its own lane of the server's hold
+/// lanes file (docs/ARCHITECTURE.md §10, *Holds without a round trip*).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneInfo {
+    /// The lanes file, as the server's host names it.
+    pub path: String,
+    /// The session's lane.
+    pub lane: u32,
+    /// What the session's client writes its holds with (changes at every assignment of the
+    /// lane, so a client of an earlier session of it never matches).
+    pub tag: u8,
 }
 
 /// A region as handed out by the resource manager. The token is a keyed hash over every

@@ -121,7 +121,7 @@ proptest! {
         let entries = slots.into_iter().map(|o| o.map(|(region_index, offset, len)| Slot { region_index, offset, len, generation: offset + 1 })).collect();
         let all = vec![
             Response::HelloOk(HelloOk { server: name.clone(), hostname: name.clone(), session_token: [7; 16], index: None }),
-            Response::HelloOk(HelloOk { server: name.clone(), hostname: name.clone(), session_token: [7; 16], index: Some(maru_proto::IndexInfo { path: name.clone(), namespace: 9 }) }),
+            Response::HelloOk(HelloOk { server: name.clone(), hostname: name.clone(), session_token: [7; 16], index: Some(maru_proto::IndexInfo { path: name.clone(), namespace: 9, lane: None }) }),
             Response::Ok,
             Response::Error(WireError::new(code, name.clone())),
             Response::Handle(h.clone()),
@@ -291,6 +291,16 @@ fn resume_and_its_answer_roundtrip_with_and_without_an_index() {
         Some(IndexInfo {
             path: "/dev/shm/ix".into(),
             namespace: 3,
+            lane: None,
+        }),
+        Some(IndexInfo {
+            path: "/dev/shm/ix".into(),
+            namespace: 3,
+            lane: Some(maru_proto::LaneInfo {
+                path: "/dev/shm/ix.holds".into(),
+                lane: 17,
+                tag: 255,
+            }),
         }),
     ] {
         roundtrip_response(Response::Resumed {

@@ -118,6 +118,13 @@ pub struct IndexArgs {
     /// Bytes a new index keeps for keys longer than 16 bytes.
     #[arg(long, default_value_t = crate::INDEX_KEY_BYTES, value_name = "BYTES")]
     pub index_key_bytes: u64,
+    /// Sessions that take view holds in shared memory, without a round trip (a lanes file
+    /// beside the index, <index>.holds); 0: every hold is a round trip.
+    #[arg(long, default_value_t = crate::HOLD_LANES, value_name = "N")]
+    pub hold_lanes: u32,
+    /// View holds one such session keeps in shared memory; more take a round trip.
+    #[arg(long, default_value_t = crate::LANE_SLOTS, value_name = "N")]
+    pub lane_slots: u32,
 }
 
 impl IndexArgs {
@@ -136,6 +143,8 @@ impl IndexArgs {
             capacity: self.index_keys,
             key_area_bytes: self.index_key_bytes,
             ephemeral,
+            hold_lanes: self.hold_lanes,
+            lane_slots: self.lane_slots,
         })
     }
 }

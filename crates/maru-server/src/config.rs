@@ -76,7 +76,17 @@ pub struct IndexConfig {
     /// the resource manager. Otherwise the index and the regions its keys name outlive a
     /// shutdown, for the next start to re-attach.
     pub ephemeral: bool,
+    /// Lanes of the hold lanes file beside the index (`<index>.holds`): one per session that
+    /// takes view holds without a round trip (0: none; every hold is asked for).
+    pub hold_lanes: u32,
+    /// Holds one lane has room for; a session's views beyond them take a round trip.
+    pub lane_slots: u32,
 }
+
+/// Default of [`IndexConfig::hold_lanes`]: one per client of the default `max_clients`.
+pub const HOLD_LANES: u32 = 256;
+/// Default of [`IndexConfig::lane_slots`].
+pub const LANE_SLOTS: u32 = 4096;
 
 /// Default of [`IndexConfig::capacity`]: an 8 GiB pool of 4 KiB pages.
 pub const INDEX_KEYS: u64 = 2 << 20;
@@ -84,6 +94,13 @@ pub const INDEX_KEYS: u64 = 2 << 20;
 pub const INDEX_KEY_BYTES: u64 = INDEX_KEYS * 64;
 
 impl IndexConfig {
+    /// Where the hold lanes file of this index is.
+    pub fn lanes_path(&self) -> PathBuf {
+        let mut file = self.path.as_os_str().to_owned();
+        file.push(".holds");
+        file.into()
+    }
+
     /// An index at `path` of the default size.
     pub fn at(path: impl Into<PathBuf>) -> IndexConfig {
         IndexConfig {
@@ -91,6 +108,8 @@ impl IndexConfig {
             capacity: INDEX_KEYS,
             key_area_bytes: INDEX_KEY_BYTES,
             ephemeral: false,
+            hold_lanes: HOLD_LANES,
+            lane_slots: LANE_SLOTS,
         }
     }
 }

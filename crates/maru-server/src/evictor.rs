@@ -2,7 +2,8 @@
 //! namespace under its quota) without any request waiting on it. It wakes when a registration
 //! passes the high watermark, and every [`TICK`] in any case (pins expire, quotas change
 //! hands); it reads the pool's size from the resource manager now and then, and on each tick
-//! writes the page-return notices that slow owners have room for again.
+//! writes the page-return notices that slow owners have room for again and returns the pages
+//! that views in the hold lanes kept and no longer keep.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,8 @@ pub(crate) fn evictor_loop(shared: &Shared) {
         }
         // Notices that owners were too slow to take go out as they read again.
         state.flush_stalled();
+        // Pages kept for views in the hold lanes go back once those views are gone.
+        state.recheck_lanes();
         let done = state.evict_to_watermarks(Instant::now() + ROUND);
         if done.keys > 0 {
             tracing::debug!(keys = done.keys, bytes = done.bytes, "evicted");

@@ -62,7 +62,8 @@ mod state;
 mod unix_socket;
 
 pub use config::{
-    IndexConfig, ServerConfig, BUSY_POLL, HANDSHAKE_TIMEOUT, INDEX_KEYS, INDEX_KEY_BYTES,
+    IndexConfig, ServerConfig, BUSY_POLL, HANDSHAKE_TIMEOUT, HOLD_LANES, INDEX_KEYS,
+    INDEX_KEY_BYTES, LANE_SLOTS,
 };
 pub use resource_manager::RmCallError;
 pub use server::{start, ServerError, ServerHandle};

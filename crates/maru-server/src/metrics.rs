@@ -37,6 +37,12 @@ pub(crate) fn render(state: &ServerState) -> String {
             "Freed pages kept from reuse until the sessions of before a restart are back",
             s.pages_parked as f64,
         ),
+        (
+            "maru_pages_lane_kept",
+            "gauge",
+            "Pages of gone keys kept while a view holds them in a hold lane",
+            s.pages_lane_kept as f64,
+        ),
         ("maru_regions", "gauge", "Live regions", s.regions as f64),
         (
             "maru_region_bytes",

@@ -167,6 +167,12 @@ pub(crate) fn start_with(
     if let Some(ix) = &cfg.index {
         let t0 = std::time::Instant::now();
         state = state.with_index(open_index(ix)?);
+        if ix.hold_lanes > 0 {
+            let path = ix.lanes_path();
+            let lanes = maru_index::LaneFile::create(&path, ix.hold_lanes, ix.lane_slots)
+                .map_err(|e| ServerError::Index(format!("cannot make the hold lanes: {e}")))?;
+            state = state.with_lanes(lanes, ix.ephemeral);
+        }
         if !ix.ephemeral {
             let mut file = ix.path.as_os_str().to_owned();
             file.push(".sessions");

@@ -273,6 +273,9 @@ fn dispatch(
             let Peer::Client(s) = peer else {
                 return Err(read_only());
             };
+            // An owner whose alloc found no free page asks this before anything else: pages
+            // that views in the hold lanes kept and let go since the last tick go back first.
+            state.recheck_lanes();
             // Answered on the session's watch connection, in order with its notices.
             state.watch(s, watch_socket.take(), id);
             Ok(())

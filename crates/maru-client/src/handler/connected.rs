@@ -192,6 +192,14 @@ impl Hooked<'_> {
             }
         };
         let index = conns.index.as_ref().and_then(ClientIndex::open);
+        // Holds without a round trip need the index to recheck against.
+        let lane = conns
+            .index
+            .as_ref()
+            .and_then(|ix| ix.lane.as_ref())
+            .filter(|_| index.is_some())
+            .and_then(open_lane);
+        conns.releases.set_lane(lane);
         let c = Arc::new(Connected {
             index,
             conns,
@@ -385,6 +393,17 @@ impl Hooked<'_> {
             drop(owned);
             write(&c.mapped).clear();
             c.conns.close_all();
+        }
+    }
+}
+
+/// The session's lane of the server's hold lanes, if this host can map it read-write.
+fn open_lane(info: &maru_proto::LaneInfo) -> Option<Arc<maru_index::LaneWriter>> {
+    match maru_index::LaneWriter::open(std::path::Path::new(&info.path), info.lane, info.tag) {
+        Ok(w) => Some(Arc::new(w)),
+        Err(e) => {
+            tracing::debug!("view holds take a round trip: {e}");
+            None
         }
     }
 }

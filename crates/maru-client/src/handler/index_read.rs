@@ -33,8 +33,8 @@ const READ_ATTEMPTS: usize = 4;
 
 /// The server's index, mapped read-only, and this session's namespace in it.
 pub(super) struct ClientIndex {
-    reader: IndexReader,
-    ns: u32,
+    pub(super) reader: IndexReader,
+    pub(super) ns: u32,
 }
 
 impl ClientIndex {

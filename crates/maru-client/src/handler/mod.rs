@@ -23,6 +23,7 @@
 //! holder needs the GIL back to finish.
 
 mod connected;
+mod index_hold;
 mod index_read;
 mod mapped;
 mod owned;

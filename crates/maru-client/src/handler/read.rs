@@ -22,6 +22,14 @@ impl Hooked<'_> {
             check_key(key)?;
             let c = self.h.connected(self.hook)?;
             c.settle_for_read(self.hook);
+            if let Some(ix) = c.live_index() {
+                let mut out = [None];
+                if c.lane_views(ix, &[key], &mut out, &mut Vec::new())? {
+                    if let Some(view) = out[0].take() {
+                        return Ok(Some(view));
+                    }
+                }
+            }
             match c.call(&Request::Lookup { key }, self.hook)? {
                 Response::Lookup(None) => Ok(None),
                 Response::Lookup(Some(loc)) => {
@@ -42,66 +50,89 @@ impl Hooked<'_> {
         })
     }
 
+    /// Views of `keys`: from the key index with holds in the session's lane where it can, the
+    /// rest in one round trip per `MAX_BATCH` keys.
     pub fn batch_retrieve(&self, keys: &[&[u8]]) -> Result<Vec<Option<View>>> {
         during("batch_retrieve", || {
             check_keys(keys)?;
             let c = self.h.connected(self.hook)?;
             c.settle_for_read(self.hook);
-            let mut out = Vec::with_capacity(keys.len());
-            for batch in keys.chunks(MAX_BATCH) {
-                let req = Request::BatchLookup {
-                    keys: batch.to_vec(),
-                };
-                let (regions, entries) = match c.call(&req, self.hook)? {
-                    Response::BatchLookup { regions, entries } if entries.len() == batch.len() => {
-                        (regions, entries)
-                    }
-                    other => return Err(Error::unexpected("batch_lookup", &other)),
-                };
-                // Every slot's region, checked before anything is booked.
-                let mut found = Vec::with_capacity(batch.len());
-                for (key, slot) in batch.iter().zip(&entries) {
-                    let Some(slot) = slot else { continue };
-                    let i = slot.region_index as usize;
-                    let info = regions.get(i).ok_or_else(|| {
-                        Error::protocol(
-                            "batch_lookup",
-                            format!(
-                                "the server returned an unusable location: region index {i} \
-                                 out of range"
-                            ),
-                        )
-                    })?;
-                    found.push((*key, info.handle.region_id, slot.offset, slot.generation));
-                }
-                let mut holds = c.book_holds(found).into_iter();
-                let mut mapped: Vec<Option<Arc<MappedRegion>>> = vec![None; regions.len()];
-                for slot in entries {
-                    let Some(slot) = slot else {
-                        out.push(None);
-                        continue;
-                    };
-                    let hold = holds.next().expect("a hold booked for each slot found");
-                    let i = slot.region_index as usize;
-                    let region = match &mapped[i] {
-                        Some(r) => r.clone(),
-                        None => {
-                            let r = c.region_for(&regions[i], self.hook)?;
-                            mapped[i] = Some(r.clone());
-                            r
-                        }
-                    };
-                    out.push(Some(c.held_view(
-                        &region,
-                        slot.offset,
-                        slot.len,
-                        slot.generation,
-                        hold,
-                    )?));
-                }
+            let Some(ix) = c.live_index() else {
+                return self.asked_batch_retrieve(&c, keys);
+            };
+            let mut out = vec![None; keys.len()];
+            let mut rest = Vec::new();
+            if !c.lane_views(ix, keys, &mut out, &mut rest)? {
+                return self.asked_batch_retrieve(&c, keys);
+            }
+            if rest.is_empty() {
+                return Ok(out);
+            }
+            let asked: Vec<&[u8]> = rest.iter().map(|&i| keys[i]).collect();
+            let views = self.asked_batch_retrieve(&c, &asked)?;
+            for (i, view) in rest.into_iter().zip(views) {
+                out[i] = view;
             }
             Ok(out)
         })
+    }
+
+    /// `batch_retrieve` through the server: it takes the holds.
+    fn asked_batch_retrieve(&self, c: &Connected, keys: &[&[u8]]) -> Result<Vec<Option<View>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(MAX_BATCH) {
+            let req = Request::BatchLookup {
+                keys: batch.to_vec(),
+            };
+            let (regions, entries) = match c.call(&req, self.hook)? {
+                Response::BatchLookup { regions, entries } if entries.len() == batch.len() => {
+                    (regions, entries)
+                }
+                other => return Err(Error::unexpected("batch_lookup", &other)),
+            };
+            // Every slot's region, checked before anything is booked.
+            let mut found = Vec::with_capacity(batch.len());
+            for (key, slot) in batch.iter().zip(&entries) {
+                let Some(slot) = slot else { continue };
+                let i = slot.region_index as usize;
+                let info = regions.get(i).ok_or_else(|| {
+                    Error::protocol(
+                        "batch_lookup",
+                        format!(
+                            "the server returned an unusable location: region index {i} \
+                             out of range"
+                        ),
+                    )
+                })?;
+                found.push((*key, info.handle.region_id, slot.offset, slot.generation));
+            }
+            let mut holds = c.book_holds(found).into_iter();
+            let mut mapped: Vec<Option<Arc<MappedRegion>>> = vec![None; regions.len()];
+            for slot in entries {
+                let Some(slot) = slot else {
+                    out.push(None);
+                    continue;
+                };
+                let hold = holds.next().expect("a hold booked for each slot found");
+                let i = slot.region_index as usize;
+                let region = match &mapped[i] {
+                    Some(r) => r.clone(),
+                    None => {
+                        let r = c.region_for(&regions[i], self.hook)?;
+                        mapped[i] = Some(r.clone());
+                        r
+                    }
+                };
+                out.push(Some(c.held_view(
+                    &region,
+                    slot.offset,
+                    slot.len,
+                    slot.generation,
+                    hold,
+                )?));
+            }
+        }
+        Ok(out)
     }
 
     /// A single-key request answered with a boolean.

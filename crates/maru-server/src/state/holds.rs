@@ -378,7 +378,7 @@ impl ServerState {
     /// `n` holds on `page` of `region` end: the page goes back to its owner if no key points
     /// at it any more, and the region to the resource manager if that was all that kept it.
     /// The page, if it goes back, joins `returned`.
-    fn release_page_holds(
+    pub(super) fn release_page_holds(
         &self,
         region: &Arc<TableRegion>,
         page: u32,
@@ -443,7 +443,7 @@ impl ServerState {
 
 impl ServerState {
     /// Under the region's mutex: forgets `page` and names it for its owner once no key
-    /// points at it and no hold is on it — unless it parks for the sessions that may still
+    /// points at it, no hold is on it and no lane names it (see `lanes`) — unless it parks for the sessions that may still
     /// resume (see `parking`), or is parked already.
     pub(super) fn free_if_unused(
         &self,
@@ -456,6 +456,9 @@ impl ServerState {
             return None;
         }
         let generation = rec.generation;
+        if self.lane_keeps(region, st, page) {
+            return None;
+        }
         if generation < self.park_below() && self.park(region.slot.0, st, page, generation) {
             return None;
         }

@@ -183,6 +183,7 @@ impl KeyIndex {
             Ok(id) => Some(IndexInfo {
                 path: self.path.display().to_string(),
                 namespace: id,
+                lane: None,
             }),
             Err(e) => {
                 tracing::warn!("cannot number namespace {namespace:?} in the key index: {e}");
@@ -343,6 +344,7 @@ impl ServerState {
         if let Some(ix) = &self.index {
             ix.close();
         }
+        self.close_lanes();
     }
 }
 

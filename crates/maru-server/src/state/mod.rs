@@ -12,6 +12,8 @@
 //! * `restore`: the rebuild of the registry, the region table and the eviction policy from a
 //!   re-attached index at start;
 //! * `holds`: view holds on pages, generations, and when a page goes back to its owner;
+//! * `lanes`: holds local clients take in shared memory without a round trip, which keep
+//!   pages from going back as booked holds do;
 //! * `parking`: pages freed during a restarted server's reconnect grace, kept from reuse
 //!   until the sessions of the process before it are back or forgotten;
 //! * `notices`: the page-return notices, one per owner per operation, written without ever
@@ -55,6 +57,7 @@ mod freeing;
 mod holds;
 mod index;
 mod keys;
+mod lanes;
 mod leases;
 mod notices;
 mod parking;
@@ -151,6 +154,8 @@ pub(crate) struct ServerState {
     parked: Mutex<parking::ParkBook>,
     /// The park book's generation bound, readable without its lock (0: nothing parks).
     park_below: AtomicU64,
+    /// Holds local clients take without a round trip (see `lanes`).
+    lanes: Option<lanes::Lanes>,
 }
 
 impl ServerState {
@@ -193,6 +198,7 @@ impl ServerState {
             resume: Mutex::new(resume::ResumeBook::default()),
             parked: Mutex::new(parking::ParkBook::default()),
             park_below: AtomicU64::new(0),
+            lanes: None,
         }
     }
 }

@@ -362,7 +362,7 @@ impl ServerState {
             refused_holds = refused_holds.len(),
             "session resumed"
         );
-        let ok = self.hello_ok(hello.namespace, token);
+        let ok = self.hello_ok(hello.namespace, token, session.lane);
         *peer = Peer::Client(session);
         Ok(Resumed {
             hello: ok,

@@ -32,6 +32,8 @@ pub(crate) struct Session {
     pub(super) holds: Mutex<HoldBook>,
     /// Page returns for the regions the session owns, and its watch connection.
     pub(super) notices: Mutex<Outbox>,
+    /// The session's lane of the hold lanes and its tag (see `lanes`).
+    pub(super) lane: Option<(u32, u8)>,
 }
 
 impl Session {
@@ -92,11 +94,11 @@ impl ServerState {
                 "this connection already said hello",
             ));
         }
-        let ok = |token| self.hello_ok(hello.namespace, token);
+        let ok = |token, lane| self.hello_ok(hello.namespace, token, lane);
         match hello.role {
             Role::Admin => {
                 *peer = Peer::Admin(scope_of(hello.namespace));
-                return Ok(ok([0; SESSION_TOKEN_LEN]));
+                return Ok(ok([0; SESSION_TOKEN_LEN], None));
             }
             Role::Server => return Err(err(
                 ErrorCode::InvalidArgument,
@@ -154,18 +156,27 @@ impl ServerState {
             },
         };
         drop(sessions);
-        let token = session.token;
+        let (token, lane) = (session.token, session.lane);
         *peer = Peer::Client(session);
-        Ok(ok(token))
+        Ok(ok(token, lane))
     }
 
     /// The answer to a hello of a session of `namespace` under `token`.
-    pub(super) fn hello_ok(&self, namespace: &str, token: [u8; SESSION_TOKEN_LEN]) -> HelloOk {
+    pub(super) fn hello_ok(
+        &self,
+        namespace: &str,
+        token: [u8; SESSION_TOKEN_LEN],
+        lane: Option<(u32, u8)>,
+    ) -> HelloOk {
+        let mut index = self.index_info(namespace);
+        if let Some(ix) = &mut index {
+            ix.lane = self.lane_info(lane);
+        }
         HelloOk {
             server: format!("maru-server {}", env!("CARGO_PKG_VERSION")),
             hostname: self.hostname.clone(),
             session_token: token,
-            index: self.index_info(namespace),
+            index,
         }
     }
 
@@ -184,6 +195,7 @@ impl ServerState {
             leases: Mutex::new(Leases::default()),
             holds: Mutex::new(HoldBook::default()),
             notices: Mutex::new(Outbox::default()),
+            lane: self.take_lane(),
         })
     }
 
@@ -232,6 +244,7 @@ impl ServerState {
         }
         let pins = self.drop_leases(session);
         let holds = self.drop_holds(session);
+        self.give_lane_back(session.lane);
         let owned: Vec<Arc<TableRegion>> = self
             .table()
             .by_slot

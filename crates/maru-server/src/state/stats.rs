@@ -81,6 +81,7 @@ impl ServerState {
             pinned_keys: counts.pinned_keys,
             pins_expired: self.pins_expired.load(std::sync::atomic::Ordering::Relaxed),
             pages_parked: self.pages_parked(),
+            pages_lane_kept: self.lane_kept() as u64,
             regions,
             region_bytes,
             clients,

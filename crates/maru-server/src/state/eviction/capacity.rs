@@ -314,6 +314,8 @@ impl ServerState {
         // Read once per round: a page parking begins or ends for meanwhile is still safe
         // (an evicted key's page parks or not at its free, whatever was read here).
         let park_below = self.park_below();
+        // Once per round too: a key whose view claimed its page since is evicted safely.
+        let lanes = self.lane_snapshot();
         loop {
             let needed = need(returned);
             if needed == 0 || Instant::now() >= deadline {
@@ -328,9 +330,9 @@ impl ServerState {
                     self.registry.lookup(key).is_some_and(|e| {
                         e.pins == 0
                             && allow(key, &e)
-                            && regions
-                                .get(&e.region.0)
-                                .is_none_or(|r| !page_held(r, &e, park_below))
+                            && regions.get(&e.region.0).is_none_or(|r| {
+                                !page_held(r, &e, park_below) && !lanes.holds(r, &e)
+                            })
                     })
                 });
             if victims.is_empty() {

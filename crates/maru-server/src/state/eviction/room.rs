@@ -120,6 +120,8 @@ impl ServerState {
     /// pinned or viewed (or it owns none).
     pub(crate) fn make_room(&self, session: &Session, pages: u32) -> Vec<PageRef> {
         let want = (pages as usize).min(MAX_BATCH);
+        // Pages the hold lanes no longer keep are free already.
+        self.recheck_lanes();
         let own: HashSet<u32> = self
             .table()
             .by_slot
@@ -131,6 +133,7 @@ impl ServerState {
             return Vec::new();
         }
         let deadline = Instant::now() + ROOM_DEADLINE;
+        self.recheck_lanes();
         let mut returned = Returned::default();
         let average = self.capacity.average_key_bytes();
         let done = self.evict(
