@@ -2,7 +2,9 @@
 //! `batch_retrieve_into`) ask the server nothing, so the keys they read are told to it later
 //! (`Touch`, answered with nothing, in front of the session's next request or with the
 //! watcher's next round), and count as uses for eviction like the reads it answers. Without
-//! them a key read only through the index would look unused and go first.
+//! them a key read only through the index would look unused and go first. Views held in the
+//! session's hold lane are told as `Hit`s: uses that count as hits too, as the lookups they
+//! stand for would (their misses still ask the server, which counts them).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -16,9 +18,46 @@ const MAX_PENDING: usize = 4 * MAX_BATCH;
 
 /// Keys read through the index and not told yet, in one byte buffer.
 #[derive(Debug, Default)]
-struct Pending {
+struct Keys {
     bytes: Vec<u8>,
     ends: Vec<u32>,
+}
+
+impl Keys {
+    fn add<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>, room: usize) {
+        for key in keys {
+            if self.ends.len() >= room {
+                break;
+            }
+            self.bytes.extend_from_slice(key);
+            self.ends.push(self.bytes.len() as u32);
+        }
+    }
+
+    /// Appends the keys as frames of `make` (request id 0).
+    fn encode(&self, out: &mut Vec<u8>, make: fn(Vec<&[u8]>) -> Request<'_>) {
+        let mut start = 0;
+        let keys: Vec<&[u8]> = self
+            .ends
+            .iter()
+            .map(|&end| {
+                let k = &self.bytes[start..end as usize];
+                start = end as usize;
+                k
+            })
+            .collect();
+        for chunk in keys.chunks(MAX_BATCH) {
+            // A frame of keys the handler checked when it read them: within the limits.
+            let _ = encode_request(out, 0, &make(chunk.to_vec()));
+        }
+    }
+}
+
+/// Reads waiting to be told: copies (uses) and views (uses and hits).
+#[derive(Debug, Default)]
+struct Pending {
+    copied: Keys,
+    viewed: Keys,
 }
 
 /// The session's reads to tell the server.
@@ -30,24 +69,28 @@ pub(crate) struct UseQueue {
 }
 
 impl UseQueue {
-    /// Books reads of `keys`.
+    /// Books copies of `keys` out of the index.
     pub fn used<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        self.book(keys, false);
+    }
+
+    /// Books views of `keys` held in the session's lane.
+    pub fn hit<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        self.book(keys, true);
+    }
+
+    fn book<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>, viewed: bool) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        for key in keys {
-            if p.ends.len() >= MAX_PENDING {
-                break;
-            }
-            p.bytes.extend_from_slice(key);
-            let end = p.bytes.len() as u32;
-            p.ends.push(end);
-        }
-        if !p.ends.is_empty() {
+        let room = MAX_PENDING.saturating_sub(p.copied.ends.len() + p.viewed.ends.len());
+        let list = if viewed { &mut p.viewed } else { &mut p.copied };
+        list.add(keys, list.ends.len() + room);
+        if !p.copied.ends.is_empty() || !p.viewed.ends.is_empty() {
             self.any.store(true, Ordering::Release);
         }
     }
 
-    /// Appends the reads booked so far to `out` as `Touch` frames (request id 0) and forgets
-    /// them; one load when there are none.
+    /// Appends the reads booked so far to `out` as `Touch` and `Hit` frames (request id 0)
+    /// and forgets them; one load when there are none.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         if !self.any.load(Ordering::Acquire) {
             return;
@@ -57,26 +100,8 @@ impl UseQueue {
             self.any.store(false, Ordering::Release);
             std::mem::take(&mut *p)
         };
-        let mut start = 0;
-        let keys: Vec<&[u8]> = taken
-            .ends
-            .iter()
-            .map(|&end| {
-                let k = &taken.bytes[start..end as usize];
-                start = end as usize;
-                k
-            })
-            .collect();
-        for chunk in keys.chunks(MAX_BATCH) {
-            // A frame of keys the handler checked when it read them: within the limits.
-            let _ = encode_request(
-                out,
-                0,
-                &Request::Touch {
-                    keys: chunk.to_vec(),
-                },
-            );
-        }
+        taken.copied.encode(out, |keys| Request::Touch { keys });
+        taken.viewed.encode(out, |keys| Request::Hit { keys });
     }
 }
 
@@ -95,6 +120,11 @@ mod tests {
             let end = at + HEADER_LEN + h.payload_len as usize;
             match decode_request(&h, &wire[at + HEADER_LEN..end]).unwrap() {
                 Request::Touch { keys } => frames.push(keys.iter().map(|k| k.to_vec()).collect()),
+                Request::Hit { keys } => {
+                    let mut f: Vec<Vec<u8>> = vec![b"hit:".to_vec()];
+                    f.extend(keys.iter().map(|k| k.to_vec()));
+                    frames.push(f)
+                }
                 other => panic!("not a touch: {other:?}"),
             }
             at = end;
@@ -121,5 +151,19 @@ mod tests {
         assert_eq!(frames.len(), MAX_PENDING / MAX_BATCH);
         assert!(frames.iter().all(|f| f.len() == MAX_BATCH));
         assert_eq!(frames[0][0], b"0");
+        // Views are told as hits, after the copies, within the same bound.
+        q.hit([b"v".as_slice()]);
+        q.used([b"c".as_slice()]);
+        assert_eq!(
+            told(&q),
+            [vec![b"c".to_vec()], vec![b"hit:".to_vec(), b"v".to_vec()]]
+        );
+        q.used(many.iter().map(|k| k.as_slice()));
+        q.hit([b"v".as_slice()]);
+        assert_eq!(
+            told(&q).len(),
+            MAX_PENDING / MAX_BATCH,
+            "no room left for the view"
+        );
     }
 }

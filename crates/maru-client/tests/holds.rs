@@ -253,6 +253,8 @@ fn a_view_held_in_the_lane_keeps_its_page_until_it_goes() {
     drop(reader.retrieve(b"first").unwrap().unwrap());
     owner.store_bytes(b"a", b"", b"AAAA").unwrap();
     let lookups = ops(&c, "lookup") + ops(&c, "batch_lookup");
+    let hits = || c.stats().namespaces.iter().map(|n| n.hits).sum::<u64>();
+    let before = hits();
     let view = reader.retrieve(b"a").unwrap().unwrap();
     let batch = reader.batch_retrieve(&[b"a", b"first"]).unwrap();
     assert_eq!(
@@ -260,6 +262,10 @@ fn a_view_held_in_the_lane_keeps_its_page_until_it_goes() {
         lookups,
         "the views came from the index and the lane, without asking"
     );
+    // They count as hits, told with the reader's next request (or its watcher's round).
+    wait_until("the lane's hits told", Duration::from_secs(5), || {
+        hits() >= before + 3
+    });
     assert!(view.holds_page() && view.generation() > 0);
     assert!(batch
         .iter()
@@ -269,9 +275,11 @@ fn a_view_held_in_the_lane_keeps_its_page_until_it_goes() {
     assert_eq!(owner.delete(b"first").unwrap(), DeleteStatus::Deleted);
     // The first view's page, held by the server, comes back with the release the reader's
     // watcher sends; the page the lane holds stays out.
-    wait_until("the page held by the server back", Duration::from_secs(5), || {
-        owner.owned_regions()[0].allocated_pages == 1
-    });
+    wait_until(
+        "the page held by the server back",
+        Duration::from_secs(5),
+        || owner.owned_regions()[0].allocated_pages == 1,
+    );
     // Fill the region with pinned keys: the held page is never among their pages.
     let pages = owner.owned_regions()[0].page_count;
     let mut stored = Vec::new();
@@ -324,12 +332,8 @@ fn sixteen_threads_with_deletes_never_see_wrong_bytes_through_the_lanes() {
     let c = one_region_indexed(8);
     let url = c.url().to_string();
     let (wrong, checked) = churn(url.clone(), &c);
-    // Keys the server found for a lookup count as its hits; the lanes' views do not.
-    let asked: u64 = c.stats().namespaces.iter().map(|n| n.hits).sum();
     assert!(checked > 50, "only {checked} views checked");
     assert_eq!(wrong, 0, "{wrong} wrong bytes in {checked} views");
-    assert!(
-        asked * 2 < checked,
-        "the server found {asked} of {checked} views: the lanes served few"
-    );
+    // Views held in a lane are told to the server as hits afterwards.
+    assert!(ops(&c, "hit") > 0, "no view came through a lane");
 }

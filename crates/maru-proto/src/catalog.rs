@@ -277,6 +277,10 @@ catalog! {
         /// nothing, like [`Request::ReleaseHolds`]: it travels in front of the session's next
         /// request.
         Touch { keys: Vec<&'a [u8]> } = TOUCH 0x021A "touch" Server,
+        /// These keys were found without asking the server (views held in the session's
+        /// hold lane): each counts as a use and as a hit, as a lookup that found it would.
+        /// Answered with nothing, like [`Request::Touch`].
+        Hit { keys: Vec<&'a [u8]> } = HIT 0x021B "hit" Server,
         /// The first request of a connection of a handler whose server restarted: the hello
         /// of its session (token required), the RM region ids it owns, its pins with their
         /// counts and the holds of its live views, from its own books. Within the server's
@@ -410,7 +414,7 @@ mod tests {
                 "rm_list"
             ]
         );
-        assert_eq!(SERVER_REQUESTS.len(), 30);
+        assert_eq!(SERVER_REQUESTS.len(), 31);
         assert!(SERVER_REQUESTS[..3] == RM_REQUESTS[..3]);
         assert!(SERVER_REQUESTS[3..]
             .iter()

@@ -105,7 +105,8 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         | Request::BatchDelete { keys }
         | Request::BatchPin { keys }
         | Request::BatchUnpin { keys }
-        | Request::Touch { keys } => put_keys(w, keys)?,
+        | Request::Touch { keys }
+        | Request::Hit { keys } => put_keys(w, keys)?,
     }
     Ok(())
 }

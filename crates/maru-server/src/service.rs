@@ -293,7 +293,14 @@ fn dispatch(
             // No reply, like release_holds.
             client()?;
             let (keys, _) = scratch.scoped_all(scope, keys);
-            state.touch(&keys);
+            state.touch(&keys, false);
+            Ok(())
+        }
+        Request::Hit { keys } => {
+            // No reply, like touch.
+            client()?;
+            let (keys, _) = scratch.scoped_all(scope, keys);
+            state.touch(&keys, true);
             Ok(())
         }
         Request::GiveBack { region_id } => {

@@ -9,7 +9,8 @@
 //! the claim was visible, so the server, which scans the lanes before it returns a page whose
 //! key has gone, keeps the page for the view. A key that changed meanwhile, one in a region
 //! not mapped here, a lane without room and a missing key take the RPC path (which also
-//! counts the miss). The reads count as uses for eviction, as copies out of the index do.
+//! counts the miss). The views are told to the server later as hits (`Hit`), which count as
+//! uses for eviction too.
 
 use std::sync::Arc;
 
@@ -98,7 +99,7 @@ impl Connected {
             out[c.at] = Some(view);
             served.push(keys[c.at]);
         }
-        self.conns.releases.uses.used(served);
+        self.conns.releases.uses.hit(served);
         rest.sort_unstable();
         Ok(true)
     }

@@ -258,7 +258,7 @@ impl ServerState {
     /// Keys a client read without asking (through the key index): uses for eviction, as
     /// lookups' are (a key gone meanwhile is no use of anything). The namespace's hit and miss
     /// counters stay the server's own: the index's misses are never told.
-    pub fn touch(&self, keys: &[&[u8]]) {
+    pub fn touch(&self, keys: &[&[u8]], hits: bool) {
         // The regions' last uses too, which pick the region a full pool takes back.
         let now = self.capacity.use_stamp();
         {
@@ -274,6 +274,9 @@ impl ServerState {
             }
         }
         self.capacity.used(keys);
+        if hits {
+            self.capacity.hits_told(keys);
+        }
     }
 
     pub fn delete(&self, key: &[u8]) -> DeleteStatus {

@@ -47,7 +47,7 @@ fn a_read_through_the_index_told_later_is_a_use_but_no_hit() {
         assert!(st.register(&a, &reg(&k, &r, i * PAGE, PAGE)).unwrap());
     }
     let (k1, gone) = (key("k1"), key("never-stored"));
-    st.touch(&[k1.as_slice(), gone.as_slice()]);
+    st.touch(&[k1.as_slice(), gone.as_slice()], false);
     let before = st.capacity.key_bytes();
     let done = st.evict(
         forever(),
@@ -63,6 +63,10 @@ fn a_read_through_the_index_told_later_is_a_use_but_no_hit() {
         (0, 0),
         "the server's counters are its own"
     );
+    // A view a client held in its lane is a use and a hit.
+    st.touch(&[k1.as_slice()], true);
+    let ns = &st.stats().namespaces[0];
+    assert_eq!((ns.hits, ns.misses), (1, 0), "a lane's hit is told as one");
 }
 
 #[test]
