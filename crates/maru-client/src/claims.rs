@@ -12,6 +12,7 @@ use maru_proto::{encode_request, PageRef, Request, ResumeHold, ResumePin, MAX_BA
 
 use maru_index::LaneWriter;
 
+use crate::fork::Birth;
 use crate::uses::UseQueue;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,9 +96,22 @@ struct Slot {
     lane: Option<(u32, u32)>,
 }
 
-/// The session's lane, shared by its holds (a newtype for `Debug`).
+/// The session's lane, shared by its holds, and the process generation that mapped it. The
+/// mapping is shared memory, which a child made by `fork()` shares too: a child's drop of a
+/// view it inherited must not end its parent's claim, so only the process that opened the
+/// lane writes to it.
 #[derive(Clone)]
-pub(crate) struct Lane(pub Arc<LaneWriter>);
+pub(crate) struct Lane {
+    writer: Arc<LaneWriter>,
+    birth: Birth,
+}
+
+impl Lane {
+    /// The writer, in the process that opened the lane only.
+    fn here(&self) -> Option<&LaneWriter> {
+        (!self.birth.inherited()).then_some(&*self.writer)
+    }
+}
 
 impl std::fmt::Debug for Lane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,8 +180,8 @@ impl LiveHolds {
         slot.tag = slot.tag.wrapping_add(1);
         let page = slot.page;
         let claim = slot.lane.take();
-        if let (Some((region, pg)), Some(lane)) = (claim, &self.lane) {
-            lane.0.release(index, region, pg);
+        if let (Some((region, pg)), Some(lane)) = (claim, self.lane.as_ref().and_then(Lane::here)) {
+            lane.release(index, region, pg);
         }
         self.free.push(index);
         self.len -= 1;
@@ -240,10 +254,11 @@ impl ReleaseQueue {
     ) -> Option<Vec<Option<Arc<Hold>>>> {
         let mut live = lock(&self.live);
         let lane = live.lane.clone().filter(|_| live.parked.is_none())?;
+        let lane = lane.here()?;
         let holds = items
             .map(|(key, page, generation, region, pg)| {
                 let id = live.insert(key, page, generation);
-                if lane.0.claim(id as u32, region, pg) {
+                if lane.claim(id as u32, region, pg) {
                     live.slots[id as u32 as usize].lane = Some((region, pg));
                     Some(Arc::new(Hold {
                         id,
@@ -258,7 +273,7 @@ impl ReleaseQueue {
         drop(live);
         // Between the claims and the caller's rechecks of the index: the server fences between
         // a key's removal and its scan of the lanes, so one of the two sees the other.
-        lane.0.fence();
+        lane.fence();
         Some(holds)
     }
 
@@ -269,11 +284,16 @@ impl ReleaseQueue {
         let mut live = lock(&self.live);
         let old = live.lane.take();
         for (index, slot) in live.slots.iter_mut().enumerate() {
-            if let (Some((region, pg)), Some(old)) = (slot.lane.take(), &old) {
-                old.0.release(index as u32, region, pg);
+            if let (Some((region, pg)), Some(old)) =
+                (slot.lane.take(), old.as_ref().and_then(Lane::here))
+            {
+                old.release(index as u32, region, pg);
             }
         }
-        live.lane = lane.map(Lane);
+        live.lane = lane.map(|writer| Lane {
+            writer,
+            birth: Birth::now(),
+        });
     }
 
     fn release(&self, id: u64) {

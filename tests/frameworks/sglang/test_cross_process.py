@@ -93,4 +93,7 @@ def test_pages_written_by_one_process_load_into_another_processs_host_pool(maru_
     s = maru_up.stats()
     assert s["pinned_keys"] == 0, "the reader released every pin"
     assert s["keys"] == 15, "reads add no keys"
-    assert s["ops"]["batch_lookup"]["count"] >= 4
+    # The reader's loads reached the server: asked (`batch_lookup`), or viewed in its hold lane
+    # and told as hits with its next request (`hit`, at the latest with its goodbye).
+    loads = s["ops"].get("batch_lookup", {}).get("count", 0) + s["ops"].get("hit", {}).get("count", 0)
+    assert loads >= 4, s["ops"]

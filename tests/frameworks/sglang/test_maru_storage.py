@@ -398,7 +398,7 @@ def test_with_the_key_index_lookups_and_contiguous_page_copies_take_no_round_tri
     assert (m["read_hits"], m["read_misses"], m["failed_keys"], m["errors"]) == (4, 3, 0, {})
 
 
-def test_with_the_key_index_pages_in_two_runs_are_read_through_one_lookup_without_pins(maru_up, backends):
+def test_with_the_key_index_pages_in_two_runs_are_viewed_without_a_round_trip_or_pins(maru_up, backends):
     _, reader, src, dst, hashes, idx = stored(maru_up, backends, kit.mha_host_pool, "ix-mha", 2, seed=22)
     before = {op: op_count(maru_up, op) for op in ("batch_exists", "batch_pin", "batch_lookup", "batch_unpin")}
     assert reader.batch_exists(hashes) == 2
@@ -406,5 +406,6 @@ def test_with_the_key_index_pages_in_two_runs_are_read_through_one_lookup_withou
     assert reader.batch_get_v1(hashes, out) == [True, True]
     assert kit.digests(dst, out) == kit.digests(src, idx)
     after = {op: op_count(maru_up, op) for op in before}
-    assert after == {**before, "batch_lookup": before["batch_lookup"] + 1}, "one lookup, no pins"
+    # The views came from the index, held in the reader's lane of the server's hold lanes.
+    assert after == before, "no lookup, no pins"
     assert maru_up.stats()["pinned_keys"] == 0
