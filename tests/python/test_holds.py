@@ -169,3 +169,27 @@ def test_another_processes_view_keeps_the_bytes_after_delete_and_reuse(one_regio
         wait_until("B's page to come back", lambda: stores(a, "after-b"), timeout=10)
     finally:
         a.close()
+
+
+def test_a_forked_childs_drop_of_an_inherited_view_leaves_the_parents_hold(one_region_cluster: Cluster) -> None:
+    url = one_region_cluster.unix_url
+    with MaruHandler(owner_config(url)) as owner, MaruHandler(MaruConfig(server_url=url, chunk_size_bytes=CHUNK)) as reader:
+        # The reader maps the owner's region with its first view; the next is held in its lane.
+        assert owner.store("first", data=b"FFFF")
+        first = reader.retrieve("first")
+        assert first is not None
+        del first
+        assert owner.store("a", data=b"AAAA")
+        info = reader.retrieve("a")
+        assert info is not None and bytes(info.view) == b"AAAA"
+        pid = os.fork()
+        if pid == 0:
+            # The child's copy of the view goes: the lane is shared memory, the claim the parent's.
+            del info
+            gc.collect()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert owner.delete("a") and owner.delete("first")
+        fill(owner, "b")
+        assert bytes(info.view) == b"AAAA", "the parent's view lost its page to the child's drop"

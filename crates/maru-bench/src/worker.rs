@@ -42,6 +42,17 @@ pub enum Spec {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LoopResult {
     pub ns: Vec<u64>,
+    /// When the loop began and ended, in ns of the system's clock (the same for every
+    /// process), so the parent spans its clients' own work, not their start-up.
+    pub began: u64,
+    pub ended: u64,
+}
+
+/// Now, in ns of the system's clock.
+pub fn clock_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// What a [`Spec::Serve`] worker serves.
@@ -63,6 +74,7 @@ pub fn run(spec: &str) -> anyhow::Result<()> {
             out.flush()?;
             std::io::stdin().lock().read_line(&mut String::new())?;
             let mut ns = Vec::with_capacity(iters);
+            let began = clock_ns();
             for i in 0..iters {
                 let key = keys[i % keys.len()].as_bytes();
                 let t = Instant::now();
@@ -71,10 +83,14 @@ pub fn run(spec: &str) -> anyhow::Result<()> {
                 }
                 ns.push(t.elapsed().as_nanos() as u64);
             }
-            h.close();
-            serde_json::to_writer(&mut out, &LoopResult { ns })?;
+            let ended = clock_ns();
+            serde_json::to_writer(&mut out, &LoopResult { ns, began, ended })?;
             writeln!(out)?;
             out.flush()?;
+            // Closing waits for the parent (its stdin closing), so no client's goodbye runs
+            // while others are still measuring on the same CPUs.
+            let _ = std::io::stdin().lock().read_line(&mut String::new());
+            h.close();
         }
         Spec::Hold {
             url,

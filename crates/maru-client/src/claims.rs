@@ -318,9 +318,9 @@ impl ReleaseQueue {
     }
 
     /// Appends what waits to be told in front of the session's next request to `out`, as
-    /// frames that ask for no reply: the releases queued so far, then the reads through the
-    /// key index (`uses`).
-    pub fn encode_pending(&self, out: &mut Vec<u8>) {
+    /// frames that ask for no reply: the releases queued so far, then up to `reads` of the
+    /// reads through the key index (`uses`).
+    pub fn encode_pending(&self, out: &mut Vec<u8>, reads: usize) {
         for chunk in self.take().chunks(MAX_BATCH) {
             let release = Request::ReleaseHolds {
                 pages: chunk.to_vec(),
@@ -328,7 +328,7 @@ impl ReleaseQueue {
             // Infallible: a batch of pages fits a frame.
             let _ = encode_request(out, 0, &release);
         }
-        self.uses.encode_into(out);
+        self.uses.encode_into(out, reads);
     }
 
     /// Every release queued so far (empty without taking the lock when there is none).

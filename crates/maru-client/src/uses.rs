@@ -6,6 +6,8 @@
 //! session's hold lane are told as `Hit`s: uses that count as hits too, as the lookups they
 //! stand for would (their misses still ask the server, which counts them).
 
+use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -16,36 +18,77 @@ use maru_proto::{encode_request, Request, MAX_BATCH};
 /// one round loses any).
 const MAX_PENDING: usize = 4 * MAX_BATCH;
 
-/// Keys read through the index and not told yet, in one byte buffer.
+/// The most reads told in front of one request (the watcher tells any number).
+pub(crate) const IN_FRONT: usize = MAX_BATCH;
+
+/// Keys read through the index and not told yet, in one byte buffer. Copies are kept once
+/// each: a key copied again before it is told is one use to the server (a recency policy needs
+/// no more), so a loop over hot keys costs the server one touch per key per round, not one per
+/// read. Views are kept as often as they were taken: each is a hit in the counters.
 #[derive(Debug, Default)]
 struct Keys {
     bytes: Vec<u8>,
     ends: Vec<u32>,
+    /// Hashes of the keys waiting (two keys of one hash: the second goes untold this round,
+    /// which only ages it a round early).
+    waiting: HashSet<u64>,
+}
+
+fn hash_of(key: &[u8]) -> u64 {
+    foldhash::fast::FixedState::default().hash_one(key)
 }
 
 impl Keys {
-    fn add<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>, room: usize) {
+    fn add<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>, room: usize, once: bool) {
         for key in keys {
             if self.ends.len() >= room {
                 break;
+            }
+            if once && !self.waiting.insert(hash_of(key)) {
+                continue;
             }
             self.bytes.extend_from_slice(key);
             self.ends.push(self.bytes.len() as u32);
         }
     }
 
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let k = &self.bytes[start..end as usize];
+            start = end as usize;
+            k
+        })
+    }
+
+    /// The first `n` keys, taken out.
+    fn take_front(&mut self, n: usize) -> Keys {
+        if n >= self.ends.len() {
+            return std::mem::take(self);
+        }
+        if n == 0 {
+            return Keys::default();
+        }
+        let cut = self.ends[n - 1];
+        let rest = self.bytes.split_off(cut as usize);
+        let bytes = std::mem::replace(&mut self.bytes, rest);
+        let mut rest = self.ends.split_off(n);
+        rest.iter_mut().for_each(|e| *e -= cut);
+        let ends = std::mem::replace(&mut self.ends, rest);
+        let front = Keys {
+            bytes,
+            ends,
+            waiting: HashSet::new(),
+        };
+        for key in front.iter() {
+            self.waiting.remove(&hash_of(key));
+        }
+        front
+    }
+
     /// Appends the keys as frames of `make` (request id 0).
     fn encode(&self, out: &mut Vec<u8>, make: fn(Vec<&[u8]>) -> Request<'_>) {
-        let mut start = 0;
-        let keys: Vec<&[u8]> = self
-            .ends
-            .iter()
-            .map(|&end| {
-                let k = &self.bytes[start..end as usize];
-                start = end as usize;
-                k
-            })
-            .collect();
+        let keys: Vec<&[u8]> = self.iter().collect();
         for chunk in keys.chunks(MAX_BATCH) {
             // A frame of keys the handler checked when it read them: within the limits.
             let _ = encode_request(out, 0, &make(chunk.to_vec()));
@@ -83,25 +126,30 @@ impl UseQueue {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let room = MAX_PENDING.saturating_sub(p.copied.ends.len() + p.viewed.ends.len());
         let list = if viewed { &mut p.viewed } else { &mut p.copied };
-        list.add(keys, list.ends.len() + room);
+        list.add(keys, list.ends.len() + room, !viewed);
         if !p.copied.ends.is_empty() || !p.viewed.ends.is_empty() {
             self.any.store(true, Ordering::Release);
         }
     }
 
-    /// Appends the reads booked so far to `out` as `Touch` and `Hit` frames (request id 0)
-    /// and forgets them; one load when there are none.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
+    /// Appends up to `limit` of the reads booked so far to `out` as `Touch` and `Hit` frames
+    /// (request id 0) and forgets them; one load when there are none. A request carries at
+    /// most [`IN_FRONT`] of them: the server handles what rides in front of a request before
+    /// the request, so a backlog of reads would delay it; the watcher takes the rest.
+    pub fn encode_into(&self, out: &mut Vec<u8>, limit: usize) {
         if !self.any.load(Ordering::Acquire) {
             return;
         }
-        let taken = {
+        let (copied, viewed) = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            self.any.store(false, Ordering::Release);
-            std::mem::take(&mut *p)
+            let copied = p.copied.take_front(limit);
+            let viewed = p.viewed.take_front(limit - copied.ends.len());
+            let left = !p.copied.ends.is_empty() || !p.viewed.ends.is_empty();
+            self.any.store(left, Ordering::Release);
+            (copied, viewed)
         };
-        taken.copied.encode(out, |keys| Request::Touch { keys });
-        taken.viewed.encode(out, |keys| Request::Hit { keys });
+        copied.encode(out, |keys| Request::Touch { keys });
+        viewed.encode(out, |keys| Request::Hit { keys });
     }
 }
 
@@ -112,7 +160,7 @@ mod tests {
 
     fn told(q: &UseQueue) -> Vec<Vec<Vec<u8>>> {
         let mut wire = Vec::new();
-        q.encode_into(&mut wire);
+        q.encode_into(&mut wire, usize::MAX);
         let mut frames = Vec::new();
         let mut at = 0;
         while at < wire.len() {
@@ -136,13 +184,24 @@ mod tests {
     fn reads_are_told_once_in_frames_of_a_batch_and_bounded() {
         let q = UseQueue::default();
         assert!(told(&q).is_empty(), "nothing read, nothing told");
+        // A key copied twice before it is told is one use; viewed twice, two hits.
         q.used([b"a".as_slice(), b"bb"]);
+        q.used([b"a".as_slice()]);
+        q.hit([b"v".as_slice(), b"v"]);
+        assert_eq!(
+            told(&q),
+            [
+                vec![b"a".to_vec(), b"bb".to_vec()],
+                vec![b"hit:".to_vec(), b"v".to_vec(), b"v".to_vec()]
+            ]
+        );
+        assert!(told(&q).is_empty(), "told once");
         q.used([b"a".as_slice()]);
         assert_eq!(
             told(&q),
-            [vec![b"a".to_vec(), b"bb".to_vec(), b"a".to_vec()]]
+            [vec![b"a".to_vec()]],
+            "told, a key is booked anew"
         );
-        assert!(told(&q).is_empty(), "told once");
         let many: Vec<Vec<u8>> = (0..MAX_PENDING + 10)
             .map(|i| i.to_string().into_bytes())
             .collect();
@@ -164,6 +223,18 @@ mod tests {
             told(&q).len(),
             MAX_PENDING / MAX_BATCH,
             "no room left for the view"
+        );
+        // In front of a request, a bounded share: the rest waits for the next send.
+        q.used([b"a".as_slice(), b"bb", b"c"]);
+        q.hit([b"v".as_slice()]);
+        let mut wire = Vec::new();
+        q.encode_into(&mut wire, 2);
+        assert!(!wire.is_empty());
+        q.encode_into(&mut wire, 0);
+        assert_eq!(
+            told(&q),
+            [vec![b"c".to_vec()], vec![b"hit:".to_vec(), b"v".to_vec()]],
+            "the first two keys went in front, the rest after"
         );
     }
 }

@@ -233,7 +233,7 @@ impl WatchLink {
     /// followed by `then` in the same write.
     fn flush_releases(&self, then: &[u8]) -> bool {
         let mut frame = Vec::new();
-        self.releases.encode_pending(&mut frame);
+        self.releases.encode_pending(&mut frame, usize::MAX);
         if frame.is_empty() && then.is_empty() {
             return true;
         }

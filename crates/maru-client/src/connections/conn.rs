@@ -141,7 +141,7 @@ impl PooledConn {
         // Releases of views dropped since the session's last request, and reads through the
         // key index, leave in the same write, as frames that ask for no reply.
         if let Some(q) = &self.releases {
-            q.encode_pending(&mut self.tx);
+            q.encode_pending(&mut self.tx, crate::uses::IN_FRONT);
         }
         let pending = self.tx.len();
         if let Err(e) = encode_request(&mut self.tx, id, req) {

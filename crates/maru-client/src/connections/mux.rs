@@ -267,7 +267,7 @@ impl Mux {
         let mut tx = lock(&self.tx);
         tx.clear();
         if let Some(q) = &self.releases {
-            q.encode_pending(&mut tx);
+            q.encode_pending(&mut tx, crate::uses::IN_FRONT);
         }
         let start = tx.len();
         if let Err(e) = encode_request(&mut tx, id, req) {
