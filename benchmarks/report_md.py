@@ -71,8 +71,15 @@ def single_client(res: list[Row]) -> list[Row]:
 
 
 def concurrency(res: list[Row]) -> list[Row]:
-    return [r for r in res if r["op"] == "retrieve" and r.get("note")
+    """The many-clients rows, and their floor: as many processes reading their own memory."""
+    return [r for r in res if r["op"] in ("retrieve", "read_own") and r.get("note")
             and ("threads" in r["note"] or "process" in r["note"])]
+
+
+def clients_label(n: int, procs: bool, op: str) -> str:
+    plural = "" if n == 1 else ("es" if procs else "s")
+    floor = ", own memory, no Maru (floor)" if op == "read_own" else ""
+    return f"{n} {'process' if procs else 'thread'}{plural}{floor}"
 
 
 def first_seen(rows: list[Row], key: Callable[[Row], Any]) -> list[Any]:
@@ -188,7 +195,7 @@ def full(rep: dict[str, Any]) -> None:
     if conc:
         print("\n**Concurrency: retrieve of 4 KiB chunks, aggregate**\n")
         print(table(conc, [("transport", "transport"),
-                           ("clients", lambda r: f"{r['clients']} {'processes' if r['processes'] else 'threads'}"),
+                           ("clients", lambda r: clients_label(r["clients"], r["processes"], r["op"])),
                            ("p50 µs", "p50_us"), ("p99 µs", "p99_us"),
                            ("keys/s (all)", lambda r: f(r["ops_per_s"], 0))]))
     conn = [r for r in res if r["op"] in ("connect", "first_alloc")]
@@ -286,10 +293,12 @@ def compact(rep: dict[str, Any]) -> None:
     if conc:
         print("\n**Concurrency: retrieve of 4 KiB chunks**: p50 / p99 µs, and keys/s of all clients together\n")
         rows = []
-        for n, procs in sorted(first_seen(conc, lambda r: (r["clients"], bool(r["processes"])))):
-            row = [f"{n} {'process' if procs else 'thread'}{'' if n == 1 else ('es' if procs else 's')}"]
+        kinds = first_seen(conc, lambda r: (r["op"] == "read_own", r["clients"], bool(r["processes"])))
+        for floor, n, procs in sorted(kinds):
+            op = "read_own" if floor else "retrieve"
+            row = [clients_label(n, procs, op)]
             for t, _ in TRANSPORTS:
-                r = find(conc, clients=n, processes=procs, transport=t)
+                r = find(conc, clients=n, processes=procs, transport=t, op=op)
                 row += [p50_p99(r), "–" if r is None else f(r["ops_per_s"], 0)]
             rows.append(row)
         print(md(["clients"] + [f"{name} {c}" for _, name in TRANSPORTS for c in ("p50 / p99", "keys/s")], rows))

@@ -12,8 +12,8 @@ use crate::context::Bench;
 use crate::floor::Transport;
 use crate::plan::KIB;
 use crate::rows::{handler, prefill, refs};
-use crate::stats::{Row, Samples};
-use crate::worker::{LoopResult, Spec, Worker};
+use crate::stats::{Row, Samples, Summary};
+use crate::worker::{warm, LoopResult, Spec, Worker};
 
 pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
     let owner = handler(url, 4 * KIB, 8 << 20, true)?;
@@ -25,6 +25,7 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         let iters = b.plan.conc_iters * 32;
         // Threads of one process, one shared handler.
         let shared = Arc::new(handler(url, 4 * KIB, 2 << 20, true)?);
+        warm(&shared, refs(&stored))?;
         let barrier = Arc::new(Barrier::new(n as usize + 1));
         let keys = Arc::new(stored.clone());
         let threads: Vec<_> = (0..n as usize)
@@ -73,42 +74,65 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         b.push(t, row.note("threads sharing one handler"));
 
         // Processes, one handler each.
+        let keys: Vec<String> = stored
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
         let spec = Spec::Loop {
             url: url.to_owned(),
-            keys: stored
-                .iter()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-                .collect(),
+            keys: keys.clone(),
             iters,
         };
-        let mut workers = (0..n)
-            .map(|_| Worker::spawn(&b.launcher, &spec))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        for w in &mut workers {
-            w.expect_ready()?;
-        }
-        for w in &mut workers {
-            w.send("go")?;
-        }
-        let mut s = Samples::with_capacity(iters * n as usize);
-        // The span of the clients' own loops, first begin to last end.
-        let (mut began, mut ended) = (u64::MAX, 0);
-        for w in &mut workers {
-            let r: LoopResult = serde_json::from_str(&w.line()?)?;
-            s.extend(&r.ns);
-            began = began.min(r.began);
-            ended = ended.max(r.ended);
-        }
-        s.set_wall(std::time::Duration::from_nanos(ended.saturating_sub(began)));
-        for w in workers {
-            w.finish()?;
-        }
-        let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &s.summary());
+        let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &processes(b, n, &spec)?);
         row.clients = n;
         row.processes = true;
         b.push(t, row.note("one process per client"));
+        // The same number of processes reading their own memory instead, on the same CPUs:
+        // what sharing a CPU among that many processes costs by itself (switches, caches),
+        // the floor of the row above's ratio to one process.
+        let spec = Spec::Floor { iters };
+        let mut row = Row::new("read_own", t.name(), 4 * KIB, 1, &processes(b, n, &spec)?);
+        row.clients = n;
+        row.processes = true;
+        b.push(
+            t,
+            row.note("floor: processes reading 4 KiB of their own memory, no Maru"),
+        );
     }
     owner.batch_delete(&refs(&stored))?;
     owner.close();
     Ok(())
+}
+
+/// Runs `n` worker processes of `spec` at once: their samples, over the span of their own
+/// loops (first begin to last end).
+fn processes(b: &Bench, n: u32, spec: &Spec) -> anyhow::Result<Summary> {
+    let mut workers = (0..n)
+        .map(|_| Worker::spawn(&b.launcher, spec))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for w in &mut workers {
+        w.expect_ready()?;
+    }
+    for w in &mut workers {
+        w.send("go")?;
+    }
+    for w in &mut workers {
+        w.expect("done")?;
+    }
+    for w in &mut workers {
+        w.send("report")?;
+    }
+    let mut s = Samples::with_capacity(spec.iters() * n as usize);
+    let (mut began, mut ended) = (u64::MAX, 0);
+    for w in &mut workers {
+        let r: LoopResult = serde_json::from_str(&w.line()?)?;
+        s.extend(&r.ns);
+        began = began.min(r.began);
+        ended = ended.max(r.ended);
+    }
+    s.set_wall(std::time::Duration::from_nanos(ended.saturating_sub(began)));
+    for w in workers {
+        w.finish()?;
+    }
+    Ok(s.summary())
 }

@@ -86,14 +86,15 @@ impl Bench {
 
     /// The row's floor: a ping-pong of its exact message sizes (times its round trips), plus
     /// a raw memcpy of every chunk it copies; for the first alloc, populating the pool; for a
-    /// first retrieve, a round trip plus mapping the region. A connect (a handshake of a few
-    /// round trips and the eager mapping of what is live) has none.
+    /// first retrieve, a round trip plus mapping the region.
     fn with_floor(&self, t: Transport, mut row: Row, probe: Option<Probe>) -> anyhow::Result<Row> {
         if row.is_skipped() {
             return Ok(row);
         }
         let (floor_us, what, gbps) = match row.op.as_str() {
-            "connect" => return Ok(row),
+            // A connect (a handshake of a few round trips and the eager mapping of what is
+            // live) has none; processes reading their own memory are a floor themselves.
+            "connect" | "read_own" => return Ok(row),
             "first_alloc" => {
                 let p = self.floors.map("populate", row.chunk_bytes)?;
                 (

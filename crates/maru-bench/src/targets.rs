@@ -141,6 +141,7 @@ pub fn check(
                 }
             }
         }
+        many_processes(&mut out, rows, transport);
         if let Some(r) = rows
             .iter()
             .find(|r| r.op == "first_retrieve_1gib" && r.transport == transport && !r.is_skipped())
@@ -183,6 +184,50 @@ pub fn check(
         }
     }
     out
+}
+
+/// The most client processes a run has, each its own handler: their keys/s together against
+/// one process's, and that ratio against the floor's (as many processes reading their own
+/// memory on the same CPUs, without Maru).
+fn many_processes(out: &mut Vec<Target>, rows: &[Row], transport: &str) {
+    let of = |op: &str, n: u32| {
+        rows.iter().find(|r| {
+            r.op == op
+                && r.processes
+                && r.clients == n
+                && r.transport == transport
+                && !r.is_skipped()
+        })
+    };
+    let Some(n) = rows
+        .iter()
+        .filter(|r| r.op == "retrieve" && r.processes && r.transport == transport)
+        .map(|r| r.clients)
+        .max()
+        .filter(|&n| n > 1)
+    else {
+        return;
+    };
+    let (Some(one), Some(many)) = (of("retrieve", 1), of("retrieve", n)) else {
+        return;
+    };
+    let ratio = round3(many.ops_per_s / one.ops_per_s.max(1.0));
+    let target = format!("{n} client processes: keys/s >= 1.0x one process's");
+    out.push(
+        Target::at_least(target, "rust", transport, ratio, 1.0).detail(format!(
+            "{:.0} vs {:.0} keys/s",
+            many.ops_per_s, one.ops_per_s
+        )),
+    );
+    if let (Some(f1), Some(fm)) = (of("read_own", 1), of("read_own", n)) {
+        let floor = round3(fm.ops_per_s / f1.ops_per_s.max(1.0));
+        let target = format!("{n} client processes: keys/s ratio >= the floor's");
+        out.push(
+            Target::at_least(target, "rust", transport, ratio, floor).detail(format!(
+                "{n} processes reading their own memory: {floor:.3}x one"
+            )),
+        );
+    }
 }
 
 /// Prints the targets' table.
@@ -249,5 +294,34 @@ mod tests {
         assert_eq!(by("batch_exists(256)").value, 5.0);
         assert!(!by("batch_exists(256)").met);
         assert!(!by("faster than Redis GET").met, "a tie is not a win");
+    }
+
+    #[test]
+    fn many_processes_are_judged_against_one_and_against_the_floor() {
+        let procs = |op: &str, n: u32, p50_us: f64| {
+            let mut r = row(op, "unix", 1, p50_us);
+            r.clients = n;
+            r.processes = true;
+            r
+        };
+        // 32 processes: 0.9x one process's keys/s; reading their own memory, 0.8x.
+        let rows = [
+            procs("retrieve", 1, 1.0),
+            procs("retrieve", 32, 1.0 / 0.9),
+            procs("read_own", 1, 0.5),
+            procs("read_own", 32, 0.5 / 0.8),
+        ];
+        let t = check(&rows, &[], &floor(), None);
+        let by = |name: &str| t.iter().find(|t| t.target.contains(name)).unwrap();
+        let one = by("1.0x one process");
+        assert_eq!((one.value, one.met), (0.9, false));
+        let against = by("the floor's");
+        assert_eq!(
+            (against.value, against.limit, against.met),
+            (0.9, 0.8, true)
+        );
+        // Without the floor's rows, no floor target.
+        let t = check(&rows[..2], &[], &floor(), None);
+        assert!(!t.iter().any(|t| t.target.contains("the floor's")));
     }
 }

@@ -25,6 +25,10 @@ pub enum Spec {
         keys: Vec<String>,
         iters: usize,
     },
+    /// Say `ready`, wait for a line, read `iters` blocks of 4 KiB of this process's own
+    /// memory (a byte of every cache line, at pseudo-random places in 4 MiB), print the
+    /// latencies as `Loop` does: what many processes sharing a CPU cost without Maru.
+    Floor { iters: usize },
     /// Connect with an owned region of `region` bytes, store `keys` (one page each), say
     /// `ready`, keep everything until stdin closes.
     Hold {
@@ -37,6 +41,16 @@ pub enum Spec {
     /// parent's scratch directory, which the parent removes), print their [`Serving`]
     /// addresses, serve until stdin closes.
     Serve { dir: PathBuf, pool_bytes: u64 },
+}
+
+impl Spec {
+    /// The calls a measuring worker makes.
+    pub fn iters(&self) -> usize {
+        match self {
+            Spec::Loop { iters, .. } | Spec::Floor { iters } => *iters,
+            Spec::Hold { .. } | Spec::Serve { .. } => 0,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -70,27 +84,41 @@ pub fn run(spec: &str) -> anyhow::Result<()> {
     match spec {
         Spec::Loop { url, keys, iters } => {
             let h = handler(&url, 4 * KIB, 2 << 20, true)?;
-            writeln!(out, "ready")?;
-            out.flush()?;
-            std::io::stdin().lock().read_line(&mut String::new())?;
-            let mut ns = Vec::with_capacity(iters);
-            let began = clock_ns();
-            for i in 0..iters {
-                let key = keys[i % keys.len()].as_bytes();
-                let t = Instant::now();
-                if h.retrieve(key)?.is_none() {
-                    bail!("worker: key {} not found", keys[i % keys.len()]);
+            // One pass before the loop maps the region and faults in the index's pages, so
+            // the loop measures the steady state, as the threads' rows do.
+            warm(&h, keys.iter().map(|k| k.as_bytes()))?;
+            let mut failed = None;
+            measured_loop(&mut out, iters, |i| {
+                let key = &keys[i % keys.len()];
+                match h.retrieve(key.as_bytes()) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => drop(failed.get_or_insert(format!("key {key} not found"))),
+                    Err(e) => drop(failed.get_or_insert(format!("retrieve of {key}: {e}"))),
                 }
-                ns.push(t.elapsed().as_nanos() as u64);
+            })?;
+            if let Some(why) = failed {
+                bail!("worker: {why}");
             }
-            let ended = clock_ns();
-            serde_json::to_writer(&mut out, &LoopResult { ns, began, ended })?;
-            writeln!(out)?;
-            out.flush()?;
             // Closing waits for the parent (its stdin closing), so no client's goodbye runs
             // while others are still measuring on the same CPUs.
             let _ = std::io::stdin().lock().read_line(&mut String::new());
             h.close();
+        }
+        Spec::Floor { iters } => {
+            const BLOCKS: usize = 1024;
+            let mut memory = vec![1u8; BLOCKS * 4096];
+            for (i, b) in memory.iter_mut().enumerate() {
+                *b = i as u8;
+            }
+            let mut sum = 0u64;
+            let mut at = 0usize;
+            measured_loop(&mut out, iters, |_| {
+                at = (at * 13 + 7) % BLOCKS;
+                let block = &memory[at * 4096..(at + 1) * 4096];
+                sum = block.iter().step_by(64).fold(sum, |s, &b| s + u64::from(b));
+            })?;
+            std::hint::black_box(sum);
+            let _ = std::io::stdin().lock().read_line(&mut String::new());
         }
         Spec::Hold {
             url,
@@ -132,6 +160,49 @@ pub fn run(spec: &str) -> anyhow::Result<()> {
 }
 
 /// Returns when the parent closes this worker's stdin (or dies).
+/// Says `ready`, waits for a line, times `iters` calls of `call`, says `done`, and writes
+/// the samples ([`LoopResult`]) when the parent asks with another line: after every client
+/// has ended, so that writing them (and the parent's reading) takes no CPU from clients still
+/// measuring.
+fn measured_loop(
+    out: &mut impl Write,
+    iters: usize,
+    mut call: impl FnMut(usize),
+) -> anyhow::Result<()> {
+    writeln!(out, "ready")?;
+    out.flush()?;
+    std::io::stdin().lock().read_line(&mut String::new())?;
+    let mut ns = Vec::with_capacity(iters);
+    let began = clock_ns();
+    for i in 0..iters {
+        let t = Instant::now();
+        call(i);
+        ns.push(t.elapsed().as_nanos() as u64);
+    }
+    let ended = clock_ns();
+    writeln!(out, "done")?;
+    out.flush()?;
+    std::io::stdin().lock().read_line(&mut String::new())?;
+    serde_json::to_writer(&mut *out, &LoopResult { ns, began, ended })?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Retrieves each key once (and drops the views): what a client's loop measures afterwards is
+/// its steady state, without mapping regions or first touches of the index.
+pub fn warm<'k>(
+    h: &maru_client::MaruHandler,
+    keys: impl IntoIterator<Item = &'k [u8]>,
+) -> anyhow::Result<()> {
+    for key in keys {
+        if h.retrieve(key)?.is_none() {
+            bail!("warm-up: key {} not found", String::from_utf8_lossy(key));
+        }
+    }
+    Ok(())
+}
+
 fn wait_for_parent() -> std::io::Result<()> {
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -200,9 +271,14 @@ impl Worker {
     }
 
     pub fn expect_ready(&mut self) -> anyhow::Result<()> {
+        self.expect("ready")
+    }
+
+    /// Reads a line that must be `word`.
+    pub fn expect(&mut self, word: &str) -> anyhow::Result<()> {
         let l = self.line()?;
-        if l != "ready" {
-            bail!("worker said {l:?} instead of ready");
+        if l != word {
+            bail!("worker said {l:?} instead of {word}");
         }
         Ok(())
     }

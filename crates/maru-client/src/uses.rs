@@ -6,32 +6,33 @@
 //! session's hold lane are told as `Hit`s: uses that count as hits too, as the lookups they
 //! stand for would (their misses still ask the server, which counts them).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use maru_proto::{encode_request, Request, MAX_BATCH};
+use maru_proto::{encode_request, KeyCount, Request, MAX_BATCH};
 
 /// The most keys waiting to be told; reads beyond it are not told until the next send takes
-/// the ones waiting (the watcher sends every 50 ms, so only a burst of this many reads within
+/// the ones waiting (the watcher sends every 50 ms, so only a burst of this many keys within
 /// one round loses any).
 const MAX_PENDING: usize = 4 * MAX_BATCH;
 
-/// The most reads told in front of one request (the watcher tells any number).
+/// The most keys told in front of one request (the watcher tells any number).
 pub(crate) const IN_FRONT: usize = MAX_BATCH;
 
-/// Keys read through the index and not told yet, in one byte buffer. Copies are kept once
-/// each: a key copied again before it is told is one use to the server (a recency policy needs
-/// no more), so a loop over hot keys costs the server one touch per key per round, not one per
-/// read. Views are kept as often as they were taken: each is a hit in the counters.
+/// Keys read through the index and not told yet, in one byte buffer, each once with how many
+/// times it was read since it was last told: a loop over hot keys costs the server one entry
+/// per key per round, not one per read. A copy tells only the use (a recency policy needs no
+/// more); views tell their count, each a hit in the counters.
 #[derive(Debug, Default)]
 struct Keys {
     bytes: Vec<u8>,
     ends: Vec<u32>,
-    /// Hashes of the keys waiting (two keys of one hash: the second goes untold this round,
-    /// which only ages it a round early).
-    waiting: HashSet<u64>,
+    counts: Vec<u32>,
+    /// Where each waiting key is, by its hash (of two keys of one hash the second is kept
+    /// apart, uncounted together).
+    waiting: HashMap<u64, u32, foldhash::fast::FixedState>,
 }
 
 fn hash_of(key: &[u8]) -> u64 {
@@ -39,31 +40,42 @@ fn hash_of(key: &[u8]) -> u64 {
 }
 
 impl Keys {
-    fn add<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>, room: usize, once: bool) {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.bytes[start..self.ends[i] as usize]
+    }
+
+    fn add<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>, room: usize) {
         for key in keys {
-            if self.ends.len() >= room {
+            let hash = hash_of(key);
+            if let Some(&i) = self.waiting.get(&hash) {
+                if self.key(i as usize) == key {
+                    self.counts[i as usize] = self.counts[i as usize].saturating_add(1);
+                    continue;
+                }
+            }
+            if self.len() >= room {
                 break;
             }
-            if once && !self.waiting.insert(hash_of(key)) {
-                continue;
-            }
+            let at = self.len() as u32;
+            self.waiting.entry(hash).or_insert(at);
             self.bytes.extend_from_slice(key);
             self.ends.push(self.bytes.len() as u32);
+            self.counts.push(1);
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let k = &self.bytes[start..end as usize];
-            start = end as usize;
-            k
-        })
+    fn iter(&self) -> impl Iterator<Item = (&[u8], u32)> {
+        (0..self.len()).map(|i| (self.key(i), self.counts[i]))
     }
 
     /// The first `n` keys, taken out.
     fn take_front(&mut self, n: usize) -> Keys {
-        if n >= self.ends.len() {
+        if n >= self.len() {
             return std::mem::take(self);
         }
         if n == 0 {
@@ -75,23 +87,50 @@ impl Keys {
         let mut rest = self.ends.split_off(n);
         rest.iter_mut().for_each(|e| *e -= cut);
         let ends = std::mem::replace(&mut self.ends, rest);
-        let front = Keys {
+        let rest = self.counts.split_off(n);
+        let counts = std::mem::replace(&mut self.counts, rest);
+        self.waiting.clear();
+        for i in 0..self.len() {
+            let hash = hash_of(self.key(i));
+            self.waiting.entry(hash).or_insert(i as u32);
+        }
+        Keys {
             bytes,
             ends,
-            waiting: HashSet::new(),
-        };
-        for key in front.iter() {
-            self.waiting.remove(&hash_of(key));
+            counts,
+            waiting: HashMap::default(),
         }
-        front
     }
 
-    /// Appends the keys as frames of `make` (request id 0).
-    fn encode(&self, out: &mut Vec<u8>, make: fn(Vec<&[u8]>) -> Request<'_>) {
-        let keys: Vec<&[u8]> = self.iter().collect();
+    /// Appends the keys as `Touch` frames (request id 0).
+    fn encode_uses(&self, out: &mut Vec<u8>) {
+        let keys: Vec<&[u8]> = self.iter().map(|(k, _)| k).collect();
         for chunk in keys.chunks(MAX_BATCH) {
             // A frame of keys the handler checked when it read them: within the limits.
-            let _ = encode_request(out, 0, &make(chunk.to_vec()));
+            let _ = encode_request(
+                out,
+                0,
+                &Request::Touch {
+                    keys: chunk.to_vec(),
+                },
+            );
+        }
+    }
+
+    /// Appends the keys and their counts as `Hit` frames (request id 0).
+    fn encode_hits(&self, out: &mut Vec<u8>) {
+        let hits: Vec<KeyCount> = self
+            .iter()
+            .map(|(key, count)| KeyCount { key, count })
+            .collect();
+        for chunk in hits.chunks(MAX_BATCH) {
+            let _ = encode_request(
+                out,
+                0,
+                &Request::Hit {
+                    hits: chunk.to_vec(),
+                },
+            );
         }
     }
 }
@@ -124,15 +163,15 @@ impl UseQueue {
 
     fn book<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>, viewed: bool) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let room = MAX_PENDING.saturating_sub(p.copied.ends.len() + p.viewed.ends.len());
+        let room = MAX_PENDING.saturating_sub(p.copied.len() + p.viewed.len());
         let list = if viewed { &mut p.viewed } else { &mut p.copied };
-        list.add(keys, list.ends.len() + room, !viewed);
-        if !p.copied.ends.is_empty() || !p.viewed.ends.is_empty() {
+        list.add(keys, list.len() + room);
+        if p.copied.len() + p.viewed.len() > 0 {
             self.any.store(true, Ordering::Release);
         }
     }
 
-    /// Appends up to `limit` of the reads booked so far to `out` as `Touch` and `Hit` frames
+    /// Appends up to `limit` of the keys booked so far to `out` as `Touch` and `Hit` frames
     /// (request id 0) and forgets them; one load when there are none. A request carries at
     /// most [`IN_FRONT`] of them: the server handles what rides in front of a request before
     /// the request, so a backlog of reads would delay it; the watcher takes the rest.
@@ -143,13 +182,13 @@ impl UseQueue {
         let (copied, viewed) = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             let copied = p.copied.take_front(limit);
-            let viewed = p.viewed.take_front(limit - copied.ends.len());
-            let left = !p.copied.ends.is_empty() || !p.viewed.ends.is_empty();
-            self.any.store(left, Ordering::Release);
+            let viewed = p.viewed.take_front(limit - copied.len());
+            self.any
+                .store(p.copied.len() + p.viewed.len() > 0, Ordering::Release);
             (copied, viewed)
         };
-        copied.encode(out, |keys| Request::Touch { keys });
-        viewed.encode(out, |keys| Request::Hit { keys });
+        copied.encode_uses(out);
+        viewed.encode_hits(out);
     }
 }
 
@@ -168,9 +207,11 @@ mod tests {
             let end = at + HEADER_LEN + h.payload_len as usize;
             match decode_request(&h, &wire[at + HEADER_LEN..end]).unwrap() {
                 Request::Touch { keys } => frames.push(keys.iter().map(|k| k.to_vec()).collect()),
-                Request::Hit { keys } => {
+                Request::Hit { hits } => {
                     let mut f: Vec<Vec<u8>> = vec![b"hit:".to_vec()];
-                    f.extend(keys.iter().map(|k| k.to_vec()));
+                    f.extend(hits.iter().map(|h| {
+                        format!("{}x{}", h.count, String::from_utf8_lossy(h.key)).into_bytes()
+                    }));
                     frames.push(f)
                 }
                 other => panic!("not a touch: {other:?}"),
@@ -184,15 +225,15 @@ mod tests {
     fn reads_are_told_once_in_frames_of_a_batch_and_bounded() {
         let q = UseQueue::default();
         assert!(told(&q).is_empty(), "nothing read, nothing told");
-        // A key copied twice before it is told is one use; viewed twice, two hits.
+        // A key copied twice before it is told is one use; viewed twice, one key of two hits.
         q.used([b"a".as_slice(), b"bb"]);
         q.used([b"a".as_slice()]);
-        q.hit([b"v".as_slice(), b"v"]);
+        q.hit([b"v".as_slice(), b"w", b"v"]);
         assert_eq!(
             told(&q),
             [
                 vec![b"a".to_vec(), b"bb".to_vec()],
-                vec![b"hit:".to_vec(), b"v".to_vec(), b"v".to_vec()]
+                vec![b"hit:".to_vec(), b"2xv".to_vec(), b"1xw".to_vec()]
             ]
         );
         assert!(told(&q).is_empty(), "told once");
@@ -215,7 +256,7 @@ mod tests {
         q.used([b"c".as_slice()]);
         assert_eq!(
             told(&q),
-            [vec![b"c".to_vec()], vec![b"hit:".to_vec(), b"v".to_vec()]]
+            [vec![b"c".to_vec()], vec![b"hit:".to_vec(), b"1xv".to_vec()]]
         );
         q.used(many.iter().map(|k| k.as_slice()));
         q.hit([b"v".as_slice()]);
@@ -224,17 +265,19 @@ mod tests {
             MAX_PENDING / MAX_BATCH,
             "no room left for the view"
         );
-        // In front of a request, a bounded share: the rest waits for the next send.
+        // In front of a request, a bounded share: the rest waits for the next send, and
+        // keeps counting what it waits for.
         q.used([b"a".as_slice(), b"bb", b"c"]);
-        q.hit([b"v".as_slice()]);
+        q.hit([b"v".as_slice(), b"w"]);
         let mut wire = Vec::new();
-        q.encode_into(&mut wire, 2);
+        q.encode_into(&mut wire, 4);
         assert!(!wire.is_empty());
         q.encode_into(&mut wire, 0);
+        q.hit([b"w".as_slice(), b"w", b"v"]);
         assert_eq!(
             told(&q),
-            [vec![b"c".to_vec()], vec![b"hit:".to_vec(), b"v".to_vec()]],
-            "the first two keys went in front, the rest after"
+            [vec![b"hit:".to_vec(), b"3xw".to_vec(), b"1xv".to_vec()]],
+            "the first four keys went in front, the rest after"
         );
     }
 }

@@ -315,6 +315,37 @@ fn a_view_held_in_the_lane_keeps_its_page_until_it_goes() {
 }
 
 #[test]
+fn views_of_one_key_are_told_as_one_entry_that_counts_every_view() {
+    let c = one_region_indexed(4);
+    let owner = c.handler(one_region(&c, c.url().to_string()));
+    let reader = c.handler(c.config());
+    owner.store_bytes(b"a", b"", b"AAAA").unwrap();
+    owner.store_bytes(b"b", b"", b"BBBB").unwrap();
+    // The first view maps the owner's region (a round trip and the server's own hit).
+    drop(reader.retrieve(b"a").unwrap().unwrap());
+    let hits = || c.stats().namespaces.iter().map(|n| n.hits).sum::<u64>();
+    wait_until("the first hit counted", Duration::from_secs(5), || {
+        hits() >= 1
+    });
+    let (before, frames) = (hits(), ops(&c, "hit"));
+    for _ in 0..10_000 {
+        drop(reader.retrieve(b"a").unwrap().unwrap());
+    }
+    drop(reader.batch_retrieve(&[b"b", b"a", b"b"]).unwrap());
+    // Every view is a hit, told with the reader's next request or its watcher's round.
+    wait_until("the views told", Duration::from_secs(5), || {
+        hits() >= before + 10_003
+    });
+    assert_eq!(hits(), before + 10_003, "each view counted once");
+    // One by one, they would take three frames of a full batch.
+    let told = ops(&c, "hit") - frames;
+    assert!(
+        (1..=2).contains(&told),
+        "10,003 views of two keys are told in {told} frames: one entry per key and round"
+    );
+}
+
+#[test]
 fn without_lanes_every_view_is_held_by_the_server() {
     let c = one_region_indexed(0);
     let owner = c.handler(one_region(&c, c.url().to_string()));

@@ -315,7 +315,11 @@ impl<'a> Lanes<'a> {
             return false;
         }
         let line = self.lane(lane);
-        line[W_HIGH].fetch_max(slot as u64 + 1, Relaxed);
+        // The mark only grows while the lane is this session's, so a mark already past the
+        // slot needs no write (a locked read-modify-write per claim otherwise).
+        if line[W_HIGH].load(Relaxed) <= u64::from(slot) {
+            line[W_HIGH].fetch_max(u64::from(slot) + 1, Relaxed);
+        }
         self.lane_slots(lane)[slot as usize]
             .compare_exchange(0, value, Relaxed, Relaxed)
             .is_ok()

@@ -13,9 +13,9 @@ use crate::response::{
     get_region_records, get_regions, get_rm_allocations, get_wire_error,
 };
 use crate::types::{
-    delete_status, get_access, get_entry, get_handle, get_ids, get_keys, get_pages, get_positions,
-    get_region, get_resume_holds, get_resume_pins, Access, DeleteStatus, Handle, Hello, HelloOk,
-    Location, PageRef, RegionInfo, RegionRecord, RegisterEntry, ResumeHold, ResumePin,
+    delete_status, get_access, get_entry, get_handle, get_ids, get_key_counts, get_keys, get_pages,
+    get_positions, get_region, get_resume_holds, Access, DeleteStatus, Handle, Hello, HelloOk,
+    KeyCount, Location, PageRef, RegionInfo, RegionRecord, RegisterEntry, ResumeHold, ResumePin,
     RmAllocation, Slot,
 };
 
@@ -278,9 +278,10 @@ catalog! {
         /// request.
         Touch { keys: Vec<&'a [u8]> } = TOUCH 0x021A "touch" Server,
         /// These keys were found without asking the server (views held in the session's
-        /// hold lane): each counts as a use and as a hit, as a lookup that found it would.
-        /// Answered with nothing, like [`Request::Touch`].
-        Hit { keys: Vec<&'a [u8]> } = HIT 0x021B "hit" Server,
+        /// hold lane), each `count` times: a use and `count` hits, as the lookups that found
+        /// it would be. Answered with nothing, like [`Request::Touch`].
+        Hit { hits: Vec<KeyCount<'a>> } = HIT 0x021B "hit" Server
+            => Request::Hit { hits: get_key_counts(r, "hit count")? },
         /// The first request of a connection of a handler whose server restarted: the hello
         /// of its session (token required), the RM region ids it owns, its pins with their
         /// counts and the holds of its live views, from its own books. Within the server's
@@ -296,7 +297,7 @@ catalog! {
             => Request::Resume {
                 hello: get_hello(r)?,
                 regions: get_ids(r)?,
-                pins: get_resume_pins(r)?,
+                pins: get_key_counts(r, "pin count")?,
                 holds: get_resume_holds(r)?,
             },
     }

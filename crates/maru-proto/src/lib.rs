@@ -44,14 +44,14 @@ pub use header::{Header, FLAG_ERROR, FLAG_RESPONSE, HEADER_LEN, MAGIC};
 pub use request::{decode_request, encode_request};
 pub use response::{decode_response, encode_error, encode_response};
 pub use types::{
-    Access, DeleteStatus, Handle, Hello, HelloOk, IndexInfo, LaneInfo, Location, PageRef,
+    Access, DeleteStatus, Handle, Hello, HelloOk, IndexInfo, KeyCount, LaneInfo, Location, PageRef,
     RegionInfo, RegionRecord, RegisterEntry, ResumeHold, ResumePin, RmAllocation, Role, Slot,
 };
 pub use url::{ServerUrl, UrlError};
 
 /// The protocol version this build speaks. A peer with another version is refused at the
 /// handshake with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Largest payload a decoder accepts. Big enough for a full batch of maximal keys.
 pub const MAX_FRAME: u32 = 8 * 1024 * 1024;

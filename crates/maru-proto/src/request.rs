@@ -7,8 +7,8 @@ use crate::error::{DecodeError, EncodeError};
 use crate::frame::{check_version, encode_with};
 use crate::header::Header;
 use crate::types::{
-    get_entry, put_entry, put_handle, put_ids, put_keys, put_pages, put_resume_holds,
-    put_resume_pins, Hello, RegisterEntry, Role, MIN_KEY,
+    get_entry, put_entry, put_handle, put_ids, put_key_counts, put_keys, put_pages,
+    put_resume_holds, Hello, RegisterEntry, Role, MIN_KEY,
 };
 
 /// Appends a request frame to `buf`. On error `buf` is left as it was.
@@ -47,7 +47,7 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         } => {
             put_hello(w, hello)?;
             put_ids(w, regions)?;
-            put_resume_pins(w, pins)?;
+            put_key_counts(w, pins)?;
             put_resume_holds(w, holds)?;
         }
         Request::Heartbeat
@@ -105,8 +105,8 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         | Request::BatchDelete { keys }
         | Request::BatchPin { keys }
         | Request::BatchUnpin { keys }
-        | Request::Touch { keys }
-        | Request::Hit { keys } => put_keys(w, keys)?,
+        | Request::Touch { keys } => put_keys(w, keys)?,
+        Request::Hit { hits } => put_key_counts(w, hits)?,
     }
     Ok(())
 }

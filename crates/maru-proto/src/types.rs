@@ -169,13 +169,17 @@ pub struct PageRef {
     pub offset: u64,
 }
 
-/// A pin a resuming session held before its server restarted: the key (without namespace:
-/// the session's) and how many times the session had pinned it (at least once).
+/// A key (without namespace: the session's) and how many times something happened to it (at
+/// least once): a resuming session's pins, hits a session tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResumePin<'a> {
+pub struct KeyCount<'a> {
     pub key: &'a [u8],
     pub count: u32,
 }
+
+/// A pin a resuming session held before its server restarted: how many times the session had
+/// pinned the key.
+pub type ResumePin<'a> = KeyCount<'a>;
 
 /// View holds a resuming session held before its server restarted: `count` holds on `page`,
 /// taken by lookups of `key` that found the registration of `generation` there.
@@ -361,16 +365,15 @@ pub(crate) fn get_ids(r: &mut Reader) -> Result<Vec<u64>, DecodeError> {
     (0..n).map(|_| r.u64()).collect()
 }
 
-pub(crate) fn put_resume_pins(w: &mut Writer, pins: &[ResumePin]) -> Result<(), EncodeError> {
-    w.count(pins.len())?;
-    for p in pins {
-        w.key(p.key)?;
-        w.u32(p.count);
+pub(crate) fn put_key_counts(w: &mut Writer, counts: &[KeyCount]) -> Result<(), EncodeError> {
+    w.count(counts.len())?;
+    for c in counts {
+        w.key(c.key)?;
+        w.u32(c.count);
     }
     Ok(())
 }
 
-/// A claim's count: a session claims a pin or a hold at least once.
 fn claim_count(r: &mut Reader, what: &'static str) -> Result<u32, DecodeError> {
     match r.u32()? {
         0 => Err(DecodeError::InvalidField(what)),
@@ -378,13 +381,17 @@ fn claim_count(r: &mut Reader, what: &'static str) -> Result<u32, DecodeError> {
     }
 }
 
-pub(crate) fn get_resume_pins<'a>(r: &mut Reader<'a>) -> Result<Vec<ResumePin<'a>>, DecodeError> {
+/// Keys with counts, each at least 1 (`what` names a zero count in the error).
+pub(crate) fn get_key_counts<'a>(
+    r: &mut Reader<'a>,
+    what: &'static str,
+) -> Result<Vec<KeyCount<'a>>, DecodeError> {
     let n = r.count(MIN_KEY + 4)?;
     (0..n)
         .map(|_| {
-            Ok(ResumePin {
+            Ok(KeyCount {
                 key: r.key()?,
-                count: claim_count(r, "pin count")?,
+                count: claim_count(r, what)?,
             })
         })
         .collect()

@@ -133,15 +133,20 @@ pub fn memoryview(py: Python<'_>, view: View) -> PyResult<Bound<'_, PyMemoryView
 /// has the same read-only flag, format 'B', one dimension and contiguity as a view of its own.
 pub struct RegionViews<'py> {
     py: Python<'py>,
-    /// (mapping address, writable) -> region-wide memoryview. Few entries (one per instance
-    /// whose region a call touches), so a scan with the last hit first is enough.
-    regions: Vec<(
-        *const (),
-        bool,
-        Bound<'py, PyMemoryView>,
-        Bound<'py, ShmBuffer>,
-    )>,
+    /// One entry per distinct mapping (one per instance whose region a call touches), so a
+    /// scan with the last hit first is enough.
+    regions: Vec<RegionEntry<'py>>,
     last: usize,
+}
+
+/// A mapping's region-wide memoryview, its exporter, and the views sliced from it since the
+/// exporter last took them (under one lock of its list for the whole call).
+struct RegionEntry<'py> {
+    mapping: *const (),
+    writable: bool,
+    memoryview: Bound<'py, PyMemoryView>,
+    exporter: Bound<'py, ShmBuffer>,
+    sliced: Vec<View>,
 }
 
 impl<'py> RegionViews<'py> {
@@ -156,19 +161,13 @@ impl<'py> RegionViews<'py> {
     /// A memoryview of exactly `view`'s bytes.
     pub fn view(&mut self, view: View) -> PyResult<Bound<'py, PyAny>> {
         let key = (Arc::as_ptr(view.mapping()).cast::<()>(), view.is_writable());
-        type Entry<'p> = (
-            *const (),
-            bool,
-            Bound<'p, PyMemoryView>,
-            Bound<'p, ShmBuffer>,
-        );
-        let hit = |r: &Entry<'py>| (r.0, r.1) == key;
+        let hit = |r: &RegionEntry<'py>| (r.mapping, r.writable) == key;
+        let (start, len) = (view.offset(), view.len());
         let i = if self.regions.get(self.last).is_some_and(hit) {
             self.last
         } else if let Some(i) = self.regions.iter().position(hit) {
             i
         } else {
-            let (start, len) = (view.offset(), view.len());
             let exporter = Bound::new(
                 self.py,
                 ShmBuffer {
@@ -177,25 +176,24 @@ impl<'py> RegionViews<'py> {
                     held: Mutex::new(Vec::new()),
                 },
             )?;
-            let mv = PyMemoryView::from(exporter.as_any())?;
-            self.regions.push((key.0, key.1, mv, exporter));
+            let memoryview = PyMemoryView::from(exporter.as_any())?;
+            self.regions.push(RegionEntry {
+                mapping: key.0,
+                writable: key.1,
+                memoryview,
+                exporter,
+                sliced: Vec::new(),
+            });
             self.last = self.regions.len() - 1;
             return self.slice(self.last, start, len);
         };
         self.last = i;
-        let (start, len) = (view.offset(), view.len());
-        self.regions[i]
-            .3
-            .get()
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(view);
+        self.regions[i].sliced.push(view);
         self.slice(i, start, len)
     }
 
     fn slice(&self, i: usize, start: usize, len: usize) -> PyResult<Bound<'py, PyAny>> {
-        let mv = &self.regions[i].2;
+        let mv = &self.regions[i].memoryview;
         // The client checked offset + len against the mapping, which the parent covers.
         let (lo, hi) = (
             ffi::Py_ssize_t::try_from(start),
@@ -208,6 +206,23 @@ impl<'py> RegionViews<'py> {
         // PySequence_GetSlice returns a new reference or NULL with an exception set.
         unsafe {
             Bound::from_owned_ptr_or_err(self.py, ffi::PySequence_GetSlice(mv.as_ptr(), lo, hi))
+        }
+    }
+}
+
+impl Drop for RegionViews<'_> {
+    /// Each exporter keeps the views sliced from it (they hold their pages) for as long as
+    /// any memoryview over it lives.
+    fn drop(&mut self) {
+        for r in &mut self.regions {
+            if !r.sliced.is_empty() {
+                r.exporter
+                    .get()
+                    .held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .append(&mut r.sliced);
+            }
         }
     }
 }

@@ -293,14 +293,16 @@ fn dispatch(
             // No reply, like release_holds.
             client()?;
             let (keys, _) = scratch.scoped_all(scope, keys);
-            state.touch(&keys, false);
+            state.touch(&keys, None);
             Ok(())
         }
-        Request::Hit { keys } => {
+        Request::Hit { hits } => {
             // No reply, like touch.
             client()?;
-            let (keys, _) = scratch.scoped_all(scope, keys);
-            state.touch(&keys, true);
+            let keys: Vec<&[u8]> = hits.iter().map(|h| h.key).collect();
+            let counts: Vec<u32> = hits.iter().map(|h| h.count).collect();
+            let (keys, _) = scratch.scoped_all(scope, &keys);
+            state.touch(&keys, Some(&counts));
             Ok(())
         }
         Request::GiveBack { region_id } => {

@@ -25,11 +25,11 @@ use crate::claims::LANE_PAGE;
 use crate::error::Result;
 use crate::view::View;
 
-/// A key the index found in a region mapped here.
+/// A key the index found in a region mapped here (`regions[region]` of its lookup).
 struct Candidate {
     at: usize,
     found: Found,
-    region: Arc<MappedRegion>,
+    region: usize,
 }
 
 impl Connected {
@@ -47,20 +47,22 @@ impl Connected {
         ix.reader.batch_lookup(ix.ns, keys, &mut found);
         let mut candidates = Vec::with_capacity(keys.len());
         let mut skipped = Vec::new();
+        // The regions the keys are in, each once (a batch's keys are mostly in a few).
+        let mut regions: Vec<(u32, Arc<MappedRegion>)> = Vec::new();
         {
             let mapped = read(&self.mapped);
-            let mut last: Option<(u32, Arc<MappedRegion>)> = None;
             for (at, f) in found.into_iter().enumerate() {
                 let Some(found) = f else {
                     skipped.push(at);
                     continue;
                 };
-                let region = match &last {
-                    Some((id, r)) if *id == found.location.region => r.clone(),
-                    _ => match mapped.get(&u64::from(found.location.region)) {
+                let id = found.location.region;
+                let region = match regions.iter().rposition(|(r, _)| *r == id) {
+                    Some(i) => i,
+                    None => match mapped.get(&u64::from(id)) {
                         Some(r) => {
-                            last = Some((found.location.region, r.clone()));
-                            r.clone()
+                            regions.push((id, r.clone()));
+                            regions.len() - 1
                         }
                         None => {
                             skipped.push(at);
@@ -93,7 +95,8 @@ impl Connected {
                 continue;
             };
             let loc = c.found.location;
-            let mut view = c.region.view(loc.offset, u64::from(loc.len), self.stride)?;
+            let region = &regions[c.region].1;
+            let mut view = region.view(loc.offset, u64::from(loc.len), self.stride)?;
             view.generation = c.found.generation;
             view.hold = Some(hold);
             out[c.at] = Some(view);

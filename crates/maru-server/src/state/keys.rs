@@ -256,9 +256,10 @@ impl ServerState {
     }
 
     /// Keys a client read without asking (through the key index): uses for eviction, as
-    /// lookups' are (a key gone meanwhile is no use of anything). The namespace's hit and miss
-    /// counters stay the server's own: the index's misses are never told.
-    pub fn touch(&self, keys: &[&[u8]], hits: bool) {
+    /// lookups' are (a key gone meanwhile is no use of anything), and with `hits` (one count
+    /// per key) as many hits of their namespace. The miss counters stay the server's own: the
+    /// index's misses are never told.
+    pub fn touch(&self, keys: &[&[u8]], hits: Option<&[u32]>) {
         // The regions' last uses too, which pick the region a full pool takes back.
         let now = self.capacity.use_stamp();
         {
@@ -274,8 +275,8 @@ impl ServerState {
             }
         }
         self.capacity.used(keys);
-        if hits {
-            self.capacity.hits_told(keys);
+        if let Some(counts) = hits {
+            self.capacity.hits_told(keys, counts);
         }
     }
 

@@ -287,7 +287,9 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
         Request::Unpin { key: b"chunk-a" },
         Request::BatchUnpin { keys: keys.clone() },
         Request::Touch { keys: keys.clone() },
-        Request::Hit { keys },
+        Request::Hit {
+            hits: keys.iter().map(|&key| KeyCount { key, count: 2 }).collect(),
+        },
         Request::ListAllocations,
         Request::Stats,
         Request::GetRegion { region_id: 7 },

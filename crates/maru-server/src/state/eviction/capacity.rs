@@ -235,11 +235,11 @@ impl Capacity {
         self.policy().touch(key);
     }
 
-    /// Hits a client answered itself and told later (views held in its hold lane): counted
-    /// as its namespace's hits. Their uses come with `used`.
-    pub fn hits_told(&self, keys: &[&[u8]]) {
-        for key in keys {
-            add(&self.usage.of_key(key).hits, 1);
+    /// Hits a client answered itself and told later (views held in its hold lane), `counts[i]`
+    /// of `keys[i]`: counted as its namespace's hits. Their uses come with `used`.
+    pub fn hits_told(&self, keys: &[&[u8]], counts: &[u32]) {
+        for (key, &n) in keys.iter().zip(counts) {
+            add(&self.usage.of_key(key).hits, u64::from(n));
         }
     }
 

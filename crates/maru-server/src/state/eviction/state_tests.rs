@@ -47,7 +47,7 @@ fn a_read_through_the_index_told_later_is_a_use_but_no_hit() {
         assert!(st.register(&a, &reg(&k, &r, i * PAGE, PAGE)).unwrap());
     }
     let (k1, gone) = (key("k1"), key("never-stored"));
-    st.touch(&[k1.as_slice(), gone.as_slice()], false);
+    st.touch(&[k1.as_slice(), gone.as_slice()], None);
     let before = st.capacity.key_bytes();
     let done = st.evict(
         forever(),
@@ -63,10 +63,14 @@ fn a_read_through_the_index_told_later_is_a_use_but_no_hit() {
         (0, 0),
         "the server's counters are its own"
     );
-    // A view a client held in its lane is a use and a hit.
-    st.touch(&[k1.as_slice()], true);
+    // Views a client held in its lane are a use and as many hits as views.
+    st.touch(&[k1.as_slice()], Some(&[3]));
     let ns = &st.stats().namespaces[0];
-    assert_eq!((ns.hits, ns.misses), (1, 0), "a lane's hit is told as one");
+    assert_eq!(
+        (ns.hits, ns.misses),
+        (3, 0),
+        "a lane's hits are told with their count"
+    );
 }
 
 #[test]
