@@ -58,6 +58,7 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         | Request::Stats
         | Request::ListRegions
         | Request::RenewPins
+        | Request::Ahead
         | Request::Watch => {}
         Request::ReleaseHolds { pages } => put_pages(w, pages)?,
         Request::PageCurrent { page, generation } => {

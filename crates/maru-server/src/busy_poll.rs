@@ -31,10 +31,22 @@ pub(crate) fn count_request() -> u64 {
 }
 
 /// Polls `fd` for up to `window` for a connection's next request — if the connection's
-/// back-off allows and no other connection has had a request since `last` (this connection's
-/// latest [`count_request`]); returns early once it is readable. A zero window never spins.
-pub(crate) fn wait_for_next(backoff: &mut Backoff, fd: RawFd, window: Duration, last: u64) {
-    if window.is_zero() || REQUESTS.load(Ordering::Acquire) != last || !backoff.try_spin() {
+/// back-off allows (or the client said a request follows: `asked`, an `Ahead`) and no other
+/// connection has had a request since `last` (this connection's latest [`count_request`]);
+/// returns early once it is readable. A zero window never spins.
+pub(crate) fn wait_for_next(
+    backoff: &mut Backoff,
+    fd: RawFd,
+    window: Duration,
+    last: u64,
+    asked: bool,
+) {
+    if window.is_zero() || REQUESTS.load(Ordering::Acquire) != last {
+        return;
+    }
+    // A client that said its request follows is worth a spin whatever its gaps were before
+    // (a store of a large chunk leaves a long one after each reply).
+    if !backoff.try_spin() && !asked {
         return;
     }
     let spun = spin_readable(fd, window, || REQUESTS.load(Ordering::Acquire) != last);
@@ -60,7 +72,7 @@ mod tests {
         // miss.
         let stale = REQUESTS.load(Ordering::Acquire).wrapping_add(1);
         let t = Instant::now();
-        wait_for_next(&mut b, a.as_raw_fd(), Duration::from_secs(10), stale);
+        wait_for_next(&mut b, a.as_raw_fd(), Duration::from_secs(10), stale, false);
         assert!(t.elapsed() < Duration::from_secs(5));
         assert_eq!(b.skipping(), 0);
     }
@@ -76,7 +88,7 @@ mod tests {
         let mut b = Backoff::default();
         let t = Instant::now();
         let last = REQUESTS.load(Ordering::Acquire);
-        wait_for_next(&mut b, a.as_raw_fd(), Duration::from_secs(10), last);
+        wait_for_next(&mut b, a.as_raw_fd(), Duration::from_secs(10), last, false);
         // It returned because the request is there, or because another test's server counted
         // a request meanwhile and it gave way; never after the whole window, never a miss.
         // Or it was preempted while spinning, and backed off.

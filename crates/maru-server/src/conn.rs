@@ -47,6 +47,8 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, id: u64) {
     let mut spin = maru_transport::busy::Backoff::default();
     // This connection's latest request, as numbered by `count_request`.
     let mut last_request: u64;
+    // Whether the latest frame said a request follows (`Ahead`).
+    let mut asked: bool;
     // Since when the connection has had no session (from its accept, or its goodbye).
     let mut unhandshaken_since = Some(Instant::now());
     loop {
@@ -71,6 +73,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, id: u64) {
         match rx.read_frame(&mut stream) {
             Ok((header, payload)) => {
                 last_request = count_request();
+                asked = header.msg_type == maru_proto::msg_type::AHEAD;
                 let (before, mark) = (standing(&ctx.peer), out.len());
                 handle_frame(state, &mut ctx, &header, payload, &mut out);
                 let now = standing(&ctx.peer);
@@ -122,6 +125,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, id: u64) {
                     stream.as_raw_fd(),
                     shared.busy_poll,
                     last_request,
+                    asked,
                 );
             }
         }

@@ -305,6 +305,12 @@ fn dispatch(
             state.touch(&keys, Some(&counts));
             Ok(())
         }
+        Request::Ahead => {
+            // No reply: what it asks for is the wait for the next request that follows every
+            // frame (busy_poll.rs).
+            client()?;
+            Ok(())
+        }
         Request::GiveBack { region_id } => {
             // No reply, like release_holds: it travels on the watch connection.
             state.give_back(client()?, *region_id);

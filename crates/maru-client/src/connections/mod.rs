@@ -293,6 +293,15 @@ impl ConnectionPool {
         }
     }
 
+    /// Tells the server a request follows soon on the shared connection, if there is one that
+    /// works (without pipelining the next request's connection is not known yet: nothing is
+    /// told).
+    pub fn tell_ahead(&self) {
+        if let Some(m) = self.shared.as_ref().and_then(|s| s.live()) {
+            m.tell_ahead();
+        }
+    }
+
     /// One request, one reply on the shared connection. A connection that failed is replaced
     /// by the next call; an idempotent request that found a connection from before dead goes
     /// again on a fresh one, as on a lent connection.

@@ -286,6 +286,22 @@ impl Mux {
         Ok(tx.len() - start)
     }
 
+    /// Tells the server a request follows soon (`Ahead`, answered with nothing), behind the
+    /// session's queued releases and index reads; a failed write fails the connection as a
+    /// request's would.
+    pub fn tell_ahead(&self) {
+        let mut tx = lock(&self.tx);
+        tx.clear();
+        if let Some(q) = &self.releases {
+            q.encode_pending(&mut tx, crate::uses::IN_FRONT);
+        }
+        // A frame without fields: always within the limits.
+        let _ = encode_request(&mut tx, 0, &Request::Ahead);
+        if let Err(e) = self.write(&tx) {
+            self.fail(Failure::Transport(TransportError::Io(e)));
+        }
+    }
+
     fn write(&self, bytes: &[u8]) -> io::Result<()> {
         match &self.stream {
             Stream::Unix(s) => (&*s).write_all(bytes),
@@ -650,7 +666,7 @@ impl Shared {
         self.live().is_none_or(|m| m.idle())
     }
 
-    fn live(&self) -> Option<Arc<Mux>> {
+    pub fn live(&self) -> Option<Arc<Mux>> {
         lock(&self.current)
             .as_ref()
             .filter(|m| !m.is_dead())

@@ -5,7 +5,8 @@
 //!   connection pool, fence and watcher), connect and close;
 //! - `owned`: the regions this handler owns, their page allocators, alloc and free;
 //! - `mapped`: mappings of every region the handler reads, and the views into them;
-//! - `store`: registering pages under keys (synchronously), single and batched;
+//! - `store`: registering pages under keys (synchronously), single and batched; `ahead`: its
+//!   long copies, which tell the server the registration is coming;
 //! - `write_behind`: registrations whose replies are collected later, and flush;
 //! - `read`: retrieve, exists, pins and delete, single and batched;
 //! - `stats`: the server's statistics with this handler's allocator state.
@@ -22,6 +23,7 @@
 //! waits through the hook: a Python thread holding the GIL must never block on a lock whose
 //! holder needs the GIL back to finish.
 
+mod ahead;
 mod connected;
 mod index_hold;
 mod index_read;

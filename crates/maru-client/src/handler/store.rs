@@ -8,6 +8,7 @@ use std::collections::HashSet;
 
 use maru_proto::{RegisterEntry, Request, Response, MAX_BATCH};
 
+use super::ahead::CopyAhead;
 use super::connected::Connected;
 use super::owned::Owned;
 use super::write_behind::Settle;
@@ -147,10 +148,10 @@ impl Hooked<'_> {
         };
         let at = (index * c.stride) as usize;
         // In bounds: the page lies inside the region and total <= chunk <= stride.
-        let copied = region
-            .mapping
-            .write_at(at, prefix)
-            .and_then(|()| region.mapping.write_at(at + prefix.len(), data));
+        let mut copy = CopyAhead::new(c, total as usize, !c.config.write_behind);
+        let copied = copy
+            .copy(&region.mapping, at, prefix)
+            .and_then(|()| copy.copy(&region.mapping, at + prefix.len(), data));
         if let Err(e) = copied {
             let _ = owned.free_page(page);
             return Err(Error::invalid(
@@ -215,6 +216,14 @@ impl Hooked<'_> {
         }
         // Pages this call allocated (`true`): freed again if they end up not registered.
         let mut pages: Vec<(PageId, u64, bool)> = Vec::with_capacity(items.len());
+        let copied: usize = items
+            .iter()
+            .map(|(_, item)| match item {
+                StoreItem::Bytes { prefix, data } => prefix.len() + data.len(),
+                StoreItem::Page { .. } => 0,
+            })
+            .sum();
+        let mut copy = CopyAhead::new(c, copied, true);
         for (_, item) in items {
             match item {
                 StoreItem::Page { page, len } => pages.push((*page, *len, false)),
@@ -227,8 +236,8 @@ impl Hooked<'_> {
                         }
                     };
                     let at = (index * c.stride) as usize;
-                    let _ = region.mapping.write_at(at, prefix);
-                    let _ = region.mapping.write_at(at + prefix.len(), data);
+                    let _ = copy.copy(&region.mapping, at, prefix);
+                    let _ = copy.copy(&region.mapping, at + prefix.len(), data);
                     let page = PageId {
                         region_id: region.info.handle.region_id,
                         page_index: index,
