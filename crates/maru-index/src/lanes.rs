@@ -71,6 +71,7 @@
 use std::collections::HashSet;
 
 use crate::error::ErrorKind;
+use crate::header::HeaderFormat;
 use crate::sync::{fence, AtomicU64, Ordering::*};
 
 #[cfg(not(loom))]
@@ -95,6 +96,13 @@ const W_HIGH: usize = 0;
 const W_TAG: usize = 1;
 const CRC_END: usize = 40;
 const PAGE: u64 = 4096;
+
+const LANES_HEADER: HeaderFormat = HeaderFormat {
+    magic: LANES_MAGIC,
+    version: LANES_LAYOUT_VERSION,
+    header_bytes: LANES_HEADER_BYTES,
+    crc_end: CRC_END,
+};
 
 /// A slot's value for `page` of `region` under `tag`, or None when the page does not fit.
 #[inline]
@@ -150,57 +158,20 @@ impl LaneGeometry {
 
     /// The header, checksum included.
     pub(crate) fn encode(&self) -> [u8; CRC_END + 4] {
-        let mut h = [0u8; CRC_END + 4];
-        h[0..8].copy_from_slice(&LANES_MAGIC);
-        h[8..12].copy_from_slice(&LANES_LAYOUT_VERSION.to_le_bytes());
-        h[12..16].copy_from_slice(&(LANES_HEADER_BYTES as u32).to_le_bytes());
+        let mut h: [u8; CRC_END + 4] = LANES_HEADER.begin();
         h[16..20].copy_from_slice(&self.lanes.to_le_bytes());
         h[20..24].copy_from_slice(&self.slots.to_le_bytes());
         h[24..32].copy_from_slice(&(self.lane_words() as u64 * 8).to_le_bytes());
         h[32..40].copy_from_slice(&self.file_bytes().to_le_bytes());
-        let crc = crc32fast::hash(&h[..CRC_END]);
-        h[CRC_END..].copy_from_slice(&crc.to_le_bytes());
+        LANES_HEADER.seal(&mut h);
         h
     }
 
     /// Checks a header read from a file of `file_len` bytes, in the index header's order:
     /// size, magic, version, checksum, then each geometry field.
     pub(crate) fn decode(h: &[u8], file_len: u64) -> Result<LaneGeometry, ErrorKind> {
-        if h.len() < CRC_END + 4 || file_len < LANES_HEADER_BYTES {
-            return Err(ErrorKind::Truncated {
-                found: file_len,
-                expected: LANES_HEADER_BYTES,
-            });
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&h[o..o + 8]);
-            u64::from_le_bytes(w)
-        };
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&h[0..8]);
-        if magic != LANES_MAGIC {
-            return Err(ErrorKind::BadMagic { found: magic });
-        }
-        let version = u32_at(8);
-        if version != LANES_LAYOUT_VERSION {
-            return Err(ErrorKind::VersionMismatch {
-                found: version,
-                expected: LANES_LAYOUT_VERSION,
-            });
-        }
-        let stored = u32_at(CRC_END);
-        let computed = crc32fast::hash(&h[..CRC_END]);
-        if stored != computed {
-            return Err(ErrorKind::HeaderChecksum { stored, computed });
-        }
-        if u32_at(12) as u64 != LANES_HEADER_BYTES {
-            return Err(ErrorKind::Geometry(format!(
-                "header bytes is {}, layout version {LANES_LAYOUT_VERSION} has {LANES_HEADER_BYTES}",
-                u32_at(12)
-            )));
-        }
+        let f = LANES_HEADER.check(h, file_len)?;
+        let (u32_at, u64_at) = (|o| f.u32_at(o), |o| f.u64_at(o));
         let g = LaneGeometry::new(u32_at(16), u32_at(20)).map_err(|_| {
             ErrorKind::Geometry(format!("{} lanes of {} slots", u32_at(16), u32_at(20)))
         })?;

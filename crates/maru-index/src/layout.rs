@@ -43,6 +43,7 @@
 //! per key beyond the key's own bytes (the budget is 100).
 
 use crate::error::ErrorKind;
+use crate::header::HeaderFormat;
 
 pub const MAGIC: [u8; 8] = *b"MARUIDX\0";
 pub const LAYOUT_VERSION: u32 = 1;
@@ -81,6 +82,13 @@ pub(crate) const HEADER_WORDS: usize = 20;
 
 const CRC_END: usize = 72;
 const PAGE: u64 = 4096;
+
+const INDEX_HEADER: HeaderFormat = HeaderFormat {
+    magic: MAGIC,
+    version: LAYOUT_VERSION,
+    header_bytes: HEADER_BYTES,
+    crc_end: CRC_END,
+};
 
 /// The shape of an index, fixed at creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,10 +166,7 @@ impl Geometry {
 
     /// The immutable part of the header, checksum included.
     pub(crate) fn encode(&self) -> [u8; CRC_END + 4] {
-        let mut h = [0u8; CRC_END + 4];
-        h[0..8].copy_from_slice(&MAGIC);
-        h[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
-        h[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
+        let mut h: [u8; CRC_END + 4] = INDEX_HEADER.begin();
         h[16..24].copy_from_slice(&self.buckets.to_le_bytes());
         h[24..28].copy_from_slice(&(BUCKET_SLOTS as u32).to_le_bytes());
         h[28..32].copy_from_slice(&(ENTRY_BYTES as u32).to_le_bytes());
@@ -171,45 +176,16 @@ impl Geometry {
         h[48..56].copy_from_slice(&self.seed[0].to_le_bytes());
         h[56..64].copy_from_slice(&self.seed[1].to_le_bytes());
         h[64..72].copy_from_slice(&self.file_bytes().to_le_bytes());
-        let crc = crc32fast::hash(&h[..CRC_END]);
-        h[CRC_END..].copy_from_slice(&crc.to_le_bytes());
+        INDEX_HEADER.seal(&mut h);
         h
     }
 
     /// Checks a header read from a file of `file_len` bytes, in the order a reader of a broken
     /// file learns most from: size, magic, version, checksum, then each geometry field.
     pub(crate) fn decode(h: &[u8], file_len: u64) -> Result<Geometry, ErrorKind> {
-        if h.len() < CRC_END + 4 || file_len < HEADER_BYTES {
-            return Err(ErrorKind::Truncated {
-                found: file_len,
-                expected: HEADER_BYTES,
-            });
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&h[o..o + 8]);
-            u64::from_le_bytes(w)
-        };
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&h[0..8]);
-        if magic != MAGIC {
-            return Err(ErrorKind::BadMagic { found: magic });
-        }
-        let version = u32_at(8);
-        if version != LAYOUT_VERSION {
-            return Err(ErrorKind::VersionMismatch {
-                found: version,
-                expected: LAYOUT_VERSION,
-            });
-        }
-        let stored = u32_at(CRC_END);
-        let computed = crc32fast::hash(&h[..CRC_END]);
-        if stored != computed {
-            return Err(ErrorKind::HeaderChecksum { stored, computed });
-        }
+        let f = INDEX_HEADER.check(h, file_len)?;
+        let (u32_at, u64_at) = (|o| f.u32_at(o), |o| f.u64_at(o));
         let fixed = [
-            ("header bytes", u32_at(12) as u64, HEADER_BYTES),
             ("slots per bucket", u32_at(24) as u64, BUCKET_SLOTS as u64),
             ("entry bytes", u32_at(28) as u64, ENTRY_BYTES),
             (

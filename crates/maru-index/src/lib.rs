@@ -60,6 +60,7 @@
 mod coherence;
 mod error;
 mod hash;
+mod header;
 mod lanes;
 pub mod layout;
 mod sync;
