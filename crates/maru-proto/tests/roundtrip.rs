@@ -105,6 +105,9 @@ proptest! {
             Request::Unpin { key: &k }, Request::BatchUnpin { keys: ks.clone() },
             Request::ListAllocations, Request::Stats, Request::GetRegion { region_id: n }, Request::ListRegions,
             Request::Descriptor { region_id: n, writable: m % 2 == 0 },
+            Request::Touch { keys: ks.clone() },
+            Request::Hit { hits: ks.iter().map(|&key| KeyCount { key, count: (n as u32).max(1) }).collect() },
+            Request::Ahead,
         ];
         for req in &all {
             roundtrip_request(req);
@@ -364,6 +367,39 @@ fn hold_bytes(key: &[u8], region: u64, offset: u64, generation: u64, count: u32)
     }
     out.extend_from_slice(&count.to_le_bytes());
     out
+}
+
+#[test]
+fn hits_are_counted_at_least_once_each() {
+    let frame = |hits: &[u8]| {
+        let mut payload = hits.to_vec();
+        let mut buf = Vec::new();
+        encode_request(&mut buf, 3, &Request::Hit { hits: vec![] }).unwrap();
+        buf.truncate(buf.len() - 4);
+        buf.append(&mut payload);
+        let len = (buf.len() - HEADER_LEN) as u32;
+        buf[20..24].copy_from_slice(&len.to_le_bytes());
+        buf
+    };
+    match decode_frame(&frame(&list(&[&pin_bytes(b"k", 3)])))
+        .unwrap()
+        .body
+    {
+        Body::Request(Request::Hit { hits }) => {
+            assert_eq!(
+                hits,
+                [KeyCount {
+                    key: b"k",
+                    count: 3
+                }]
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        decode_frame(&frame(&list(&[&pin_bytes(b"k", 0)]))).unwrap_err(),
+        DecodeError::InvalidField("hit count")
+    );
 }
 
 #[test]
