@@ -197,13 +197,7 @@ impl PyMaruHandler {
                 (*k, item)
             })
             .collect();
-        let copied: usize = items
-            .iter()
-            .map(|(_, item)| match item {
-                StoreItem::Bytes { prefix, data } => prefix.len() + data.len(),
-                StoreItem::Page { .. } => 0,
-            })
-            .sum();
+        let copied: usize = items.iter().map(|(_, item)| item.copy_len()).sum();
         let h = &self.h;
         let outcomes = if copied > DETACH_COPY_BYTES {
             py.detach(|| h.batch_store(&items))

@@ -39,6 +39,16 @@ pub enum StoreItem<'a> {
     Bytes { prefix: &'a [u8], data: &'a [u8] },
 }
 
+impl StoreItem<'_> {
+    /// The bytes a store of this item copies (none for a page written already).
+    pub fn copy_len(&self) -> usize {
+        match self {
+            StoreItem::Bytes { prefix, data } => prefix.len() + data.len(),
+            StoreItem::Page { .. } => 0,
+        }
+    }
+}
+
 fn check_size(size: u64, chunk: u64) -> Result<()> {
     if size > chunk {
         return Err(Error::invalid(
@@ -216,13 +226,7 @@ impl Hooked<'_> {
         }
         // Pages this call allocated (`true`): freed again if they end up not registered.
         let mut pages: Vec<(PageId, u64, bool)> = Vec::with_capacity(items.len());
-        let copied: usize = items
-            .iter()
-            .map(|(_, item)| match item {
-                StoreItem::Bytes { prefix, data } => prefix.len() + data.len(),
-                StoreItem::Page { .. } => 0,
-            })
-            .sum();
+        let copied = items.iter().map(|(_, item)| item.copy_len()).sum();
         let mut copy = CopyAhead::new(c, copied, true);
         for (_, item) in items {
             match item {
