@@ -179,6 +179,7 @@ fn requests_before_the_handshake_are_refused() {
         (6, Request::Stats),
         (7, Request::Heartbeat),
         (8, Request::Goodbye),
+        (12, Request::Ahead),
     ] {
         raw.send_request(id, &req);
         assert_eq!(raw.recv_error(), (id, ErrorCode::NotHandshaken), "{req:?}");
@@ -186,6 +187,8 @@ fn requests_before_the_handshake_are_refused() {
     assert_eq!(snapshot(&c), before);
     // Then a proper hello works on the same connection.
     raw.hello("late");
+    // A request said to follow is answered with nothing; the one that follows as usual.
+    raw.send_request(0, &Request::Ahead);
     raw.send_request(9, &Request::Exists { key: b"existing" });
     assert_eq!(raw.recv(), (9, Response::Bool(true)));
     // After goodbye the connection is back to needing a hello.
