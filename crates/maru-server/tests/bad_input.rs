@@ -191,6 +191,19 @@ fn requests_before_the_handshake_are_refused() {
     raw.send_request(0, &Request::Ahead);
     raw.send_request(9, &Request::Exists { key: b"existing" });
     assert_eq!(raw.recv(), (9, Response::Bool(true)));
+    // A hit that counts a key zero times is malformed: refused, the connection kept.
+    let mut zero = Vec::new();
+    let hits = vec![KeyCount {
+        key: b"existing",
+        count: 1,
+    }];
+    encode_request(&mut zero, 14, &Request::Hit { hits }).unwrap();
+    let n = zero.len();
+    zero[n - 4..].copy_from_slice(&0u32.to_le_bytes());
+    raw.send(&zero);
+    assert_eq!(raw.recv_error(), (14, ErrorCode::BadFrame));
+    raw.send_request(15, &Request::Exists { key: b"existing" });
+    assert_eq!(raw.recv(), (15, Response::Bool(true)));
     // After goodbye the connection is back to needing a hello.
     raw.send_request(10, &Request::Goodbye);
     assert_eq!(raw.recv(), (10, Response::Ok));
