@@ -1,7 +1,8 @@
 //! Many clients at once: 1, 4 and 32 client threads sharing one handler (what a
 //! multi-threaded inference server does), and as many client processes (one handler each).
 //! Each client retrieves 4 KiB chunks; the rows give the aggregate ops/s and the p99 over all
-//! clients' calls.
+//! clients' calls. Beside each process row, its floor: as many processes reading their own
+//! memory on the same CPUs, which measures what sharing the CPUs costs without Maru.
 
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
@@ -74,13 +75,12 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         b.push(t, row.note("threads sharing one handler"));
 
         // Processes, one handler each.
-        let keys: Vec<String> = stored
-            .iter()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect();
         let spec = Spec::Loop {
             url: url.to_owned(),
-            keys: keys.clone(),
+            keys: stored
+                .iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect(),
             iters,
         };
         let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &processes(b, n, &spec)?);

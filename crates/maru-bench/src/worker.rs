@@ -159,7 +159,6 @@ pub fn run(spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns when the parent closes this worker's stdin (or dies).
 /// Says `ready`, waits for a line, times `iters` calls of `call`, says `done`, and writes
 /// the samples ([`LoopResult`]) when the parent asks with another line: after every client
 /// has ended, so that writing them (and the parent's reading) takes no CPU from clients still
@@ -203,6 +202,7 @@ pub fn warm<'k>(
     Ok(())
 }
 
+/// Returns when the parent closes this worker's stdin (or dies).
 fn wait_for_parent() -> std::io::Result<()> {
     let stdin = std::io::stdin();
     let mut line = String::new();
