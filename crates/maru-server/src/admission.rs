@@ -188,6 +188,7 @@ impl Shared {
                     refuse(stream, most);
                     shared.conns().refusing -= 1;
                 } else {
+                    crate::slice::ask_short_slice();
                     conn::serve(&shared, stream, id);
                     let mut conns = shared.conns();
                     conns.uncount(id);

@@ -36,7 +36,8 @@
 //! * [`registry`] — the key registry behind one narrow trait;
 //! * `service` — one request → one reply; `reply` — zero-copy encoders of the replies that
 //!   carry regions;
-//! * `conn` — a connection's thread; `busy_poll` — its wait for the next request;
+//! * `conn` — a connection's thread; `busy_poll` — its wait for the next request; `slice` —
+//!   the short scheduler slice it asks for;
 //! * `server` — start and shutdown; `config`; `admission` — accept loops and the client limit;
 //!   `unix_socket`; `maintenance` — retries, pings and reconciles between requests;
 //!   `evictor` — keeps the pool between the eviction watermarks ([`eviction`]);
@@ -58,6 +59,7 @@ mod reply;
 mod resource_manager;
 mod server;
 mod service;
+mod slice;
 mod state;
 mod unix_socket;
 
