@@ -46,18 +46,23 @@ def busy_p99(op: str, batch: int) -> Callable[[dict[str, Any], str], float | Non
     return f
 
 
-def processes(rep: dict[str, Any], t: str, op: str = "retrieve") -> float | None:
+def process_rows(rep: dict[str, Any], t: str, op: str) -> tuple[Row | None, Row | None]:
+    """The one-process row of `op` and the row with the most processes."""
     rows = [r for r in rep["results"] if r["op"] == op and r["processes"] and r["transport"] == t]
     one = next((r for r in rows if r["clients"] == 1), None)
     many = max(rows, key=lambda r: r["clients"], default=None)
+    return one, many
+
+
+def processes(rep: dict[str, Any], t: str, op: str = "retrieve") -> float | None:
+    one, many = process_rows(rep, t, op)
     if not one or not many or many is one:
         return None
     return many["ops_per_s"] / one["ops_per_s"]
 
 
 def processes_p99(rep: dict[str, Any], t: str) -> float | None:
-    rows = [r for r in rep["results"] if r["op"] == "retrieve" and r["processes"] and r["transport"] == t]
-    many = max(rows, key=lambda r: r["clients"], default=None)
+    _, many = process_rows(rep, t, "retrieve")
     return many["p99_us"] / rtt(rep, t) if many else None
 
 

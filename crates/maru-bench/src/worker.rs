@@ -106,10 +106,7 @@ pub fn run(spec: &str) -> anyhow::Result<()> {
         }
         Spec::Floor { iters } => {
             const BLOCKS: usize = 1024;
-            let mut memory = vec![1u8; BLOCKS * 4096];
-            for (i, b) in memory.iter_mut().enumerate() {
-                *b = i as u8;
-            }
+            let memory: Vec<u8> = (0..BLOCKS * 4096).map(|i| i as u8).collect();
             let mut sum = 0u64;
             let mut at = 0usize;
             measured_loop(&mut out, iters, |_| {

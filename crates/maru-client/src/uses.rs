@@ -105,16 +105,7 @@ impl Keys {
     /// Appends the keys as `Touch` frames (request id 0).
     fn encode_uses(&self, out: &mut Vec<u8>) {
         let keys: Vec<&[u8]> = self.iter().map(|(k, _)| k).collect();
-        for chunk in keys.chunks(MAX_BATCH) {
-            // A frame of keys the handler checked when it read them: within the limits.
-            let _ = encode_request(
-                out,
-                0,
-                &Request::Touch {
-                    keys: chunk.to_vec(),
-                },
-            );
-        }
+        encode_frames(out, &keys, |keys| Request::Touch { keys });
     }
 
     /// Appends the keys and their counts as `Hit` frames (request id 0).
@@ -123,15 +114,19 @@ impl Keys {
             .iter()
             .map(|(key, count)| KeyCount { key, count })
             .collect();
-        for chunk in hits.chunks(MAX_BATCH) {
-            let _ = encode_request(
-                out,
-                0,
-                &Request::Hit {
-                    hits: chunk.to_vec(),
-                },
-            );
-        }
+        encode_frames(out, &hits, |hits| Request::Hit { hits });
+    }
+}
+
+/// Appends `items` as frames of at most a batch each, made by `make` (request id 0).
+fn encode_frames<'a, T: Clone>(
+    out: &mut Vec<u8>,
+    items: &[T],
+    make: impl Fn(Vec<T>) -> Request<'a>,
+) {
+    for chunk in items.chunks(MAX_BATCH) {
+        // Keys the handler checked when it read them: within the limits.
+        let _ = encode_request(out, 0, &make(chunk.to_vec()));
     }
 }
 

@@ -11,6 +11,7 @@ const SLICE_NS: u64 = 100_000;
 
 /// `struct sched_attr` of sched_setattr(2), version 1 (the fields up to `sched_period`).
 #[repr(C)]
+#[derive(Default)]
 struct SchedAttr {
     size: u32,
     sched_policy: u32,
@@ -31,12 +32,9 @@ pub(crate) fn ask_short_slice() -> bool {
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         sched_policy: libc::SCHED_OTHER as u32,
-        sched_flags: 0,
         sched_nice: nice,
-        sched_priority: 0,
         sched_runtime: SLICE_NS,
-        sched_deadline: 0,
-        sched_period: 0,
+        ..SchedAttr::default()
     };
     // SAFETY: `attr` is a valid, initialised sched_attr of the size it states; pid 0 is this
     // thread; the kernel only reads it.
@@ -50,16 +48,7 @@ mod tests {
 
     /// The calling thread's sched_attr, as sched_getattr(2) reads it.
     fn current() -> SchedAttr {
-        let mut attr = SchedAttr {
-            size: 0,
-            sched_policy: 0,
-            sched_flags: 0,
-            sched_nice: 0,
-            sched_priority: 0,
-            sched_runtime: 0,
-            sched_deadline: 0,
-            sched_period: 0,
-        };
+        let mut attr = SchedAttr::default();
         let size = std::mem::size_of::<SchedAttr>() as u32;
         // SAFETY: `attr` is writable storage of `size` bytes; pid 0 is this thread.
         let rc = unsafe {

@@ -284,20 +284,11 @@ impl Mux {
         Ok(tx.len() - start)
     }
 
-    /// Tells the server a request follows soon (`Ahead`, answered with nothing), behind the
-    /// session's queued releases and index reads; a failed write fails the connection as a
-    /// request's would.
+    /// Tells the server a request follows soon (`Ahead`, answered with nothing), as any
+    /// request goes: behind the queued releases and reads; a failed write fails the connection.
     pub fn tell_ahead(&self) {
-        let mut tx = lock(&self.tx);
-        tx.clear();
-        if let Some(q) = &self.releases {
-            q.encode_pending(&mut tx, crate::uses::IN_FRONT);
-        }
-        // A frame without fields: always within the limits.
-        let _ = encode_request(&mut tx, 0, &Request::Ahead);
-        if let Err(e) = self.write(&tx) {
-            self.fail(Failure::Transport(TransportError::Io(e)));
-        }
+        // A frame without fields encodes; a failed write has failed the connection already.
+        let _ = self.send(0, &Request::Ahead);
     }
 
     fn write(&self, bytes: &[u8]) -> io::Result<()> {
