@@ -1,7 +1,8 @@
-//! Stores whose copy is long tell the server, before the copy ends, that their registration
-//! is coming (`Ahead`, once per call), so the thread that serves their connection is awake for
-//! it; short copies, write-behind stores (which do not wait for the reply) and stores without
-//! pipelining tell nothing. The bytes stored are the bytes given, wherever the copy paused.
+//! Stores whose copy is long tell the server, as the copy begins, when their registration
+//! comes (`Ahead`, once per call), so the thread that serves their connection is awake for it;
+//! write-behind stores too, on the connection their registrations take. Short copies
+//! and stores without pipelining tell nothing. The bytes stored are the bytes given, whether
+//! the call copied one piece or several.
 
 mod common;
 
@@ -50,7 +51,7 @@ fn a_long_copy_tells_the_server_once_that_its_registration_is_coming() {
     assert_eq!(aheads(&c), 1);
     assert_eq!(stored(&h, b"long"), whole);
 
-    // The pause falls inside the prefix here: both parts land where they belong.
+    // A prefix and the data: one call, one `Ahead`, both parts where they belong.
     let (prefix, data) = whole.split_at(600 * 1024);
     h.store_bytes(b"prefixed", prefix, data).unwrap();
     assert_eq!(aheads(&c), 2);
@@ -78,15 +79,27 @@ fn a_long_copy_tells_the_server_once_that_its_registration_is_coming() {
 }
 
 #[test]
-fn stores_that_do_not_wait_for_their_reply_or_share_no_connection_tell_nothing() {
+fn write_behind_stores_tell_too_and_stores_that_share_no_connection_tell_nothing() {
     let c = cluster();
-    let behind = big_pages(&c, |cfg| cfg.write_behind = true);
     let whole = pattern(MIB as usize, 3);
-    behind.store_bytes(b"behind", b"", &whole).unwrap();
-    behind.flush().unwrap();
-    assert_eq!(stored(&behind, b"behind"), whole);
     let unshared = big_pages(&c, |cfg| cfg.use_async_rpc = false);
     unshared.store_bytes(b"unshared", b"", &whole).unwrap();
     assert_eq!(stored(&unshared, b"unshared"), whole);
-    assert_eq!(aheads(&c), 0);
+    assert_eq!(aheads(&c), 0, "without pipelining");
+    let behind = big_pages(&c, |cfg| cfg.write_behind = true);
+    for i in 0..3u8 {
+        behind
+            .store_bytes(&[b'b', i], b"", &pattern(MIB as usize, 20 + i))
+            .unwrap();
+    }
+    behind.flush().unwrap();
+    // On the write-behind connection, which the first store opens: one per store after it.
+    assert_eq!(
+        aheads(&c),
+        2,
+        "one per write-behind store on an open connection"
+    );
+    for i in 0..3u8 {
+        assert_eq!(stored(&behind, &[b'b', i]), pattern(MIB as usize, 20 + i));
+    }
 }

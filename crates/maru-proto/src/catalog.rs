@@ -282,10 +282,11 @@ catalog! {
         /// it would be. Answered with nothing, like [`Request::Touch`].
         Hit { hits: Vec<KeyCount<'a>> } = HIT 0x021B "hit" Server
             => Request::Hit { hits: get_key_counts(r, "hit count")? },
-        /// A request follows soon on this connection (a store that is finishing the copy of
-        /// its chunk): answered with nothing; the thread that serves the connection stays
-        /// awake for it, so the request does not wait for that thread to wake.
-        Ahead = AHEAD 0x021C "ahead" Server,
+        /// A request follows on this connection in about `in_us` microseconds (a store that
+        /// begins the copy of a large chunk says when its copy should end): answered with
+        /// nothing; the thread that serves the connection is awake for it when it comes, so
+        /// the request does not wait for that thread to wake.
+        Ahead { in_us: u32 } = AHEAD 0x021C "ahead" Server,
         /// The first request of a connection of a handler whose server restarted: the hello
         /// of its session (token required), the RM region ids it owns, its pins with their
         /// counts and the holds of its live views, from its own books. Within the server's

@@ -51,7 +51,7 @@ pub use url::{ServerUrl, UrlError};
 
 /// The protocol version this build speaks. A peer with another version is refused at the
 /// handshake with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// Largest payload a decoder accepts. Big enough for a full batch of maximal keys.
 pub const MAX_FRAME: u32 = 8 * 1024 * 1024;

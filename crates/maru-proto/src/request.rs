@@ -58,7 +58,6 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
         | Request::Stats
         | Request::ListRegions
         | Request::RenewPins
-        | Request::Ahead
         | Request::Watch => {}
         Request::ReleaseHolds { pages } => put_pages(w, pages)?,
         Request::PageCurrent { page, generation } => {
@@ -86,6 +85,7 @@ fn encode_request_payload(w: &mut Writer, req: &Request) -> Result<(), EncodeErr
             w.bool(*writable);
         }
         Request::MakeRoom { pages } => w.u32(*pages),
+        Request::Ahead { in_us } => w.u32(*in_us),
         Request::ReturnRegion { region_id }
         | Request::GetRegion { region_id }
         | Request::GiveBack { region_id } => w.u64(*region_id),

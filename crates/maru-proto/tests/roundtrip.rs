@@ -107,7 +107,7 @@ proptest! {
             Request::Descriptor { region_id: n, writable: m % 2 == 0 },
             Request::Touch { keys: ks.clone() },
             Request::Hit { hits: ks.iter().map(|&key| KeyCount { key, count: (n as u32).max(1) }).collect() },
-            Request::Ahead,
+            Request::Ahead { in_us: 250 },
         ];
         for req in &all {
             roundtrip_request(req);

@@ -189,6 +189,7 @@ impl Shared {
                     shared.conns().refusing -= 1;
                 } else {
                     crate::slice::ask_short_slice();
+                    crate::slice::ask_exact_timers();
                     conn::serve(&shared, stream, id);
                     let mut conns = shared.conns();
                     conns.uncount(id);

@@ -2,7 +2,7 @@
 //! every request onto [`ServerState`]. No I/O here: the connection loop owns the socket.
 
 use std::os::fd::OwnedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use maru_proto::{
     decode_request, encode_error, encode_response, request_name, ErrorCode, Header, RegisterEntry,
@@ -26,6 +26,9 @@ pub(crate) struct ConnCtx {
     /// Descriptors for replies already in the output buffer, in reply order: the connection
     /// attaches them to the write that carries those replies.
     pub fds: Vec<OwnedFd>,
+    /// When the peer said its next request comes (`Ahead`), from the frame just answered;
+    /// the connection takes it before waiting for that request (busy_poll.rs).
+    pub ahead: Option<Duration>,
 }
 
 impl ConnCtx {
@@ -36,6 +39,7 @@ impl ConnCtx {
             watch_socket,
             unix: false,
             fds: Vec::new(),
+            ahead: None,
         }
     }
 }
@@ -150,6 +154,7 @@ fn dispatch(
         watch_socket,
         unix,
         fds,
+        ahead,
     } = ctx;
     let peer: &Peer = peer;
     let session = match peer {
@@ -305,10 +310,11 @@ fn dispatch(
             state.touch(&keys, Some(&counts));
             Ok(())
         }
-        Request::Ahead => {
+        Request::Ahead { in_us } => {
             // No reply: what it asks for is the wait for the next request that follows every
             // frame (busy_poll.rs).
             client()?;
+            *ahead = Some(Duration::from_micros(u64::from(*in_us)));
             Ok(())
         }
         Request::GiveBack { region_id } => {

@@ -6,6 +6,11 @@
 //! GIL away and waited a switch interval for it) to 1.5–2.2. A thread asking for a short slice
 //! keeps its fair share of CPU time; it only gets it in shorter turns.
 
+//!
+//! They also ask for timers without slack: a thread told when its next request comes
+//! (`Ahead`, busy_poll.rs) sleeps on a timer until shortly before, and the kernel's default
+//! slack (50 µs for a normal thread) would let it wake after the request came.
+
 /// The slice a connection thread asks for: about one request's work.
 const SLICE_NS: u64 = 100_000;
 
@@ -40,6 +45,23 @@ pub(crate) fn ask_short_slice() -> bool {
     // thread; the kernel only reads it.
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
     rc == 0
+}
+
+/// The timer slack connection threads ask for.
+const TIMER_SLACK_NS: u64 = 1_000;
+
+/// Asks for [`TIMER_SLACK_NS`] of slack on this thread's timers; whether the kernel took it.
+pub(crate) fn ask_exact_timers() -> bool {
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and changes only the calling thread.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_TIMERSLACK,
+            TIMER_SLACK_NS as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) == 0
+    }
 }
 
 #[cfg(test)]
@@ -80,5 +102,20 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn exact_timers_are_the_calling_threads_own() {
+        // SAFETY: PR_GET_TIMERSLACK only reads the calling thread's slack.
+        let slack = || unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
+        let here = slack();
+        let there = std::thread::spawn(move || {
+            assert!(ask_exact_timers());
+            slack()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(there, TIMER_SLACK_NS as libc::c_int);
+        assert_eq!(slack(), here, "another thread's slack changed");
     }
 }

@@ -179,7 +179,7 @@ fn requests_before_the_handshake_are_refused() {
         (6, Request::Stats),
         (7, Request::Heartbeat),
         (8, Request::Goodbye),
-        (12, Request::Ahead),
+        (12, Request::Ahead { in_us: 0 }),
     ] {
         raw.send_request(id, &req);
         assert_eq!(raw.recv_error(), (id, ErrorCode::NotHandshaken), "{req:?}");
@@ -188,7 +188,7 @@ fn requests_before_the_handshake_are_refused() {
     // Then a proper hello works on the same connection.
     raw.hello("late");
     // A request said to follow is answered with nothing; the one that follows as usual.
-    raw.send_request(0, &Request::Ahead);
+    raw.send_request(0, &Request::Ahead { in_us: 200 });
     raw.send_request(9, &Request::Exists { key: b"existing" });
     assert_eq!(raw.recv(), (9, Response::Bool(true)));
     // A hit that counts a key zero times is malformed: refused, the connection kept.

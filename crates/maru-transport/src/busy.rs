@@ -98,6 +98,8 @@ pub fn spin_readable(
 pub struct Backoff {
     backoff: u16,
     skip: u16,
+    /// The next wait spins whatever the back-off ([`Backoff::spin_next`]).
+    granted: bool,
 }
 
 impl Backoff {
@@ -106,6 +108,9 @@ impl Backoff {
 
     /// Whether this wait may spin (counts a skipped one).
     pub fn try_spin(&mut self) -> bool {
+        if std::mem::take(&mut self.granted) {
+            return true;
+        }
         if self.skip > 0 {
             self.skip -= 1;
             return false;
@@ -124,6 +129,13 @@ impl Backoff {
             }
             Spun::GaveWay => {}
         }
+    }
+
+    /// Lets the next wait spin, skipping nothing: its message was announced as coming soon
+    /// (a peer that said when its request comes, a reply to a request whose server was told
+    /// ahead), so the gaps that made the back-off sleep say nothing about it.
+    pub fn spin_next(&mut self) {
+        self.granted = true;
     }
 
     /// Waits this connection will still sleep through before it spins again.
@@ -164,6 +176,17 @@ mod tests {
         }
         assert_eq!(b.backoff, 0);
         assert!(b.try_spin());
+    }
+
+    #[test]
+    fn a_granted_spin_skips_nothing_and_is_used_once() {
+        let mut b = Backoff::default();
+        b.record(Spun::Missed);
+        b.spin_next();
+        assert!(b.try_spin(), "granted");
+        assert_eq!(b.skipping(), Backoff::MIN, "the grant used up no skip");
+        assert!(!b.try_spin(), "the grant is gone; the back-off holds again");
+        assert_eq!(b.skipping(), Backoff::MIN - 1);
     }
 
     #[test]

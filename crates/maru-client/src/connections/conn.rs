@@ -156,6 +156,15 @@ impl PooledConn {
         Ok(id)
     }
 
+    /// Tells the server the next request on this connection comes in about `in_time` (`Ahead`,
+    /// answered with nothing). A failed write shows in the next request's.
+    pub fn tell_ahead(&mut self, in_time: Duration) {
+        self.tx.clear();
+        if encode_request(&mut self.tx, 0, &super::ahead(in_time)).is_ok() {
+            let _ = self.stream.write_all(&self.tx);
+        }
+    }
+
     /// Whether the reply to the oldest request still outstanding can be read without waiting:
     /// a frame (or part of one) is buffered or the socket has bytes (a partial frame then
     /// costs one short wait for the rest, which is already on its way).

@@ -23,6 +23,12 @@ mod resume;
 use conn::Sent;
 pub(crate) use conn::{read_again, PooledConn};
 
+/// `Ahead`: the next request on a connection comes in about `in_time`.
+fn ahead(in_time: Duration) -> Request<'static> {
+    let in_us = u32::try_from(in_time.as_micros()).unwrap_or(u32::MAX);
+    Request::Ahead { in_us }
+}
+
 /// Who this client is, for every handshake.
 #[derive(Debug, Clone)]
 pub(crate) struct Identity {
@@ -293,12 +299,12 @@ impl ConnectionPool {
         }
     }
 
-    /// Tells the server a request follows soon on the shared connection, if there is one that
-    /// works (without pipelining the next request's connection is not known yet: nothing is
-    /// told).
-    pub fn tell_ahead(&self) {
+    /// Tells the server a request follows in about `in_time` on the shared connection, if
+    /// there is one that works (without pipelining the next request's connection is not known
+    /// yet: nothing is told).
+    pub fn tell_ahead(&self, in_time: Duration) {
         if let Some(m) = self.shared.as_ref().and_then(|s| s.live()) {
-            m.tell_ahead();
+            m.tell_ahead(in_time);
         }
     }
 

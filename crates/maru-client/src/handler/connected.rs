@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use maru_proto::{Request, Response};
 
+use super::ahead::CopyRate;
 use super::index_read::ClientIndex;
 use super::mapped::MappedRegion;
 use super::owned::Owned;
@@ -56,6 +57,8 @@ pub(super) struct Connected {
     pub fds: RegionFds,
     /// The restarted server refused to resume this session.
     pub resume_refused: AtomicBool,
+    /// How fast this handler's long copies go (for the `Ahead` of the next one).
+    pub copy_rate: CopyRate,
 }
 
 impl Connected {
@@ -216,6 +219,7 @@ impl Hooked<'_> {
             pools: PoolCheck::new(h.config.pool_path_here()),
             fds: RegionFds::new(fd_mode),
             resume_refused: AtomicBool::new(false),
+            copy_rate: CopyRate::default(),
         });
         *c.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         // Regions the server asks back go back from the watcher's thread, so an idle handler

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use maru_proto::{RegisterEntry, Request, Response, MAX_BATCH};
 
-use super::ahead::CopyAhead;
+use super::ahead::{CopyAhead, Via};
 use super::connected::Connected;
 use super::owned::Owned;
 use super::write_behind::Settle;
@@ -158,7 +158,12 @@ impl Hooked<'_> {
         };
         let at = (index * c.stride) as usize;
         // In bounds: the page lies inside the region and total <= chunk <= stride.
-        let mut copy = CopyAhead::new(c, total as usize, !c.config.write_behind);
+        let via = match owned.behind.connection() {
+            _ if !c.config.write_behind => Via::Shared,
+            Some(conn) => Via::Behind(conn),
+            None => Via::Unknown,
+        };
+        let mut copy = CopyAhead::new(c, total as usize, via);
         let copied = copy
             .copy(&region.mapping, at, prefix)
             .and_then(|()| copy.copy(&region.mapping, at + prefix.len(), data));
@@ -227,7 +232,7 @@ impl Hooked<'_> {
         // Pages this call allocated (`true`): freed again if they end up not registered.
         let mut pages: Vec<(PageId, u64, bool)> = Vec::with_capacity(items.len());
         let copied = items.iter().map(|(_, item)| item.copy_len()).sum();
-        let mut copy = CopyAhead::new(c, copied, true);
+        let mut copy = CopyAhead::new(c, copied, Via::Shared);
         for (_, item) in items {
             match item {
                 StoreItem::Page { page, len } => pages.push((*page, *len, false)),

@@ -38,6 +38,11 @@ impl WriteBehind {
     /// Most registrations in flight; one more waits for the oldest reply.
     pub const WINDOW: usize = 64;
 
+    /// The connection the next registration takes, if one is open.
+    pub fn connection(&mut self) -> Option<&mut PooledConn> {
+        self.conn.as_mut()
+    }
+
     pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         self.conn.as_ref().map(PooledConn::raw_fd)
     }

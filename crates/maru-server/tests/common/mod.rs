@@ -287,7 +287,7 @@ pub fn sample_frames() -> Vec<(String, Vec<u8>)> {
         Request::Unpin { key: b"chunk-a" },
         Request::BatchUnpin { keys: keys.clone() },
         Request::Touch { keys: keys.clone() },
-        Request::Ahead,
+        Request::Ahead { in_us: 300 },
         Request::Hit {
             hits: keys.iter().map(|&key| KeyCount { key, count: 2 }).collect(),
         },

@@ -55,6 +55,9 @@ pub(crate) struct Mux {
     peak: Arc<AtomicUsize>,
     /// `Book::dead` is set, readable without the lock (each call checks it).
     dead: AtomicBool,
+    /// The server was told a request comes (`Ahead`): its thread is awake when that request
+    /// arrives, so the wait for the reply spins whatever the read side's back-off.
+    announced: AtomicBool,
 }
 
 struct ReadSide {
@@ -158,6 +161,7 @@ impl Mux {
             max_inflight: max_inflight.max(1),
             peak,
             dead: AtomicBool::new(false),
+            announced: AtomicBool::new(false),
         }
     }
 
@@ -284,11 +288,14 @@ impl Mux {
         Ok(tx.len() - start)
     }
 
-    /// Tells the server a request follows soon (`Ahead`, answered with nothing), as any
-    /// request goes: behind the queued releases and reads; a failed write fails the connection.
-    pub fn tell_ahead(&self) {
-        // A frame without fields encodes; a failed write has failed the connection already.
-        let _ = self.send(0, &Request::Ahead);
+    /// Tells the server a request follows in about `in_time` (`Ahead`, answered with
+    /// nothing), as any request goes: behind the queued releases and reads; a failed write
+    /// fails the connection.
+    pub fn tell_ahead(&self, in_time: Duration) {
+        // A frame of one integer encodes; a failed write has failed the connection already.
+        if self.send(0, &super::ahead(in_time)).is_ok() {
+            self.announced.store(true, Ordering::Relaxed);
+        }
     }
 
     fn write(&self, bytes: &[u8]) -> io::Result<()> {
@@ -434,6 +441,9 @@ impl Mux {
                 return None;
             }
             let readable = if spin {
+                if self.announced.swap(false, Ordering::Relaxed) {
+                    rd.spin.spin_next();
+                }
                 match wait_readable(self.raw_fd(), until, until - now, w, &mut rd.spin) {
                     Ok(at) => at,
                     Err(TransportError::Timeout) => return None,
