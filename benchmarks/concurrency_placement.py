@@ -2,29 +2,33 @@
 """N client processes retrieving 4 KiB chunks from one server, with the CPUs they may use
 chosen: the diagnostic behind docs/PERFORMANCE.md, "Where the time goes" (concurrency).
 
-`maru bench`'s concurrency rows let the clients use every CPU; this script also runs them
-kept off the server's CPU, and for longer, so a profiler can be attached. It drives the
+`maru bench`'s concurrency rows keep the clients on the client's CPU (and run the most
+processes once more on every CPU); this script runs them on the CPUs chosen, for as long as
+asked and over as many of the keys as asked, so a profiler can be attached. It drives the
 benchmark's own worker processes (`maru bench --worker`): a server on `--server-cpu`, one
 process holding 256 stored keys, N looping readers on `--client-cpus`, and a SCHED_IDLE
-spinner per CPU as `maru bench` starts them. It prints keys/s, p50/p99/p999 and the share
-of calls over 100 µs, with the 1-minute load.
+spinner per CPU as `maru bench` starts them. Each reader says `ready`, loops on `go`, says
+`done`, and reports its latencies when asked (after every reader is done). It prints keys/s
+over the readers' own loops, p50/p99/p999 and the share of calls over 100 µs, with the
+1-minute load.
 
     python3 benchmarks/concurrency_placement.py target/release/maru 32 --client-cpus 0
     python3 benchmarks/concurrency_placement.py target/release/maru 32 --client-cpus 0,1
+    python3 benchmarks/concurrency_placement.py target/release/maru 32 --client-cpus 0 --keys 8
 """
 import argparse
 import json
 import os
 import subprocess
 import tempfile
-import time
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("exe", help="the maru executable")
     ap.add_argument("clients", type=int)
-    ap.add_argument("--iters", type=int, default=500, help="retrieves per client")
+    ap.add_argument("--iters", type=int, default=16000, help="retrieves per client")
+    ap.add_argument("--keys", type=int, default=256, help="how many of the 256 keys each reads")
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     ap.add_argument("--server-cpu", default="1")
     ap.add_argument("--client-cpus", default="0,1")
@@ -49,19 +53,25 @@ def main():
                              "keys": keys}, a.client_cpus)
             procs.append(holder)
             assert holder.stdout.readline().strip() == "ready"
-            readers = [worker({"kind": "loop", "url": url, "keys": keys, "iters": a.iters},
-                              a.client_cpus) for _ in range(a.clients)]
+            spec = {"kind": "loop", "url": url, "keys": keys[:a.keys], "iters": a.iters}
+            readers = [worker(spec, a.client_cpus) for _ in range(a.clients)]
             procs.extend(readers)
             for r in readers:
                 assert r.stdout.readline().strip() == "ready"
-            t0 = time.monotonic()
+            for word, answer in (("go", "done"), ("report", None)):
+                for r in readers:
+                    r.stdin.write(word + "\n")
+                    r.stdin.flush()
+                if answer:
+                    for r in readers:
+                        assert r.stdout.readline().strip() == answer
+            ns, began, ended = [], None, None
             for r in readers:
-                r.stdin.write("go\n")
-                r.stdin.flush()
-            ns = []
-            for r in readers:
-                ns += json.loads(r.stdout.readline())["ns"]
-            wall = time.monotonic() - t0
+                rep = json.loads(r.stdout.readline())
+                ns += rep["ns"]
+                began = min(began or rep["began"], rep["began"])
+                ended = max(ended or rep["ended"], rep["ended"])
+            wall = (ended - began) / 1e9
             for p in reversed(procs):
                 p.stdin.close()
                 p.wait()

@@ -2,7 +2,9 @@
 //! multi-threaded inference server does), and as many client processes (one handler each).
 //! Each client retrieves 4 KiB chunks; the rows give the aggregate ops/s and the p99 over all
 //! clients' calls. Beside each process row, its floor: as many processes reading their own
-//! memory on the same CPUs, which measures what sharing the CPUs costs without Maru.
+//! memory on the same CPUs, which measures what sharing the CPUs costs without Maru. The most
+//! processes run once more free to use every CPU, the daemons' too, as clients spread over a
+//! host's cores do (reads from the key index do not need the server).
 
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
@@ -75,7 +77,7 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
         b.push(t, row.note("threads sharing one handler"));
 
         // Processes, one handler each.
-        let spec = Spec::Loop {
+        let readers = Spec::Loop {
             url: url.to_owned(),
             keys: stored
                 .iter()
@@ -83,7 +85,13 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
                 .collect(),
             iters,
         };
-        let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &processes(b, n, &spec)?);
+        let mut row = Row::new(
+            "retrieve",
+            t.name(),
+            4 * KIB,
+            1,
+            &processes(b, n, &readers)?,
+        );
         row.clients = n;
         row.processes = true;
         b.push(t, row.note("one process per client"));
@@ -98,11 +106,21 @@ pub fn run(b: &mut Bench, t: Transport, url: &str) -> anyhow::Result<()> {
             t,
             row.note("floor: processes reading 4 KiB of their own memory, no Maru"),
         );
+        if Some(&n) == b.plan.clients.iter().max() {
+            let s = crate::cpu::on_every_cpu(|| processes(b, n, &readers))?;
+            let mut row = Row::new("retrieve", t.name(), 4 * KIB, 1, &s);
+            row.clients = n;
+            row.processes = true;
+            b.push(t, row.note(EVERY_CPU));
+        }
     }
     owner.batch_delete(&refs(&stored))?;
     owner.close();
     Ok(())
 }
+
+/// The note of the process row whose clients may use every CPU.
+pub const EVERY_CPU: &str = "one process per client, on every CPU";
 
 /// Runs `n` worker processes of `spec` at once: their samples, over the span of their own
 /// loops (first begin to last end).

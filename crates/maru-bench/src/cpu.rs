@@ -88,6 +88,18 @@ pub fn on_server_side<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Runs `f` with the calling thread free to use every CPU of the process: processes it
+/// starts inherit that, as clients spread over a host's cores do.
+pub fn on_every_cpu<T>(f: impl FnOnce() -> T) -> T {
+    if sides().is_none() {
+        return f();
+    }
+    pin_current(&allowed_cpus_of_process());
+    let out = f();
+    enter_client_side();
+    out
+}
+
 /// How a spinner thread's name begins (followed by its CPU).
 pub const SPINNER_NAME: &str = "bench-idle-";
 
