@@ -15,6 +15,8 @@ over the readers' own loops, p50/p99/p999 and the share of calls over 100 µs, w
     python3 benchmarks/concurrency_placement.py target/release/maru 32 --client-cpus 0
     python3 benchmarks/concurrency_placement.py target/release/maru 32 --client-cpus 0,1
     python3 benchmarks/concurrency_placement.py target/release/maru 32 --client-cpus 0 --keys 8
+    python3 benchmarks/concurrency_placement.py target/release/maru 32 --client-cpus 0 --dir D
+        (D: a tmpfs mounted huge=always, for the pool and the index on 2 MiB pages)
 """
 import argparse
 import json
@@ -32,6 +34,8 @@ def main():
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     ap.add_argument("--server-cpu", default="1")
     ap.add_argument("--client-cpus", default="0,1")
+    ap.add_argument("--dir", default="/dev/shm",
+                    help="where the pool and the key index live (a tmpfs or hugetlbfs)")
     a = ap.parse_args()
 
     def worker(spec, cpus):
@@ -44,7 +48,7 @@ def main():
                                   "sh", "-c", "while :; do :; done"]) for c in cpus]
     procs = []
     try:
-        with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="maru-placement-") as d:
+        with tempfile.TemporaryDirectory(dir=a.dir, prefix="maru-placement-") as d:
             server = worker({"kind": "serve", "dir": d, "pool_bytes": 256 << 20}, a.server_cpu)
             procs.append(server)
             url = json.loads(server.stdout.readline())[a.transport]

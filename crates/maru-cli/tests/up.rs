@@ -193,6 +193,55 @@ fn up_keep_leaves_the_pool_file() {
     assert!(Path::new(&pool).exists());
 }
 
+/// The way `maru up` says to get 2 MiB pages: a hugetlbfs as the pool directory. The pool
+/// lives there; the key index, whose namespace table is appended with `write` (which a
+/// hugetlbfs refuses), goes to a tmpfs; a client stores and reads through both.
+#[test]
+fn up_on_a_hugetlbfs_pool_directory_serves_from_the_index() {
+    let dir = maru_testkit::temp_dir();
+    let mount = match maru_shm::HugePageMount::reserve(dir.path(), 80 << 20) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let up = Up::start_on(mount.path(), dir.path(), &[]);
+    assert_eq!(up.ready["huge_pages"], true, "{}", up.ready);
+    assert!(up.url("pool").starts_with(&*mount.path().to_string_lossy()));
+    let h = maru_client::MaruHandler::new(maru_client::MaruConfig {
+        server_url: up.url("unix"),
+        pool_size: 4 << 20,
+        chunk_size_bytes: 64 << 10,
+        ..maru_client::MaruConfig::default()
+    })
+    .unwrap();
+    h.connect().unwrap();
+    h.store_bytes(b"huge-key", b"on ", b"2 MiB pages").unwrap();
+    let view = h.retrieve(b"huge-key").unwrap().expect("stored");
+    assert_eq!(view.to_vec(), b"on 2 MiB pages");
+    drop(view);
+    h.close();
+    let out = up.stop();
+    let index = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("index"))
+        .unwrap_or_else(|| panic!("no index line in: {out}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        maru_shm::fs_page_size(Path::new(&index).parent().unwrap()).unwrap(),
+        maru_shm::HUGE_PAGE_SIZE,
+        "{out}"
+    );
+    assert!(
+        !Path::new(&index).exists(),
+        "the index goes with the run: {out}"
+    );
+}
+
 #[test]
 fn stats_against_no_server_is_a_clear_error() {
     let port = TcpListener::bind("127.0.0.1:0")

@@ -84,6 +84,19 @@ impl<C: Coherence> IndexWriter<C> {
         if path.exists() {
             return Err(IndexError::new(path, ErrorKind::Exists));
         }
+        // A hugetlbfs refuses `write` and lengths that are not whole 2 MiB pages; said in
+        // words rather than as the EINVAL of the first call that meets it.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.and_then(|d| maru_shm::fs_page_size(d).ok()) == Some(maru_shm::HUGE_PAGE_SIZE) {
+            return Err(IndexError::new(
+                path,
+                ErrorKind::InvalidOptions(
+                    "the key index cannot live on a hugetlbfs (it holds mappable files only); \
+                     put it on a tmpfs such as /dev/shm"
+                        .into(),
+                ),
+            ));
+        }
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".creating.{}", std::process::id()));
         let tmp = PathBuf::from(tmp);

@@ -258,3 +258,26 @@ fn the_epoch_tells_readers_about_attaches_and_clean_shutdowns() {
     drop(w);
     assert_eq!(r.epoch(), 4);
 }
+
+/// A hugetlbfs refuses `write`: creating an index there is a typed error that says where to
+/// put it, and leaves no file behind.
+#[test]
+fn an_index_on_a_hugetlbfs_is_refused_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = match maru_shm::HugePageMount::reserve(dir.path(), 2 << 20) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let path = mount.path().join("keys.index");
+    let opts = maru_index::CreateOptions {
+        capacity: 100,
+        key_area_bytes: 4096,
+    };
+    let e = IndexWriter::create(&path, opts).err().expect("refused");
+    assert!(matches!(e.kind, ErrorKind::InvalidOptions(_)), "{e:?}");
+    assert!(e.to_string().contains("hugetlbfs"), "{e}");
+    assert_eq!(std::fs::read_dir(mount.path()).unwrap().count(), 0);
+}

@@ -62,7 +62,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub eviction: Box<maru_server::cli::EvictionArgs>,
     /// The key index: default <pool-dir>/maru-<port>.index, beside the pool and removed
-    /// with it unless --keep.
+    /// with it unless --keep (on a hugetlbfs pool directory, in /dev/shm or else the state
+    /// directory: a hugetlbfs refuses the writes of the index's side files).
     #[command(flatten)]
     pub index: Box<maru_server::cli::IndexArgs>,
     /// Cluster secret for TCP clients. Default: a fresh one written to
@@ -128,6 +129,19 @@ fn tcp_auth(args: &UpArgs, state_dir: &Path, loopback: bool) -> anyhow::Result<T
         secret,
         required: !loopback,
     })
+}
+
+/// Where the key index goes by default: beside the pool, unless the pool is on a hugetlbfs,
+/// which holds mappable files only (it refuses `write`, and the index's namespace table is a
+/// log appended with `write`); then on the host's tmpfs, where clients map it as cheaply, or
+/// in the state directory on a host without one.
+fn index_dir(pool_dir: &Path, huge: bool, state_dir: &Path) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    match (huge, fs_page_size(shm)) {
+        (false, _) => pool_dir.to_owned(),
+        (true, Ok(page)) if page < HUGE_PAGE_SIZE => shm.to_owned(),
+        (true, _) => state_dir.to_owned(),
+    }
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -201,12 +215,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         },
         tcp_auth: auth.clone(),
         index: args.index.config((
-            args.pool_dir
+            index_dir(&args.pool_dir, huge, &state_dir)
                 .join(format!("{}-{tag}.index", naming.prefix())),
             !args.keep,
         )),
         ..Default::default()
     };
+    let index_path = server_cfg.index.as_ref().map(|i| i.path.clone());
     let server = match maru_server::start(server_cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -266,6 +281,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         println!("  server      {u}   (same-host clients: fastest)");
     }
     println!("  rm          {}", ready.rm);
+    match &index_path {
+        Some(p) => println!("  index       {}   (clients read keys here)", p.display()),
+        None => println!("  index       none (--no-index: every lookup is a round trip)"),
+    }
     match (&ready.secret_file, &auth) {
         (Some(path), TcpAuth::Secret { required, .. }) => println!(
             "  secret      {path}   (TCP clients: MaruConfig(secret_file=...) or \

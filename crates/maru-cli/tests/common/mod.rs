@@ -28,10 +28,16 @@ pub struct Up {
 
 impl Up {
     pub fn start(dir: &Path, extra: &[&str]) -> Up {
+        Up::start_on(&dir.join("pool"), dir, extra)
+    }
+
+    /// `maru up` with its pool in `pool_dir` and its state (and start-up files) in `dir`.
+    #[allow(dead_code)] // not every test binary that shares this module uses it
+    pub fn start_on(pool_dir: &Path, dir: &Path, extra: &[&str]) -> Up {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_maru"));
         cmd.args(["up", "--port", "0", "--rm-port", "0", "--pool-size", "64M"])
             .arg("--pool-dir")
-            .arg(dir.join("pool"))
+            .arg(pool_dir)
             .arg("--state-dir")
             .arg(dir.join("state"))
             .args(extra)
