@@ -222,24 +222,20 @@ fn up_on_a_hugetlbfs_pool_directory_serves_from_the_index() {
     assert_eq!(view.to_vec(), b"on 2 MiB pages");
     drop(view);
     h.close();
-    let out = up.stop();
-    let index = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("index"))
-        .unwrap_or_else(|| panic!("no index line in: {out}"))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let index = up.url("index");
+    let index = Path::new(&index);
     assert_ne!(
-        maru_shm::fs_page_size(Path::new(&index).parent().unwrap()).unwrap(),
+        maru_shm::fs_page_size(index.parent().unwrap()).unwrap(),
         maru_shm::HUGE_PAGE_SIZE,
+        "{}",
+        up.ready
+    );
+    let out = up.stop();
+    assert!(
+        out.contains(&format!("index       {}", index.display())),
         "{out}"
     );
-    assert!(
-        !Path::new(&index).exists(),
-        "the index goes with the run: {out}"
-    );
+    assert!(!index.exists(), "the index goes with the run: {out}");
 }
 
 #[test]

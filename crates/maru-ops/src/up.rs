@@ -111,6 +111,8 @@ struct Ready {
     pool: String,
     pool_bytes: u64,
     huge_pages: bool,
+    /// The key index clients read (`None` with --no-index).
+    index: Option<String>,
     /// The cluster secret TCP clients prove they hold (`None` with --insecure-tcp).
     secret_file: Option<String>,
     pid: u32,
@@ -136,11 +138,13 @@ fn tcp_auth(args: &UpArgs, state_dir: &Path, loopback: bool) -> anyhow::Result<T
 /// log appended with `write`); then on the host's tmpfs, where clients map it as cheaply, or
 /// in the state directory on a host without one.
 fn index_dir(pool_dir: &Path, huge: bool, state_dir: &Path) -> PathBuf {
+    if !huge {
+        return pool_dir.to_owned();
+    }
     let shm = Path::new("/dev/shm");
-    match (huge, fs_page_size(shm)) {
-        (false, _) => pool_dir.to_owned(),
-        (true, Ok(page)) if page < HUGE_PAGE_SIZE => shm.to_owned(),
-        (true, _) => state_dir.to_owned(),
+    match fs_page_size(shm) {
+        Ok(page) if page < HUGE_PAGE_SIZE => shm.to_owned(),
+        _ => state_dir.to_owned(),
     }
 }
 
@@ -221,7 +225,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         )),
         ..Default::default()
     };
-    let index_path = server_cfg.index.as_ref().map(|i| i.path.clone());
+    let index = server_cfg
+        .index
+        .as_ref()
+        .map(|i| i.path.display().to_string());
     let server = match maru_server::start(server_cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -260,6 +267,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         pool: pool_path.display().to_string(),
         pool_bytes: pool_size,
         huge_pages: huge,
+        index,
         secret_file,
         pid: std::process::id(),
     };
@@ -281,8 +289,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         println!("  server      {u}   (same-host clients: fastest)");
     }
     println!("  rm          {}", ready.rm);
-    match &index_path {
-        Some(p) => println!("  index       {}   (clients read keys here)", p.display()),
+    match &ready.index {
+        Some(p) => println!("  index       {p}   (clients read keys here)"),
         None => println!("  index       none (--no-index: every lookup is a round trip)"),
     }
     match (&ready.secret_file, &auth) {
