@@ -16,10 +16,10 @@ pub const DEFAULT_SERVER_URL: &str = "tcp://localhost:5555";
 
 /// The least time a call waits for its reply while still holding the caller's context (the
 /// GIL in Python) before it hands the rest of the wait to the [`crate::WaitHook`]. The
-/// session widens the window to what the replies it measures need (their mean plus four
-/// deviations, up to [`crate::MAX_REPLY_GRACE`]), so that on a slow or loaded machine, too,
-/// ordinary replies arrive inside it and the caller never gives up the GIL (which costs a
-/// 5 ms switch interval when another thread is busy).
+/// session widens the window to what the replies it measures need (the time within which
+/// 999 in 1000 of them came, up to [`crate::MAX_REPLY_GRACE`]), so that on a slow or loaded
+/// machine, too, ordinary replies arrive inside it and the caller never gives up the GIL
+/// (which costs a 5 ms switch interval when another thread is busy).
 pub const DEFAULT_REPLY_GRACE: Duration = Duration::from_micros(50);
 
 /// Handler configuration. `Default` gives the original Maru's defaults.

@@ -52,6 +52,7 @@ mod connections;
 mod error;
 mod fork;
 mod handler;
+mod reply_clock;
 mod uses;
 mod view;
 mod wait;

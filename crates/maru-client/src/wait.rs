@@ -5,11 +5,13 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use maru_transport::busy::{self, poll_readable, Backoff, Spun};
 use maru_transport::TransportError;
+
+pub(crate) use crate::reply_clock::ReplyClock;
 
 /// Runs the slow part of a wait. The default ([`NoHook`]) just runs it; the Python binding
 /// releases the GIL around it, so other Python threads run while this one sleeps in the
@@ -50,82 +52,6 @@ pub(crate) fn lock_hooked<'a, T: Send>(
 /// while holding on keeps that thread out for the grace: a fifth of the switch interval
 /// bounds what the other threads lose to a call whose server is slow.
 pub const MAX_REPLY_GRACE: Duration = Duration::from_millis(1);
-
-/// Reply times of one session's calls, smoothed per size class of the request frame (a
-/// 256-key batch takes longer than a single lookup): a mean and a mean deviation, as TCP
-/// estimates its round trip (RFC 6298). The grace of a call is the mean plus four
-/// deviations, so it covers nearly every reply the machine delivers at its present speed —
-/// a fast idle machine and a slow loaded one each get the window they need, where a
-/// constant fits one of them. Updates race benignly (a lost sample changes nothing much).
-pub(crate) struct ReplyClock {
-    classes: [Smoothed; ReplyClock::CLASSES],
-}
-
-/// One size class; zero means no sample yet.
-struct Smoothed {
-    mean_ns: AtomicU64,
-    dev_ns: AtomicU64,
-}
-
-impl ReplyClock {
-    /// Frames below 128 bytes, then one class per doubling up to 128 KiB and more.
-    const CLASSES: usize = 12;
-    /// A sample counts for at most this much (one stall must not pin the grace at its cap
-    /// for long: the deviation then decays by a quarter per call).
-    const SAMPLE_CAP_NS: u64 = 2 * MAX_REPLY_GRACE.as_nanos() as u64;
-
-    pub const fn new() -> ReplyClock {
-        ReplyClock {
-            classes: [const {
-                Smoothed {
-                    mean_ns: AtomicU64::new(0),
-                    dev_ns: AtomicU64::new(0),
-                }
-            }; ReplyClock::CLASSES],
-        }
-    }
-
-    fn class(&self, frame_len: usize) -> &Smoothed {
-        let doublings = (usize::BITS - (frame_len >> 7).leading_zeros()) as usize;
-        &self.classes[doublings.min(Self::CLASSES - 1)]
-    }
-
-    /// The grace for a request of `frame_len` bytes: the mean reply time plus four
-    /// deviations, at least `floor`, at most [`MAX_REPLY_GRACE`] (or `floor` if larger).
-    pub fn grace(&self, frame_len: usize, floor: Duration) -> Duration {
-        let c = self.class(frame_len);
-        let mean = c.mean_ns.load(Ordering::Relaxed);
-        if mean == 0 {
-            return floor;
-        }
-        let want = mean.saturating_add(4 * c.dev_ns.load(Ordering::Relaxed));
-        Duration::from_nanos(want).clamp(floor, MAX_REPLY_GRACE.max(floor))
-    }
-
-    /// Books that a request of `frame_len` bytes had its reply after `took`.
-    pub fn record(&self, frame_len: usize, took: Duration) {
-        let c = self.class(frame_len);
-        let sample = (took.as_nanos() as u64).clamp(1, Self::SAMPLE_CAP_NS);
-        let mean = c.mean_ns.load(Ordering::Relaxed);
-        if mean == 0 {
-            c.mean_ns.store(sample, Ordering::Relaxed);
-            c.dev_ns.store(sample / 2, Ordering::Relaxed);
-            return;
-        }
-        let dev = c.dev_ns.load(Ordering::Relaxed) as i64;
-        let err = sample as i64 - mean as i64;
-        let dev = dev + (err.abs() - dev) / 4;
-        let mean = (mean as i64 + err / 8).max(1);
-        c.dev_ns.store(dev.max(0) as u64, Ordering::Relaxed);
-        c.mean_ns.store(mean as u64, Ordering::Relaxed);
-    }
-}
-
-impl Default for ReplyClock {
-    fn default() -> ReplyClock {
-        ReplyClock::new()
-    }
-}
 
 /// Timing of one call.
 #[derive(Clone, Copy)]
@@ -338,43 +264,5 @@ mod tests {
         writer.join().unwrap();
         // A spin that came to its end booked no miss (a preempted one backs off, by design).
         assert!(spin.skipping() <= Backoff::MIN);
-    }
-
-    #[test]
-    fn the_grace_follows_measured_reply_times_within_its_bounds() {
-        let clock = ReplyClock::new();
-        let floor = Duration::from_micros(50);
-        assert_eq!(clock.grace(64, floor), floor, "no sample: the floor");
-        for _ in 0..64 {
-            clock.record(64, Duration::from_micros(200));
-        }
-        let g = clock.grace(64, floor);
-        assert!(
-            g >= Duration::from_micros(190) && g <= Duration::from_micros(260),
-            "{g:?}"
-        );
-        // Other size classes have their own estimate.
-        assert_eq!(clock.grace(16 * 1024, floor), floor);
-        // Jittery replies widen the window; it never passes the cap.
-        for i in 0..64 {
-            clock.record(
-                64,
-                Duration::from_micros(if i % 2 == 0 { 100 } else { 700 }),
-            );
-        }
-        let g = clock.grace(64, floor);
-        assert!(g > Duration::from_micros(700), "{g:?}");
-        for _ in 0..8 {
-            clock.record(64, Duration::from_secs(1));
-        }
-        assert_eq!(clock.grace(64, floor), MAX_REPLY_GRACE);
-        // Fast replies bring it down to the floor again, quickly.
-        for _ in 0..64 {
-            clock.record(64, Duration::from_micros(5));
-        }
-        assert_eq!(clock.grace(64, floor), floor);
-        // A floor above the cap wins (a configured grace is never cut).
-        let big = Duration::from_millis(3);
-        assert_eq!(clock.grace(64, big), big);
     }
 }
