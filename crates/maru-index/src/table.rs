@@ -99,6 +99,12 @@ pub(crate) fn unpack_location(region_len: u64, offset: u64) -> Location {
 
 /// Keys a batch lookup hashes before it probes them.
 const HASH_RUN: usize = 128;
+/// How many keys ahead of its lookup a batch asks for a key's entry line (its bucket line
+/// came as the run was hashed).
+const ENTRY_AHEAD: usize = 8;
+/// How many keys ahead of its lookup a batch asks for a key's bytes, read from the entry
+/// asked for `ENTRY_AHEAD - KEY_AHEAD` keys before.
+const KEY_AHEAD: usize = 4;
 
 /// A view of the table's memory.
 pub(crate) struct Table<'a> {
@@ -158,8 +164,17 @@ impl<'a> Table<'a> {
 
     /// Looks up every key of `keys` in order; `each` gets every answer and returns false to
     /// stop. Each answer is a separate lookup, with the protocol of [`Table::lookup`].
-    /// (Software prefetching ahead was measured slower here: a batch's lines are hot in the
-    /// cases that matter, and the extra tag reads cost more than the misses they hide.)
+    ///
+    /// The lookups of a run are pipelined with hints to the CPU (prefetches, which read
+    /// nothing a caller sees): a key's home bucket line is asked for as its hash is computed,
+    /// its entry line [`ENTRY_AHEAD`] keys before its lookup (from that bucket's tags), its key
+    /// bytes [`KEY_AHEAD`] keys before (from that entry). On an index larger than the caches a
+    /// lookup is three misses in a row (bucket, entry, key bytes); asked for ahead, the misses
+    /// of several keys overlap. Measured (`cargo bench -p maru-index --bench index`, 1M keys of
+    /// 48 bytes, best of 20 rounds, interleaved runs at the host's faster speed): a batch of
+    /// 512 scattered keys takes 45–52 µs with the hints and 125–150 µs without; 512 keys whose
+    /// lines are all in cache pay for the hints' instructions, 13.7–14.3 µs against
+    /// 11.6–12.4 µs.
     pub(crate) fn batch_lookup<C: Coherence, K: AsRef<[u8]>>(
         &self,
         coh: &C,
@@ -171,11 +186,24 @@ impl<'a> Table<'a> {
         // memory reads of the next (measured: a batch of 512 a tenth faster than hashing inside
         // each lookup). Runs of HASH_RUN keep the hashes on the stack: no allocation per call.
         let mut hashes = [0u64; HASH_RUN];
+        let mut slots = [None; HASH_RUN];
         for run in keys.chunks(HASH_RUN) {
+            let (hashes, slots) = (&mut hashes[..run.len()], &mut slots[..run.len()]);
             for (h, k) in hashes.iter_mut().zip(run) {
                 *h = self.hash(ns, k.as_ref());
+                prefetch(&self.bucket(home_of(*h, self.nbuckets))[0]);
             }
-            for (key, &hash) in run.iter().zip(&hashes) {
+            let hashes = &*hashes;
+            for (slot, &h) in slots.iter_mut().zip(hashes).take(ENTRY_AHEAD) {
+                *slot = self.prefetch_entry(h);
+            }
+            for (j, (key, &hash)) in run.iter().zip(hashes).enumerate() {
+                if let Some(&h) = hashes.get(j + ENTRY_AHEAD) {
+                    slots[j + ENTRY_AHEAD] = self.prefetch_entry(h);
+                }
+                if let Some(&Some(slot)) = slots.get(j + KEY_AHEAD) {
+                    self.prefetch_key(slot);
+                }
                 let key = key.as_ref();
                 let found = if key.len() > MAX_KEY_LEN {
                     None
@@ -187,6 +215,24 @@ impl<'a> Table<'a> {
                 }
             }
         }
+    }
+
+    /// Asks the CPU to start loading the entry a lookup of `hash` reads first, that of the
+    /// first slot of its home bucket with its tag, and returns the slot. A hint only: the tags
+    /// are read without the lookup protocol, and a stale one only points the hint elsewhere
+    /// (under loom, which would explore those reads too, there are no hints).
+    fn prefetch_entry(&self, hash: u64) -> Option<u64> {
+        if cfg!(loom) {
+            return None;
+        }
+        let (tag, b) = (tag_of(hash), home_of(hash, self.nbuckets));
+        let line = self.bucket(b);
+        let s = line[..BUCKET_SLOTS]
+            .iter()
+            .position(|t| t.load(Relaxed) == tag)?;
+        let slot = b * BUCKET_SLOTS as u64 + s as u64;
+        prefetch(&self.entry(slot)[0]);
+        Some(slot)
     }
 
     pub(crate) fn lookup_hashed<C: Coherence>(
@@ -441,10 +487,8 @@ impl<'a> Table<'a> {
         coh.publish(addr(e), 64);
     }
 
-    /// The key bytes of a live entry, read by the writer (or at attach, before anyone writes):
-    /// None when the entry names bytes outside the area or a length beyond the maximum.
-    /// Asks the CPU to start loading the key bytes of `slot`'s entry, for a walk in slot
-    /// order that reads them a few slots later. Entries are in hash order and key bytes in
+    /// Asks the CPU to start loading the key bytes of `slot`'s entry, for a read of them a few
+    /// steps later (a walk in slot order, a batch of lookups). Entries are in hash order and key bytes in
     /// the order keys came, so each key's bytes are a cache miss of their own; walked one
     /// after another, the misses happen one at a time (measured at 1M keys: half the time of
     /// the walk), issued ahead they overlap. A hint only: it reads nothing a caller sees.
@@ -468,6 +512,8 @@ impl<'a> Table<'a> {
         }
     }
 
+    /// The key bytes of a live entry, read by the writer (or at attach, before anyone writes):
+    /// None when the entry names bytes outside the area or a length beyond the maximum.
     pub(crate) fn stored_key(&self, slot: u64, out: &mut Vec<u8>) -> Option<(u32, u64)> {
         let e = self.entry(slot);
         let nk = e[W_NS_KEYLEN].load(Acquire);
@@ -497,12 +543,12 @@ impl<'a> Table<'a> {
 pub(crate) const PREFETCH_AHEAD: u64 = 16;
 
 #[cfg(all(target_arch = "x86_64", not(loom)))]
-fn prefetch(w: &AtomicU64) {
+fn prefetch<T>(w: &T) {
     use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     // SAFETY: SSE is part of every x86-64 CPU (the baseline target enables it), and a
     // prefetch reads nothing the program sees: it cannot fault, whatever the address.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(w.as_ptr() as *const i8) };
+    unsafe { _mm_prefetch::<_MM_HINT_T0>((w as *const T).cast::<i8>()) };
 }
 
 #[cfg(any(not(target_arch = "x86_64"), loom))]
-fn prefetch(_: &AtomicU64) {}
+fn prefetch<T>(_: &T) {}

@@ -57,6 +57,41 @@ fn check_all(w: &IndexWriter, r: &IndexReader, model: &HashMap<(u32, Vec<u8>), (
         let f = r.lookup(*ns, k).expect("present");
         assert_eq!((f.location, f.generation), (*l, *g));
     }
+    check_batches(r, model);
+}
+
+/// Batches of every key of the space (present or not) and a key over the length limit, more
+/// than two runs of a batch's pipelined lookups long, answer as single lookups do.
+fn check_batches(r: &IndexReader, model: &HashMap<(u32, Vec<u8>), (Location, u64)>) {
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    while keys.len() < 300 {
+        for id in 0u8..24 {
+            for len in [3, 16, 40] {
+                let mut k = vec![b'k'; len];
+                k[0] = id;
+                keys.push(k);
+            }
+        }
+        keys.push(vec![b'x'; maru_index::layout::MAX_KEY_LEN + 1]);
+    }
+    let mut answers = Vec::new();
+    let mut present = Vec::new();
+    for ns in 0..2 {
+        r.batch_lookup(ns, &keys, &mut answers);
+        r.batch_exists(ns, &keys, &mut present);
+        assert_eq!(answers.len(), keys.len());
+        for ((k, a), &p) in keys.iter().zip(&answers).zip(&present) {
+            let want = model.get(&(ns, k.clone())).copied();
+            assert_eq!(
+                a.map(|f| (f.location, f.generation)),
+                want,
+                "key {k:?} in {ns}"
+            );
+            assert_eq!(p, want.is_some());
+        }
+        let leading = present.iter().take_while(|&&p| p).count();
+        assert_eq!(r.prefix_len(ns, &keys), leading);
+    }
 }
 
 proptest! {
