@@ -19,6 +19,8 @@ Row = dict[str, Any]
 TRANSPORTS = (("unix", "Unix socket"), ("tcp", "TCP"))
 # The note of the process row whose clients may use every CPU (maru-bench concurrency.rs).
 EVERY_CPU = "one process per client, on every CPU"
+# The op of the row whose ratio comes from runs alternating with one process (concurrency.rs).
+ALTERNATING = "retrieve_alternating"
 GIB = 1 << 30
 
 
@@ -67,6 +69,13 @@ def processes(rep: dict[str, Any], t: str, op: str = "retrieve",
     return many["ops_per_s"] / one["ops_per_s"]
 
 
+def alternating(rep: dict[str, Any], t: str) -> float | None:
+    """The most processes' keys/s against one process's: from runs alternating with one
+    process where the report has them (one host speed for both), else from the rows."""
+    r = find(rep["results"], op=ALTERNATING, transport=t)
+    return r["ratio"] if r and r.get("ratio") is not None else processes(rep, t)
+
+
 def processes_p99(rep: dict[str, Any], t: str) -> float | None:
     _, many = process_rows(rep, t, "retrieve")
     return many["p99_us"] / rtt(rep, t) if many else None
@@ -102,7 +111,8 @@ GOALS: list[tuple[str, str, Callable[[dict[str, Any], str], float | None], str]]
     ("busy Python thread: `store` 4 KiB p99 / round trip", "≤ 3", busy_p99("store", 1), "{:.2f}"),
     ("busy Python thread: `batch_exists(256)` p99 / round trip", "≤ 4", busy_p99("batch_exists", 256), "{:.2f}"),
     ("busy Python thread: `batch_retrieve(256)` p99 / round trip", "≤ 4", busy_p99("batch_retrieve", 256), "{:.2f}"),
-    ("32 client processes: keys/s / one process's", "≥ 1.0", processes, "{:.2f}"),
+    ("32 client processes: keys/s / one process's (alternating runs)", "≥ 1.0", alternating, "{:.2f}"),
+    ("the same from rows measured seconds apart", "–", processes, "{:.2f}"),
     ("the same for processes reading their own memory (floor)", "–",
      lambda rep, t: processes(rep, t, "read_own"), "{:.2f}"),
     ("the same 32 clients free to use every CPU (the server's too)", "–",

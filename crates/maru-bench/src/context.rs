@@ -5,6 +5,7 @@
 use anyhow::Context;
 use maru_proto::RegionInfo;
 
+use crate::concurrency::ALTERNATING;
 use crate::floor::{Floors, Probe, Transport};
 use crate::plan::{key_of, Plan, GIB};
 use crate::stats::{round3, round4, Row};
@@ -93,8 +94,9 @@ impl Bench {
         }
         let (floor_us, what, gbps) = match row.op.as_str() {
             // A connect (a handshake of a few round trips and the eager mapping of what is
-            // live) has none; processes reading their own memory are a floor themselves.
-            "connect" | "read_own" => return Ok(row),
+            // live) has none; processes reading their own memory are a floor themselves; runs
+            // alternating with one process are judged against those.
+            "connect" | "read_own" | ALTERNATING => return Ok(row),
             "first_alloc" => {
                 let p = self.floors.map("populate", row.chunk_bytes)?;
                 (
