@@ -6,17 +6,18 @@
 //! Reply times are not bell-shaped. Most replies come while the server's thread still polls
 //! (a few microseconds); some find it asleep and wait for the host to wake it (tens of
 //! microseconds on a VM); a few wait for a busy CPU. A mean plus a few deviations sits between
-//! the modes and misses the slow one: on a host where a wake-up takes 30–60 µs, 1–2 % of
-//! replies came after such a window, and with another Python thread busy each of those cost
-//! the caller the interpreter's 5 ms switch interval, p99 included. So each class keeps a
-//! histogram of its reply times (four buckets per doubling) and the grace is the top of the
-//! bucket that holds the 99.9th percentile. Old samples weigh half once the class has seen
-//! [`ReplyClock::WINDOW`] more, so the window follows a machine whose speed changes.
+//! the modes and misses the slow one: on a host whose quiet 4 KiB stores had a p99 of
+//! 52–90 µs, 1 % or more of replies came after such a window, and with another Python thread
+//! busy each of those cost the caller the interpreter's 5 ms switch interval, p99 included.
+//! So each class keeps a histogram of its reply times (four buckets per doubling) and the
+//! grace is the top of the bucket that holds the 99.9th percentile. A class's counts are
+//! halved whenever they add up to [`ReplyClock::WINDOW`], so the window follows a machine
+//! whose speed changes.
 //!
 //! A reply later than [`MAX_REPLY_GRACE`] is one no grace waits for: it leaves the histogram
 //! as it is, so a stalled server does not keep the window at its cap afterwards, and a server
 //! whose replies all come that late leaves callers with the least grace (they give the GIL
-//! away at once instead of holding it for nothing). Updates race benignly: a lost count or a
+//! away after it instead of holding it for nothing). Updates race benignly: a lost count or a
 //! halving that overlaps an increment moves a quantile by a sample.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -101,7 +102,7 @@ impl ReplyClock {
     /// hundred times an ordinary reply; a grace that outlasts a slow reply costs the other
     /// threads only that reply's time.
     const QUANTILE: (u64, u64) = (999, 1000);
-    /// Samples after which a class's counts are halved.
+    /// The sum of a class's counts at which they are halved.
     const WINDOW: u32 = 2048;
     /// Samples between two computations of a class's grace (every sample until then).
     const RECOMPUTE_EVERY: u32 = 8;
