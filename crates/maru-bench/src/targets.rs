@@ -215,16 +215,15 @@ fn many_processes(out: &mut Vec<Target>, rows: &[Row], transport: &str) {
     let (Some(one), Some(many)) = (of("retrieve", 1), of("retrieve", n)) else {
         return;
     };
+    let judge = |out: &mut Vec<Target>, placed: &str, ratio: f64, detail: String| {
+        let target = format!("{n} client processes{placed}: keys/s >= 1.0x one process's");
+        out.push(Target::at_least(target, "rust", transport, ratio, 1.0).detail(detail));
+        ratio
+    };
+    let apart = |many: &Row| format!("{:.0} vs {:.0} keys/s", many.ops_per_s, one.ops_per_s);
     let against_one = |out: &mut Vec<Target>, placed: &str, many: &Row| {
         let ratio = round3(many.ops_per_s / one.ops_per_s.max(1.0));
-        let target = format!("{n} client processes{placed}: keys/s >= 1.0x one process's");
-        out.push(
-            Target::at_least(target, "rust", transport, ratio, 1.0).detail(format!(
-                "{:.0} vs {:.0} keys/s",
-                many.ops_per_s, one.ops_per_s
-            )),
-        );
-        ratio
+        judge(out, placed, ratio, apart(many))
     };
     // Runs alternating with one process, when there are: their ratio saw the host at one
     // speed (rows measured seconds apart may not have).
@@ -232,17 +231,15 @@ fn many_processes(out: &mut Vec<Target>, rows: &[Row], transport: &str) {
         r.op == ALTERNATING && r.clients == n && r.transport == transport && !r.is_skipped()
     });
     let ratio = match alternating.and_then(|r| r.ratio) {
-        Some(ratio) => {
-            let target = format!("{n} client processes: keys/s >= 1.0x one process's");
-            out.push(
-                Target::at_least(target, "rust", transport, ratio, 1.0).detail(format!(
-                    "runs alternating with one process, median of {PAIRS} pairs; \
-                     measured apart: {:.0} vs {:.0} keys/s",
-                    many.ops_per_s, one.ops_per_s
-                )),
-            );
-            ratio
-        }
+        Some(ratio) => judge(
+            out,
+            "",
+            ratio,
+            format!(
+                "runs alternating with one process, median of {PAIRS} pairs; measured apart: {}",
+                apart(many)
+            ),
+        ),
         None => against_one(out, "", many),
     };
     if let (Some(f1), Some(fm)) = (of("read_own", 1), of("read_own", n)) {

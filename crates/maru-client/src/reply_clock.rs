@@ -104,8 +104,12 @@ impl ReplyClock {
     const QUANTILE: (u64, u64) = (999, 1000);
     /// The sum of a class's counts at which they are halved.
     const WINDOW: u32 = 2048;
-    /// Samples between two computations of a class's grace (every sample until then).
+    /// Samples between two computations of a class's grace, after the first
+    /// [`ReplyClock::EVERY_SAMPLE`] (each of which computes it).
     const RECOMPUTE_EVERY: u32 = 8;
+    /// Samples at the start of a class that each compute its grace: its first calls get a
+    /// window from what little is known at once.
+    const EVERY_SAMPLE: u32 = 64;
 
     pub const fn new() -> ReplyClock {
         ReplyClock {
@@ -146,7 +150,7 @@ impl ReplyClock {
         if n >= Self::WINDOW {
             c.age();
         }
-        if n < Self::WINDOW / 2 || n.is_multiple_of(Self::RECOMPUTE_EVERY) {
+        if n <= Self::EVERY_SAMPLE || n.is_multiple_of(Self::RECOMPUTE_EVERY) {
             c.grace_ns.store(c.quantile_ns(), Ordering::Relaxed);
         }
     }

@@ -17,14 +17,20 @@ enum Op {
     Reopen,
 }
 
+/// Key ids of the space, and key lengths: short, inline at most, and in the key-bytes area.
+const KEY_IDS: u8 = 24;
+const KEY_LENS: [usize; 3] = [3, 16, 40];
+
+fn key_bytes(id: u8, len: usize) -> Vec<u8> {
+    let mut k = vec![b'k'; len];
+    k[0] = id;
+    k
+}
+
 /// Keys from a small space (so operations meet), short and long, in two namespaces.
 fn key() -> impl Strategy<Value = (u32, Vec<u8>)> {
-    (0u32..2, 0u8..24, 0usize..3).prop_map(|(ns, id, shape)| {
-        let len = [3, 16, 40][shape];
-        let mut k = vec![b'k'; len];
-        k[0] = id;
-        (ns, k)
-    })
+    (0u32..2, 0u8..KEY_IDS, 0usize..KEY_LENS.len())
+        .prop_map(|(ns, id, shape)| (ns, key_bytes(id, KEY_LENS[shape])))
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -65,12 +71,8 @@ fn check_all(w: &IndexWriter, r: &IndexReader, model: &HashMap<(u32, Vec<u8>), (
 fn check_batches(r: &IndexReader, model: &HashMap<(u32, Vec<u8>), (Location, u64)>) {
     let mut keys: Vec<Vec<u8>> = Vec::new();
     while keys.len() < 300 {
-        for id in 0u8..24 {
-            for len in [3, 16, 40] {
-                let mut k = vec![b'k'; len];
-                k[0] = id;
-                keys.push(k);
-            }
+        for id in 0..KEY_IDS {
+            keys.extend(KEY_LENS.iter().map(|&len| key_bytes(id, len)));
         }
         keys.push(vec![b'x'; maru_index::layout::MAX_KEY_LEN + 1]);
     }
